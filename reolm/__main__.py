@@ -1,0 +1,3 @@
+from reolm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The ``reolm`` console command: ``reolm <command> [options]``; ``reolm <command> --help``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# name -> (module under reolm.commands, one-line help).  Help text lives here too so
+# that `reolm --help` lists every command without importing any of them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("synth", "generate a synthetic multi-domain corpus of processed domain folders"),
+    "stats": ("stats", "print the dataset statistics table of processed domain folders"),
+    "shard": ("shard", "write processed domains into a WebDataset corpus (items, train, dev shards)"),
+    "verify": ("verify", "re-read every shard of a corpus and check it against its manifest"),
+    "tokenizer": ("tokenizer", "train a small WordPiece/BPE tokenizer on a corpus (the embedded default)"),
+    "tables": ("tables", "build derived item tables: token table (per tokenizer), image features (per vision model)"),
+    "prepare": ("prepare", "turn raw Amazon Reviews 2018 files into a processed domain folder"),
+    "import": ("import_", "import Recformer / UniSRec data or precomputed image features"),
+    "export": ("export", "export a training checkpoint to an HF-style directory, or a domain to UniSRec files"),
+    "report": ("report", "build the results table and plots from run directories"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reolm",
+        description="Reo-LM: pre-train, fine-tune and evaluate a multi-modal language model for "
+                    "recommendation. Each command has its own --help.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
+    if argv[0] == "--version":
+        from reolm import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        build_parser().print_usage(sys.stderr)
+        print(f"reolm: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(f"reolm.commands.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"reolm {name}", description=getattr(module, "DESCRIPTION", help_text),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as err:
+        # Library errors (DomainError, ConfigError, ShardError, ...) are ValueErrors with a
+        # message written for the user; print it without a traceback.
+        if getattr(args, "debug", False):
+            raise
+        print(f"reolm {name}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

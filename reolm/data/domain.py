@@ -1,0 +1,285 @@
+"""The processed domain folder: one recommendation domain on disk.
+
+The layout is Recformer-compatible so that existing processed data drops in::
+
+    DIR/train.json       {user_idx: [item_idx, ...]}   interactions in time order
+    DIR/val.json         {user_idx: [item_idx]}        the held-out validation item
+    DIR/test.json        {user_idx: [item_idx]}        the held-out test item
+    DIR/smap.json        {item_id: item_idx}           0-based, dense
+    DIR/umap.json        {user_id: user_idx}           0-based, dense
+    DIR/meta_data.json   {item_id: {attr: value}}      item text attributes
+    DIR/domain.json      name, counts, attribute order, format version (ours)
+    DIR/images/<item_id>.<jpg|png>                     optional raw images
+    DIR/image_features.npy  float16 [num_items, d]     optional, row = item_idx
+    DIR/has_image.npy       bool [num_items]           optional
+
+Every file is written under a temporary name and renamed when complete, and
+``domain.json`` is written last, so a folder with a ``domain.json`` is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DEFAULT_ATTRIBUTES = ("category", "title", "brand")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+__all__ = [
+    "Domain",
+    "DomainError",
+    "FORMAT_VERSION",
+    "DEFAULT_ATTRIBUTES",
+    "read_domain",
+    "write_domain",
+    "write_json_atomic",
+    "domain_stats",
+    "format_stats_table",
+]
+
+
+class DomainError(ValueError):
+    """A processed domain folder is missing a file or is inconsistent."""
+
+
+@dataclass
+class Domain:
+    """One processed domain held in memory (see the module docstring for files)."""
+
+    name: str
+    train: dict[int, list[int]]
+    val: dict[int, list[int]]
+    test: dict[int, list[int]]
+    smap: dict[str, int]
+    umap: dict[str, int]
+    meta: dict[str, dict[str, str]]
+    attributes: list[str] = field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))
+    image_features: np.ndarray | None = None
+    has_image: np.ndarray | None = None
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.umap) if self.umap else len(self.train)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.smap)
+
+    def item_ids(self) -> list[str]:
+        """Item ids ordered by item index."""
+        ids = [""] * len(self.smap)
+        for item_id, idx in self.smap.items():
+            ids[idx] = item_id
+        return ids
+
+    def item_attributes(self, item_idx: int, ids: list[str] | None = None) -> dict[str, str]:
+        """The item's attributes in the domain's attribute order ('' when absent)."""
+        item_id = (ids or self.item_ids())[item_idx]
+        attrs = self.meta.get(item_id, {})
+        return {a: str(attrs.get(a, "") or "") for a in self.attributes}
+
+    def num_interactions(self) -> int:
+        """Train + val + test items over all users (the paper's #Inters)."""
+        return (sum(len(s) for s in self.train.values()) + sum(len(s) for s in self.val.values())
+                + sum(len(s) for s in self.test.values()))
+
+    def image_path(self, item_id: str) -> Path | None:
+        """The raw image file of ``item_id`` under ``images/``, if there is one."""
+        if self.path is None:
+            return None
+        for ext in IMAGE_EXTENSIONS:
+            candidate = self.path / "images" / f"{item_id}{ext}"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def image_coverage(self) -> int:
+        """Number of items with an image (from has_image.npy, else the images folder)."""
+        if self.has_image is not None:
+            return int(np.asarray(self.has_image).sum())
+        if self.path is not None and (self.path / "images").is_dir():
+            stems = {p.stem for p in (self.path / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+            return sum(1 for item_id in self.smap if item_id in stems)
+        return 0
+
+    def validate(self) -> None:
+        """Raise DomainError naming the first inconsistency found."""
+        n_items, n_users = self.num_items, self.num_users
+        where = f"domain {self.name!r}" + (f" at {self.path}" if self.path else "")
+        if sorted(self.smap.values()) != list(range(n_items)):
+            raise DomainError(f"{where}: smap.json item indices must be exactly 0..{n_items - 1}")
+        if self.umap and sorted(self.umap.values()) != list(range(n_users)):
+            raise DomainError(f"{where}: umap.json user indices must be exactly 0..{n_users - 1}")
+        for split_name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
+            for user, items in split.items():
+                if not 0 <= user < n_users:
+                    raise DomainError(f"{where}: {split_name}.json user {user} outside 0..{n_users - 1}")
+                if not items:
+                    raise DomainError(f"{where}: {split_name}.json user {user} has an empty sequence")
+                for item in items:
+                    if not 0 <= item < n_items:
+                        raise DomainError(f"{where}: {split_name}.json user {user} has item {item} "
+                                          f"outside 0..{n_items - 1}")
+                if split_name != "train" and user not in self.train:
+                    raise DomainError(f"{where}: {split_name}.json user {user} has no training sequence")
+        missing = [item_id for item_id in self.smap if item_id not in self.meta]
+        if missing:
+            raise DomainError(f"{where}: meta_data.json lacks {len(missing)} item(s), e.g. {missing[:3]}")
+        for name, arr in (("image_features.npy", self.image_features), ("has_image.npy", self.has_image)):
+            if arr is not None and len(arr) != n_items:
+                raise DomainError(f"{where}: {name} has {len(arr)} rows for {n_items} items")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DomainError(f"missing file: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        raise DomainError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def _int_keyed(path: Path, data: Any) -> dict[int, list[int]]:
+    if not isinstance(data, Mapping):
+        raise DomainError(f"{path}: expected an object {{user_idx: [item_idx, ...]}}")
+    out: dict[int, list[int]] = {}
+    for key, items in data.items():
+        try:
+            user = int(key)
+        except (TypeError, ValueError):
+            raise DomainError(f"{path}: user key {key!r} is not an integer") from None
+        if isinstance(items, int):
+            items = [items]
+        if not isinstance(items, list) or not all(isinstance(i, int) for i in items):
+            raise DomainError(f"{path}: user {key} must map to a list of integer item indices")
+        out[user] = items
+    return out
+
+
+def read_domain(path: str | os.PathLike, validate: bool = True, load_features: bool = True) -> Domain:
+    """Load a processed domain folder; validate it unless ``validate=False``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DomainError(f"not a directory: {path}")
+    info: dict[str, Any] = {}
+    if (path / "domain.json").is_file():
+        info = _read_json(path / "domain.json")
+        version = info.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise DomainError(f"{path}/domain.json: format version {version} is newer than this "
+                              f"reolm understands ({FORMAT_VERSION}); upgrade reolm")
+    smap = _read_json(path / "smap.json")
+    umap = _read_json(path / "umap.json") if (path / "umap.json").is_file() else {}
+    meta = _read_json(path / "meta_data.json")
+    domain = Domain(
+        name=info.get("name", path.name),
+        train=_int_keyed(path / "train.json", _read_json(path / "train.json")),
+        val=_int_keyed(path / "val.json", _read_json(path / "val.json")),
+        test=_int_keyed(path / "test.json", _read_json(path / "test.json")),
+        smap={str(k): int(v) for k, v in smap.items()},
+        umap={str(k): int(v) for k, v in umap.items()},
+        meta={str(k): {str(a): ("" if v is None else str(v)) for a, v in (attrs or {}).items()}
+              for k, attrs in meta.items()},
+        attributes=list(info.get("attributes", DEFAULT_ATTRIBUTES)),
+        path=path,
+        extra={k: v for k, v in info.items() if k not in ("name", "attributes", "format_version", "counts")},
+    )
+    if not domain.umap:  # Recformer folders may ship no umap; synthesise identity ids.
+        users = set(domain.train) | set(domain.val) | set(domain.test)
+        domain.umap = {str(u): u for u in sorted(users)}
+    if (path / "has_image.npy").is_file():
+        domain.has_image = np.load(path / "has_image.npy")
+    if load_features and (path / "image_features.npy").is_file():
+        domain.image_features = np.load(path / "image_features.npy", mmap_mode="r")
+        if domain.has_image is None:
+            domain.has_image = np.ones(len(domain.image_features), dtype=bool)
+    if validate:
+        domain.validate()
+    return domain
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
+    """Write JSON to ``path`` through a temporary file and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, ensure_ascii=False, indent=indent)
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def write_domain(domain: Domain, path: str | os.PathLike, extra_info: Mapping[str, Any] | None = None) -> Path:
+    """Write ``domain`` as a processed folder (validated first); returns the path."""
+    domain.validate()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    done = path / "domain.json"
+    if done.exists():
+        done.unlink()  # the folder is incomplete until domain.json is rewritten below
+    for name, split in (("train", domain.train), ("val", domain.val), ("test", domain.test)):
+        write_json_atomic(path / f"{name}.json", {str(u): items for u, items in sorted(split.items())})
+    write_json_atomic(path / "smap.json", domain.smap)
+    write_json_atomic(path / "umap.json", domain.umap)
+    write_json_atomic(path / "meta_data.json", domain.meta)
+    if domain.image_features is not None:
+        _save_npy_atomic(path / "image_features.npy", np.asarray(domain.image_features, dtype=np.float16))
+    if domain.has_image is not None:
+        _save_npy_atomic(path / "has_image.npy", np.asarray(domain.has_image, dtype=bool))
+    info = {
+        "name": domain.name,
+        "format_version": FORMAT_VERSION,
+        "attributes": list(domain.attributes),
+        "counts": {"users": domain.num_users, "items": domain.num_items,
+                   "interactions": domain.num_interactions()},
+        **domain.extra,
+        **(extra_info or {}),
+    }
+    write_json_atomic(done, info, indent=2)
+    domain.path = path
+    return path
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def domain_stats(domain: Domain) -> dict[str, Any]:
+    """The paper's dataset table row: users, items, image coverage, interactions, avg length."""
+    n_inter = domain.num_interactions()
+    n_img = domain.image_coverage()
+    n_users = max(domain.num_users, 1)
+    return {
+        "domain": domain.name,
+        "users": domain.num_users,
+        "items": domain.num_items,
+        "images": n_img,
+        "image_coverage": n_img / max(domain.num_items, 1),
+        "interactions": n_inter,
+        "avg_seq_len": n_inter / n_users,
+    }
+
+
+def format_stats_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown table in the layout of the paper's dataset statistics."""
+    lines = ["| Dataset | #Users | #Items | #Img (Cover./%) | #Inters | Avg.SL |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['domain']} | {r['users']:,} | {r['items']:,} | "
+                     f"{r['images']:,} ({100 * r['image_coverage']:.1f}%) | {r['interactions']:,} | "
+                     f"{r['avg_seq_len']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""Derived item tables: every item tokenised once, image features computed once.
+
+Tokenising a million items once is far cheaper than tokenising 33M item
+occurrences every epoch, so training memory-maps these tables instead.
+
+**Token table** (``ItemTokenTable``): for item ``i`` its text tokens are
+``ids[offsets[i]:offsets[i+1]]`` with the matching ``types`` (1..K: the
+attribute's position in the attribute order; key and value share it) and
+``word_starts`` (1 where a token begins a word, for whole-word masking).  Each
+attribute is rendered as its key tokens then its value tokens (an empty value
+is the word ``void``), cut to ``max_attr_tokens``.  No special tokens: the
+collator adds ``[CLS]`` and the image token.
+
+**Image feature table** (``ImageFeatureTable``): float16 ``features[N, d]`` and
+``has_image[N]``; rows of items without an image are zero.
+
+On disk each table is a folder of ``.npy`` files plus ``table.json``; the
+folder name carries the identity key (tokenizer or vision model), so several
+tokenizers can share one corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+TOKEN_TABLE_VERSION = 1
+VOID_VALUE = "void"
+
+__all__ = [
+    "ItemTokenTable",
+    "ImageFeatureTable",
+    "TableError",
+    "tokenizer_key",
+    "tokenize_item",
+    "build_token_table",
+]
+
+
+class TableError(ValueError):
+    """A derived table is missing, stale or inconsistent."""
+
+
+def tokenizer_key(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> str:
+    """Stable identity of (tokenizer vocabulary + rendering settings), 12 hex chars."""
+    h = hashlib.sha1()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizer: its vocabulary identifies it
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([list(attributes), max_attr_tokens, TOKEN_TABLE_VERSION]).encode())
+    return h.hexdigest()[:12]
+
+
+def _encode_words(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and a 0/1 flag per token marking word starts."""
+    enc = tokenizer(text, add_special_tokens=False)
+    ids = list(enc["input_ids"])
+    try:
+        word_ids = enc.word_ids()
+    except (AttributeError, ValueError):  # slow tokenizers have no word ids
+        word_ids = list(range(len(ids)))
+    starts = [1 if i == 0 or w is None or w != word_ids[i - 1] else 0 for i, w in enumerate(word_ids)]
+    return ids, starts
+
+
+def tokenize_item(tokenizer: Any, attrs: Mapping[str, str], attributes: Sequence[str],
+                  max_attr_tokens: int = 32) -> tuple[list[int], list[int], list[int]]:
+    """Render one item: per attribute, key then value tokens, cut to ``max_attr_tokens``.
+
+    Returns (ids, types, word_starts); types are 1..K in attribute order.
+    """
+    ids: list[int] = []
+    types: list[int] = []
+    starts: list[int] = []
+    for k, name in enumerate(attributes, start=1):
+        value = str(attrs.get(name, "") or "").strip() or VOID_VALUE
+        key_ids, key_starts = _encode_words(tokenizer, name)
+        val_ids, val_starts = _encode_words(tokenizer, " " + value)
+        a_ids = (key_ids + val_ids)[:max_attr_tokens]
+        a_starts = (key_starts + val_starts)[:max_attr_tokens]
+        if a_starts:
+            a_starts[0] = 1
+        ids += a_ids
+        starts += a_starts
+        types += [k] * len(a_ids)
+    return ids, types, starts
+
+
+@dataclass
+class ItemTokenTable:
+    """Ragged per-item token ids, token types and word starts (possibly memory-mapped)."""
+
+    ids: np.ndarray          # int32 [T]
+    types: np.ndarray        # int8  [T]
+    word_starts: np.ndarray  # uint8 [T]
+    offsets: np.ndarray      # int64 [N + 1]
+    attributes: tuple[str, ...] = ()
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0:
+            raise TableError("offsets must be a 1-D array starting at 0")
+        total = int(self.offsets[-1])
+        if not (len(self.ids) == len(self.types) == len(self.word_starts) == total):
+            raise TableError(f"token arrays hold {len(self.ids)}/{len(self.types)}/{len(self.word_starts)} "
+                             f"entries but offsets end at {total}")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attributes)
+
+    def item(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, types, word_starts) of one item."""
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.ids[lo:hi], self.types[lo:hi], self.word_starts[lo:hi]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lists(cls, rows: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                   attributes: Sequence[str] = (), key: str = "") -> "ItemTokenTable":
+        """Build in memory from per-item (ids, types, word_starts) rows."""
+        ids: list[int] = []
+        types: list[int] = []
+        starts: list[int] = []
+        offsets = [0]
+        for r_ids, r_types, r_starts in rows:
+            ids += list(r_ids)
+            types += list(r_types)
+            starts += list(r_starts)
+            offsets.append(len(ids))
+        return cls(np.asarray(ids, dtype=np.int32), np.asarray(types, dtype=np.int8),
+                   np.asarray(starts, dtype=np.uint8), np.asarray(offsets, dtype=np.int64),
+                   tuple(attributes), key)
+
+    def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the table folder atomically (temp folder, then rename)."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "ids.npy", np.asarray(self.ids, dtype=np.int32))
+        np.save(tmp / "types.npy", np.asarray(self.types, dtype=np.int8))
+        np.save(tmp / "word_starts.npy", np.asarray(self.word_starts, dtype=np.uint8))
+        np.save(tmp / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        info = {"kind": "token_table", "version": TOKEN_TABLE_VERSION, "num_items": len(self),
+                "num_tokens": int(self.offsets[-1]), "attributes": list(self.attributes),
+                "key": self.key, **(extra or {})}
+        (tmp / "table.json").write_text(json.dumps(info, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "ItemTokenTable":
+        directory = Path(directory)
+        info_path = directory / "table.json"
+        if not info_path.is_file():
+            raise TableError(f"no token table at {directory} (missing table.json); build it with "
+                             f"`reolm tables tokens`")
+        info = json.loads(info_path.read_text())
+        mode = "r" if mmap else None
+        return cls(np.load(directory / "ids.npy", mmap_mode=mode),
+                   np.load(directory / "types.npy", mmap_mode=mode),
+                   np.load(directory / "word_starts.npy", mmap_mode=mode),
+                   np.load(directory / "offsets.npy"),
+                   tuple(info.get("attributes", ())), info.get("key", ""))
+
+
+def build_token_table(items: Iterable[Mapping[str, str]], tokenizer: Any, attributes: Sequence[str],
+                      max_attr_tokens: int = 32, progress: bool = False,
+                      total: int | None = None) -> ItemTokenTable:
+    """Tokenise every item (attribute dicts in item-index order) into a table."""
+    key = tokenizer_key(tokenizer, attributes, max_attr_tokens)
+    iterator: Iterable[Mapping[str, str]] = items
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(items, total=total, desc="tokenising items", unit="item")
+    rows = (tokenize_item(tokenizer, attrs, attributes, max_attr_tokens) for attrs in iterator)
+    return ItemTokenTable.from_lists(rows, attributes, key)
+
+
+@dataclass
+class ImageFeatureTable:
+    """Per-item image features (float16) and a has-image mask."""
+
+    features: np.ndarray   # float16 [N, d]
+    has_image: np.ndarray  # bool [N]
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise TableError(f"image features must be 2-D [items, dim], got shape {self.features.shape}")
+        if len(self.has_image) != len(self.features):
+            raise TableError(f"has_image has {len(self.has_image)} rows for {len(self.features)} feature rows")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "features.npy", np.asarray(self.features, dtype=np.float16))
+        np.save(tmp / "has_image.npy", np.asarray(self.has_image, dtype=bool))
+        info = {"kind": "image_table", "num_items": len(self), "dim": self.dim, "key": self.key,
+                "num_with_image": int(np.asarray(self.has_image).sum()), **(extra or {})}
+        (tmp / "table.json").write_text(json.dumps(info, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "ImageFeatureTable":
+        directory = Path(directory)
+        if not (directory / "table.json").is_file():
+            raise TableError(f"no image feature table at {directory} (missing table.json); build it with "
+                             f"`reolm tables images`")
+        info = json.loads((directory / "table.json").read_text())
+        return cls(np.load(directory / "features.npy", mmap_mode="r" if mmap else None),
+                   np.load(directory / "has_image.npy"), info.get("key", ""))
+
+    @classmethod
+    def empty(cls, num_items: int, dim: int) -> "ImageFeatureTable":
+        """A table where no item has an image (every item uses the void image)."""
+        return cls(np.zeros((num_items, dim), dtype=np.float16), np.zeros(num_items, dtype=bool))

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from reolm.config import ConfigError, apply_overrides, describe, load_config, param, save_resolved
+
+
+@dataclass
+class Optim:
+    """Optimiser settings."""
+    lr: float = param(5e-5, "Peak learning rate.", gt=0)
+    schedule: str = param("cosine", "Decay shape.", choices=("cosine", "linear"))
+    betas: list[float] = param([0.9, 0.999], "Adam betas.", ge=0, lt=1)
+
+
+@dataclass
+class Run:
+    """A run."""
+    name: str = param("run", "Run name.")
+    steps: int = param(100, "Optimizer steps.", ge=1)
+    bf16: bool = param(True, "Use bf16.")
+    note: str | None = param(None, "Free text.")
+    optim: Optim = field(default_factory=Optim)
+
+    def check(self) -> None:
+        if self.name == "forbidden":
+            raise ConfigError("name: 'forbidden' is reserved")
+
+
+def test_defaults_files_and_overrides_in_order(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text(yaml.safe_dump({"steps": 10, "optim": {"lr": 1e-3}}))
+    cfg = load_config(Run, f, ["optim.lr=2e-4", "bf16=false", "optim.betas=[0.8,0.9]"])
+    assert cfg.steps == 10
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.bf16 is False
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.optim.schedule == "cosine"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "did you mean optim.lr"),
+    ("steps=abc", "expected an integer"),
+    ("steps=1.5", "expected an integer"),
+    ("steps=0", "must be >= 1"),
+    ("optim.schedule=step", "not one of"),
+    ("optim.betas=[0.9,1.0]", "must be < 1"),
+    ("bf16=maybe", "expected true/false"),
+    ("name=forbidden", "reserved"),
+    ("noequals", "key=value"),
+])
+def test_bad_values_give_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Run, None, [override])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*optim.warmup"):
+        load_config(Run, f)
+
+
+def test_save_resolved_round_trips(tmp_path):
+    cfg = apply_overrides(Run(), ["steps=7", "note=hello"])
+    path = save_resolved(cfg, tmp_path / "run")
+    again = load_config(Run, path)
+    assert again == cfg
+
+
+def test_describe_lists_every_key_with_docs():
+    text = describe(Run)
+    for key in ("steps", "optim.lr", "optim.schedule", "Peak learning rate.", "['cosine', 'linear']"):
+        assert key in text
