@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,8 +85,13 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     # ------------------------------------------------------------------ save
-    def save(self, engine: Any, step: int, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
-        """Collective: every rank calls it with its own ``per_rank`` state."""
+    def save(self, engine: Any, step: int, shared: dict[str, Any], per_rank: dict[str, Any],
+             write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Collective: every rank calls it with its own ``per_rank`` state.
+
+        ``write_extra(folder)`` runs on rank 0 inside the temporary folder before the rename
+        (e.g. tokenizer files), so it is part of the atomic checkpoint.
+        """
         info = D.info()
         tag = step_tag(step)
         tmp_tag = tag + ".tmp"
@@ -106,6 +111,9 @@ class CheckpointManager:
                    tmp / f"rank-{info.rank:05d}.pt")
         D.barrier()
         if info.rank == 0:
+            if write_extra is not None:
+                write_extra(tmp)
+            # trainer_state.json marks a complete checkpoint: written last, then the folder renamed.
             (tmp / STATE_FILE).write_text(json.dumps({**shared, "world_size": info.world_size}, indent=2))
             os.replace(tmp, final)
             latest_tmp = self.dir / "latest.tmp"

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from reolm.config import ConfigError
 from reolm.train.config import OptimConfig
 
-__all__ = ["resolve_precision", "batch_layout", "fill_ds_config", "load_ds_config", "write_ds_config"]
+__all__ = ["resolve_precision", "batch_layout", "fill_ds_config", "lr_factor", "lr_scheduler_factory", "load_ds_config", "write_ds_config"]
 
 AUTO = "auto"
 
@@ -50,19 +51,36 @@ def batch_layout(optim: OptimConfig, world_size: int) -> tuple[int, int, int]:
     return micro, accum, micro * accum * world_size
 
 
-def _scheduler(optim: OptimConfig) -> dict[str, Any]:
-    """DeepSpeed's own schedulers: linear warmup (from 0), then linear/cosine decay or constant."""
-    warmup = optim.warmup_steps
+def lr_factor(optim: OptimConfig, index: int) -> float:
+    """Multiplier of ``optim.lr`` for the optimizer step with 0-based ``index``.
+
+    Linear warmup reaching the peak at step ``warmup_steps`` (the first step already uses
+    ``lr / warmup_steps``, never 0), then linear or cosine decay that would reach
+    ``min_lr_ratio x lr`` one step after the last step; ``constant`` stays at the peak.
+    """
+    warmup, total = optim.warmup_steps, optim.steps
+    if index < warmup:
+        return (index + 1) / warmup
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min((index + 1 - warmup) / max(total - warmup + 1, 1), 1.0)
+    floor = optim.min_lr_ratio
     if optim.schedule == "cosine":
-        return {"type": "WarmupCosineLR",
-                "params": {"total_num_steps": optim.steps, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-                           "cos_min_ratio": optim.min_lr_ratio, "warmup_type": "linear"}}
-    if optim.schedule == "linear":
-        return {"type": "WarmupDecayLR",
-                "params": {"total_num_steps": optim.steps, "warmup_num_steps": warmup, "warmup_min_lr": 0.0,
-                           "warmup_max_lr": optim.lr, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_min_lr": 0.0,
-                                           "warmup_max_lr": optim.lr, "warmup_type": "linear"}}
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * (1.0 - progress)
+
+
+def lr_scheduler_factory(optim: OptimConfig) -> Callable[[Any], Any]:
+    """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer.
+
+    Our own ``LambdaLR`` rather than DeepSpeed's ``WarmupDecayLR``/``WarmupCosineLR``: those
+    run the first two optimizer steps at lr 0 (they start one iteration behind and need at
+    least two warmup steps), which matters for short runs and exact-trajectory tests.  The
+    engine steps it after every applied update and saves/restores its state in checkpoints.
+    """
+    def factory(optimizer: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: lr_factor(optim, index))
+    return factory
 
 
 def _set(node: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -91,9 +109,10 @@ def fill_ds_config(template: Mapping[str, Any], optim: OptimConfig, world_size: 
                        ("weight_decay", optim.weight_decay), ("torch_adam", optim.torch_adam)):
         if params.get(key, AUTO) == AUTO:
             params[key] = value
-    sched = cfg.get("scheduler", {"type": AUTO})
-    if sched.get("type") == AUTO or sched.get("params") == AUTO:
-        cfg["scheduler"] = _scheduler(optim)
+    # "scheduler": {"type": "auto"} = our schedule (lr_scheduler_factory), passed to
+    # deepspeed.initialize; a scheduler written out in the JSON is used as is.
+    if cfg.get("scheduler", {}).get("type", AUTO) == AUTO:
+        cfg.pop("scheduler", None)
 
     precision = resolve_precision(optim.precision, device_type)
     cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"

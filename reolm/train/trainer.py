@@ -1,0 +1,524 @@
+"""The pre-training loop: DeepSpeed engine, streaming data, losses, validation, checkpoints.
+
+``run(cfg)`` is what ``launch/pretrain.py`` calls on every rank.  One optimizer step is
+``accum`` micro-steps; each micro-step encodes the histories and the targets of one packed
+micro-batch (two forward passes through the same engine), computes
+``InfoNCE(history, all targets of the group) + mlm_weight x MLM`` and calls
+``engine.backward``; ``engine.step`` applies the update at the accumulation boundary.  Every
+rank takes exactly ``optim.steps`` steps: the data stream never ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from reolm.config import ConfigError, save_resolved, to_dict
+from reolm.train import distributed as D
+from reolm.train.checkpoint import CheckpointManager
+from reolm.train.config import PretrainConfig
+from reolm.train.data import (BadSampleCounter, DataError, Example, StreamPosition, StreamTracker, TrainStream,
+                              build_train_loader, corpus_shards, default_num_workers, expand_shards,
+                              read_examples)
+from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision,
+                                   write_ds_config)
+from reolm.train.losses import PretrainLoss
+from reolm.train.metrics import (DeviceAccumulator, MetricsWriter, encoder_flops_per_step, peak_device_tflops,
+                                 peak_memory_gib)
+
+__all__ = ["run", "TrainingAborted", "resolve_tables", "build_model", "weight_decay_groups"]
+
+log = logging.getLogger("reolm.train")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def _single_subdir(root: Path, prefix: str) -> Path | None:
+    found = sorted(p for p in (root / "tables").glob(prefix + "*") if p.is_dir() and not p.name.endswith(".tmp"))
+    if len(found) > 1:
+        raise ConfigError(f"{root}/tables has several {prefix}* tables ({', '.join(p.name for p in found)}); "
+                          f"choose one with data.{'token_table' if 'tokens' in prefix else 'image_table'}=PATH")
+    return found[0] if found else None
+
+
+def resolve_tables(cfg: PretrainConfig) -> tuple[Any, Any]:
+    """(ItemTokenTable, ImageFeatureTable | None) memory-mapped from the configured folders."""
+    from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+
+    corpus = Path(cfg.data.corpus) if cfg.data.corpus else None
+    token_dir = Path(cfg.data.token_table) if cfg.data.token_table else (
+        _single_subdir(corpus, "tokens-") if corpus else None)
+    if token_dir is None:
+        raise ConfigError("data.token_table: no item token table; build one with `reolm tables tokens` "
+                          "or set data.token_table=PATH")
+    tokens = ItemTokenTable.load(token_dir)
+    image_dir = Path(cfg.data.image_table) if cfg.data.image_table else (
+        _single_subdir(corpus, "images-") if corpus else None)
+    images = ImageFeatureTable.load(image_dir) if image_dir else None
+    if images is None:
+        images = ImageFeatureTable.empty(len(tokens), cfg.model.image_feature_dim)
+    if images.dim != cfg.model.image_feature_dim:
+        raise ConfigError(f"model.image_feature_dim={cfg.model.image_feature_dim} but the image table "
+                          f"{image_dir} holds {images.dim}-d features")
+    return tokens, images
+
+
+def _shard_list(spec: str, corpus: str, split: str) -> list[str]:
+    if spec:
+        shards = expand_shards(spec)
+    elif corpus:
+        shards = corpus_shards(corpus, split)
+    else:
+        raise ConfigError(f"data.corpus (or data.{split}_shards) must be set")
+    missing = [s for s in shards if not os.path.exists(s)]
+    if len(missing) == len(shards):
+        raise ConfigError(f"none of the {len(shards)} {split} shards exists (e.g. {shards[0]})")
+    return shards
+
+
+def build_model(cfg: PretrainConfig) -> Any:
+    """Reo-LM on the configured backbone; the same init on every rank (seeded)."""
+    from reolm.model import ReoLM
+
+    if not cfg.model.backbone:
+        raise ConfigError("model.backbone: set the local Hugging Face checkpoint directory of the backbone")
+    torch.manual_seed(cfg.seed)
+    model = ReoLM.from_backbone(cfg.model.backbone, cfg.model, load_tokenizer=True)
+    model.set_routing("domain")
+    return model
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No decay on biases, LayerNorm weights and embedding-like vectors (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    # Dropout and masking differ per rank; the model init was seeded identically before.
+    random.seed(seed + 1000 * rank)
+    np.random.seed((seed + 1000 * rank) % 2**32)
+    torch.manual_seed(seed + 1000 * rank)
+
+
+@dataclass
+class _Setup:
+    cfg: PretrainConfig
+    info: D.DistInfo
+    device: torch.device
+    engine: Any
+    collator: Any
+    tokens: Any
+    images: Any
+    num_items: int
+    accum: int
+    micro: int
+    precision: str
+    num_workers: int
+
+
+def _load_ds(cfg: PretrainConfig) -> dict[str, Any]:
+    path = Path(cfg.dist.ds_config)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # the shipped ds_configs/ when run from another directory
+    return load_ds_config(path)
+
+
+def _setup(cfg: PretrainConfig) -> _Setup:
+    import deepspeed
+
+    from reolm.data.collate import PackedCollator
+
+    info = D.init(cfg.dist.timeout_minutes)
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    tokens, images = resolve_tables(cfg)
+    model = build_model(cfg)
+    if model.tokenizer is None:
+        raise ConfigError(f"model.backbone={cfg.model.backbone} has no tokenizer files")
+    _seed_everything(cfg.seed, info.rank)
+    precision = resolve_precision(cfg.optim.precision, device.type)
+    ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, device.type, cfg.dist.zero_stage,
+                            hidden_size=model.backbone_config.hidden_size)
+    if info.rank == 0:
+        write_ds_config(ds_cfg, cfg.run_dir)
+        save_resolved(cfg, cfg.run_dir)
+    scheduler = None if "scheduler" in ds_cfg else lr_scheduler_factory(cfg.optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(
+        model, cfg.optim.weight_decay), config=ds_cfg, lr_scheduler=scheduler)
+    collator = PackedCollator.from_config(tokens, images, model.tokenizer, cfg.model, seed=cfg.seed)
+    num_workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(info.local_world_size)
+    return _Setup(cfg, info, device, engine, collator, tokens, images, len(tokens),
+                  ds_cfg["gradient_accumulation_steps"], ds_cfg["train_micro_batch_size_per_gpu"], precision,
+                  num_workers)
+
+
+class _SeededCollate:
+    """Collate with a per-batch masking RNG so a batch's masks depend only on (seed, batch id).
+
+    This makes the data of a step independent of how ranks x accumulation split the global
+    batch (``data.replicate_stream``) and makes resumed runs mask the same way.
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[Example], batch_seed: int) -> dict[str, Any]:
+        from reolm.data.collate import SequenceExample
+
+        self.collator._rng = np.random.default_rng(batch_seed)
+        batch = self.collator([SequenceExample(e.history.tolist(), e.target, e.domain) for e in examples])
+        hist, tgt = batch["history"], batch["target"]
+        lengths = torch.cat([hist["seq_lengths"], tgt["seq_lengths"]])
+        batch["stats"] = {
+            "tokens": hist["num_real_tokens"] + tgt["num_real_tokens"],
+            "sum_sq": int((lengths * lengths).sum()),
+            "mlm_tokens": int(hist["mlm_positions"].shape[0]),
+            "image_tokens": int(hist["image_token_index"].shape[0] + tgt["image_token_index"].shape[0]),
+            "sequences": len(examples),
+        }
+        return batch
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from reolm.data.collate import move_batch
+    return move_batch(batch, device, non_blocking=True)
+
+
+def _cast_features(batch: dict[str, Any], precision: str) -> None:
+    # Image features are float16 on disk; the engine's module runs in bf16/fp16/fp32.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    for part in ("history", "target"):
+        if batch.get(part) is not None:
+            batch[part]["image_features"] = batch[part]["image_features"].to(dtype)
+
+
+def forward_losses(engine: Any, batch: dict[str, Any], loss_fn: PretrainLoss) -> Any:
+    """Encode histories (with MLM) and targets, return the loss parts for one micro-batch."""
+    history_out = engine(batch["history"])
+    target_out = engine(batch["target"])
+    module = engine.module
+    positions = batch["history"]["mlm_positions"]
+    mlm_logits = module.mlm_logits(history_out.mlm_hidden, positions)
+    mlm_labels = batch["history"]["mlm_labels"].index_select(0, positions)
+    return loss_fn(history_out.pooled, target_out.pooled, mlm_logits, mlm_labels,
+                   target_ids=batch.get("target_items"))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _sharded_encode(items: list[Any], batch_size: int, encode) -> torch.Tensor:
+    """Encode ``items`` split over ranks in equal-size chunks (every rank runs the same number of
+    forward passes, which ZeRO-3 requires), then all-gather the vectors in the original order."""
+    info = D.info()
+    per_rank = math.ceil(len(items) / info.world_size / batch_size) * batch_size
+    padded = items + [items[0]] * (per_rank * info.world_size - len(items))
+    mine = padded[info.rank * per_rank:(info.rank + 1) * per_rank]
+    vecs = torch.cat([encode(mine[i:i + batch_size]) for i in range(0, per_rank, batch_size)])
+    return D.all_gather_no_grad(vecs.float().contiguous())[:len(items)]
+
+
+@torch.no_grad()
+def validate(setup: _Setup, examples: list[Example], pool: np.ndarray) -> dict[str, float]:
+    """Next-item Recall@k / NDCG@k of dev targets among ``pool`` (which contains every target),
+    plus MLM accuracy of the dev histories.  Ties rank optimistically (strictly higher only)."""
+    engine, collator, cfg = setup.engine, setup.collator, setup.cfg
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    from reolm.data.collate import SequenceExample
+
+    rng_backup = collator._rng
+    collator._rng = np.random.default_rng([cfg.seed, 99])  # the same masks at every validation
+    mlm_stats = torch.zeros(2, device=setup.device)
+
+    def encode_items(chunk: list[tuple[int, int]]) -> torch.Tensor:
+        batch = collator.collate_items([i for i, _ in chunk], [d for _, d in chunk])
+        batch = _to_device(batch, setup.device)
+        _cast_features({"history": batch}, setup.precision)
+        return module(batch).pooled
+
+    def encode_histories(chunk: list[Example]) -> torch.Tensor:
+        batch = collator([SequenceExample(e.history.tolist(), None, e.domain) for e in chunk])["history"]
+        batch = _to_device(batch, setup.device)
+        _cast_features({"history": batch}, setup.precision)
+        out = module(batch)
+        pos = batch["mlm_positions"]
+        if pos.shape[0]:
+            pred = module.mlm_logits(out.mlm_hidden, pos).argmax(-1)
+            mlm_stats.add_(torch.stack([(pred == batch["mlm_labels"].index_select(0, pos)).sum().float(),
+                                        torch.tensor(float(pos.shape[0]), device=pred.device)]))
+        return out.pooled
+
+    # Items are encoded with the domain of the dev sequence they are compared with; a pool item
+    # is encoded once per domain present in the dev set.
+    domains = sorted({e.domain for e in examples})
+    pool_items = [(int(i), d) for d in domains for i in pool]
+    item_vecs = _sharded_encode(pool_items, cfg.val.batch_size, encode_items).view(len(domains), len(pool), -1)
+    user_vecs = _sharded_encode(examples, cfg.val.batch_size, encode_histories)
+    D.all_reduce_sum(mlm_stats)
+    collator._rng = rng_backup
+    if was_training:
+        module.train()
+
+    position = {int(item): j for j, item in enumerate(pool)}
+    k = cfg.val.k
+    recall = ndcg = 0.0
+    for d_index, domain in enumerate(domains):
+        rows = [i for i, e in enumerate(examples) if e.domain == domain]
+        scores = module.score(user_vecs[rows], item_vecs[d_index])
+        target_cols = torch.tensor([position[examples[i].target] for i in rows], device=scores.device)
+        target_scores = scores.gather(1, target_cols[:, None])
+        ranks = (scores > target_scores).sum(dim=1).float()
+        hit = ranks < k
+        recall += hit.float().sum().item()
+        ndcg += torch.where(hit, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks)).sum().item()
+    n = max(len(examples), 1)
+    masked = mlm_stats[1].item()
+    return {f"val_recall@{k}": recall / n, f"val_ndcg@{k}": ndcg / n,
+            "val_mlm_accuracy": mlm_stats[0].item() / masked if masked else float("nan"),
+            "val_users": len(examples), "val_pool": len(pool), f"val_random_recall@{k}": min(k / len(pool), 1.0)}
+
+
+def _validation_set(setup: _Setup) -> tuple[list[Example], np.ndarray] | None:
+    cfg = setup.cfg
+    if cfg.val.every == 0:
+        return None
+    try:
+        shards = _shard_list(cfg.data.dev_shards, cfg.data.corpus, "dev")
+    except (ConfigError, DataError) as err:
+        log.warning("no validation: %s", err)
+        return None
+    examples = read_examples(shards, setup.num_items, cfg.data.max_history_items, cfg.val.max_users,
+                             BadSampleCounter(max_logs=5, where=" [dev]"))
+    if not examples:
+        return None
+    targets = np.unique([e.target for e in examples])
+    size = min(max(cfg.val.num_candidates, len(targets)), setup.num_items)
+    rng = np.random.default_rng(cfg.seed + 17)
+    others = np.setdiff1d(np.arange(setup.num_items), targets)
+    extra = rng.choice(others, size=size - len(targets), replace=False) if size > len(targets) else []
+    pool = np.sort(np.concatenate([targets, np.asarray(extra, dtype=np.int64)]))
+    return examples, pool
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="pre-training", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _batches(loader: Any, tracker: StreamTracker, replicate: bool, info: D.DistInfo) -> Iterator[dict[str, Any]]:
+    """Micro-batches for this rank; with a replicated stream keep every world-th one."""
+    for index, batch in enumerate(loader):
+        tracker.update(batch.pop("stream"))
+        if replicate and index % info.world_size != info.rank:
+            continue
+        yield batch
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pre-train as configured; returns the last logged metrics (every rank)."""
+    setup = _setup(cfg)
+    engine, info = setup.engine, setup.info
+    main = info.rank == 0
+    ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
+
+    state = {"step": 0, "samples": 0, "tokens": 0, "generation": 0}
+    stream_state = None
+    resume_path = ckpt.find(cfg.ckpt.resume) if cfg.ckpt.resume else None
+    if resume_path is not None:
+        shared, per_rank = ckpt.load(engine, resume_path)
+        state.update({k: shared[k] for k in ("step", "samples", "tokens") if k in shared})
+        state["generation"] = int(shared.get("generation", 0)) + 1
+        stream_state = per_rank.get("data") if per_rank else None
+        if main:
+            log.info("resumed from %s at step %d", resume_path, state["step"])
+    elif cfg.ckpt.resume and main:
+        log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", cfg.ckpt.resume, cfg.checkpoint_dir())
+
+    positions, bad = StreamTracker.restore(stream_state, setup.num_workers)
+    train_shards = _shard_list(cfg.data.train_shards, cfg.data.corpus, "train")
+    dataset = TrainStream(train_shards, _SeededCollate(setup.collator), setup.micro, setup.num_items,
+                          seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                          num_workers=setup.num_workers, resample=cfg.data.resample,
+                          shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
+                          max_history=cfg.data.max_history_items, replicate=cfg.data.replicate_stream,
+                          max_bad_logs=cfg.data.max_bad_sample_logs, start=positions,
+                          generation=state["generation"])
+    pin = cfg.data.pin_memory == "true" or (cfg.data.pin_memory == "auto" and setup.device.type == "cuda")
+    loader = build_train_loader(dataset, setup.num_workers, cfg.data.prefetch_factor, pin)
+    tracker = StreamTracker(setup.num_workers)
+    tracker.positions.update(positions)
+    tracker.bad.update(bad)
+    batches = _batches(loader, tracker, cfg.data.replicate_stream, info)
+    val_set = _validation_set(setup)
+
+    loss_fn = PretrainLoss(cfg.loss.temperature, cfg.loss.mlm_weight, cfg.loss.negatives,
+                           cfg.loss.mask_duplicate_targets)
+    writer = MetricsWriter(cfg.run_dir, main, cfg.log.tensorboard)
+    progress = _Progress(main and cfg.log.progress, cfg.optim.steps, state["step"])
+    acc = DeviceAccumulator()
+    bb = engine.module.backbone_config
+    peak = peak_device_tflops(cfg.log.peak_tflops) if setup.precision in ("bf16", "fp16") else (
+        cfg.log.peak_tflops or None)
+    host = {"tokens": 0, "sum_sq": 0, "mlm_tokens": 0, "image_tokens": 0, "sequences": 0}
+    window_start, wait_time, skipped_in_a_row, skipped_total = time.perf_counter(), 0.0, 0, 0
+    last: dict[str, Any] = {}
+    engine.train()
+
+    def save(step: int) -> None:
+        shared = {"step": step, "samples": state["samples"], "tokens": state["tokens"],
+                  "generation": state["generation"], "config": to_dict(cfg),
+                  "backbone": bb.to_dict(), "model": to_dict(engine.module.config)}
+        ckpt.save(engine, step, shared, {"data": tracker.state()},
+                  write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
+
+    step = state["step"]
+    try:
+        while step < cfg.optim.steps:
+            for _ in range(setup.accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                wait_time += time.perf_counter() - t0
+                for key in host:
+                    host[key] += batch["stats"][key]
+                batch = _to_device(batch, setup.device)
+                _cast_features(batch, setup.precision)
+                parts = forward_losses(engine, batch, loss_fn)
+                engine.backward(parts.total)
+                engine.step()
+                acc.add(loss=parts.total.detach(), loss_contrastive=parts.contrastive,
+                        loss_mlm=parts.mlm, contrastive_correct=parts.contrastive_correct,
+                        mlm_tokens=parts.mlm_tokens, mlm_correct=parts.mlm_correct)
+            step += 1
+            # DeepSpeed skips the update when the gradient is non-finite (overflow check).
+            if engine.was_step_applied():
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                skipped_total += 1
+                if main:
+                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step,
+                                skipped_in_a_row)
+                if skipped_in_a_row >= cfg.optim.max_skipped_steps:
+                    raise TrainingAborted(
+                        f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step}); aborting. Lower optim.lr, check the data, or use bf16 "
+                        f"instead of fp16 (optim.precision).")
+            global_sequences = setup.micro * setup.accum * info.world_size
+            state["samples"] += global_sequences
+            progress.update(1)
+
+            if step % cfg.log.every == 0 or step == cfg.optim.steps:
+                last = _log_step(step, acc, host, time.perf_counter() - window_start, wait_time, setup, engine,
+                                 tracker, skipped_total, peak, bb, writer, state)
+                progress.update(0, loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                host = dict.fromkeys(host, 0)
+                window_start, wait_time = time.perf_counter(), 0.0
+            if val_set is not None and cfg.val.every and (step % cfg.val.every == 0 or step == cfg.optim.steps):
+                metrics = validate(setup, *val_set)
+                writer.write(step, metrics, kind="val")
+                last.update(metrics)
+                window_start = time.perf_counter()
+            if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == cfg.optim.steps:
+                save(step)
+                window_start = time.perf_counter()
+    finally:
+        progress.close()
+        writer.close()
+    return last
+
+
+def _log_step(step: int, acc: DeviceAccumulator, host: dict[str, int], elapsed: float, wait_time: float,
+              setup: _Setup, engine: Any, tracker: StreamTracker, skipped_total: int, peak: float | None,
+              bb: Any, writer: MetricsWriter, state: dict[str, int]) -> dict[str, Any]:
+    """Read the window's sums to the host (one transfer), derive rates, write JSONL/TB."""
+    info = setup.info
+    bad = tracker.bad_counts()
+    local = torch.tensor([host["tokens"], host["sum_sq"], host["mlm_tokens"], host["image_tokens"],
+                          host["sequences"], sum(bad.values()), wait_time], dtype=torch.float64)
+    if info.world_size > 1:
+        import torch.distributed as dist
+        local_dev = local.to(setup.device)
+        dist.all_reduce(local_dev)
+        local = local_dev.cpu()
+    tokens, sum_sq, mlm_tok, img_tok, sequences, bad_total, wait_sum = local.tolist()
+    micro_steps = max(acc.count, 1)
+    sums = acc.pop()
+    ranks = info.world_size
+    state["tokens"] += int(tokens)
+    grad_norm = engine.get_global_grad_norm()
+    flops = encoder_flops_per_step(bb.num_hidden_layers, bb.hidden_size, bb.intermediate_size,
+                                   setup.cfg.model.adapter_rank, setup.cfg.model.num_adapters, bb.vocab_size,
+                                   int(tokens), int(sum_sq), int(mlm_tok), setup.cfg.model.image_feature_dim,
+                                   int(img_tok))
+    tflops_per_device = flops / max(elapsed, 1e-9) / ranks / 1e12
+    values: dict[str, Any] = {
+        # Mean over micro-steps and ranks of each rank's share = the mean group loss.
+        "loss": sums["loss"] / micro_steps / ranks,
+        "loss_contrastive": sums["loss_contrastive"] / micro_steps / ranks,
+        "loss_mlm": sums["loss_mlm"] / micro_steps / ranks,
+        "contrastive_accuracy": sums["contrastive_correct"] / max(sequences, 1),
+        "mlm_accuracy": sums["mlm_correct"] / max(sums["mlm_tokens"], 1),
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "samples_per_s": sequences / max(elapsed, 1e-9),
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "tflops_per_device": tflops_per_device,
+        "data_wait_share": wait_sum / ranks / max(elapsed, 1e-9),
+        "peak_memory_gib": peak_memory_gib(),
+        "skipped_samples": int(bad_total),
+        "skipped_steps": skipped_total,
+        "samples_seen": state["samples"],
+        "tokens_seen": state["tokens"],
+    }
+    if peak:
+        values["mfu"] = tflops_per_device / peak
+    for kind, n in bad.items():
+        values[f"skipped_samples_{kind}"] = n  # this rank's (rank 0's) breakdown
+    writer.write(step, values)
+    return values
+
+
+def _save_tokenizer(tokenizer: Any, ckpt_path: Path) -> None:
+    """Tokenizer files next to the weights, so `reolm export` needs nothing but the checkpoint."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(ckpt_path / "tokenizer"))
