@@ -419,10 +419,14 @@ class ReoLM(nn.Module):
         cfg = from_dict(ModelConfig, {**data["reolm"], **dict(overrides or {})})
         model = cls(BackboneConfig.from_dict(data["backbone"]), cfg)
         state = read_state_dict(directory)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f"{directory}: weights do not match the config (missing keys: "
-                                  f"{result.missing_keys[:10]}; unexpected keys: {result.unexpected_keys[:10]})")
+        own = model.state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"{directory}: weights do not match its config.json (missing keys: "
+                                  f"{missing[:10]}; unexpected keys: {unexpected[:10]}; wrong shapes: "
+                                  f"{wrong[:10]})")
+        model.load_state_dict(state)
         if load_tokenizer:
             model.tokenizer = _load_tokenizer(directory)
         return model
