@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -48,7 +47,7 @@ def test_sdpa_matches_eager_forward_and_gradients(tmp_path, routing):
     batch = _batch()
     assert batch["seq_lengths"].unique().numel() == 4  # different lengths
     ref_out, ref_grads = _forward_backward(model, batch)
-    model.config = dataclasses.replace(model.config, attention="sdpa")
+    model.set_attention("sdpa")
     out, grads = _forward_backward(model, batch)
     assert torch.allclose(out, ref_out, atol=1e-5, rtol=0)
     assert ref_grads.keys() == grads.keys() and len(grads) > 20
@@ -125,7 +124,7 @@ def test_cuda_backends_match_eager_in_bf16(tmp_path, backend):
     _perturb(model)
     batch = move_batch(_batch(), "cuda")
     ref_out, ref_grads = _forward_backward(model, batch)
-    model.config = dataclasses.replace(model.config, attention=backend)
+    model.set_attention(backend)
     out, grads = _forward_backward(model, batch)
     assert torch.allclose(out.float(), ref_out.float(), atol=3e-2, rtol=3e-2)
     for name in grads:

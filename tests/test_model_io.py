@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from reolm.data.collate import SequenceExample
 from reolm.model import CheckpointError, ReoLM
@@ -31,6 +32,9 @@ def test_save_and_load_round_trip_reproduces_outputs(tmp_path):
     assert (out_dir / "tokenizer_config.json").is_file()
     assert not (tmp_path / "export.tmp").exists()
     loaded = ReoLM.from_pretrained(out_dir).eval()
+    # the MLM decoder is tied to the word embeddings, stored once
+    assert "lm_head.decoder.weight" not in load_file(str(out_dir / "model.safetensors"))
+    assert loaded.lm_head.decoder.weight is loaded.embeddings.word_embeddings.weight
     assert loaded.config == model.config
     assert loaded.tokenizer is not None and loaded.tokenizer.cls_token_id == model.tokenizer.cls_token_id
     with torch.no_grad():

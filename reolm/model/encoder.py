@@ -40,6 +40,7 @@ __all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+TIED_KEY = "lm_head.decoder.weight"  # shares the word embedding table; never stored
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -216,18 +217,21 @@ class Layer(nn.Module):
 # ----------------------------------------------------------------------------- LM head
 
 class LMHead(nn.Module):
-    """RoBERTa-style MLM head (dense, act, LayerNorm, decoder tied to the word embeddings)."""
+    """RoBERTa-style MLM head: dense, act, LayerNorm, then ``decoder`` whose weight IS the word
+    embedding table (tied as in HF, so ZeRO-3 gathers it through the decoder module)."""
 
-    def __init__(self, bb: BackboneConfig):
+    def __init__(self, bb: BackboneConfig, word_embeddings: nn.Embedding):
         super().__init__()
         h = bb.hidden_size
         self.dense = nn.Linear(h, h)
         self.layer_norm = nn.LayerNorm(h, eps=bb.layer_norm_eps)
+        self.decoder = nn.Linear(h, bb.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight
         self.bias = nn.Parameter(torch.zeros(bb.vocab_size))
         self.act = _activation(bb.hidden_act if bb.model_type == "bert" else "gelu")
 
-    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.layer_norm(self.act(self.dense(x))), word_embeddings, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(self.act(self.dense(x)))) + self.bias
 
 
 # ----------------------------------------------------------------------------- model
@@ -269,7 +273,7 @@ class ReoLM(nn.Module):
         layers = [Layer(backbone, cfg, hidden_dropout, attn_dropout,
                         "mean" if i < self.num_bottom_layers else cfg.top_routing) for i in range(n)]
         self.encoder = Encoder(layers)
-        self.lm_head = LMHead(backbone)
+        self.lm_head = LMHead(backbone, self.embeddings.word_embeddings)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self._backend_cache: dict[str, str] = {}
         self.reset_parameters()
@@ -287,6 +291,8 @@ class ReoLM(nn.Module):
         """BERT initialisation for everything; then the exact-PLM starting points."""
         std = self.backbone_config.initializer_range
         for module in self.modules():
+            if module is self.lm_head.decoder:
+                continue  # its weight is the word embedding table, initialised as an embedding
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 nn.init.zeros_(module.bias)
@@ -326,11 +332,15 @@ class ReoLM(nn.Module):
                 ".adapter.", "lm_head.")
         return {k for k in self.state_dict() if not any(tag in k for tag in ours)}
 
+    def state_dict_to_save(self) -> dict[str, torch.Tensor]:
+        """All weights once (the tied decoder weight is the word embedding table), on CPU."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != TIED_KEY}
+
     def load_backbone_state(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load normalised HF weights; every backbone key must be present and nothing unknown."""
         own = self.state_dict()
         required = self._backbone_keys()
-        head_keys = {k for k in own if k.startswith("lm_head.")}
+        head_keys = {k for k in own if k.startswith("lm_head.") and k != TIED_KEY}
         missing = sorted(required - state.keys())
         unexpected = sorted(state.keys() - required - head_keys)
         if missing or unexpected:
@@ -386,8 +396,7 @@ class ReoLM(nn.Module):
         config = {"model_type": "reolm", "format_version": FORMAT_VERSION, "architectures": ["ReoLM"],
                   "backbone": self.backbone_config.to_dict(), "reolm": to_dict(self.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(self.state_dict_to_save(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(tmp))
         else:
@@ -420,13 +429,14 @@ class ReoLM(nn.Module):
         model = cls(BackboneConfig.from_dict(data["backbone"]), cfg)
         state = read_state_dict(directory)
         own = model.state_dict()
+        own.pop(TIED_KEY)
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
         if missing or unexpected or wrong:
             raise CheckpointError(f"{directory}: weights do not match its config.json (missing keys: "
                                   f"{missing[:10]}; unexpected keys: {unexpected[:10]}; wrong shapes: "
                                   f"{wrong[:10]})")
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=False)  # keys verified above; the tied key is implied
         if load_tokenizer:
             model.tokenizer = _load_tokenizer(directory)
         return model
@@ -439,6 +449,11 @@ class ReoLM(nn.Module):
         self.config = dataclasses.replace(self.config, top_routing=mode)
         for layer in self.encoder.layer[self.num_bottom_layers:]:
             layer.routing = mode
+
+    def set_attention(self, backend: str) -> None:
+        """Switch the attention backend (``auto``, ``eager``, ``sdpa``, ``varlen``, ``flash``)."""
+        resolve_backend(backend, "cuda" if backend in ("varlen", "flash") else "cpu")  # validates the name
+        self.config = dataclasses.replace(self.config, attention=backend)
 
     def attention_backend(self, device: torch.device) -> str:
         key = f"{self.config.attention}@{device.type}"
@@ -490,7 +505,7 @@ class ReoLM(nn.Module):
 
     def mlm_logits(self, mlm_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at the given stream positions, read from the last bottom layer."""
-        return self.lm_head(mlm_hidden.index_select(0, positions), self.embeddings.word_embeddings.weight)
+        return self.lm_head(mlm_hidden.index_select(0, positions))
 
     def mlm_loss(self, output: EncoderOutput, batch: Mapping[str, Any]) -> torch.Tensor:
         """Mean cross-entropy (fp32) over the masked tokens; 0 (still in the graph) when none."""
