@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from reolm.config import ConfigError, param
+from reolm.model.config import ModelConfig
 
 __all__ = ["DataConfig", "OptimConfig", "LossConfig", "LogConfig", "CheckpointConfig",
            "ValidationConfig", "DistConfig", "PretrainConfig"]
@@ -40,7 +41,6 @@ class DataConfig:
                                           "global batch is split into ranks x accumulation (reproducibility "
                                           "tests; costs world x the reading).")
     max_bad_sample_logs: int = param(20, "Bad samples logged individually per worker (all are counted).", ge=0)
-    max_history_items: int = param(50, "History = the last N items before the target.", ge=1)
 
 
 @dataclass
@@ -63,7 +63,6 @@ class OptimConfig:
     grad_clip: float = param(1.0, "Clip the global gradient norm to this value; 0 = no clipping.", ge=0)
     precision: str = param("auto", "Training precision: auto = bf16 on GPUs that support it, fp32 on CPU; "
                                    "fp16 uses dynamic loss scaling.", choices=("auto", "bf16", "fp16", "fp32"))
-    activation_checkpointing: bool = param(False, "Recompute each layer's activations in backward (less memory).")
     torch_adam: bool = param(True, "Use torch.optim.AdamW instead of DeepSpeed's JIT-compiled FusedAdam "
                                    "(ignored by the CPU-offload config, which needs DeepSpeedCPUAdam).")
     max_skipped_steps: int = param(20, "Abort after this many optimizer steps in a row were skipped for a "
@@ -136,6 +135,7 @@ class PretrainConfig:
                                           "ds_config.json, checkpoints/.")
     seed: int = param(0, "Seed of model init, masking and data order.")
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -311,7 +311,7 @@ def _validation_set(setup: _Setup) -> tuple[list[Example], np.ndarray] | None:
     except (ConfigError, DataError) as err:
         log.warning("no validation: %s", err)
         return None
-    examples = read_examples(shards, setup.num_items, cfg.data.max_history_items, cfg.val.max_users,
+    examples = read_examples(shards, setup.num_items, cfg.model.max_items, cfg.val.max_users,
                              BadSampleCounter(max_logs=5, where=" [dev]"))
     if not examples:
         return None
@@ -380,7 +380,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                           seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           num_workers=setup.num_workers, resample=cfg.data.resample,
                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
-                          max_history=cfg.data.max_history_items, replicate=cfg.data.replicate_stream,
+                          max_history=cfg.model.max_items, replicate=cfg.data.replicate_stream,
                           max_bad_logs=cfg.data.max_bad_sample_logs, start=positions,
                           generation=state["generation"])
     pin = cfg.data.pin_memory == "true" or (cfg.data.pin_memory == "auto" and setup.device.type == "cuda")
