@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["init_random_backbone"]
+__all__ = ["init_random_backbone", "prepare_synthetic_inputs"]
 
 
 def init_random_backbone(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, *, layers: int = 2,
@@ -39,3 +39,32 @@ def init_random_backbone(tokenizer_dir: str | os.PathLike, out: str | os.PathLik
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def prepare_synthetic_inputs(out: str | os.PathLike, preset: str = "tiny", *, vocab_size: int = 1000,
+                             layers: int = 2, hidden: int = 64, heads: int = 4, shard_size: int = 50,
+                             seed: int = 0, progress: bool = False) -> dict[str, Path]:
+    """Everything a pre-training run needs, from nothing: synthetic domains (`reolm synth`), a
+    shard corpus of the pre-training domains (`reolm shard`), a WordPiece tokenizer trained on
+    it (`reolm tokenizer train`), its item token table (`reolm tables tokens`) and a random
+    backbone with that vocabulary.  Returns the paths (corpus, backbone, tokenizer, domains)."""
+    import json
+
+    from reolm.data.shards import ShardOptions, write_corpus
+    from reolm.data.synth import generate_corpus, preset_config
+    from reolm.data.tables import build_source_token_table, load_tokenizer
+    from reolm.data.tokenizer import item_texts, train_tokenizer
+
+    out = Path(out)
+    domains_dir = out / "domains"
+    generate_corpus(preset_config(preset, images=False), domains_dir, seed=seed, progress=progress)
+    info = json.loads((domains_dir / "corpus.json").read_text())
+    pretrain = [domains_dir / d["name"] for d in info["domains"] if d.get("role") == "pretrain"]
+    corpus = out / "corpus"
+    write_corpus(pretrain, corpus, ShardOptions(max_count=shard_size, seed=seed, progress=progress),
+                 overwrite=True)
+    tokenizer = train_tokenizer(item_texts([corpus]), out / "tokenizer", "wordpiece", vocab_size)
+    build_source_token_table(corpus, load_tokenizer(tokenizer), progress=progress)
+    backbone = init_random_backbone(tokenizer, out / "backbone", layers=layers, hidden=hidden, heads=heads,
+                                    seed=seed)
+    return {"corpus": corpus, "backbone": backbone, "tokenizer": tokenizer, "domains": domains_dir}

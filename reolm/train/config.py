@@ -40,6 +40,9 @@ class DataConfig:
                                           "world-th micro-batch, so a step's samples do not depend on how the "
                                           "global batch is split into ranks x accumulation (reproducibility "
                                           "tests; costs world x the reading).")
+    record_keys: bool = param(False, "Append the keys of the samples each rank trains on to "
+                                     "RUN_DIR/consumed/rank-R.tsv (step, key with its stream/draw/index): an "
+                                     "audit trail of the data order, e.g. to check resumption.")
     max_bad_sample_logs: int = param(20, "Bad samples logged individually per worker (all are counted).", ge=0)
 
 

@@ -73,7 +73,7 @@ class Example:
     target: int
     domain: int
     user: int
-    key: str = ""
+    key: str = ""  # the tar key, prefixed by "s{stream}/d{draw}/i{index}/" when streamed
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -206,6 +206,8 @@ class ShardStream:
                         continue  # resuming inside this shard: already read before the checkpoint
                     pos.offset = index + 1
                     yielded += 1
+                    # Where the sample came from: stream, shard draw, and index in the shard.
+                    sample["__source__"] = f"s{self.stream_id}/d{pos.draw}/i{index}"
                     yield sample
             except OSError as err:  # unreadable file (the expander handles corrupt tar content)
                 self.counter(err)
@@ -240,7 +242,8 @@ def decode_example(sample: dict[str, Any], num_items: int, max_history: int, cou
         counter.record("index", f"{where}: item index {bad[0]} outside [0, {num_items})")
         return None
     history = np.asarray(items[:-1][-max_history:], dtype=np.int64)
-    return Example(history, items[-1], domain, user, key)
+    source = sample.get("__source__")
+    return Example(history, items[-1], domain, user, f"{source}/{key}" if source else key)
 
 
 def _decode_stage(num_items: int, max_history: int, counter: BadSampleCounter) -> Callable:

@@ -50,33 +50,37 @@ class TrainingAborted(RuntimeError):
 
 # ----------------------------------------------------------------------------- setup helpers
 
-def _single_subdir(root: Path, prefix: str) -> Path | None:
-    found = sorted(p for p in (root / "tables").glob(prefix + "*") if p.is_dir() and not p.name.endswith(".tmp"))
-    if len(found) > 1:
-        raise ConfigError(f"{root}/tables has several {prefix}* tables ({', '.join(p.name for p in found)}); "
-                          f"choose one with data.{'token_table' if 'tokens' in prefix else 'image_table'}=PATH")
-    return found[0] if found else None
+def resolve_tables(cfg: PretrainConfig, tokenizer: Any) -> tuple[Any, Any]:
+    """(ItemTokenTable, ImageFeatureTable) memory-mapped from the configured folders.
 
-
-def resolve_tables(cfg: PretrainConfig) -> tuple[Any, Any]:
-    """(ItemTokenTable, ImageFeatureTable | None) memory-mapped from the configured folders."""
+    Without an explicit ``data.token_table`` the corpus' table for THIS tokenizer (and
+    ``model.max_attr_tokens``) is used, so a table built with another tokenizer is never
+    silently paired with the model.  Without image features every item uses the void image.
+    """
     from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+    from reolm.data.tables import find_token_table
 
-    corpus = Path(cfg.data.corpus) if cfg.data.corpus else None
-    token_dir = Path(cfg.data.token_table) if cfg.data.token_table else (
-        _single_subdir(corpus, "tokens-") if corpus else None)
-    if token_dir is None:
-        raise ConfigError("data.token_table: no item token table; build one with `reolm tables tokens` "
-                          "or set data.token_table=PATH")
-    tokens = ItemTokenTable.load(token_dir)
-    image_dir = Path(cfg.data.image_table) if cfg.data.image_table else (
-        _single_subdir(corpus, "images-") if corpus else None)
-    images = ImageFeatureTable.load(image_dir) if image_dir else None
-    if images is None:
-        images = ImageFeatureTable.empty(len(tokens), cfg.model.image_feature_dim)
+    if cfg.data.token_table:
+        tokens = ItemTokenTable.load(cfg.data.token_table)
+    elif cfg.data.corpus:
+        tokens = find_token_table(cfg.data.corpus, tokenizer, cfg.model.max_attr_tokens)
+    else:
+        raise ConfigError("data.token_table or data.corpus must be set")
+    image_dir = Path(cfg.data.image_table) if cfg.data.image_table else None
+    if image_dir is None and cfg.data.corpus:
+        found = sorted(p for p in (Path(cfg.data.corpus) / "tables").glob("images-*")
+                       if p.is_dir() and not p.name.endswith(".tmp"))
+        if len(found) > 1:
+            raise ConfigError(f"{cfg.data.corpus}/tables has several image tables "
+                              f"({', '.join(p.name for p in found)}); choose one with data.image_table=PATH")
+        image_dir = found[0] if found else None
+    images = ImageFeatureTable.load(image_dir) if image_dir else ImageFeatureTable.empty(
+        len(tokens), cfg.model.image_feature_dim)
     if images.dim != cfg.model.image_feature_dim:
         raise ConfigError(f"model.image_feature_dim={cfg.model.image_feature_dim} but the image table "
                           f"{image_dir} holds {images.dim}-d features")
+    if len(images) != len(tokens):
+        raise ConfigError(f"image table {image_dir} has {len(images)} rows, the token table {len(tokens)}")
     return tokens, images
 
 
@@ -122,6 +126,16 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000 * rank)
 
 
+def _limit_threads(local_world_size: int) -> None:
+    """Share the node's cores between its ranks (unless OMP_NUM_THREADS says otherwise)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(local_world_size, 1)))
+
+
 @dataclass
 class _Setup:
     cfg: PretrainConfig
@@ -152,10 +166,11 @@ def _setup(cfg: PretrainConfig) -> _Setup:
 
     info = D.init(cfg.dist.timeout_minutes)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    tokens, images = resolve_tables(cfg)
+    _limit_threads(info.local_world_size)
     model = build_model(cfg)
     if model.tokenizer is None:
         raise ConfigError(f"model.backbone={cfg.model.backbone} has no tokenizer files")
+    tokens, images = resolve_tables(cfg, model.tokenizer)
     _seed_everything(cfg.seed, info.rank)
     precision = resolve_precision(cfg.optim.precision, device.type)
     ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, device.type, cfg.dist.zero_stage,
@@ -197,6 +212,7 @@ class _SeededCollate:
             "image_tokens": int(hist["image_token_index"].shape[0] + tgt["image_token_index"].shape[0]),
             "sequences": len(examples),
         }
+        batch["keys"] = [e.key for e in examples]
         return batch
 
 
@@ -243,63 +259,79 @@ def _sharded_encode(items: list[Any], batch_size: int, encode) -> torch.Tensor:
 @torch.no_grad()
 def validate(setup: _Setup, examples: list[Example], pool: np.ndarray) -> dict[str, float]:
     """Next-item Recall@k / NDCG@k of dev targets among ``pool`` (which contains every target),
-    plus MLM accuracy of the dev histories.  Ties rank optimistically (strictly higher only)."""
-    engine, collator, cfg = setup.engine, setup.collator, setup.cfg
-    module = engine.module
-    was_training = module.training
-    module.eval()
+    plus MLM accuracy of the dev histories.
+
+    Retrieval encodes the histories WITHOUT masking (as evaluation does); MLM accuracy comes from
+    a second, masked pass with a fixed seed.  Ties rank optimistically (strictly higher only).
+    Every rank encodes an equal share (ZeRO-3 needs all ranks in every forward).
+    """
     from reolm.data.collate import SequenceExample
 
-    rng_backup = collator._rng
-    collator._rng = np.random.default_rng([cfg.seed, 99])  # the same masks at every validation
+    module, collator, cfg = setup.engine.module, setup.collator, setup.cfg
+    was_training = module.training
+    module.eval()
+    saved_rng, saved_prob = collator._rng, collator.mlm_probability
     mlm_stats = torch.zeros(2, device=setup.device)
 
-    def encode_items(chunk: list[tuple[int, int]]) -> torch.Tensor:
-        batch = collator.collate_items([i for i, _ in chunk], [d for _, d in chunk])
+    def prepared(batch: dict[str, Any]) -> dict[str, Any]:
         batch = _to_device(batch, setup.device)
         _cast_features({"history": batch}, setup.precision)
-        return module(batch).pooled
+        return batch
+
+    def encode_items(chunk: list[tuple[int, int]]) -> torch.Tensor:
+        return module(prepared(collator.collate_items([i for i, _ in chunk], [d for _, d in chunk]))).pooled
+
+    def history_batch(chunk: list[Example]) -> dict[str, Any]:
+        return prepared(collator([SequenceExample(e.history.tolist(), None, e.domain) for e in chunk])["history"])
 
     def encode_histories(chunk: list[Example]) -> torch.Tensor:
-        batch = collator([SequenceExample(e.history.tolist(), None, e.domain) for e in chunk])["history"]
-        batch = _to_device(batch, setup.device)
-        _cast_features({"history": batch}, setup.precision)
+        return module(history_batch(chunk)).pooled
+
+    def mlm_pass(chunk: list[Example]) -> torch.Tensor:
+        batch = history_batch(chunk)
         out = module(batch)
         pos = batch["mlm_positions"]
         if pos.shape[0]:
             pred = module.mlm_logits(out.mlm_hidden, pos).argmax(-1)
-            mlm_stats.add_(torch.stack([(pred == batch["mlm_labels"].index_select(0, pos)).sum().float(),
-                                        torch.tensor(float(pos.shape[0]), device=pred.device)]))
-        return out.pooled
+            hits = (pred == batch["mlm_labels"].index_select(0, pos)).sum().float()
+            mlm_stats.add_(torch.stack([hits, hits.new_tensor(float(pos.shape[0]))]))
+        return out.pooled[:, :1]
 
-    # Items are encoded with the domain of the dev sequence they are compared with; a pool item
-    # is encoded once per domain present in the dev set.
-    domains = sorted({e.domain for e in examples})
-    pool_items = [(int(i), d) for d in domains for i in pool]
-    item_vecs = _sharded_encode(pool_items, cfg.val.batch_size, encode_items).view(len(domains), len(pool), -1)
-    user_vecs = _sharded_encode(examples, cfg.val.batch_size, encode_histories)
-    D.all_reduce_sum(mlm_stats)
-    collator._rng = rng_backup
-    if was_training:
-        module.train()
+    try:
+        # Items are encoded with the adapter of the domain of the sequences they are ranked for.
+        domains = sorted({e.domain for e in examples})
+        pool_items = [(int(i), d) for d in domains for i in pool]
+        collator.mlm_probability = 0.0
+        item_vecs = _sharded_encode(pool_items, cfg.val.batch_size, encode_items).view(len(domains), len(pool), -1)
+        user_vecs = _sharded_encode(examples, cfg.val.batch_size, encode_histories)
+        collator.mlm_probability = saved_prob
+        collator._rng = np.random.default_rng([cfg.seed, 99])  # the same masks at every validation
+        _sharded_encode(examples, cfg.val.batch_size, mlm_pass)
+        D.all_reduce_sum(mlm_stats)
+    finally:
+        collator._rng, collator.mlm_probability = saved_rng, saved_prob
+        if was_training:
+            module.train()
+    return ranking_metrics(module, examples, pool, domains, user_vecs, item_vecs, cfg.val.k) | {
+        "val_mlm_accuracy": (mlm_stats[0] / mlm_stats[1]).item() if mlm_stats[1].item() else float("nan")}
 
+
+def ranking_metrics(module: Any, examples: list[Example], pool: np.ndarray, domains: list[int],
+                    user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int) -> dict[str, float]:
+    """Recall@k and NDCG@k of each example's target among the pool, per domain's item vectors."""
     position = {int(item): j for j, item in enumerate(pool)}
-    k = cfg.val.k
     recall = ndcg = 0.0
     for d_index, domain in enumerate(domains):
         rows = [i for i, e in enumerate(examples) if e.domain == domain]
         scores = module.score(user_vecs[rows], item_vecs[d_index])
         target_cols = torch.tensor([position[examples[i].target] for i in rows], device=scores.device)
-        target_scores = scores.gather(1, target_cols[:, None])
-        ranks = (scores > target_scores).sum(dim=1).float()
+        ranks = (scores > scores.gather(1, target_cols[:, None])).sum(dim=1).float()
         hit = ranks < k
         recall += hit.float().sum().item()
         ndcg += torch.where(hit, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks)).sum().item()
     n = max(len(examples), 1)
-    masked = mlm_stats[1].item()
-    return {f"val_recall@{k}": recall / n, f"val_ndcg@{k}": ndcg / n,
-            "val_mlm_accuracy": mlm_stats[0].item() / masked if masked else float("nan"),
-            "val_users": len(examples), "val_pool": len(pool), f"val_random_recall@{k}": min(k / len(pool), 1.0)}
+    return {f"val_recall@{k}": recall / n, f"val_ndcg@{k}": ndcg / n, "val_users": len(examples),
+            "val_pool": len(pool), f"val_random_recall@{k}": min(k / len(pool), 1.0)}
 
 
 def _validation_set(setup: _Setup) -> tuple[list[Example], np.ndarray] | None:
@@ -411,6 +443,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         ckpt.save(engine, step, shared, {"data": tracker.state()},
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
 
+    consumed = _consumed_log(cfg, info) if cfg.data.record_keys else None
     step = state["step"]
     try:
         while step < cfg.optim.steps:
@@ -420,6 +453,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 wait_time += time.perf_counter() - t0
                 for key in host:
                     host[key] += batch["stats"][key]
+                keys = batch.pop("keys")
+                if consumed is not None:
+                    consumed.write("".join(f"{step + 1}\t{k}\n" for k in keys))
                 batch = _to_device(batch, setup.device)
                 _cast_features(batch, setup.precision)
                 parts = forward_losses(engine, batch, loss_fn)
@@ -464,7 +500,15 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     finally:
         progress.close()
         writer.close()
+        if consumed is not None:
+            consumed.close()
     return last
+
+
+def _consumed_log(cfg: PretrainConfig, info: D.DistInfo) -> Any:
+    folder = Path(cfg.run_dir) / "consumed"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"rank-{info.rank:05d}.tsv", "a", buffering=1)
 
 
 def _log_step(step: int, acc: DeviceAccumulator, host: dict[str, int], elapsed: float, wait_time: float,
