@@ -81,11 +81,13 @@ def _base(inputs, run_dir: Path, **extra) -> list[str]:
 
 # ----------------------------------------------------------------------------- ZeRO-2 + kill/resume
 
-def _corrupt_copy(src: Path, dst: Path) -> None:
-    data = bytearray(src.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 4096] = os.urandom(min(4096, len(data) - middle))
-    dst.write_bytes(bytes(data))
+def _corrupt(path: Path) -> None:
+    """Cut the tar at a block boundary half-way: tarfile sees a clean end, only the manifest's
+    sample count reveals the loss; and garble one JSON payload."""
+    data = bytearray(path.read_bytes())
+    first_payload = data.index(b'{"domain"')
+    data[first_payload:first_payload + 8] = b"\xff\xfe{{{{{{"
+    path.write_bytes(bytes(data[:(len(data) // 2) // 512 * 512]))
 
 
 def _read_before(shards: list[str], seed: int, stream_id: int, num_streams: int, position: dict) -> set[str]:
@@ -93,6 +95,8 @@ def _read_before(shards: list[str], seed: int, stream_id: int, num_streams: int,
     from reolm.train.data import BadSampleCounter, ShardStream, decode_example
 
     stream = ShardStream(shards, seed, stream_id, num_streams, resample=True, counter=BadSampleCounter(0))
+    if position["offset"] == 0 and position["draw"] == 0:
+        return set()
     seen = set()
     target = (position["draw"], position["offset"])
     for sample in stream:
@@ -112,16 +116,17 @@ def _consumed(path: Path, start: int = 0) -> list[tuple[int, str]]:
 
 
 def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_exports(inputs, tmp_path):
-    corpus = Path(inputs["corpus"])
-    shards = sorted(str(p) for p in (corpus / "train").glob("train-*.tar"))
-    corrupt = tmp_path / "train-corrupt.tar"
-    _corrupt_copy(Path(shards[0]), corrupt)
-    shards.append(str(corrupt))
+    from reolm.train.data import corpus_shards
+
+    corpus = tmp_path / "corpus"  # a copy with one corrupt train shard
+    shutil.copytree(inputs["corpus"], corpus)
+    shards = corpus_shards(corpus, "train")
+    _corrupt(Path(shards[1]))
     run_dir = tmp_path / "run"
     log = tmp_path / "log.txt"
-    overrides = _base(inputs, run_dir, **{"data.train_shards": ",".join(shards), "optim.steps": 40,
+    overrides = _base(inputs, run_dir, **{"data.corpus": corpus, "optim.steps": 40,
                                           "ckpt.every": 10, "val.every": 40, "data.record_keys": "true",
-                                          "optim.lr": 2e-3, "dist.ds_config": "ds_configs/zero2.json"})
+                                          "dist.ds_config": "ds_configs/zero2.json"})
 
     # Run 1: SIGKILL the whole launcher process group once the step-20 checkpoint is complete.
     with open(log, "wb") as out:
@@ -154,10 +159,11 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     assert train2[-1]["samples_seen"] == 40 * 2 * 16
     # Validation beats random retrieval by a clear margin.
     assert val2 and val2[-1]["step"] == 40
-    assert val2[-1]["val_recall@10"] > 2.5 * val2[-1]["val_random_recall@10"]
+    assert val2[-1]["val_recall@10"] > 2 * val2[-1]["val_random_recall@10"]
     # The corrupt shard was skipped and counted, and the run completed.
     assert max(r["skipped_samples"] for r in first + train2) > 0
-    assert "skipping bad sample" in log.read_text()
+    assert max(r.get("skipped_samples_truncated", 0) for r in first + train2) > 0
+    assert "skipping bad sample (truncated)" in log.read_text()
 
     # No sample replayed, at most one shuffle buffer skipped, per rank's reader.
     ckpt = run_dir / "checkpoints" / "step-00000020"
@@ -208,7 +214,7 @@ def _probe_batch(model, inputs) -> dict:
 def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_path):
     run_dir = tmp_path / "run"
     _run(_deepspeed(2, _base(inputs, run_dir, **{"optim.steps": 30, "val.every": 30, "ckpt.every": 0,
-                                                 "optim.lr": 2e-3, "dist.ds_config": "ds_configs/zero3.json"})),
+                                                 "dist.ds_config": "ds_configs/zero3.json"})),
          tmp_path / "log.txt")
     train = _metrics(run_dir)
     val = _metrics(run_dir, "val")[-1]

@@ -36,7 +36,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,11 +47,13 @@ __all__ = [
     "DataError",
     "Example",
     "BadSampleCounter",
+    "BAD_SAMPLE_KINDS",
     "ShardStream",
     "StreamPosition",
     "decode_example",
     "expand_shards",
     "corpus_shards",
+    "manifest_counts",
     "default_num_workers",
     "build_train_loader",
     "read_examples",
@@ -105,6 +107,16 @@ def corpus_shards(corpus: str | os.PathLike, split: str) -> list[str]:
     return [str(Path(corpus) / e["path"]) for e in entries]
 
 
+def manifest_counts(corpus: str | os.PathLike) -> dict[str, int]:
+    """{absolute shard path: sample count} of every shard a corpus manifest lists."""
+    manifest_path = Path(corpus) / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    return {os.path.abspath(Path(corpus) / e["path"]): int(e["count"])
+            for entries in manifest.get("shards", {}).values() for e in entries if "count" in e}
+
+
 def default_num_workers(local_world_size: int) -> int:
     """CPU cores of this node shared by its ranks; one core stays with the training process."""
     try:
@@ -116,11 +128,17 @@ def default_num_workers(local_world_size: int) -> int:
 
 # ----------------------------------------------------------------------------- bad samples
 
+# Kinds of bad samples: unreadable tar content, undecodable json, unknown item index, fewer than
+# two items, and samples missing from a shard compared with the manifest's count.
+BAD_SAMPLE_KINDS = ("tar", "decode", "index", "short", "truncated")
+
+
 class BadSampleCounter:
     """A webdataset handler: count the exception by kind, log at a limited rate, continue."""
 
     def __init__(self, max_logs: int = 20, where: str = "") -> None:
         self.counts: dict[str, int] = {}
+        self.events = 0  # a truncated shard is one event for many samples
         self.max_logs = max_logs
         self.where = where
         self._next_report = max_logs * 2
@@ -129,13 +147,13 @@ class BadSampleCounter:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def record(self, kind: str, message: str) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        total = self.total
-        if total <= self.max_logs:
+    def record(self, kind: str, message: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+        self.events += 1
+        if self.events <= self.max_logs:
             log.warning("skipping bad sample (%s)%s: %s", kind, self.where, message[:300])
-        elif total >= self._next_report:  # then only when the count doubles
-            log.warning("%d bad samples skipped so far%s: %s", total, self.where, self.counts)
+        elif self.events >= self._next_report:  # then only when the number of events doubles
+            log.warning("%d bad samples skipped so far%s: %s", self.total, self.where, self.counts)
             self._next_report *= 2
 
     def __call__(self, exn: BaseException) -> bool:
@@ -173,9 +191,13 @@ class ShardStream:
     """
 
     def __init__(self, shards: Sequence[str], seed: int, stream_id: int, num_streams: int, resample: bool,
-                 counter: BadSampleCounter, start: StreamPosition | None = None) -> None:
+                 counter: BadSampleCounter, start: StreamPosition | None = None,
+                 expected_counts: Mapping[str, int] | None = None) -> None:
         self.seed, self.stream_id, self.resample = seed, stream_id, resample
         self.counter = counter
+        # Samples per shard from the manifest: a tar cut at a block boundary ends "cleanly" for
+        # tarfile, so a short read is only visible against the expected count.
+        self.expected = {os.path.abspath(k): v for k, v in (expected_counts or {}).items()}
         self.position = StreamPosition(**vars(start)) if start else StreamPosition()
         if resample:
             self.shards = list(shards)
@@ -200,8 +222,10 @@ class ShardStream:
             pos = self.position
             url = self.shard_for_draw(pos.draw)
             yielded = 0
+            read = 0
             try:
                 for index, sample in enumerate(tar_samples(url, self.counter)):
+                    read = index + 1
                     if index < pos.offset:
                         continue  # resuming inside this shard: already read before the checkpoint
                     pos.offset = index + 1
@@ -211,6 +235,10 @@ class ShardStream:
                     yield sample
             except OSError as err:  # unreadable file (the expander handles corrupt tar content)
                 self.counter(err)
+            expected = self.expected.get(os.path.abspath(url))
+            if expected is not None and read < expected:
+                self.counter.record("truncated", f"{url}: only {read} of the manifest's {expected} samples "
+                                                 f"are readable", n=expected - read)
             empty_draws = 0 if yielded else empty_draws + 1
             if empty_draws > 10 * max(len(self.shards), 1):
                 raise DataError(f"no readable samples in {len(self.shards)} shards (e.g. {url}); "
@@ -264,7 +292,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                  micro_batch: int, num_items: int, *, seed: int, rank: int, world_size: int,
                  num_workers: int, resample: bool, shuffle_buffer: int, shuffle_initial: int,
                  max_history: int, replicate: bool = False, max_bad_logs: int = 20,
-                 start: dict[int, StreamPosition] | None = None, generation: int = 0) -> None:
+                 start: dict[int, StreamPosition] | None = None, generation: int = 0,
+                 expected_counts: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self.shards, self.collate, self.micro_batch = list(shards), collate, micro_batch
         self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
@@ -272,6 +301,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_history, self.max_bad_logs = max_history, max_bad_logs
         self.start, self.generation = start or {}, generation
+        self.expected_counts = dict(expected_counts or {})
         # Validate the layout in the parent so the error is raised before workers start.
         streams = self.num_workers * (1 if replicate else world_size)
         if not resample and len(self.shards) < streams:
@@ -286,7 +316,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         num_streams = self.num_workers * (1 if self.replicate else self.world_size)
         counter = BadSampleCounter(self.max_bad_logs, where=f" [rank {self.rank} worker {worker}]")
         reader = ShardStream(self.shards, self.seed, stream_id, num_streams, self.resample, counter,
-                             self.start.get(worker))
+                             self.start.get(worker), self.expected_counts)
         # The shuffle buffer's RNG also depends on the resume generation: after a resume the
         # buffer restarts empty, so reusing the old sequence would not reproduce the order anyway.
         shuffle_rng = random.Random(_seed(self.seed, stream_id, self.generation, 11))
@@ -306,12 +336,18 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 class StreamTracker:
-    """Main-process view of the workers: last consumed position and bad-sample counts per worker."""
+    """Main-process view of the workers: last consumed position and bad-sample counts per worker.
 
-    def __init__(self, num_workers: int) -> None:
-        self.positions: dict[int, StreamPosition] = {}
-        self.bad: dict[int, dict[str, int]] = {}
+    Workers count from zero in every process; counts restored from a checkpoint are kept as a
+    base so that the reported totals stay cumulative over resumptions.
+    """
+
+    def __init__(self, num_workers: int, positions: dict[int, StreamPosition] | None = None,
+                 base_bad: dict[str, int] | None = None) -> None:
         self.num_workers = num_workers
+        self.positions: dict[int, StreamPosition] = dict(positions or {})
+        self.base_bad: dict[str, int] = dict(base_bad or {})
+        self.bad: dict[int, dict[str, int]] = {}
 
     def update(self, stream: dict[str, Any]) -> None:
         worker = int(stream["worker"])
@@ -319,7 +355,7 @@ class StreamTracker:
         self.bad[worker] = dict(stream["bad"])
 
     def bad_counts(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+        total = dict(self.base_bad)
         for counts in self.bad.values():
             for kind, n in counts.items():
                 total[kind] = total.get(kind, 0) + n
@@ -328,18 +364,20 @@ class StreamTracker:
     def state(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers,
                 "positions": {w: vars(p) for w, p in self.positions.items()},
-                "bad": self.bad}
+                "bad": self.bad_counts()}
 
-    @staticmethod
-    def restore(state: dict[str, Any] | None, num_workers: int) -> tuple[dict[int, StreamPosition], dict]:
-        """Positions to restart from; empty (fresh streams) when the worker layout changed."""
-        if not state or int(state.get("num_workers", -1)) != num_workers:
-            if state:
-                log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart "
-                            "from fresh positions", state.get("num_workers"), num_workers)
-            return {}, {}
+    @classmethod
+    def restore(cls, state: dict[str, Any] | None, num_workers: int) -> "StreamTracker":
+        """The tracker to continue from; fresh positions when the worker layout changed."""
+        if not state:
+            return cls(num_workers)
+        bad = {str(k): int(v) for k, v in state.get("bad", {}).items()}
+        if int(state.get("num_workers", -1)) != num_workers:
+            log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart "
+                        "from fresh positions", state.get("num_workers"), num_workers)
+            return cls(num_workers, base_bad=bad)
         positions = {int(w): StreamPosition(**p) for w, p in state["positions"].items()}
-        return positions, {int(w): c for w, c in state.get("bad", {}).items()}
+        return cls(num_workers, positions, bad)
 
 
 def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: int,

@@ -29,8 +29,8 @@ from reolm.config import ConfigError, save_resolved, to_dict
 from reolm.train import distributed as D
 from reolm.train.checkpoint import CheckpointManager
 from reolm.train.config import PretrainConfig
-from reolm.train.data import (BadSampleCounter, DataError, Example, StreamPosition, StreamTracker, TrainStream,
-                              build_train_loader, corpus_shards, default_num_workers, expand_shards,
+from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamPosition, StreamTracker, TrainStream,
+                              build_train_loader, corpus_shards, default_num_workers, expand_shards, manifest_counts,
                               read_examples)
 from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision,
                                    write_ds_config)
@@ -393,12 +393,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     main = info.rank == 0
     ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
 
-    state = {"step": 0, "samples": 0, "tokens": 0, "generation": 0}
+    state = {"step": 0, "samples": 0, "tokens": 0, "generation": 0, "skipped_steps": 0}
     stream_state = None
     resume_path = ckpt.find(cfg.ckpt.resume) if cfg.ckpt.resume else None
     if resume_path is not None:
         shared, per_rank = ckpt.load(engine, resume_path)
-        state.update({k: shared[k] for k in ("step", "samples", "tokens") if k in shared})
+        state.update({k: shared[k] for k in ("step", "samples", "tokens", "skipped_steps") if k in shared})
         state["generation"] = int(shared.get("generation", 0)) + 1
         stream_state = per_rank.get("data") if per_rank else None
         if main:
@@ -406,20 +406,18 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     elif cfg.ckpt.resume and main:
         log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", cfg.ckpt.resume, cfg.checkpoint_dir())
 
-    positions, bad = StreamTracker.restore(stream_state, setup.num_workers)
+    tracker = StreamTracker.restore(stream_state, setup.num_workers)
     train_shards = _shard_list(cfg.data.train_shards, cfg.data.corpus, "train")
     dataset = TrainStream(train_shards, _SeededCollate(setup.collator), setup.micro, setup.num_items,
                           seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           num_workers=setup.num_workers, resample=cfg.data.resample,
                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
                           max_history=cfg.model.max_items, replicate=cfg.data.replicate_stream,
-                          max_bad_logs=cfg.data.max_bad_sample_logs, start=positions,
-                          generation=state["generation"])
+                          max_bad_logs=cfg.data.max_bad_sample_logs, start=dict(tracker.positions),
+                          generation=state["generation"],
+                          expected_counts=manifest_counts(cfg.data.corpus) if cfg.data.corpus else None)
     pin = cfg.data.pin_memory == "true" or (cfg.data.pin_memory == "auto" and setup.device.type == "cuda")
     loader = build_train_loader(dataset, setup.num_workers, cfg.data.prefetch_factor, pin)
-    tracker = StreamTracker(setup.num_workers)
-    tracker.positions.update(positions)
-    tracker.bad.update(bad)
     batches = _batches(loader, tracker, cfg.data.replicate_stream, info)
     val_set = _validation_set(setup)
 
@@ -432,13 +430,13 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     peak = peak_device_tflops(cfg.log.peak_tflops) if setup.precision in ("bf16", "fp16") else (
         cfg.log.peak_tflops or None)
     host = {"tokens": 0, "sum_sq": 0, "mlm_tokens": 0, "image_tokens": 0, "sequences": 0}
-    window_start, wait_time, skipped_in_a_row, skipped_total = time.perf_counter(), 0.0, 0, 0
+    window_start, wait_time, skipped_in_a_row = time.perf_counter(), 0.0, 0
     last: dict[str, Any] = {}
     engine.train()
 
     def save(step: int) -> None:
         shared = {"step": step, "samples": state["samples"], "tokens": state["tokens"],
-                  "generation": state["generation"], "config": to_dict(cfg),
+                  "skipped_steps": state["skipped_steps"], "generation": state["generation"], "config": to_dict(cfg),
                   "backbone": bb.to_dict(), "model": to_dict(engine.module.config)}
         ckpt.save(engine, step, shared, {"data": tracker.state()},
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
@@ -470,7 +468,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 skipped_in_a_row = 0
             else:
                 skipped_in_a_row += 1
-                skipped_total += 1
+                state["skipped_steps"] += 1
                 if main:
                     log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step,
                                 skipped_in_a_row)
@@ -485,7 +483,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
             if step % cfg.log.every == 0 or step == cfg.optim.steps:
                 last = _log_step(step, acc, host, time.perf_counter() - window_start, wait_time, setup, engine,
-                                 tracker, skipped_total, peak, bb, writer, state)
+                                 tracker, peak, bb, writer, state)
                 progress.update(0, loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
                 host = dict.fromkeys(host, 0)
                 window_start, wait_time = time.perf_counter(), 0.0
@@ -512,19 +510,20 @@ def _consumed_log(cfg: PretrainConfig, info: D.DistInfo) -> Any:
 
 
 def _log_step(step: int, acc: DeviceAccumulator, host: dict[str, int], elapsed: float, wait_time: float,
-              setup: _Setup, engine: Any, tracker: StreamTracker, skipped_total: int, peak: float | None,
+              setup: _Setup, engine: Any, tracker: StreamTracker, peak: float | None,
               bb: Any, writer: MetricsWriter, state: dict[str, int]) -> dict[str, Any]:
     """Read the window's sums to the host (one transfer), derive rates, write JSONL/TB."""
     info = setup.info
     bad = tracker.bad_counts()
     local = torch.tensor([host["tokens"], host["sum_sq"], host["mlm_tokens"], host["image_tokens"],
-                          host["sequences"], sum(bad.values()), wait_time], dtype=torch.float64)
+                          host["sequences"], wait_time] + [bad.get(kind, 0) for kind in BAD_SAMPLE_KINDS],
+                         dtype=torch.float64)
     if info.world_size > 1:
         import torch.distributed as dist
         local_dev = local.to(setup.device)
         dist.all_reduce(local_dev)
         local = local_dev.cpu()
-    tokens, sum_sq, mlm_tok, img_tok, sequences, bad_total, wait_sum = local.tolist()
+    tokens, sum_sq, mlm_tok, img_tok, sequences, wait_sum, *bad_by_kind = local.tolist()
     micro_steps = max(acc.count, 1)
     sums = acc.pop()
     ranks = info.world_size
@@ -549,15 +548,16 @@ def _log_step(step: int, acc: DeviceAccumulator, host: dict[str, int], elapsed: 
         "tflops_per_device": tflops_per_device,
         "data_wait_share": wait_sum / ranks / max(elapsed, 1e-9),
         "peak_memory_gib": peak_memory_gib(),
-        "skipped_samples": int(bad_total),
-        "skipped_steps": skipped_total,
+        "skipped_samples": int(sum(bad_by_kind)),
+        "skipped_steps": state["skipped_steps"],
         "samples_seen": state["samples"],
         "tokens_seen": state["tokens"],
     }
     if peak:
         values["mfu"] = tflops_per_device / peak
-    for kind, n in bad.items():
-        values[f"skipped_samples_{kind}"] = n  # this rank's (rank 0's) breakdown
+    for kind, n in zip(BAD_SAMPLE_KINDS, bad_by_kind):
+        if n:
+            values[f"skipped_samples_{kind}"] = int(n)
     writer.write(step, values)
     return values
 
