@@ -143,6 +143,9 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     assert all(r["step"] < 40 for r in first), "run 1 must die before the end"
     consumed_files = sorted((run_dir / "consumed").glob("rank-*.tsv"))
     offsets = {p.name: p.stat().st_size for p in consumed_files}
+    # The data-stream state of every rank at step 20 (rotation deletes the folder later).
+    stream_states = [torch.load(marker.parent / f"rank-{rank:05d}.pt", weights_only=False)["data"]
+                     for rank in range(2)]
     lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
     # Run 2: --resume latest picks step 20 and runs to 40.
@@ -166,10 +169,9 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     assert "skipping bad sample (truncated)" in log.read_text()
 
     # No sample replayed, at most one shuffle buffer skipped, per rank's reader.
-    ckpt = run_dir / "checkpoints" / "step-00000020"
     cfg = SimpleNamespace(seed=0, shuffle_buffer=64)
     for rank, path in enumerate(consumed_files):
-        state = torch.load(ckpt / f"rank-{rank:05d}.pt", weights_only=False)["data"]
+        state = stream_states[rank]
         num_workers = state["num_workers"]
         pre = {k for step, k in _consumed(path) if step <= 20}
         post = {k for _, k in _consumed(path, offsets[path.name])}
@@ -178,6 +180,7 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
             stream_id = rank * num_workers + int(worker)
             read = _read_before(shards, cfg.seed, stream_id, 2 * num_workers, position)
             mine = {k for k in pre if k.startswith(f"s{stream_id}/")}
+            assert mine and {k for k in post if k.startswith(f"s{stream_id}/")}
             assert mine <= read
             assert not (post & read), "samples read before the checkpoint were trained on again"
             assert len(read - mine) <= cfg.shuffle_buffer

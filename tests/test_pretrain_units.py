@@ -304,3 +304,23 @@ def test_slurm_env_maps_ranks_and_first_host():
     assert out["RANK"] == "5" and out["WORLD_SIZE"] == "8" and out["LOCAL_RANK"] == "1"
     assert out["LOCAL_WORLD_SIZE"] == "2" and out["MASTER_ADDR"] == "gpu07"
     assert out["MASTER_PORT"] == str(15000 + 1234)
+
+
+def test_slurm_script_builds_the_rendezvous_from_the_allocation(tmp_path):
+    import subprocess
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu07\\ngpu08\\n'\n")
+    (fake / "scontrol").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "REOLM_DRY_RUN": "1"}
+    script = os.path.join(REPO, "launch", "slurm", "pretrain.sbatch")
+    out = subprocess.run(["bash", script, "--config", "c.yaml", "optim.lr=1e-4"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "--nnodes 2 --nproc-per-node 8" in out
+    assert f"--rdzv-endpoint gpu07:{15000 + 4242}" in out and "--rdzv-id 4242" in out
+    assert "run_dir=runs/pretrain-4242 --resume latest" in out and "optim.lr=1e-4" in out
+    env["REOLM_SLURM_MODE"] = "tasks"
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert "--ntasks-per-node=8" in out and "launch/pretrain.py" in out and "torch.distributed.run" not in out
