@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pre-train Reo-LM with DeepSpeed on WebDataset shards (every rank runs this script).
+r"""Pre-train Reo-LM with DeepSpeed on WebDataset shards (every rank runs this script).
 
     python launch/pretrain.py --config launch/configs/pretrain/demo.yaml             # one process
     deepspeed --num_gpus 8 launch/pretrain.py --config launch/configs/pretrain/paper.yaml \

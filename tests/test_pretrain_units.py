@@ -189,15 +189,25 @@ def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
         resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
 
 
-def test_checkpoint_save_load_with_a_real_engine(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A real (gloo) process group of one rank for DeepSpeed engines in this process.
+
+    It stays up for the rest of the session: DeepSpeed caches its groups, so a destroyed and
+    re-created group would break the next engine.
+    """
+    from reolm.train import distributed as D
+    with pytest.MonkeyPatch.context() as mp_env:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+            mp_env.setenv(key, value)
+        D.init()
+        yield
+
+
+def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     import deepspeed
 
-    from reolm.train import distributed as D
-
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(key, value)
-    D.init()
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     ds_cfg = fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json")),
@@ -225,6 +235,35 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, monkeypatch):
     assert shared["step"] == 2 and shared["world_size"] == 1
     assert torch.equal(engine.module.weight, after_two)  # weights restored
     assert engine.lr_scheduler.last_epoch == 2  # scheduler state restored
+
+
+def test_nonfinite_loss_skips_the_step_and_aborts_after_n_in_a_row(world_of_one):
+    """DeepSpeed (ZeRO-2, fp32 on CPU, clipping on) refuses a NaN gradient; the guard counts and aborts."""
+    import deepspeed
+
+    from reolm.train.trainer import NonFiniteGuard, TrainingAborted
+
+    model = torch.nn.Linear(4, 1)
+    optim = OptimConfig(micro_batch_size=2, steps=10, warmup_steps=0, grad_clip=1.0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs",
+                                                                                        "zero2.json")),
+                                                            optim, 1, "cpu"),
+                                      lr_scheduler=lr_scheduler_factory(optim))
+    guard = NonFiniteGuard(max_in_a_row=2)
+    before = engine.module.weight.detach().clone()
+    x = torch.randn(2, 4)
+    engine.backward(engine(x).sum() * float("nan"))
+    engine.step()
+    assert guard.update(engine.was_step_applied(), 1) is True  # skipped, weights untouched
+    assert torch.equal(engine.module.weight, before)
+    engine.backward(engine(x).sum())
+    engine.step()
+    assert guard.update(engine.was_step_applied(), 2) is False and guard.in_a_row == 0
+    assert not torch.equal(engine.module.weight, before)
+    guard.update(False, 3)
+    with pytest.raises(TrainingAborted, match="2 optimizer steps in a row"):
+        guard.update(False, 4)
 
 
 # ----------------------------------------------------------------------------- data stream

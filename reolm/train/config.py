@@ -21,11 +21,10 @@ class DataConfig:
                                   "('dir/train-{000000..000099}.tar') or a comma-separated list. '' = all "
                                   "train shards listed in the corpus manifest.")
     dev_shards: str = param("", "Dev shard spec (same forms); '' = the manifest's dev shards.")
-    token_table: str = param("", "Item token table folder; '' = the only tables/tokens-* folder of the corpus.")
+    token_table: str = param("", "Item token table folder; '' = the corpus' tables/tokens-<key> of the "
+                                 "backbone's tokenizer (built by `reolm tables tokens`).")
     image_table: str = param("", "Image feature table folder; '' = the only tables/images-* folder of the "
                                  "corpus, or no image features (every item uses the void image) if none.")
-    tokenizer: str = param("", "Tokenizer folder (HF format) copied into exports; '' = the model's "
-                               "backbone folder when it has one.")
     resample: bool = param(True, "Draw shards with replacement per rank and worker (OpenCLIP ResampledShards): "
                                  "the stream never ends and shards may be fewer than ranks x workers. "
                                  "false = disjoint shard subsets per rank/worker, reshuffled each pass.")
@@ -74,9 +73,8 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Pre-training objective: InfoNCE(history -> target) + mlm_weight x MLM."""
+    """Pre-training objective: InfoNCE(history -> target) at model.temperature + mlm_weight x MLM."""
 
-    temperature: float = param(0.05, "Softmax temperature of the cosine similarities.", gt=0)
     mlm_weight: float = param(0.1, "Weight of the masked-language-model loss.", ge=0)
     negatives: str = param("global", "Targets used as negatives: global = every rank's micro-batch (gathered "
                                      "with gradient), local = this rank's micro-batch only.",

@@ -38,7 +38,7 @@ from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import (DeviceAccumulator, MetricsWriter, encoder_flops_per_step, peak_device_tflops,
                                  peak_memory_gib)
 
-__all__ = ["run", "TrainingAborted", "resolve_tables", "build_model", "weight_decay_groups"]
+__all__ = ["run", "TrainingAborted", "NonFiniteGuard", "resolve_tables", "build_model", "weight_decay_groups"]
 
 log = logging.getLogger("reolm.train")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +46,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class TrainingAborted(RuntimeError):
     """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps DeepSpeed skipped for a non-finite gradient; aborts after N in a row.
+
+    DeepSpeed's ZeRO optimizers check the gradient for inf/NaN before every update (the overflow
+    check, and the invalid-norm check when clipping) and skip it; ``engine.was_step_applied()``
+    reports that without another device sync.
+    """
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+
+    def update(self, applied: bool, step: int) -> bool:
+        """Record one optimizer step; returns True when it was skipped."""
+        if applied:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, self.in_a_row)
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingAborted(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                f"{step}); aborting. Lower optim.lr, check the data, or use bf16 instead of fp16 "
+                f"(optim.precision).")
+        return True
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -421,7 +448,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     batches = _batches(loader, tracker, cfg.data.replicate_stream, info)
     val_set = _validation_set(setup)
 
-    loss_fn = PretrainLoss(cfg.loss.temperature, cfg.loss.mlm_weight, cfg.loss.negatives,
+    loss_fn = PretrainLoss(cfg.model.temperature, cfg.loss.mlm_weight, cfg.loss.negatives,
                            cfg.loss.mask_duplicate_targets)
     writer = MetricsWriter(cfg.run_dir, main, cfg.log.tensorboard)
     progress = _Progress(main and cfg.log.progress, cfg.optim.steps, state["step"])
@@ -430,7 +457,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     peak = peak_device_tflops(cfg.log.peak_tflops) if setup.precision in ("bf16", "fp16") else (
         cfg.log.peak_tflops or None)
     host = {"tokens": 0, "sum_sq": 0, "mlm_tokens": 0, "image_tokens": 0, "sequences": 0}
-    window_start, wait_time, skipped_in_a_row = time.perf_counter(), 0.0, 0
+    window_start, wait_time = time.perf_counter(), 0.0
+    guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
     last: dict[str, Any] = {}
     engine.train()
 
@@ -463,20 +491,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                         loss_mlm=parts.mlm, contrastive_correct=parts.contrastive_correct,
                         mlm_tokens=parts.mlm_tokens, mlm_correct=parts.mlm_correct)
             step += 1
-            # DeepSpeed skips the update when the gradient is non-finite (overflow check).
-            if engine.was_step_applied():
-                skipped_in_a_row = 0
-            else:
-                skipped_in_a_row += 1
+            if guard.update(engine.was_step_applied(), step):
                 state["skipped_steps"] += 1
-                if main:
-                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step,
-                                skipped_in_a_row)
-                if skipped_in_a_row >= cfg.optim.max_skipped_steps:
-                    raise TrainingAborted(
-                        f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(last at step {step}); aborting. Lower optim.lr, check the data, or use bf16 "
-                        f"instead of fp16 (optim.precision).")
             global_sequences = setup.micro * setup.accum * info.world_size
             state["samples"] += global_sequences
             progress.update(1)
