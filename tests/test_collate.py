@@ -84,8 +84,28 @@ def test_padded_layout_matches_packed_tokens():
     assert torch.equal(padded["input_ids"][padded["image_token_index"]], packed["input_ids"][packed["image_token_index"]])
     assert padded["cu_seqlens"].tolist() == [0, length, 2 * length]
     assert torch.equal(padded["seq_lengths"], packed["seq_lengths"])
-    # packed padded_index puts every token in its [B, L] grid slot
-    assert torch.equal(packed["padded_index"], torch.nonzero(real).squeeze(1))
+    assert padded["attn_groups"] == [(2 * length, 2, length)] and padded["attn_perm"] is None
+
+
+def test_attention_groups_cover_every_token_once():
+    from reolm.data.collate import attention_groups
+    lengths = np.array([5, 40, 7, 33, 100, 12, 60])
+    perm, grid, group_lengths, groups = attention_groups(lengths, ratio=0.5)
+    assert [g[1:] for g in groups] == [(2, 100), (2, 40), (2, 12), (1, 5)]  # longest first, >= half
+    assert sorted(perm.tolist()) == list(range(lengths.sum()))
+    assert group_lengths.tolist() == [100, 60, 40, 33, 12, 7, 5]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    seq_of = np.repeat(np.arange(len(lengths)), lengths)
+    pos_of = np.arange(lengths.sum()) - starts[seq_of]
+    offset = 0
+    for tokens, n, longest in groups:
+        idx, g = perm[offset:offset + tokens], grid[offset:offset + tokens]
+        assert len(set(g.tolist())) == tokens and g.max() < n * longest
+        assert (g % longest == pos_of[idx]).all()            # column = position in the sequence
+        assert len(set(zip((g // longest).tolist(), seq_of[idx].tolist()))) == n  # one row per sequence
+        offset += tokens
+    assert attention_groups(lengths, ratio=0.0)[3] == [(lengths.sum(), 7, 100)]
+    assert attention_groups(np.array([9]), ratio=0.5)[0] is None  # identity permutation is skipped
 
 
 def test_whole_word_masking_rates_and_labels():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,7 @@ def test_sdpa_matches_eager_forward_and_gradients(tmp_path, routing):
     _perturb(model)
     batch = _batch()
     assert batch["seq_lengths"].unique().numel() == 4  # different lengths
+    assert len(batch["attn_groups"]) > 1 and batch["attn_perm"] is not None  # grouped grids exercised
     ref_out, ref_grads = _forward_backward(model, batch)
     model.set_attention("sdpa")
     out, grads = _forward_backward(model, batch)
@@ -106,8 +108,8 @@ def test_backend_resolution_on_cpu():
 
 def test_varlen_backends_refuse_padded_layout():
     q = torch.zeros(4, 1, 8)
-    layout = AttentionLayout(torch.tensor([0, 2, 4], dtype=torch.int32), 2, torch.tensor([1, 2]),
-                             torch.arange(4), padded=True)
+    layout = AttentionLayout(torch.tensor([0, 2, 4], dtype=torch.int32), 2, None, torch.arange(4),
+                             torch.tensor([1, 2]), [(4, 2, 2)], padded=True)
     from reolm.model.attention import BACKENDS
     with pytest.raises(ValueError, match="needs a packed batch"):
         BACKENDS["varlen"](q, q, q, layout)
@@ -139,9 +141,10 @@ def test_attention_function_varlen_matches_eager_fp32_inputs():
     torch.manual_seed(0)
     lengths = [3, 17, 9]
     cu = torch.tensor([0, 3, 20, 29], dtype=torch.int32, device="cuda")
-    seq = torch.tensor(lengths, device="cuda")
-    index = torch.cat([torch.arange(n) + i * 17 for i, n in enumerate(lengths)]).cuda()
-    layout = AttentionLayout(cu, 17, seq, index)
+    from reolm.data.collate import attention_groups
+    perm, grid, group_lengths, groups = attention_groups(np.array(lengths), 0.5)
+    layout = AttentionLayout(cu, 17, torch.from_numpy(perm).cuda(), torch.from_numpy(grid).cuda(),
+                             torch.from_numpy(group_lengths).cuda(), groups)
     q, k, v = (torch.randn(29, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = attention(q, k, v, layout, "eager")
     assert torch.allclose(attention(q, k, v, layout, "varlen").float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -57,8 +57,36 @@ class _Seq:
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray | None, np.ndarray, np.ndarray,
+                                                                  list[tuple[int, int, int]]]:
+    """Group sequences by length for the grid-based attention backends (eager, sdpa).
+
+    Sequences sorted longest first; a new group starts when a sequence is shorter than ``ratio`` x
+    its group's longest (``ratio = 0``: one group, everything padded to the longest).  Returns the
+    stream permutation making groups contiguous (None if identity), each permuted token's slot in
+    its group's ``[n, L]`` grid, the lengths in group order and per group (tokens, n, L).
+    """
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    order = np.argsort(-lengths, kind="stable")
+    groups: list[list[int]] = []
+    for s in order:
+        if not groups or lengths[s] < ratio * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(int(s))
+    perm, grid, shapes = [], [], []
+    for members in groups:
+        longest = int(lengths[members[0]])
+        for local, s in enumerate(members):
+            perm.append(np.arange(starts[s], starts[s] + lengths[s]))
+            grid.append(local * longest + np.arange(lengths[s]))
+        shapes.append((int(lengths[members].sum()), len(members), longest))
+    perm_arr = np.concatenate(perm).astype(np.int64)
+    identity = bool((perm_arr == np.arange(len(perm_arr))).all())
+    return (None if identity else perm_arr), np.concatenate(grid).astype(np.int64), lengths[order], shapes
+
+
 def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
-              pad_type_id: int) -> dict[str, Any]:
+              pad_type_id: int, bucket_ratio: float = 0.5) -> dict[str, Any]:
     """Concatenate sequences into a packed (or padded) stream with all metadata as tensors."""
     if not seqs:
         raise ValueError("cannot collate an empty batch")
@@ -90,10 +118,11 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         positions = np.tile(np.arange(max_len), b)
         seq_index = np.repeat(np.arange(b), max_len)
         image_slots = grid_index[image_slots]
-        grid_index = np.arange(total)
         cu = np.arange(b + 1) * max_len
+        perm, attn_grid, attn_lengths, groups = None, np.arange(total), lengths, [(total, b, max_len)]
     else:
         cu = np.concatenate([[0], np.cumsum(lengths)])
+        perm, attn_grid, attn_lengths, groups = attention_groups(lengths, bucket_ratio)
 
     if images is not None and len(image_items):
         feats = torch.from_numpy(np.ascontiguousarray(images.features[image_items]))
@@ -113,8 +142,11 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         "max_seqlen": max_len,
         "seq_lengths": t(lengths),
         "token_seq_index": t(seq_index.astype(np.int64)),
-        "padded_index": t(grid_index.astype(np.int64)),
         "layout": layout,
+        "attn_perm": None if perm is None else t(perm),
+        "attn_grid_index": t(attn_grid.astype(np.int64)),
+        "attn_seq_lengths": t(np.ascontiguousarray(attn_lengths, dtype=np.int64)),
+        "attn_groups": groups,
         "seq_domains": torch.tensor([s.domain for s in seqs], dtype=torch.int64),
         "seq_num_items": torch.tensor([s.num_items for s in seqs], dtype=torch.int64),
         "image_token_index": t(image_slots),
@@ -137,7 +169,8 @@ def _scatter(values: np.ndarray, index: np.ndarray, total: int, fill: int) -> np
 def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None = None,
                          item_position_ids: Sequence[Sequence[int]] | None = None,
                          domains: Sequence[int] | None = None, layout: str = "packed",
-                         pad_token_id: int = 0, pad_type_id: int = 0) -> dict[str, Any]:
+                         pad_token_id: int = 0, pad_type_id: int = 0, bucket_ratio: float = 0.5
+                         ) -> dict[str, Any]:
     """Pack plain token sequences (no items, no image tokens, no MLM) into a model batch.
 
     For encoding arbitrary text and for tests; types and item positions default to 0.
@@ -151,7 +184,7 @@ def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Seq
                          item_pos=np.asarray(item_position_ids[i], np.int64) if item_position_ids else zeros,
                          word_starts=np.zeros(len(ids), bool), image_slots=np.zeros(0, np.int64),
                          image_items=np.zeros(0, np.int64), domain=int(domains[i]) if domains else 0))
-    return _assemble(seqs, None, layout, pad_token_id, pad_type_id)
+    return _assemble(seqs, None, layout, pad_token_id, pad_type_id, bucket_ratio)
 
 
 class PackedCollator:
@@ -165,7 +198,7 @@ class PackedCollator:
                  mask_token_id: int, pad_token_id: int, vocab_size: int, num_attributes: int,
                  max_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
                  mask_targets: bool = False, num_domains: int | None = None, layout: str = "packed",
-                 seed: int | None = None):
+                 bucket_ratio: float = 0.5, seed: int | None = None):
         if images is not None and len(images) != len(tokens):
             raise ValueError(f"image table has {len(images)} rows but the token table has {len(tokens)} items")
         if tokens.num_attributes and tokens.num_attributes != num_attributes:
@@ -180,6 +213,7 @@ class PackedCollator:
         self.max_items, self.max_tokens = max_items, max_tokens
         self.mlm_probability, self.mask_targets = mlm_probability, mask_targets
         self.num_domains, self.layout, self.seed = num_domains, layout, seed
+        self.bucket_ratio = bucket_ratio
         self._offsets = np.asarray(tokens.offsets)
         self._rng: np.random.Generator | None = None
 
@@ -190,7 +224,8 @@ class PackedCollator:
         kwargs = dict(cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id,
                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                       num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
-                      mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters)
+                      mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters,
+                      bucket_ratio=cfg.attention_bucket_ratio)
         kwargs.update(overrides)
         return cls(tokens, images, **kwargs)
 
@@ -296,7 +331,7 @@ class PackedCollator:
         return self._assemble([self.build_sequence([int(i)], d, mlm) for i, d in zip(items, domains)])
 
     def _assemble(self, seqs: list[_Seq]) -> dict[str, Any]:
-        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id)
+        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id, self.bucket_ratio)
 
 
 def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:

@@ -485,7 +485,7 @@ class ReoLM(nn.Module):
         if self.config.pooling == "cls":
             return hidden.index_select(0, layout.cu_seqlens[:-1].long())
         real = (batch["token_type_ids"] != self.config.pad_type_id).to(hidden.dtype)
-        weight = real / layout.seq_lengths.index_select(0, batch["token_seq_index"]).to(hidden.dtype)
+        weight = real / batch["seq_lengths"].index_select(0, batch["token_seq_index"]).to(hidden.dtype)
         pooled = hidden.new_zeros(layout.num_sequences, hidden.shape[1])
         return pooled.index_add(0, batch["token_seq_index"], hidden * weight[:, None])
 
