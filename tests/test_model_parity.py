@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reolm.data.collate import pack_token_sequences
+from reolm.data.collate import pack_token_sequences, split_sequences
 from reolm.model import CheckpointError, ReoLM
 from tiny_models import save_tiny_checkpoint, tiny_model_config
 
@@ -30,10 +30,7 @@ def _ours(model, seqs, layout):
     pad = model.backbone_config.pad_token_id
     batch = pack_token_sequences(seqs, layout=layout, pad_token_id=pad, pad_type_id=model.config.pad_type_id)
     with torch.no_grad():
-        hidden = model(batch).hidden
-    if layout == "padded":  # keep the real tokens, in stream order
-        hidden = hidden[batch["token_type_ids"] != model.config.pad_type_id]
-    return hidden
+        return torch.cat(split_sequences(model(batch).hidden, batch))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])

@@ -28,7 +28,8 @@ import torch
 
 from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
 
-__all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "IGNORE_INDEX"]
+__all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "split_sequences",
+           "attention_groups", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 CLS_TYPE = 0
@@ -57,72 +58,74 @@ class _Seq:
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray | None, np.ndarray, np.ndarray,
-                                                                  list[tuple[int, int, int]]]:
-    """Group sequences by length for the grid-based attention backends (eager, sdpa).
+def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Split a stream of sequences sorted longest first into groups for eager/sdpa attention.
 
-    Sequences sorted longest first; a new group starts when a sequence is shorter than ``ratio`` x
-    its group's longest (``ratio = 0``: one group, everything padded to the longest).  Returns the
-    stream permutation making groups contiguous (None if identity), each permuted token's slot in
-    its group's ``[n, L]`` grid, the lengths in group order and per group (tokens, n, L).
+    A new group starts when a sequence is shorter than ``ratio`` x its group's longest (``ratio = 0``:
+    one group, everything padded to the longest).  Returns each token's slot in its group's
+    ``[n, L]`` grid and per group (tokens, n, L) as Python ints.
     """
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    order = np.argsort(-lengths, kind="stable")
-    groups: list[list[int]] = []
-    for s in order:
-        if not groups or lengths[s] < ratio * lengths[groups[-1][0]]:
-            groups.append([])
-        groups[-1].append(int(s))
-    perm, grid, shapes = [], [], []
-    for members in groups:
-        longest = int(lengths[members[0]])
-        for local, s in enumerate(members):
-            perm.append(np.arange(starts[s], starts[s] + lengths[s]))
-            grid.append(local * longest + np.arange(lengths[s]))
-        shapes.append((int(lengths[members].sum()), len(members), longest))
-    perm_arr = np.concatenate(perm).astype(np.int64)
-    identity = bool((perm_arr == np.arange(len(perm_arr))).all())
-    return (None if identity else perm_arr), np.concatenate(grid).astype(np.int64), lengths[order], shapes
+    if np.any(np.diff(lengths) > 0):
+        raise ValueError("attention_groups needs lengths sorted longest first")
+    grid, shapes = [], []
+    first = 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] < ratio * lengths[first]:
+            members, longest = lengths[first:i], int(lengths[first])
+            grid += [local * longest + np.arange(n) for local, n in enumerate(members)]
+            shapes.append((int(members.sum()), len(members), longest))
+            first = i
+    return np.concatenate(grid).astype(np.int64), shapes
 
 
 def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
               pad_type_id: int, bucket_ratio: float = 0.5) -> dict[str, Any]:
-    """Concatenate sequences into a packed (or padded) stream with all metadata as tensors."""
+    """Concatenate sequences into a packed (or padded) stream with all metadata as tensors.
+
+    Packed streams hold the sequences longest first, so the length groups of the grid-based
+    attention backends are contiguous; ``token_seq_index`` and ``seq_cls_index`` map back to the
+    examples, and every per-sequence field is in example order.
+    """
     if not seqs:
         raise ValueError("cannot collate an empty batch")
     if layout not in ("packed", "padded"):
         raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
     lengths = np.array([len(s.ids) for s in seqs], dtype=np.int64)
     b, max_len = len(seqs), int(lengths.max())
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    seq_index = np.repeat(np.arange(b), lengths)
-    positions = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-    grid_index = seq_index * max_len + positions
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(s, name) for s in seqs])
-
-    ids, types, item_pos = cat("ids"), cat("types"), cat("item_pos")
-    labels = np.concatenate([s.labels if len(s.labels) else np.full(len(s.ids), IGNORE_INDEX, np.int64)
-                             for s in seqs])
-    image_slots = np.concatenate([s.image_slots + st for s, st in zip(seqs, starts)]).astype(np.int64)
-    image_items = cat("image_items").astype(np.int64)
-
+    order = np.argsort(-lengths, kind="stable") if layout == "packed" else np.arange(b)
+    stream = [seqs[i] for i in order]
+    stream_lengths = lengths[order]
     if layout == "padded":
-        # Every sequence owns max_len slots: scatter into the grid and remap stream indices.
-        total = b * max_len
-        ids = _scatter(ids, grid_index, total, pad_token_id)
-        types = _scatter(types, grid_index, total, pad_type_id)
-        item_pos = _scatter(item_pos, grid_index, total, 0)
-        labels = _scatter(labels, grid_index, total, IGNORE_INDEX)
-        positions = np.tile(np.arange(max_len), b)
-        seq_index = np.repeat(np.arange(b), max_len)
-        image_slots = grid_index[image_slots]
-        cu = np.arange(b + 1) * max_len
-        perm, attn_grid, attn_lengths, groups = None, np.arange(total), lengths, [(total, b, max_len)]
+        slot_lengths = np.full(b, max_len, dtype=np.int64)  # every sequence owns max_len slots
     else:
-        cu = np.concatenate([[0], np.cumsum(lengths)])
-        perm, attn_grid, attn_lengths, groups = attention_groups(lengths, bucket_ratio)
+        slot_lengths = stream_lengths
+    starts = np.concatenate([[0], np.cumsum(slot_lengths)[:-1]])
+    total = int(slot_lengths.sum())
+
+    # Position of every real token in the stream, then scatter the per-token arrays there.
+    real_slot = np.concatenate([st + np.arange(n) for st, n in zip(starts, stream_lengths)])
+
+    def stream_array(name: str, fill: int) -> np.ndarray:
+        out = np.full(total, fill, dtype=np.int64)
+        out[real_slot] = np.concatenate([getattr(s, name) for s in stream])
+        return out
+
+    for s in stream:
+        if not len(s.labels):
+            s.labels = np.full(len(s.ids), IGNORE_INDEX, np.int64)
+    ids, types = stream_array("ids", pad_token_id), stream_array("types", pad_type_id)
+    item_pos, labels = stream_array("item_pos", 0), stream_array("labels", IGNORE_INDEX)
+    positions = np.arange(total) - np.repeat(starts, slot_lengths)
+    seq_index = np.repeat(order, slot_lengths)
+    cls_index = np.empty(b, dtype=np.int64)
+    cls_index[order] = starts
+    image_slots = np.concatenate([s.image_slots + st for s, st in zip(stream, starts)]).astype(np.int64)
+    image_items = np.concatenate([s.image_items for s in stream]).astype(np.int64)
+    cu = np.concatenate([[0], np.cumsum(slot_lengths)])
+    if layout == "padded":
+        attn_grid, groups = np.arange(total), [(total, b, max_len)]
+    else:
+        attn_grid, groups = attention_groups(stream_lengths, bucket_ratio)
 
     if images is not None and len(image_items):
         feats = torch.from_numpy(np.ascontiguousarray(images.features[image_items]))
@@ -134,18 +137,18 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
 
     t = torch.from_numpy
     return {
-        "input_ids": t(ids.astype(np.int64)),
-        "token_type_ids": t(types.astype(np.int64)),
+        "input_ids": t(ids),
+        "token_type_ids": t(types),
         "position_ids": t(positions.astype(np.int64)),
-        "item_position_ids": t(item_pos.astype(np.int64)),
+        "item_position_ids": t(item_pos),
         "cu_seqlens": t(cu.astype(np.int32)),
         "max_seqlen": max_len,
-        "seq_lengths": t(lengths),
-        "token_seq_index": t(seq_index.astype(np.int64)),
         "layout": layout,
-        "attn_perm": None if perm is None else t(perm),
+        "token_seq_index": t(seq_index.astype(np.int64)),
+        "seq_cls_index": t(cls_index),
+        "seq_lengths": t(lengths),
+        "stream_seq_lengths": t(np.ascontiguousarray(stream_lengths)),
         "attn_grid_index": t(attn_grid.astype(np.int64)),
-        "attn_seq_lengths": t(np.ascontiguousarray(attn_lengths, dtype=np.int64)),
         "attn_groups": groups,
         "seq_domains": torch.tensor([s.domain for s in seqs], dtype=torch.int64),
         "seq_num_items": torch.tensor([s.num_items for s in seqs], dtype=torch.int64),
@@ -153,17 +156,11 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         "image_item_index": t(image_items),
         "image_features": feats,
         "image_present": present,
-        "mlm_labels": t(labels.astype(np.int64)),
+        "mlm_labels": t(labels),
         "mlm_positions": t(np.flatnonzero(labels != IGNORE_INDEX).astype(np.int64)),
-        "num_tokens": int(len(ids)),
+        "num_tokens": total,
         "num_real_tokens": int(lengths.sum()),
     }
-
-
-def _scatter(values: np.ndarray, index: np.ndarray, total: int, fill: int) -> np.ndarray:
-    out = np.full(total, fill, dtype=values.dtype)
-    out[index] = values
-    return out
 
 
 def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None = None,
@@ -343,3 +340,10 @@ def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_batch(v, device, non_blocking) for v in batch)
     return batch
+
+
+def split_sequences(stream: torch.Tensor, batch: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Per-token values of a stream (e.g. ``EncoderOutput.hidden``) cut into one tensor per example,
+    in example order, real tokens only.  For inspection and tests: it syncs with the host."""
+    starts = batch["seq_cls_index"].tolist()
+    return [stream[start:start + n] for start, n in zip(starts, batch["seq_lengths"].tolist())]

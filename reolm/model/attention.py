@@ -13,12 +13,12 @@ The encoder works on a flat token stream ``[T, heads, head_dim]``.  An
   ``sdpa`` accept it.  Used by benchmarks and the HF parity tests.
 
 ``eager`` and ``sdpa`` need rectangular ``[n, heads, L, head_dim]`` grids.  To
-keep padding small there too, the collator sorts the sequences by length into
-a few **attention groups** (a new group starts when a sequence is shorter than
-``bucket_ratio`` x the group's longest), and precomputes on CPU the stream
-permutation that makes each group contiguous (``attn_perm``), every token's
-slot in its group's grid (``attn_grid_index``) and the groups' shapes (Python
-ints), so the forward never syncs with the host.  Backends are plain
+keep padding small there too, the collator packs sequences longest first and
+splits them into a few contiguous **attention groups** (a new group starts
+when a sequence is shorter than ``bucket_ratio`` x the group's longest); it
+precomputes on CPU every token's slot in its group's grid
+(``attn_grid_index``) and the groups' shapes (Python ints), so the forward
+never syncs with the host and only groups with padding need a scatter.  Backends are plain
 functions registered in ``BACKENDS``; pick one with :func:`resolve_backend`
 (``auto`` = flash if importable on CUDA, else varlen on CUDA, else sdpa).
 """
@@ -44,10 +44,9 @@ class AttentionLayout:
 
     cu_seqlens: torch.Tensor          # int32 [B + 1]: start of each sequence's slots, then the end
     max_seqlen: int                   # longest sequence (packed) / slots per sequence (padded)
-    perm: torch.Tensor | None         # int64 [T]: stream order grouped for eager/sdpa (None = as is)
-    grid_index: torch.Tensor          # int64 [T]: slot of each (permuted) token in its group's grid
-    group_seq_lengths: torch.Tensor   # int64 [B]: real lengths of the sequences, in group order
-    groups: Sequence[Sequence[int]]   # per group (tokens, sequences, max length), Python ints
+    grid_index: torch.Tensor          # int64 [T]: slot of each token in its group's [n, L] grid
+    seq_lengths: torch.Tensor         # int64 [B]: real lengths of the sequences, in stream order
+    groups: Sequence[Sequence[int]]   # per group (tokens, sequences, longest), Python ints
     padded: bool = False              # the stream already is one [B * max_seqlen] grid
 
     @property
@@ -56,9 +55,8 @@ class AttentionLayout:
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, object]) -> "AttentionLayout":
-        return cls(batch["cu_seqlens"], int(batch["max_seqlen"]), batch["attn_perm"],
-                   batch["attn_grid_index"], batch["attn_seq_lengths"], batch["attn_groups"],
-                   batch.get("layout", "packed") == "padded")
+        return cls(batch["cu_seqlens"], int(batch["max_seqlen"]), batch["attn_grid_index"],
+                   batch["stream_seq_lengths"], batch["attn_groups"], batch.get("layout", "packed") == "padded")
 
 
 # ----------------------------------------------------------------------------- grouped-grid helpers
@@ -69,28 +67,22 @@ GridFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
               grid_fn: GridFn) -> torch.Tensor:
     """Run ``grid_fn(q, k, v, key_mask)`` on each group's ``[n, h, L, d]`` grid; back to ``[T, h, d]``."""
-    if layout.perm is not None:
-        q, k, v = (t.index_select(0, layout.perm) for t in (q, k, v))
+    qkv = torch.stack((q, k, v), dim=1)                                          # [T, 3, h, d]
     sizes = [g[0] for g in layout.groups]
     outs = []
-    for (tokens, n, length), qs, ks, vs, idx, lens in zip(
-            layout.groups, q.split(sizes), k.split(sizes), v.split(sizes), layout.grid_index.split(sizes),
-            layout.group_seq_lengths.split([g[1] for g in layout.groups])):
+    for (tokens, n, length), part, idx, lens in zip(layout.groups, qkv.split(sizes),
+                                                    layout.grid_index.split(sizes),
+                                                    layout.seq_lengths.split([g[1] for g in layout.groups])):
         dense = layout.padded or tokens == n * length  # no padding slot in this grid
-
-        def to_grid(t: torch.Tensor) -> torch.Tensor:
-            grid = t if dense else t.new_zeros((n * length,) + tuple(t.shape[1:])).index_copy(0, idx, t)
-            return grid.view(n, length, *t.shape[1:]).transpose(1, 2)
-
+        if not dense:
+            part = part.new_zeros((n * length,) + tuple(part.shape[1:])).index_copy(0, idx, part)
+        grid = part.view(n, length, *part.shape[1:]).permute(2, 0, 3, 1, 4)      # [3, n, h, L, d]
         slots = torch.arange(length, device=q.device)
         mask = (slots[None, :] < lens[:, None]).view(n, 1, 1, length)
-        out = grid_fn(to_grid(qs), to_grid(ks), to_grid(vs), mask)           # [n, h, L, d]
-        out = out.transpose(1, 2).reshape(n * length, *qs.shape[1:])
+        out = grid_fn(grid[0], grid[1], grid[2], mask)                           # [n, h, L, d]
+        out = out.transpose(1, 2).reshape(n * length, *q.shape[1:])
         outs.append(out if dense else out.index_select(0, idx))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    if layout.perm is not None:
-        out = torch.zeros_like(out).index_copy(0, layout.perm, out)
-    return out
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # ----------------------------------------------------------------------------- backends

@@ -207,6 +207,7 @@ class Layer(nn.Module):
         proj = self.attention.self
         heads = self.attention.heads
         shape = (x.shape[0], heads, x.shape[1] // heads)
+        # Separate module calls (not one fused matmul): ZeRO-3 gathers weights per module forward.
         q, k, v = (p(x).view(shape) for p in (proj.query, proj.key, proj.value))
         ctx = BACKENDS[backend](q, k, v, layout, self.attn_dropout, self.training)
         h = self.attention.output(ctx.reshape(x.shape), x)
@@ -483,10 +484,10 @@ class ReoLM(nn.Module):
     def pool(self, hidden: torch.Tensor, batch: Mapping[str, Any], layout: AttentionLayout) -> torch.Tensor:
         """[CLS] output or the mean over real tokens, one vector per sequence."""
         if self.config.pooling == "cls":
-            return hidden.index_select(0, layout.cu_seqlens[:-1].long())
+            return hidden.index_select(0, batch["seq_cls_index"])
         real = (batch["token_type_ids"] != self.config.pad_type_id).to(hidden.dtype)
         weight = real / batch["seq_lengths"].index_select(0, batch["token_seq_index"]).to(hidden.dtype)
-        pooled = hidden.new_zeros(layout.num_sequences, hidden.shape[1])
+        pooled = hidden.new_zeros(batch["seq_lengths"].shape[0], hidden.shape[1])
         return pooled.index_add(0, batch["token_seq_index"], hidden * weight[:, None])
 
     def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
