@@ -26,7 +26,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine(device: str = "cpu") -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -41,7 +42,7 @@ def save_random_roberta(directory: Path, layers: int, hidden: int, heads: int, v
     cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=4 * hidden, max_position_embeddings=max_positions, pad_token_id=1,
                         bos_token_id=0, eos_token_id=2, type_vocab_size=1)
-    RobertaModel(cfg).save_pretrained(str(directory))
+    RobertaModel(cfg, add_pooling_layer=False).save_pretrained(str(directory))
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     BertTokenizer(vocab={t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab - 5)])}
                   ).save_pretrained(str(directory))
@@ -73,11 +74,8 @@ def synthetic_examples(batch_size: int, num_items: int, num_domains: int, seed: 
                             int(rng.integers(0, num_domains))) for n in counts]
 
 
-def collator(tokens: ItemTokenTable, images: ImageFeatureTable, cfg: ModelConfig, layout: str,
-             vocab: int) -> PackedCollator:
-    return PackedCollator(tokens, images, cls_token_id=2, mask_token_id=4, pad_token_id=1, vocab_size=vocab,
-                          num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
-                          mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters, layout=layout, seed=0)
+def collator(tokens: ItemTokenTable, images: ImageFeatureTable, model: Any, layout: str) -> PackedCollator:
+    return PackedCollator.from_config(tokens, images, model.tokenizer, model.config, layout=layout, seed=0)
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

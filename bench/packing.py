@@ -21,6 +21,7 @@ import torch
 
 from common import (collator, machine, save_random_roberta, synthetic_examples, synthetic_tables,
                     training_loss, write_result)
+from reolm.data.collate import split_sequences
 from reolm.model import ModelConfig, ReoLM
 
 VOCAB = 8192
@@ -35,15 +36,20 @@ def step_seconds(model: ReoLM, batch: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+    parser.add_argument("--batch-size", type=int, default=12, help="sequences per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per layout (after one warm-up)")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--bucket-ratio", type=float, default=ModelConfig.attention_bucket_ratio,
+                        help="attention length-group ratio of the packed layout (0 = one padded grid)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 = least disturbed by other work on a shared machine)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write the JSON")
     args = parser.parse_args(argv)
 
-    cfg = ModelConfig(attention="sdpa", num_adapters=8, adapter_rank=16, image_feature_dim=64,
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig(attention="sdpa", attention_bucket_ratio=args.bucket_ratio, num_adapters=8, adapter_rank=16, image_feature_dim=64,
                       max_tokens=args.max_tokens, hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         model = ReoLM.from_backbone(tmp, cfg).train()
     tokens, images = synthetic_tables(5000, VOCAB, cfg.image_feature_dim)
     examples = synthetic_examples(args.batch_size, len(tokens), cfg.num_adapters)
-    batches = {layout: collator(tokens, images, cfg, layout, VOCAB)(examples) for layout in ("packed", "padded")}
-    padded_hist = batches["padded"]["history"]
-    real = padded_hist["token_type_ids"] != cfg.pad_type_id
-    assert torch.equal(batches["packed"]["history"]["input_ids"], padded_hist["input_ids"][real])
+    batches = {layout: collator(tokens, images, model, layout)(examples) for layout in ("packed", "padded")}
+    same = [torch.equal(a, b) for a, b in zip(*(split_sequences(batches[k]["history"]["input_ids"],
+                                                              batches[k]["history"]) for k in batches))]
+    assert all(same), "packed and padded batches must hold the same sequences"
 
     times: dict[str, list[float]] = {"packed": [], "padded": []}
     for layout in times:  # warm-up
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "history_tokens_padded": batches["padded"]["history"]["num_tokens"],
         "max_seqlen": hist["max_seqlen"],
         "model": f"L{args.layers} H{args.hidden} A8 r16, vocab {VOCAB}, attention sdpa, fp32",
+        "attention_groups_packed": hist["attn_groups"],
         "repeats": args.repeats,
     }
     result = {"machine": machine(), "batch": batch_info, "packed_seconds": round(packed, 4),
