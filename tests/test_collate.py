@@ -166,3 +166,25 @@ def test_bad_inputs_raise_clear_errors():
         col([SequenceExample([1, 7], None, 0)])
     with pytest.raises(ValueError, match="every example"):
         col([SequenceExample([1], 2, 0), SequenceExample([1], None, 0)])
+
+
+def test_empty_history_and_dataloader_workers():
+    tokens, images = tiny_tables(num_items=10)
+    col = tiny_collator(tokens, images, seed=5)
+    batch = col([SequenceExample([], 3, 0), SequenceExample([1, 2], 4, 1)])["history"]
+    assert split_sequences(batch["input_ids"], batch)[0].tolist() == [CLS]
+    assert batch["seq_num_items"].tolist() == [0, 2]
+    # In DataLoader workers: every worker gets its own generator, reproducible given the seed.
+    examples = [SequenceExample(list(range(i, i + 5)), None, 0) for i in range(5)] * 4
+    loader = torch.utils.data.DataLoader(examples, batch_size=5, num_workers=2, collate_fn=col)
+
+    def epoch():
+        return [b["history"]["mlm_labels"] for b in loader]
+
+    torch.manual_seed(0)  # the DataLoader draws the workers' seeds from it
+    first, next_epoch = epoch(), epoch()
+    torch.manual_seed(0)
+    again = epoch()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # workers 0 and 1 mask the same examples differently
+    assert not torch.equal(first[0], next_epoch[0])  # and differently every epoch

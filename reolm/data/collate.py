@@ -20,6 +20,7 @@ first), the target item index or ``None``, and the sequence's domain index
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -213,6 +214,7 @@ class PackedCollator:
         self.bucket_ratio = bucket_ratio
         self._offsets = np.asarray(tokens.offsets)
         self._rng: np.random.Generator | None = None
+        self._rng_owner: tuple[int, int | None] | None = None
 
     @classmethod
     def from_config(cls, tokens: ItemTokenTable, images: ImageFeatureTable | None, tokenizer: Any, cfg: Any,
@@ -229,12 +231,19 @@ class PackedCollator:
     # ------------------------------------------------------------------ randomness
     @property
     def rng(self) -> np.random.Generator:
-        """Per-process generator: distinct in every DataLoader worker, reproducible with ``seed``."""
-        if self._rng is None:
-            info = torch.utils.data.get_worker_info()
-            worker = info.id if info is not None else 0
-            base = self.seed if self.seed is not None else torch.initial_seed() % 2**63
-            self._rng = np.random.default_rng([base, worker])
+        """Generator of the current process: in a DataLoader worker it is seeded from the worker's
+        seed (which torch draws anew each epoch from the main process's RNG, so masks differ per
+        worker and epoch yet repeat with ``torch.manual_seed``); in the main process from ``seed``
+        (or ``torch.initial_seed()``)."""
+        info = torch.utils.data.get_worker_info()
+        owner = (os.getpid(), info.seed if info is not None else None)
+        if self._rng is None or self._rng_owner != owner:
+            if info is not None:
+                key = [self.seed or 0, info.seed % 2**63]
+            else:
+                key = [self.seed] if self.seed is not None else [0, torch.initial_seed() % 2**63]
+            self._rng = np.random.default_rng(key)
+            self._rng_owner = owner
         return self._rng
 
     # ------------------------------------------------------------------ sequence building
