@@ -102,6 +102,9 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
 
 def test_backend_resolution_on_cpu():
     assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"  # fused varlen kernels need fp16/bf16
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        resolve_backend("varlen", "cuda", torch.float32)
     assert resolve_backend("eager", "cpu") == "eager"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("varlen", "cpu")
@@ -150,3 +153,20 @@ def test_attention_function_varlen_matches_eager_fp32_inputs():
     q, k, v = (torch.randn(29, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = attention(q, k, v, layout, "eager")
     assert torch.allclose(attention(q, k, v, layout, "varlen").float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_on_cpu_close_to_fp32_with_fp32_losses(tmp_path):
+    model = tiny_reolm(tmp_path, attention="sdpa").train()
+    _perturb(model)
+    batch = _batch()
+    ref = model(batch)
+    ref_loss = model.mlm_loss(ref, batch)
+    model = model.to(torch.bfloat16)
+    out = model(batch)
+    loss = model.mlm_loss(out, batch)
+    assert out.hidden.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert model.score(out.pooled, out.pooled).dtype == torch.float32
+    assert torch.allclose(out.hidden.float(), ref.hidden, atol=0.1, rtol=0.05)
+    assert abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

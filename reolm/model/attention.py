@@ -180,23 +180,32 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """The concrete backend for ``name`` on ``device`` (``auto`` picks the fastest available)."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``name`` on ``device`` (``auto`` picks the fastest available).
+
+    The varlen kernels (flash, varlen) need CUDA and fp16/bf16 activations; ``auto`` falls back to
+    sdpa otherwise, an explicit choice raises.
+    """
     device = torch.device(device)
+    fused_ok = device.type == "cuda" and (dtype is None or dtype in _HALF)
     if name == "auto":
-        if device.type == "cuda" and _flash_fn() is not None:
+        if fused_ok and _flash_fn() is not None:
             return "flash"
-        if device.type == "cuda" and _varlen_fn() is not None:
+        if fused_ok and _varlen_fn() is not None:
             return "varlen"
         return "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    if name in ("varlen", "flash") and device.type != "cuda":
-        raise ValueError(f"attention backend {name!r} needs CUDA (got device {device}); use sdpa or auto")
+    if name in ("varlen", "flash") and not fused_ok:
+        raise ValueError(f"attention backend {name!r} needs CUDA and fp16/bf16 (got {device}, {dtype}); "
+                         f"use sdpa or auto")
     return name
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
               backend: str = "auto", dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Bidirectional attention within each sequence of the stream; q/k/v and result ``[T, h, d]``."""
-    return BACKENDS[resolve_backend(backend, q.device)](q, k, v, layout, dropout_p, training)
+    return BACKENDS[resolve_backend(backend, q.device, q.dtype)](q, k, v, layout, dropout_p, training)

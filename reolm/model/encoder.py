@@ -454,19 +454,21 @@ class ReoLM(nn.Module):
     def set_attention(self, backend: str) -> None:
         """Switch the attention backend (``auto``, ``eager``, ``sdpa``, ``varlen``, ``flash``)."""
         resolve_backend(backend, "cuda" if backend in ("varlen", "flash") else "cpu")  # validates the name
+        self._backend_cache.clear()
         self.config = dataclasses.replace(self.config, attention=backend)
 
-    def attention_backend(self, device: torch.device) -> str:
-        key = f"{self.config.attention}@{device.type}"
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend this forward uses (``auto`` resolved for the device and dtype, cached)."""
+        key = f"{self.config.attention}@{device.type}/{dtype}"
         if key not in self._backend_cache:
-            self._backend_cache[key] = resolve_backend(self.config.attention, device)
+            self._backend_cache[key] = resolve_backend(self.config.attention, device, dtype)
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Mapping[str, Any]) -> EncoderOutput:
         """Encode a packed (or padded) batch; see docs/model.md for its fields."""
         layout = AttentionLayout.from_batch(batch)
-        backend = self.attention_backend(batch["input_ids"].device)
+        backend = self.attention_backend(batch["input_ids"].device, self.embeddings.LayerNorm.weight.dtype)
         token_domains = None
         if self.config.top_routing == "domain":
             token_domains = batch["seq_domains"].index_select(0, batch["token_seq_index"])
