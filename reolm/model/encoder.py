@@ -277,10 +277,8 @@ class ReoLM(nn.Module):
         self.lm_head = LMHead(backbone, self.embeddings.word_embeddings)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self._backend_cache: dict[str, str] = {}
+        self.attention_dropout = attn_dropout
         self.reset_parameters()
-        if attn_dropout > 0 and cfg.attention in ("varlen",):
-            log.warning("attention=varlen has no attention dropout; attention_dropout=%s is ignored",
-                        attn_dropout)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -307,9 +305,8 @@ class ReoLM(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.embeddings.void_image, std=std)
             nn.init.zeros_(self.embeddings.item_position_embeddings.weight)
-            self.embeddings.token_type_embeddings.weight.copy_(
-                self.embeddings.token_type_embeddings.weight[0].expand_as(
-                    self.embeddings.token_type_embeddings.weight))
+            types = self.embeddings.token_type_embeddings.weight
+            types.copy_(types[0].clone().expand_as(types))
             for layer in self.encoder.layer:
                 nn.init.zeros_(layer.adapter.up_weight)
                 nn.init.zeros_(layer.adapter.up_bias)
@@ -461,7 +458,11 @@ class ReoLM(nn.Module):
         """The backend this forward uses (``auto`` resolved for the device and dtype, cached)."""
         key = f"{self.config.attention}@{device.type}/{dtype}"
         if key not in self._backend_cache:
-            self._backend_cache[key] = resolve_backend(self.config.attention, device, dtype)
+            backend = resolve_backend(self.config.attention, device, dtype)
+            if backend == "varlen" and self.attention_dropout > 0:
+                log.warning("the varlen attention backend has no attention dropout; attention_dropout=%s "
+                            "is not applied (use flash or sdpa to keep it)", self.attention_dropout)
+            self._backend_cache[key] = backend
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward
