@@ -61,27 +61,33 @@ class AttentionLayout:
 
 # ----------------------------------------------------------------------------- grouped-grid helpers
 
-GridFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GridFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
               grid_fn: GridFn) -> torch.Tensor:
-    """Run ``grid_fn(q, k, v, key_mask)`` on each group's ``[n, h, L, d]`` grid; back to ``[T, h, d]``."""
+    """Run ``grid_fn(q, k, v, key_mask)`` on each group's ``[n, h, L, d]`` grid; back to ``[T, h, d]``.
+
+    ``key_mask`` (bool ``[n, 1, 1, L]``, True = real key) is None for a group without padding, so
+    SDPA can pick its fused kernels there.
+    """
     qkv = torch.stack((q, k, v), dim=1)                                          # [T, 3, h, d]
     sizes = [g[0] for g in layout.groups]
     outs = []
     for (tokens, n, length), part, idx, lens in zip(layout.groups, qkv.split(sizes),
                                                     layout.grid_index.split(sizes),
                                                     layout.seq_lengths.split([g[1] for g in layout.groups])):
-        dense = layout.padded or tokens == n * length  # no padding slot in this grid
-        if not dense:
+        full = tokens == n * length           # every slot holds a real token: no scatter, no mask
+        if not (full or layout.padded):
             part = part.new_zeros((n * length,) + tuple(part.shape[1:])).index_copy(0, idx, part)
         grid = part.view(n, length, *part.shape[1:]).permute(2, 0, 3, 1, 4)      # [3, n, h, L, d]
-        slots = torch.arange(length, device=q.device)
-        mask = (slots[None, :] < lens[:, None]).view(n, 1, 1, length)
+        mask = None
+        if layout.padded or not full:
+            slots = torch.arange(length, device=q.device)
+            mask = (slots[None, :] < lens[:, None]).view(n, 1, 1, length)
         out = grid_fn(grid[0], grid[1], grid[2], mask)                           # [n, h, L, d]
         out = out.transpose(1, 2).reshape(n * length, *q.shape[1:])
-        outs.append(out if dense else out.index_select(0, idx))
+        outs.append(out if full or layout.padded else out.index_select(0, idx))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -90,9 +96,11 @@ def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attenti
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                     dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Reference math: softmax(q k^T / sqrt(d)) v with the softmax in fp32."""
-    def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(qg.shape[-1])
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
         probs = F.dropout(probs, p=dropout_p, training=training).to(vg.dtype)
         return torch.matmul(probs, vg)
     return _on_grids(q, k, v, layout, grid_fn)
@@ -101,7 +109,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: A
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                    dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on the grouped grids with a key-padding mask."""
-    def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
                                               dropout_p=dropout_p if training else 0.0)
     return _on_grids(q, k, v, layout, grid_fn)
