@@ -24,7 +24,7 @@ from common import (collator, machine, save_random_roberta, synthetic_examples, 
 from reolm.data.collate import split_sequences
 from reolm.model import ModelConfig, ReoLM
 
-VOCAB = 8192
+VOCAB = 4096  # keeps the MLM head ~10% of the step, as with L12 H384 and a 50k vocabulary
 
 
 def step_seconds(model: ReoLM, batch: dict) -> float:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=12, help="sequences per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per layout (after one warm-up)")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--bucket-ratio", type=float, default=ModelConfig.attention_bucket_ratio,
@@ -82,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
     }
     result = {"machine": machine(), "batch": batch_info, "packed_seconds": round(packed, 4),
-              "padded_seconds": round(padded, 4), "speedup": round(padded / packed, 3)}
+              "padded_seconds": round(padded, 4), "speedup": round(padded / packed, 3),
+              # other work on a shared machine only adds time: the minima are the least disturbed
+              "min_seconds": {k: round(min(v), 4) for k, v in times.items()},
+              "speedup_of_minima": round(min(times["padded"]) / min(times["packed"]), 3)}
     print(f"{'layout':8} {'tokens':>8} {'step s':>8}")
     print(f"{'packed':8} {hist['num_real_tokens']:8d} {packed:8.3f}")
     print(f"{'padded':8} {batch_info['history_tokens_padded']:8d} {padded:8.3f}")
-    print(f"speedup packed vs padded: {padded / packed:.2f}x")
+    print(f"speedup packed vs padded: {padded / packed:.2f}x (medians), "
+          f"{min(times['padded']) / min(times['packed']):.2f}x (minima)")
     if not args.no_write:
         print("wrote", write_result("packing_cpu.json", result))
     return 0
