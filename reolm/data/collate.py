@@ -161,6 +161,7 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         "mlm_positions": t(np.flatnonzero(labels != IGNORE_INDEX).astype(np.int64)),
         "num_tokens": total,
         "num_real_tokens": int(lengths.sum()),
+        "num_attention_pairs": int((lengths ** 2).sum()),  # (query, key) pairs of the real tokens
     }
 
 

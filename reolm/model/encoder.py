@@ -493,6 +493,22 @@ class ReoLM(nn.Module):
         pooled = hidden.new_zeros(batch["seq_lengths"].shape[0], hidden.shape[1])
         return pooled.index_add(0, batch["token_seq_index"], hidden * weight[:, None])
 
+    def training_flops(self, batch: Mapping[str, Any], include_mlm: bool = True) -> float:
+        """Model FLOPs of one forward + backward (3x forward) on the real tokens of ``batch``.
+
+        Counts matmuls only (linear layers, adapters, attention scores and mixing, the MLM head at
+        the masked positions), from Python ints of the batch: no host sync, usable for MFU on
+        every step.  Padding is never counted, so MFU compares layouts fairly.
+        """
+        bb, cfg = self.backbone_config, self.config
+        h = bb.hidden_size
+        per_token = 4 * h * h + 2 * h * bb.intermediate_size + 2 * h * cfg.num_adapters * cfg.adapter_rank
+        forward = bb.num_hidden_layers * (2 * per_token * batch["num_real_tokens"]
+                                          + 4 * h * batch["num_attention_pairs"])
+        if include_mlm:
+            forward += 2 * batch["mlm_positions"].shape[0] * (h * h + h * bb.vocab_size)
+        return 3.0 * forward
+
     def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled vectors [B, H] of history sequences."""
         return self(batch).pooled
