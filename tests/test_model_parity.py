@@ -96,3 +96,14 @@ def test_wrong_shape_and_non_bert_config_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(CheckpointError, match="gpt2"):
         ReoLM.from_backbone(tmp_path, tiny_model_config())
+
+
+def test_untied_decoder_in_checkpoint_is_reported(tmp_path, caplog):
+    save_tiny_checkpoint(tmp_path, "bert", masked_lm=True)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["cls.predictions.decoder.weight"] = torch.randn_like(state["bert.embeddings.word_embeddings.weight"])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="reolm.model.encoder"):
+        model = ReoLM.from_backbone(tmp_path, tiny_model_config())
+    assert "decoder weight differs" in caplog.text
+    assert model.lm_head.decoder.weight is model.embeddings.word_embeddings.weight

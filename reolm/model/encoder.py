@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from reolm.config import from_dict, to_dict
 from reolm.model.attention import AttentionLayout, BACKENDS, resolve_backend
 from reolm.model.config import ModelConfig
-from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, normalise_hf_keys,
+from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
                                        read_backbone_config, read_state_dict)
 
 __all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION"]
@@ -319,7 +319,11 @@ class ReoLM(nn.Module):
         cfg = dataclasses.replace(cfg or ModelConfig(), backbone=str(hf_dir))
         bb = read_backbone_config(hf_dir)
         model = cls(bb, cfg)
-        model.load_backbone_state(normalise_hf_keys(read_state_dict(hf_dir)), source=str(hf_dir))
+        state = read_state_dict(hf_dir)
+        if has_untied_decoder(state):
+            log.warning("%s: the MLM decoder weight differs from the word embeddings; Reo-LM ties them, "
+                        "so the checkpoint's decoder weight is not used", hf_dir)
+        model.load_backbone_state(normalise_hf_keys(state), source=str(hf_dir))
         if load_tokenizer:
             model.tokenizer = _load_tokenizer(hf_dir)
         return model
