@@ -188,3 +188,20 @@ def test_empty_history_and_dataloader_workers():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], first[1])  # workers 0 and 1 mask the same examples differently
     assert not torch.equal(first[0], next_epoch[0])  # and differently every epoch
+
+
+def test_reseed_makes_masks_a_function_of_the_seed():
+    tokens, images = tiny_tables(num_items=10, min_len=6, max_len=12)
+    col = tiny_collator(tokens, images)
+    examples = [SequenceExample(list(range(10)), None, 0)]
+    col.reseed(7)
+    a = col(examples)["history"]["mlm_labels"]
+    b = col(examples)["history"]["mlm_labels"]
+    col.reseed(7)
+    assert torch.equal(col(examples)["history"]["mlm_labels"], a) and not torch.equal(a, b)
+    col._rng = np.random.default_rng(7)  # direct assignment (as the trainer does) is honoured too
+    assert torch.equal(col(examples)["history"]["mlm_labels"], a)
+    # ... also inside DataLoader workers, after the main process used the collator
+    loader = torch.utils.data.DataLoader([examples], batch_size=None, num_workers=1,
+                                         collate_fn=lambda ex: (col.reseed(7), col(ex))[1])
+    assert torch.equal(next(iter(loader))["history"]["mlm_labels"], a)

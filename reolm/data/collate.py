@@ -215,7 +215,8 @@ class PackedCollator:
         self.bucket_ratio = bucket_ratio
         self._offsets = np.asarray(tokens.offsets)
         self._rng: np.random.Generator | None = None
-        self._rng_owner: tuple[int, int | None] | None = None
+        self._rng_known: np.random.Generator | None = None  # the generator this process adopted
+        self._rng_owner: int | None = None
 
     @classmethod
     def from_config(cls, tokens: ItemTokenTable, images: ImageFeatureTable | None, tokenizer: Any, cfg: Any,
@@ -232,20 +233,31 @@ class PackedCollator:
     # ------------------------------------------------------------------ randomness
     @property
     def rng(self) -> np.random.Generator:
-        """Generator of the current process: in a DataLoader worker it is seeded from the worker's
-        seed (which torch draws anew each epoch from the main process's RNG, so masks differ per
-        worker and epoch yet repeat with ``torch.manual_seed``); in the main process from ``seed``
-        (or ``torch.initial_seed()``)."""
+        """The masking generator of the current process.
+
+        Created on first use: in a DataLoader worker from ``seed`` and the worker's seed (which
+        torch draws anew each epoch from the main process's RNG, so masks differ per worker and
+        epoch yet repeat after ``torch.manual_seed``); in the main process from ``seed`` (or
+        ``torch.initial_seed()``).  A generator inherited through a fork is never reused, so
+        workers do not repeat each other.  :meth:`reseed` (or assigning ``_rng``) pins it.
+        """
+        pid = os.getpid()
+        assigned = self._rng is not self._rng_known  # set from outside (reseed or ``_rng = ...``)
+        if self._rng is not None and (assigned or self._rng_owner == pid):
+            self._rng_known, self._rng_owner = self._rng, pid
+            return self._rng
         info = torch.utils.data.get_worker_info()
-        owner = (os.getpid(), info.seed if info is not None else None)
-        if self._rng is None or self._rng_owner != owner:
-            if info is not None:
-                key = [self.seed or 0, info.seed % 2**63]
-            else:
-                key = [self.seed] if self.seed is not None else [0, torch.initial_seed() % 2**63]
-            self._rng = np.random.default_rng(key)
-            self._rng_owner = owner
+        if info is not None:
+            key = [self.seed or 0, info.seed % 2**63]
+        else:
+            key = [self.seed] if self.seed is not None else [0, torch.initial_seed() % 2**63]
+        self._rng = self._rng_known = np.random.default_rng(key)
+        self._rng_owner = pid
         return self._rng
+
+    def reseed(self, seed: int | Sequence[int]) -> None:
+        """Make the following masks a function of ``seed`` (e.g. a per-batch seed for exact resume)."""
+        self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ sequence building
     def select_history(self, history: Sequence[int]) -> list[int]:
