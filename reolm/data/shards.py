@@ -264,22 +264,19 @@ def _write_domain_items(domain: Domain, d: int, offset: int, series: ShardSeries
 
 
 def _spill_sequences(domain: Domain, d: int, offset: int, buckets: list[BinaryIO],
-                     rng: np.random.Generator) -> tuple[int, int]:
-    """Append one line per user to a random bucket; returns (sequences, too-short sequences)."""
+                     rng: np.random.Generator) -> int:
+    """Append one line per user to a seeded random bucket; returns the number of sequences."""
     users = sorted(domain.train)
     choice = rng.integers(0, len(buckets), len(users))
-    short = 0
     for user, b in zip(users, choice.tolist()):
         items = [offset + i for i in domain.train[user]]
-        if len(items) < 2:
-            short += 1
         val = domain.val.get(user)
         dev = {"domain": d, "user": user, "items": items, "target": offset + val[0]} if val else None
         train = {"domain": d, "user": user, "items": items}
         line = b"\t".join((sequence_key(d, user).encode(), str(len(items)).encode(), _compact_json(train),
                            _compact_json(dev) if dev else b"")) + b"\n"
         buckets[b].write(line)
-    return len(users), short
+    return len(users)
 
 
 def _write_sequence_shards(bucket_paths: list[Path], train: ShardSeries, dev: ShardSeries, seed: int,
@@ -348,7 +345,7 @@ def write_corpus(domain_dirs: Sequence[str | os.PathLike], out: str | os.PathLik
             names_seen.add(domain.name)
             bar.total = (bar.total or 0) + domain.num_items
             img = _write_domain_items(domain, d, offset, items, opts, bar)
-            n_seq, _ = _spill_sequences(domain, d, offset, buckets, np.random.default_rng([opts.seed, d]))
+            n_seq = _spill_sequences(domain, d, offset, buckets, np.random.default_rng([opts.seed, d]))
             skipped_images += img.unreadable
             domains_info.append({"name": domain.name, "index": d, "item_offset": offset,
                                  "num_items": domain.num_items, "num_users": domain.num_users,

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +198,7 @@ def _encode_unit(unit: _Unit, encoder: VisionEncoder, batch_size: int, bar: Any)
         try:
             batch_images.append(decode_image(data))
         except (OSError, ValueError, SyntaxError) as err:
-            print(f"warning: {unit.name}: item {row}: unreadable image left out ({err})")
+            print(f"warning: {unit.name}: item {row}: unreadable image left out ({err})", file=sys.stderr)
             continue
         batch_rows.append(row)
         if len(batch_images) >= batch_size:
