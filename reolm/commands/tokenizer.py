@@ -18,7 +18,8 @@ bpe: RoBERTa-style byte-level BPE, <s> <pad> </s> <unk> <mask>."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    train = sub.add_parser("train", help="train a tokenizer on item text")
+    train = sub.add_parser("train", help="train a tokenizer on item text", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--out", required=True, help="output tokenizer directory")
     src = train.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="shard corpus (folder with manifest.json)")
