@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,8 +102,11 @@ def test_torchrun_two_ranks_match_single_process(data, tmp_path):
     import shutil
     corpus = tmp_path / "corpus"
     shutil.copytree(data["corpus"], corpus, ignore=shutil.ignore_patterns("tables"))
+    with socket.socket() as sock:  # a free port: other test runs may share this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "reolm", "tables", "images", "--vision", str(data["vit"]), "--corpus", str(corpus), "--quiet"]
     subprocess.run(cmd, check=True, env=env, timeout=240, capture_output=True)
     two = find_image_table(corpus, data["vit"])

@@ -40,6 +40,8 @@ __all__ = [
     "SHARD_FORMAT_VERSION",
     "ShardError",
     "ShardOptions",
+    "ShardSeries",
+    "VerifyReport",
     "write_corpus",
     "verify_corpus",
     "load_manifest",
@@ -48,6 +50,7 @@ __all__ = [
     "iter_sequences",
     "item_key",
     "sequence_key",
+    "image_files",
 ]
 
 SHARD_FORMAT_VERSION = 1
