@@ -18,8 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["DeviceAccumulator", "MetricsWriter", "peak_device_tflops", "encoder_flops_per_step",
-           "peak_memory_gib", "GPU_PEAK_TFLOPS"]
+__all__ = ["DeviceAccumulator", "MetricsWriter", "peak_device_tflops", "peak_memory_gib", "GPU_PEAK_TFLOPS"]
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' datasheets.
 # Matched as substrings of torch.cuda.get_device_name(), most specific first.
@@ -46,26 +45,6 @@ def peak_device_tflops(flag: float = 0.0) -> float | None:
         if key in name:
             return value
     return None
-
-
-def encoder_flops_per_step(num_layers: int, hidden: int, intermediate: int, adapter_rank: int,
-                           num_adapters: int, vocab: int, tokens: int, sum_sq_seq_lens: int,
-                           mlm_tokens: int, image_dim: int = 0, image_tokens: int = 0) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) of the encoder on a packed batch.
-
-    Per token and layer: QKV + output projections 8H^2, FFN 4HI, adapters (shared
-    down-projection H x A r, and the up-projection actually applied, r x H; the bottom layers'
-    mean is one up-projection with averaged weights) 2(H A r + r H).  Attention scores and the
-    weighted sum cost 4 s^2 H per sequence of length s and layer, which is why the collator's
-    packed lengths (sum of s^2, not padded lengths) are used.  The MLM head adds
-    2H^2 + 2HV per masked token, the image MLP 2(2d^2 + 2dH) per image token.
-    """
-    per_token_layer = 8 * hidden * hidden + 4 * hidden * intermediate \
-        + 2 * (hidden * num_adapters * adapter_rank + adapter_rank * hidden)
-    forward = num_layers * (tokens * per_token_layer + 4 * hidden * sum_sq_seq_lens)
-    forward += mlm_tokens * (2 * hidden * hidden + 2 * hidden * vocab)
-    forward += image_tokens * 2 * (2 * image_dim * image_dim + 2 * image_dim * hidden)
-    return 3.0 * forward
 
 
 def peak_memory_gib() -> float:

@@ -35,8 +35,7 @@ from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Exa
 from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision,
                                    write_ds_config)
 from reolm.train.losses import PretrainLoss
-from reolm.train.metrics import (DeviceAccumulator, MetricsWriter, encoder_flops_per_step, peak_device_tflops,
-                                 peak_memory_gib)
+from reolm.train.metrics import DeviceAccumulator, MetricsWriter, peak_device_tflops, peak_memory_gib
 
 __all__ = ["run", "TrainingAborted", "NonFiniteGuard", "resolve_tables", "build_model", "weight_decay_groups"]
 
@@ -228,17 +227,10 @@ class _SeededCollate:
     def __call__(self, examples: list[Example], batch_seed: int) -> dict[str, Any]:
         from reolm.data.collate import SequenceExample
 
-        self.collator._rng = np.random.default_rng(batch_seed)
+        self.collator.reseed(batch_seed)
         batch = self.collator([SequenceExample(e.history.tolist(), e.target, e.domain) for e in examples])
         hist, tgt = batch["history"], batch["target"]
-        lengths = torch.cat([hist["seq_lengths"], tgt["seq_lengths"]])
-        batch["stats"] = {
-            "tokens": hist["num_real_tokens"] + tgt["num_real_tokens"],
-            "sum_sq": int((lengths * lengths).sum()),
-            "mlm_tokens": int(hist["mlm_positions"].shape[0]),
-            "image_tokens": int(hist["image_token_index"].shape[0] + tgt["image_token_index"].shape[0]),
-            "sequences": len(examples),
-        }
+        batch["stats"] = {"tokens": hist["num_real_tokens"] + tgt["num_real_tokens"], "sequences": len(examples)}
         batch["keys"] = [e.key for e in examples]
         return batch
 
@@ -297,7 +289,7 @@ def validate(setup: _Setup, examples: list[Example], pool: np.ndarray) -> dict[s
     module, collator, cfg = setup.engine.module, setup.collator, setup.cfg
     was_training = module.training
     module.eval()
-    saved_rng, saved_prob = collator._rng, collator.mlm_probability
+    saved_prob = collator.mlm_probability
     mlm_stats = torch.zeros(2, device=setup.device)
 
     def prepared(batch: dict[str, Any]) -> dict[str, Any]:
@@ -332,11 +324,12 @@ def validate(setup: _Setup, examples: list[Example], pool: np.ndarray) -> dict[s
         item_vecs = _sharded_encode(pool_items, cfg.val.batch_size, encode_items).view(len(domains), len(pool), -1)
         user_vecs = _sharded_encode(examples, cfg.val.batch_size, encode_histories)
         collator.mlm_probability = saved_prob
-        collator._rng = np.random.default_rng([cfg.seed, 99])  # the same masks at every validation
+        collator.reseed([cfg.seed, 99])  # the same masks at every validation
         _sharded_encode(examples, cfg.val.batch_size, mlm_pass)
         D.all_reduce_sum(mlm_stats)
     finally:
-        collator._rng, collator.mlm_probability = saved_rng, saved_prob
+        # (Training batches reseed the collator themselves, so its generator needs no restoring.)
+        collator.mlm_probability = saved_prob
         if was_training:
             module.train()
     return ranking_metrics(module, examples, pool, domains, user_vecs, item_vecs, cfg.val.k) | {
@@ -456,7 +449,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     bb = engine.module.backbone_config
     peak = peak_device_tflops(cfg.log.peak_tflops) if setup.precision in ("bf16", "fp16") else (
         cfg.log.peak_tflops or None)
-    host = {"tokens": 0, "sum_sq": 0, "mlm_tokens": 0, "image_tokens": 0, "sequences": 0}
+    host = {"tokens": 0, "sequences": 0, "flops": 0.0}
     window_start, wait_time = time.perf_counter(), 0.0
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
     last: dict[str, Any] = {}
@@ -477,8 +470,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait_time += time.perf_counter() - t0
-                for key in host:
-                    host[key] += batch["stats"][key]
+                host["tokens"] += batch["stats"]["tokens"]
+                host["sequences"] += batch["stats"]["sequences"]
+                # Analytic model FLOPs from the batch's Python ints (no device sync).
+                host["flops"] += (engine.module.training_flops(batch["history"])
+                                  + engine.module.training_flops(batch["target"], include_mlm=False))
                 keys = batch.pop("keys")
                 if consumed is not None:
                     consumed.write("".join(f"{step + 1}\t{k}\n" for k in keys))
@@ -499,7 +495,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
             if step % cfg.log.every == 0 or step == cfg.optim.steps:
                 last = _log_step(step, acc, host, time.perf_counter() - window_start, wait_time, setup, engine,
-                                 tracker, peak, bb, writer, state)
+                                 tracker, peak, writer, state)
                 progress.update(0, loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
                 host = dict.fromkeys(host, 0)
                 window_start, wait_time = time.perf_counter(), 0.0
@@ -527,28 +523,23 @@ def _consumed_log(cfg: PretrainConfig, info: D.DistInfo) -> Any:
 
 def _log_step(step: int, acc: DeviceAccumulator, host: dict[str, int], elapsed: float, wait_time: float,
               setup: _Setup, engine: Any, tracker: StreamTracker, peak: float | None,
-              bb: Any, writer: MetricsWriter, state: dict[str, int]) -> dict[str, Any]:
+              writer: MetricsWriter, state: dict[str, int]) -> dict[str, Any]:
     """Read the window's sums to the host (one transfer), derive rates, write JSONL/TB."""
     info = setup.info
     bad = tracker.bad_counts()
-    local = torch.tensor([host["tokens"], host["sum_sq"], host["mlm_tokens"], host["image_tokens"],
-                          host["sequences"], wait_time] + [bad.get(kind, 0) for kind in BAD_SAMPLE_KINDS],
-                         dtype=torch.float64)
+    local = torch.tensor([host["tokens"], host["sequences"], host["flops"], wait_time]
+                         + [bad.get(kind, 0) for kind in BAD_SAMPLE_KINDS], dtype=torch.float64)
     if info.world_size > 1:
         import torch.distributed as dist
         local_dev = local.to(setup.device)
         dist.all_reduce(local_dev)
         local = local_dev.cpu()
-    tokens, sum_sq, mlm_tok, img_tok, sequences, wait_sum, *bad_by_kind = local.tolist()
+    tokens, sequences, flops, wait_sum, *bad_by_kind = local.tolist()
     micro_steps = max(acc.count, 1)
     sums = acc.pop()
     ranks = info.world_size
     state["tokens"] += int(tokens)
     grad_norm = engine.get_global_grad_norm()
-    flops = encoder_flops_per_step(bb.num_hidden_layers, bb.hidden_size, bb.intermediate_size,
-                                   setup.cfg.model.adapter_rank, setup.cfg.model.num_adapters, bb.vocab_size,
-                                   int(tokens), int(sum_sq), int(mlm_tok), setup.cfg.model.image_feature_dim,
-                                   int(img_tok))
     tflops_per_device = flops / max(elapsed, 1e-9) / ranks / 1e12
     values: dict[str, Any] = {
         # Mean over micro-steps and ranks of each rank's share = the mean group loss.
