@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # one rank speaks
     try:
         run(cfg)
-    except (ConfigError, TrainingAborted) as err:
+    except (ValueError, FileNotFoundError, TrainingAborted) as err:
+        # Our error classes (ConfigError, DataError, TableError, CheckpointError, ...) are
+        # ValueErrors whose message is written for the user; REOLM_DEBUG=1 shows the traceback.
+        if os.environ.get("REOLM_DEBUG"):
+            raise
         print(f"pretrain.py: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr)
         return 1
     return 0

@@ -223,6 +223,8 @@ def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_pat
     val = _metrics(run_dir, "val")[-1]
     assert train[-1]["loss"] < 0.85 * train[0]["loss"]
     assert val["val_recall@10"] > 2 * val["val_random_recall@10"]
+    run_info = json.loads((run_dir / "run_info.json").read_text())
+    assert run_info["backend"] == "gloo" and run_info["world_size"] == 2 and run_info["device"] == "cpu"
     ds_cfg = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_cfg["zero_optimization"]["stage"] == 3 and ds_cfg["data_types"]["grad_accum_dtype"] == "fp32"
 
@@ -271,6 +273,8 @@ def test_one_rank_two_accumulation_equals_two_nodes_one_step(inputs, tmp_path):
     for log in logs:
         log.close()
     assert codes == [0, 0], (tmp_path / "node0.txt").read_text()[-3000:]
+    layout = json.loads((nodes / "run_info.json").read_text())
+    assert layout["world_size"] == 2 and layout["nodes"] == 2 and layout["local_world_size"] == 1
 
     a, b = _metrics(single), _metrics(nodes)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))

@@ -113,18 +113,14 @@ def setup_env(env: MutableMapping[str, str] | None = None, local_rank_arg: int |
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     if "LOCAL_WORLD_SIZE" not in env:
-        # The deepspeed launcher does not export it; with a uniform layout world // nodes holds.
-        nnodes = int(env.get("NNODES", env.get("GROUP_WORLD_SIZE", "0")) or 0)
-        if nnodes:
-            env["LOCAL_WORLD_SIZE"] = str(int(env["WORLD_SIZE"]) // nnodes)
-        else:
-            env["LOCAL_WORLD_SIZE"] = str(_local_world_size_guess(env))
+        # The deepspeed launcher exports LOCAL_SIZE (ranks on this node) and CROSS_SIZE (nodes).
+        env["LOCAL_WORLD_SIZE"] = env.get("LOCAL_SIZE") or str(_local_world_size_guess(env))
     return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
                     int(env["LOCAL_WORLD_SIZE"]))
 
 
 def _local_world_size_guess(env: Mapping[str, str]) -> int:
-    """deepspeed's launcher exports CROSS_SIZE (nodes) on recent versions; else assume one node."""
+    """World size / number of nodes when the node count is known (CROSS_SIZE), else one node."""
     cross = env.get("CROSS_SIZE")
     world = int(env.get("WORLD_SIZE", "1"))
     if cross and int(cross) > 0:

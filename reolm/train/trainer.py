@@ -152,6 +152,19 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000 * rank)
 
 
+def _write_run_info(run_dir: str, info: D.DistInfo, device: torch.device, precision: str) -> None:
+    """RUN_DIR/run_info.json: how this run was laid out (ranks, nodes, backend, device, precision)."""
+    import torch.distributed as dist
+    record = {"world_size": info.world_size, "local_world_size": info.local_world_size, "nodes": info.num_nodes,
+              "backend": dist.get_backend() if dist.is_initialized() else "none", "device": device.type,
+              "precision": precision, "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
+              "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = Path(run_dir) / "run_info.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
 def _limit_threads(local_world_size: int) -> None:
     """Share the node's cores between its ranks (unless OMP_NUM_THREADS says otherwise)."""
     if "OMP_NUM_THREADS" not in os.environ:
@@ -204,6 +217,7 @@ def _setup(cfg: PretrainConfig) -> _Setup:
     if info.rank == 0:
         write_ds_config(ds_cfg, cfg.run_dir)
         save_resolved(cfg, cfg.run_dir)
+        _write_run_info(cfg.run_dir, info, device, precision)
     scheduler = None if "scheduler" in ds_cfg else lr_scheduler_factory(cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(
         model, cfg.optim.weight_decay), config=ds_cfg, lr_scheduler=scheduler)
