@@ -18,7 +18,7 @@ from reolm.config import ConfigError
 from reolm.train.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume, step_tag
 from reolm.train.config import OptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
-                              decode_example, expand_shards)
+                              decode_example, default_num_workers, expand_shards)
 from reolm.train.distributed import slurm_env
 from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
 from reolm.train.losses import PretrainLoss, info_nce, masked_lm_loss
@@ -299,6 +299,15 @@ def test_shard_stream_resumes_exactly_and_counts_bad_samples(tmp_path):
 
     with pytest.raises(DataError, match="without resampling"):
         ShardStream(shards, 0, 0, 4, resample=False, counter=counter)
+    # The per-rank dataset checks the whole layout (ranks x workers) before any worker starts.
+    with pytest.raises(DataError, match="3 train shards for 4 readers"):
+        TrainStream(shards, lambda examples, seed: {}, 2, 10, seed=0, rank=0, world_size=2, num_workers=2,
+                    resample=False, shuffle_buffer=4, shuffle_initial=2, max_history=50)
+    # Without resampling each reader owns a disjoint subset and a pass covers it exactly once.
+    owned = [ShardStream(shards, 0, i, 3, resample=False, counter=counter) for i in range(3)]
+    assert sorted(s for o in owned for s in o.shards) == shards
+    it = iter(owned[1])
+    assert sorted(next(it)["__key__"] for _ in range(5)) == [f"d0_u1_{i}" for i in range(5)]
     assert expand_shards(str(tmp_path / "train-{000000..000002}.tar")) == shards
 
 
@@ -334,6 +343,13 @@ def test_train_stream_skips_corrupt_tar_and_keeps_fixed_batch_size(tmp_path):
     batches = [next(it) for _ in range(30)]
     assert all(len(b["targets"]) == 4 for b in batches)
     assert batches[-1]["stream"]["bad"].get("tar", 0) >= 1
+
+
+def test_default_workers_share_the_cores_between_local_ranks():
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_workers(1) == max(0, min(8, cores - 1))
+    assert default_num_workers(cores) == 0
+    assert default_num_workers(10**6) == 0
 
 
 def test_slurm_env_maps_ranks_and_first_host():
