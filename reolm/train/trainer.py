@@ -464,7 +464,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     peak = peak_device_tflops(cfg.log.peak_tflops) if setup.precision in ("bf16", "fp16") else (
         cfg.log.peak_tflops or None)
     host = {"tokens": 0, "sequences": 0, "flops": 0.0}
-    window_start, wait_time = time.perf_counter(), 0.0
+    # Throughput windows exclude validation and checkpoint time.
+    window_start, wait_time, excluded = time.perf_counter(), 0.0, 0.0
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
     last: dict[str, Any] = {}
     engine.train()
@@ -507,20 +508,25 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             state["samples"] += global_sequences
             progress.update(1)
 
-            if step % cfg.log.every == 0 or step == cfg.optim.steps:
-                last = _log_step(step, acc, host, time.perf_counter() - window_start, wait_time, setup, engine,
-                                 tracker, peak, writer, state)
+            final = step == cfg.optim.steps
+            save_now = final or bool(cfg.ckpt.every and step % cfg.ckpt.every == 0)
+            # Log before every checkpoint too, so the saved counters (tokens seen) are exact.
+            if step % cfg.log.every == 0 or save_now:
+                elapsed = time.perf_counter() - window_start - excluded
+                last = _log_step(step, acc, host, elapsed, wait_time, setup, engine, tracker, peak, writer, state)
                 progress.update(0, loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
                 host = dict.fromkeys(host, 0)
-                window_start, wait_time = time.perf_counter(), 0.0
-            if val_set is not None and cfg.val.every and (step % cfg.val.every == 0 or step == cfg.optim.steps):
+                window_start, wait_time, excluded = time.perf_counter(), 0.0, 0.0
+            if val_set is not None and cfg.val.every and (step % cfg.val.every == 0 or final):
+                t0 = time.perf_counter()
                 metrics = validate(setup, *val_set)
                 writer.write(step, metrics, kind="val")
                 last.update(metrics)
-                window_start = time.perf_counter()
-            if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == cfg.optim.steps:
+                excluded += time.perf_counter() - t0
+            if save_now:
+                t0 = time.perf_counter()
                 save(step)
-                window_start = time.perf_counter()
+                excluded += time.perf_counter() - t0
     finally:
         progress.close()
         writer.close()
