@@ -11,6 +11,7 @@ each launch asserts several things.
   reproduces the run's own final validation metrics.
 * 1 rank x 2 accumulation steps == 2 ranks x 1 (the 2 ranks being two simulated nodes: two
   torchrun processes with a c10d rendezvous on 127.0.0.1) in loss trajectory.
+* SIGTERM (Slurm time limit / preemption) makes a run checkpoint its last step and exit 0.
 """
 
 from __future__ import annotations
@@ -283,3 +284,30 @@ def test_one_rank_two_accumulation_equals_two_nodes_one_step(inputs, tmp_path):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-4, abs=1e-5), (ra, rb)
         assert rb["lr"] == pytest.approx(ra["lr"])
     assert a[-1]["loss"] != pytest.approx(a[0]["loss"], rel=1e-3)  # the trajectory actually moves
+
+
+# ----------------------------------------------------------------------------- graceful stop
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY),
+           *_base(inputs, run_dir, **{"optim.steps": 10000, "log.every": 1, "val.every": 0, "ckpt.every": 0,
+                                      "data.num_workers": 0})]
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what Slurm / torchrun send before killing
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    last_step = _metrics(run_dir)[-1]["step"]
+    assert 3 <= last_step < 10000
+    tag = f"step-{last_step:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag
+    saved = json.loads((run_dir / "checkpoints" / tag / "trainer_state.json").read_text())
+    assert saved["step"] == last_step
+    assert "stopped by a signal" in log.read_text()

@@ -103,6 +103,9 @@ class CheckpointConfig:
     dir: str = param("", "Checkpoint folder; '' = RUN_DIR/checkpoints.")
     resume: str = param("", "'' = start fresh; 'latest' = newest complete checkpoint in dir (fresh start "
                             "when there is none); or a checkpoint folder path.")
+    save_on_signal: bool = param(True, "On SIGTERM or SIGUSR1 (Slurm preemption / time limit, torchrun "
+                                       "shutting down), every rank finishes its step, a checkpoint is saved "
+                                       "and the run exits cleanly (resume with --resume latest).")
 
 
 @dataclass

@@ -30,6 +30,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_no_grad",
     "broadcast_object",
+    "StopFlag",
     "all_reduce_sum",
 ]
 
@@ -202,6 +203,35 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+class StopFlag:
+    """A signal-set flag that all ranks agree on at step boundaries.
+
+    The handler only sets a local flag; :meth:`agreed` all-reduces it (MAX) over a gloo group
+    on CPU tensors, so the per-step check costs no accelerator synchronisation, and every rank
+    stops after the same step even if the signal reaches the ranks at different times.
+    """
+
+    def __init__(self, signals: tuple[int, ...]) -> None:
+        import signal as _signal
+
+        self.raised: int | None = None
+        self._group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        for sig in signals:
+            _signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised = signum
+
+    def agreed(self) -> bool:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.raised is not None
+        flag = torch.tensor([1 if self.raised is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

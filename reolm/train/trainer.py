@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -478,6 +479,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
 
     consumed = _consumed_log(cfg, info) if cfg.data.record_keys else None
+    stop = D.StopFlag((signal.SIGTERM, signal.SIGUSR1)) if cfg.ckpt.save_on_signal else None
     step = state["step"]
     try:
         while step < cfg.optim.steps:
@@ -508,8 +510,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             state["samples"] += global_sequences
             progress.update(1)
 
+            stopping = stop is not None and stop.agreed()
             final = step == cfg.optim.steps
-            save_now = final or bool(cfg.ckpt.every and step % cfg.ckpt.every == 0)
+            save_now = final or stopping or bool(cfg.ckpt.every and step % cfg.ckpt.every == 0)
             # Log before every checkpoint too, so the saved counters (tokens seen) are exact.
             if step % cfg.log.every == 0 or save_now:
                 elapsed = time.perf_counter() - window_start - excluded
@@ -527,6 +530,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 save(step)
                 excluded += time.perf_counter() - t0
+            if stopping and not final:
+                if main:
+                    log.warning("stopped by a signal after step %d; checkpoint saved, continue with "
+                                "--resume latest", step)
+                last["stopped_at"] = step
+                break
     finally:
         progress.close()
         writer.close()
