@@ -3,11 +3,9 @@ filling, lr schedule, checkpoint rotation/atomicity, bad-sample handling of the 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
-import tarfile
 
 import numpy as np
 import pytest

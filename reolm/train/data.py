@@ -28,13 +28,11 @@ is not a replay since they were never trained on).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 

@@ -10,7 +10,6 @@ rank takes exactly ``optim.steps`` steps: the data stream never ends.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from reolm.config import ConfigError, save_resolved, to_dict
 from reolm.train import distributed as D
 from reolm.train.checkpoint import CheckpointManager
 from reolm.train.config import PretrainConfig
-from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamPosition, StreamTracker, TrainStream,
+from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamTracker, TrainStream,
                               build_train_loader, corpus_shards, default_num_workers, expand_shards, manifest_counts,
                               read_examples)
 from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision,
