@@ -420,39 +420,91 @@ def _batches(loader: Any, tracker: StreamTracker, replicate: bool, info: D.DistI
         yield batch
 
 
+def _resume(cfg: PretrainConfig, engine: Any, ckpt: CheckpointManager) -> tuple[dict[str, int], Any]:
+    """(trainer counters, this rank's data-stream state or None) after loading ``ckpt.resume``."""
+    state = {"step": 0, "samples": 0, "tokens": 0, "generation": 0, "skipped_steps": 0}
+    path = ckpt.find(cfg.ckpt.resume) if cfg.ckpt.resume else None
+    if path is None:
+        if cfg.ckpt.resume and D.is_main():
+            log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", cfg.ckpt.resume, cfg.checkpoint_dir())
+        return state, None
+    shared, per_rank = ckpt.load(engine, path)
+    state.update({k: shared[k] for k in ("step", "samples", "tokens", "skipped_steps") if k in shared})
+    # A new generation re-seeds the shuffle buffers (they restart empty after a resume).
+    state["generation"] = int(shared.get("generation", 0)) + 1
+    if D.is_main():
+        log.info("resumed from %s at step %d", path, state["step"])
+    return state, per_rank.get("data") if per_rank else None
+
+
+def _train_batches(setup: _Setup, tracker: StreamTracker, generation: int) -> Iterator[dict[str, Any]]:
+    """This rank's endless stream of collated micro-batches (DataLoader over :class:`TrainStream`)."""
+    cfg, info = setup.cfg, setup.info
+    dataset = TrainStream(_shard_list(cfg.data.train_shards, cfg.data.corpus, "train"), _SeededCollate(setup.collator),
+                          setup.micro, setup.num_items, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                          num_workers=setup.num_workers, resample=cfg.data.resample,
+                          shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
+                          max_history=cfg.model.max_items, replicate=cfg.data.replicate_stream,
+                          max_bad_logs=cfg.data.max_bad_sample_logs, start=dict(tracker.positions),
+                          generation=generation,
+                          expected_counts=manifest_counts(cfg.data.corpus) if cfg.data.corpus else None)
+    pin = cfg.data.pin_memory == "true" or (cfg.data.pin_memory == "auto" and setup.device.type == "cuda")
+    loader = build_train_loader(dataset, setup.num_workers, cfg.data.prefetch_factor, pin)
+    return _batches(loader, tracker, cfg.data.replicate_stream, info)
+
+
+class _Window:
+    """Host-side counters of one logging window (Python numbers only: no device syncs)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0       # waiting for the next batch
+        self.excluded = 0.0   # validation and checkpoint time, not part of the throughput
+        self.tokens = 0
+        self.sequences = 0
+        self.flops = 0.0
+
+    def count_batch(self, batch: dict[str, Any], module: Any) -> None:
+        self.tokens += batch["stats"]["tokens"]
+        self.sequences += batch["stats"]["sequences"]
+        # Analytic model FLOPs from the batch's Python ints.
+        self.flops += module.training_flops(batch["history"]) + module.training_flops(batch["target"],
+                                                                                       include_mlm=False)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+
+def _micro_step(setup: _Setup, batches: Iterator[dict[str, Any]], loss_fn: PretrainLoss, window: _Window,
+                acc: DeviceAccumulator, consumed: Any, step: int) -> None:
+    """Fetch one micro-batch, forward both sides, backward, and let DeepSpeed step/accumulate."""
+    engine = setup.engine
+    t0 = time.perf_counter()
+    batch = next(batches)
+    window.wait += time.perf_counter() - t0
+    window.count_batch(batch, engine.module)
+    keys = batch.pop("keys")
+    if consumed is not None:
+        consumed.write("".join(f"{step}\t{k}\n" for k in keys))
+    batch = _to_device(batch, setup.device)
+    _cast_features(batch, setup.precision)
+    parts = forward_losses(engine, batch, loss_fn)
+    engine.backward(parts.total)
+    engine.step()
+    acc.add(loss=parts.total.detach(), loss_contrastive=parts.contrastive, loss_mlm=parts.mlm,
+            contrastive_correct=parts.contrastive_correct, mlm_tokens=parts.mlm_tokens,
+            mlm_correct=parts.mlm_correct)
+
+
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train as configured; returns the last logged metrics (every rank)."""
     setup = _setup(cfg)
     engine, info = setup.engine, setup.info
     main = info.rank == 0
     ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
-
-    state = {"step": 0, "samples": 0, "tokens": 0, "generation": 0, "skipped_steps": 0}
-    stream_state = None
-    resume_path = ckpt.find(cfg.ckpt.resume) if cfg.ckpt.resume else None
-    if resume_path is not None:
-        shared, per_rank = ckpt.load(engine, resume_path)
-        state.update({k: shared[k] for k in ("step", "samples", "tokens", "skipped_steps") if k in shared})
-        state["generation"] = int(shared.get("generation", 0)) + 1
-        stream_state = per_rank.get("data") if per_rank else None
-        if main:
-            log.info("resumed from %s at step %d", resume_path, state["step"])
-    elif cfg.ckpt.resume and main:
-        log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", cfg.ckpt.resume, cfg.checkpoint_dir())
-
+    state, stream_state = _resume(cfg, engine, ckpt)
     tracker = StreamTracker.restore(stream_state, setup.num_workers)
-    train_shards = _shard_list(cfg.data.train_shards, cfg.data.corpus, "train")
-    dataset = TrainStream(train_shards, _SeededCollate(setup.collator), setup.micro, setup.num_items,
-                          seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                          num_workers=setup.num_workers, resample=cfg.data.resample,
-                          shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
-                          max_history=cfg.model.max_items, replicate=cfg.data.replicate_stream,
-                          max_bad_logs=cfg.data.max_bad_sample_logs, start=dict(tracker.positions),
-                          generation=state["generation"],
-                          expected_counts=manifest_counts(cfg.data.corpus) if cfg.data.corpus else None)
-    pin = cfg.data.pin_memory == "true" or (cfg.data.pin_memory == "auto" and setup.device.type == "cuda")
-    loader = build_train_loader(dataset, setup.num_workers, cfg.data.prefetch_factor, pin)
-    batches = _batches(loader, tracker, cfg.data.replicate_stream, info)
+    batches = _train_batches(setup, tracker, state["generation"])
     val_set = _validation_set(setup)
 
     loss_fn = PretrainLoss(cfg.model.temperature, cfg.loss.mlm_weight, cfg.loss.negatives,
@@ -460,53 +512,32 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     writer = MetricsWriter(cfg.run_dir, main, cfg.log.tensorboard)
     progress = _Progress(main and cfg.log.progress, cfg.optim.steps, state["step"])
     acc = DeviceAccumulator()
-    bb = engine.module.backbone_config
     peak = peak_device_tflops(cfg.log.peak_tflops) if setup.precision in ("bf16", "fp16") else (
         cfg.log.peak_tflops or None)
-    host = {"tokens": 0, "sequences": 0, "flops": 0.0}
-    # Throughput windows exclude validation and checkpoint time.
-    window_start, wait_time, excluded = time.perf_counter(), 0.0, 0.0
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
+    consumed = _consumed_log(cfg, info) if cfg.data.record_keys else None
+    stop = D.StopFlag((signal.SIGTERM, signal.SIGUSR1)) if cfg.ckpt.save_on_signal else None
+    window = _Window()
     last: dict[str, Any] = {}
     engine.train()
 
     def save(step: int) -> None:
         shared = {"step": step, "samples": state["samples"], "tokens": state["tokens"],
-                  "skipped_steps": state["skipped_steps"], "generation": state["generation"], "config": to_dict(cfg),
-                  "backbone": bb.to_dict(), "model": to_dict(engine.module.config)}
+                  "skipped_steps": state["skipped_steps"], "generation": state["generation"],
+                  "config": to_dict(cfg), "backbone": engine.module.backbone_config.to_dict(),
+                  "model": to_dict(engine.module.config)}
         ckpt.save(engine, step, shared, {"data": tracker.state()},
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
 
-    consumed = _consumed_log(cfg, info) if cfg.data.record_keys else None
-    stop = D.StopFlag((signal.SIGTERM, signal.SIGUSR1)) if cfg.ckpt.save_on_signal else None
     step = state["step"]
     try:
         while step < cfg.optim.steps:
             for _ in range(setup.accum):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                wait_time += time.perf_counter() - t0
-                host["tokens"] += batch["stats"]["tokens"]
-                host["sequences"] += batch["stats"]["sequences"]
-                # Analytic model FLOPs from the batch's Python ints (no device sync).
-                host["flops"] += (engine.module.training_flops(batch["history"])
-                                  + engine.module.training_flops(batch["target"], include_mlm=False))
-                keys = batch.pop("keys")
-                if consumed is not None:
-                    consumed.write("".join(f"{step + 1}\t{k}\n" for k in keys))
-                batch = _to_device(batch, setup.device)
-                _cast_features(batch, setup.precision)
-                parts = forward_losses(engine, batch, loss_fn)
-                engine.backward(parts.total)
-                engine.step()
-                acc.add(loss=parts.total.detach(), loss_contrastive=parts.contrastive,
-                        loss_mlm=parts.mlm, contrastive_correct=parts.contrastive_correct,
-                        mlm_tokens=parts.mlm_tokens, mlm_correct=parts.mlm_correct)
+                _micro_step(setup, batches, loss_fn, window, acc, consumed, step + 1)
             step += 1
             if guard.update(engine.was_step_applied(), step):
                 state["skipped_steps"] += 1
-            global_sequences = setup.micro * setup.accum * info.world_size
-            state["samples"] += global_sequences
+            state["samples"] += setup.micro * setup.accum * info.world_size
             progress.update(1)
 
             stopping = stop is not None and stop.agreed()
@@ -514,21 +545,19 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             save_now = final or stopping or bool(cfg.ckpt.every and step % cfg.ckpt.every == 0)
             # Log before every checkpoint too, so the saved counters (tokens seen) are exact.
             if step % cfg.log.every == 0 or save_now:
-                elapsed = time.perf_counter() - window_start - excluded
-                last = _log_step(step, acc, host, elapsed, wait_time, setup, engine, tracker, peak, writer, state)
+                last = _log_step(step, acc, window, setup, tracker, peak, writer, state)
                 progress.update(0, loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-                host = dict.fromkeys(host, 0)
-                window_start, wait_time, excluded = time.perf_counter(), 0.0, 0.0
+                window = _Window()
             if val_set is not None and cfg.val.every and (step % cfg.val.every == 0 or final):
                 t0 = time.perf_counter()
                 metrics = validate(setup, *val_set)
                 writer.write(step, metrics, kind="val")
                 last.update(metrics)
-                excluded += time.perf_counter() - t0
+                window.excluded += time.perf_counter() - t0
             if save_now:
                 t0 = time.perf_counter()
                 save(step)
-                excluded += time.perf_counter() - t0
+                window.excluded += time.perf_counter() - t0
             if stopping and not final:
                 if main:
                     log.warning("stopped by a signal after step %d; checkpoint saved, continue with "
@@ -549,13 +578,13 @@ def _consumed_log(cfg: PretrainConfig, info: D.DistInfo) -> Any:
     return open(folder / f"rank-{info.rank:05d}.tsv", "a", buffering=1)
 
 
-def _log_step(step: int, acc: DeviceAccumulator, host: dict[str, int], elapsed: float, wait_time: float,
-              setup: _Setup, engine: Any, tracker: StreamTracker, peak: float | None,
-              writer: MetricsWriter, state: dict[str, int]) -> dict[str, Any]:
+def _log_step(step: int, acc: DeviceAccumulator, window: _Window, setup: _Setup, tracker: StreamTracker,
+              peak: float | None, writer: MetricsWriter, state: dict[str, int]) -> dict[str, Any]:
     """Read the window's sums to the host (one transfer), derive rates, write JSONL/TB."""
-    info = setup.info
+    info, engine = setup.info, setup.engine
+    elapsed = window.elapsed()
     bad = tracker.bad_counts()
-    local = torch.tensor([host["tokens"], host["sequences"], host["flops"], wait_time]
+    local = torch.tensor([window.tokens, window.sequences, window.flops, window.wait]
                          + [bad.get(kind, 0) for kind in BAD_SAMPLE_KINDS], dtype=torch.float64)
     if info.world_size > 1:
         import torch.distributed as dist
