@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-__all__ = ["TRAINERS", "LOADERS", "NotImplementedModel", "get_trainer", "get_loader"]
+__all__ = ["TRAINERS", "LOADERS", "NotImplementedModel", "get_trainer", "get_loader", "load_recommender"]
 
 _BASELINE_TRAINER = "reolm.finetune.baseline_trainer:train_baseline"
 _BASELINE_LOADER = "reolm.baselines.registry:load_baseline"
@@ -59,3 +59,12 @@ def get_trainer(kind: str) -> Callable[..., dict]:
 
 def get_loader(kind: str) -> Callable[..., Any]:
     return _resolve(LOADERS, kind, "loading a saved model")
+
+
+def load_recommender(path: Any) -> tuple[Any, dict[str, Any]]:
+    """(model, descriptor) for a run directory, its ``best/`` or any saved model folder."""
+    from reolm.eval.saved import read_descriptor, resolve_model_dir
+
+    folder = resolve_model_dir(path)
+    desc = read_descriptor(folder)
+    return get_loader(desc["model"])(folder), desc

@@ -39,7 +39,7 @@ from reolm.finetune.config import EvalSection, FinetuneConfig, TrainSection
 from reolm.finetune.registry import get_trainer
 
 __all__ = ["run_finetune", "RunLog", "BestState", "train_with_early_stopping", "evaluate_split",
-           "finish_run", "resolve_device", "seed_everything"]
+           "finish_run", "resolve_device", "seed_everything", "evaluate_saved"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -197,3 +197,30 @@ def config_summary(cfg: FinetuneConfig) -> dict[str, Any]:
     """The config sections relevant to ``cfg.model`` (for logs)."""
     tree = to_dict(cfg)
     return {k: v for k, v in tree.items() if k in ("model", "train", "eval", cfg.model)}
+
+
+def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",
+                   overrides: Iterable[str] = (), device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Evaluate a saved model (run dir or best/) on ``split``; returns a metrics document.
+
+    The evaluation settings are those the run used (``best/config.yaml``), then ``overrides``
+    (``eval.*`` keys), so the test metrics of a run are reproduced exactly by default.
+    """
+    from reolm.config import load_config
+    from reolm.eval.saved import resolve_model_dir
+    from reolm.finetune.registry import load_recommender
+
+    folder = resolve_model_dir(model_path)
+    saved_cfg = folder / "config.yaml"
+    cfg = load_config(FinetuneConfig, [saved_cfg] if saved_cfg.is_file() else [], overrides)
+    model, desc = load_recommender(folder)
+    if isinstance(model, nn.Module):
+        model.to(resolve_device(device))
+    domain = read_domain(domain_dir)
+    if int(desc["num_items"]) != domain.num_items:
+        raise ValueError(f"{folder} was trained on {desc['num_items']} items but {domain_dir} has "
+                         f"{domain.num_items}: wrong domain?")
+    result = evaluate_split(model, domain, split, cfg.eval, progress=progress)
+    return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
+                            num_items=result.num_items, metrics=result.metrics,
+                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder))
