@@ -1,7 +1,8 @@
 """BERT4Rec: bidirectional self-attention trained with a cloze task (Sun et al., CIKM 2019).
 
-Training masks each item with probability ``mask_prob`` (at least one per sequence) and
-predicts it by softmax over all items.  At inference a ``[MASK]`` is appended after the
+Training masks each item with probability ``mask_prob`` and predicts it by softmax over all
+items; one item per sequence is always masked, the last one with probability
+``mask_last_prob`` (so training also sees the inference situation).  At inference a ``[MASK]`` is appended after the
 (most recent ``max_len - 1``) history items and its output is the user vector.  The output
 layer is dense + GELU + LayerNorm, then a dot product with the tied item embeddings plus
 a per-item bias; the bias is folded into the vectors (user ``[h, 1]``, item ``[e, b]``) so
@@ -27,6 +28,7 @@ class BERT4Rec(SequentialBaseline):
         super().__init__(num_items, cfg.max_len)
         self.mask_index = num_items + 1
         self.mask_prob = cfg.mask_prob
+        self.mask_last_prob = cfg.mask_last_prob
         self.item_embedding = nn.Embedding(num_items + 2, cfg.hidden, padding_idx=self.pad_index)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -59,8 +61,11 @@ class BERT4Rec(SequentialBaseline):
     def training_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         real = ids != self.pad_index
         masked = (torch.rand(ids.shape, device=ids.device) < self.mask_prob) & real
-        # Guarantee one masked item per sequence: a random real position of each row.
-        forced = (torch.rand(lengths.shape, device=ids.device) * lengths).long()
+        # Guarantee one masked item per sequence: the last item with probability mask_last_prob
+        # (the inference situation: [MASK] after the history), else a random real position.
+        random_pos = (torch.rand(lengths.shape, device=ids.device) * lengths).long()
+        use_last = torch.rand(lengths.shape, device=ids.device) < self.mask_last_prob
+        forced = torch.where(use_last, lengths - 1, random_pos)
         masked[torch.arange(ids.shape[0], device=ids.device), forced] = True
         inputs = ids.masked_fill(masked, self.mask_index)
         states = self._states(inputs, lengths)[masked]                       # [M, H]

@@ -51,6 +51,9 @@ class BERT4RecConfig:
     dropout: float = param(0.2, "Dropout on embeddings, attention and feed-forward.", ge=0, lt=1)
     mask_prob: float = param(0.2, "Probability of replacing an item by [MASK] during training "
                              "(at least one item per sequence is masked).", gt=0, le=1)
+    mask_last_prob: float = param(0.5, "Probability that the item always masked in a training sequence is "
+                                  "its last one (as at inference, where [MASK] follows the history) "
+                                  "rather than a random one.", ge=0, le=1)
 
     def check(self) -> None:
         from reolm.config import ConfigError
