@@ -187,13 +187,17 @@ def read_reviews(path: str | os.PathLike, report: IngestReport, allow_truncated:
     log = ReviewLog()
     user_ids, item_ids = log.user_ids, log.item_ids
     add_user, add_item, add_time = log.users.append, log.items.append, log.times.append
+    loads = json.loads
     n_lines = 0
     for lineno, line in iter_raw_lines(path, report, allow_truncated, desc="reviews"):
         if not line.strip():
             continue
         n_lines += 1
-        record = parse_record(line)
-        if record is None:
+        try:
+            record = loads(line)  # the fast path; parse_record adds the Python-literal fallback
+        except ValueError:
+            record = parse_record(line)
+        if not isinstance(record, dict):
             report.drop("malformed_review_line", f"{path}:{lineno}")
             continue
         user, asin, time = record.get("reviewerID"), record.get("asin"), record.get("unixReviewTime")
