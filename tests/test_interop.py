@@ -149,3 +149,22 @@ def test_unisrec_export_then_import_round_trip(tmp_path):
     np.testing.assert_array_equal(back.image_features[domain.has_image], domain.image_features[domain.has_image])
     assert back.meta["rt-i1"]["title"] == "item 1 of topic 1. cat1. brand1."
     assert not report.dropped
+    result = subprocess.run([sys.executable, "-m", "reolm", "import", "unisrec", str(tmp_path / "recbole"),
+                             "--name", "rt", "--out", str(tmp_path / "again")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    stats = subprocess.run([sys.executable, "-m", "reolm", "stats", "--json", str(tmp_path / "again")],
+                           capture_output=True, text=True, check=True)
+    row = json.loads(stats.stdout)[0]
+    assert (row["users"], row["items"], row["images"]) == (12, 30, int(domain.has_image.sum()))
+    assert row["interactions"] == domain.num_interactions()
+
+
+def test_import_unisrec_without_index_files_uses_tokens(tmp_path):
+    src = unisrec_files(tmp_path / "Y", "Y", {0: [2, 0, 1, 2], 1: [1, 2, 0]}, ["p", "q", "r"], ["s", "t"],
+                        {"0": "zero.", "2": "two."})
+    (src / "Y.item2index").unlink()
+    (src / "Y.user2index").unlink()
+    domain, _ = import_unisrec(src, "Y")
+    assert domain.smap == {"0": 0, "1": 1, "2": 2} and domain.umap == {"0": 0, "1": 1}
+    assert domain.train == {0: [2, 0], 1: [1]} and domain.val == {0: [1], 1: [2]} and domain.test == {0: [2], 1: [0]}
+    assert domain.meta["2"]["title"] == "two." and domain.meta["1"]["title"] == ""
