@@ -214,8 +214,10 @@ def read_domain(path: str | os.PathLike, validate: bool = True, load_features: b
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """Write JSON to ``path`` through a temporary file and rename."""
     tmp = path.with_name(path.name + ".tmp")
+    # json.dumps uses the C encoder; json.dump streams through the slow pure-Python one.
+    text = json.dumps(data, ensure_ascii=False, indent=indent)
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, ensure_ascii=False, indent=indent)
+        fh.write(text)
     os.replace(tmp, path)
 
 
