@@ -119,16 +119,20 @@ def main() -> int:
     if result.returncode != 0:
         print(result.stderr, file=sys.stderr)
         return result.returncode
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, max over children
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kb = usage.ru_maxrss  # Linux: KiB, max over children (only the prepare child runs here)
+    cpu_seconds = usage.ru_utime + usage.ru_stime  # robust to other jobs sharing the cores
     counts = json.loads((out_dir / "domain.json").read_text())["counts"]
     row = {"lines": args.lines, "seconds": round(seconds, 2), "lines_per_s": round(args.lines / seconds),
            "peak_rss_gb": round(peak_kb / 2**20, 3), "machine": machine(),
+           "cpu_seconds": round(cpu_seconds, 2), "lines_per_cpu_s": round(args.lines / cpu_seconds),
+           "load_average_1m_at_end": round(os.getloadavg()[0], 2),
            "reviews_gz_bytes": reviews.stat().st_size, "meta_gz_bytes": meta.stat().st_size,
            "kept": counts, "note": args.note}
-    print("| lines | seconds | lines/s | peak RSS (GB) | users | items |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {row['lines']:,} | {row['seconds']:.1f} | {row['lines_per_s']:,} | {row['peak_rss_gb']:.2f} | "
-          f"{counts['users']:,} | {counts['items']:,} |")
+    print("| lines | seconds | lines/s | CPU s | lines/CPU s | peak RSS (GB) | users | items |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {row['lines']:,} | {row['seconds']:.1f} | {row['lines_per_s']:,} | {row['cpu_seconds']:.1f} | "
+          f"{row['lines_per_cpu_s']:,} | {row['peak_rss_gb']:.2f} | {counts['users']:,} | {counts['items']:,} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")

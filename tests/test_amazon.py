@@ -171,3 +171,14 @@ def test_cli_writes_folder_with_report_and_stats_reads_it(amazon_files, tmp_path
     assert again.returncode == 1 and "--force" in again.stderr
     stats = subprocess.run([sys.executable, "-m", "reolm", "stats", str(out)], capture_output=True, text=True, check=True)
     assert "| Toys | 3 | 5 | 0 (0.0%) | 10 | 3.33 |" in stats.stdout
+
+
+def test_plain_files_and_malformed_meta_line(tmp_path):
+    reviews = tmp_path / "r.json"  # not compressed
+    reviews.write_text("\n".join(review("A", a, t) for t, a in enumerate(["X", "Y", "Z", "W"])) + "\n")
+    meta_path = tmp_path / "m.json"
+    meta_path.write_text("\n".join([meta("X", "x"), meta("Y", "y"), '{"asin": "Z", "title": "z', meta("W", "w")]) + "\n")
+    domain, _, report = build_amazon_domain("T", reviews, meta_path, AmazonOptions(user_k=3, item_k=0))
+    assert domain.smap == {"X": 0, "Y": 1, "W": 2} and domain.train == {0: [0]}
+    assert report.examples["malformed_meta_line"] == [f"{meta_path}:3"]
+    assert report.dropped["interactions_of_items_without_meta"] == 1

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 import gzip
 import html
+import io
 import json
 import os
 import re
@@ -55,7 +56,7 @@ DUPLICATE_POLICIES = ("keep", "exact", "user-item")
 CATEGORY_STYLES = ("full", "drop-top")
 _PROGRESS_EVERY = 1 << 16  # lines between progress-bar updates (tqdm per line would cost ~30%)
 # Cheap pre-filter: the asin of a metadata line, found without parsing the (long) line.
-_ASIN_RE = re.compile(rb"""["']asin["']\s*:\s*["']([^"']+)["']""")
+_ASIN_RE = re.compile(r"""["']asin["']\s*:\s*["']([^"']+)["']""")
 _SPACES_RE = re.compile(r"\s+")
 
 
@@ -96,8 +97,11 @@ def _is_gzip(path: Path) -> bool:
 
 
 def iter_raw_lines(path: str | os.PathLike, report: IngestReport, allow_truncated: bool = False,
-                   desc: str = "") -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw_line)`` of a gzip or plain text file, streaming.
+                   desc: str = "") -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` of a gzip or plain UTF-8 text file, streaming.
+
+    Text mode splits lines in C (much faster than GzipFile.readline); undecodable bytes become
+    U+FFFD, so such a line fails to parse and is reported instead of stopping the run.
 
     A truncated or corrupt gzip stream raises :class:`IngestError` saying how many lines were
     read; with ``allow_truncated`` the lines before the damage are kept and the report notes it.
@@ -108,7 +112,8 @@ def iter_raw_lines(path: str | os.PathLike, report: IngestReport, allow_truncate
     lineno = 0
     with open(path, "rb") as raw, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                                        desc=desc or path.name, leave=False, mininterval=1.0) as bar:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
+        binary = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
+        stream = io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="\n")
         try:
             for line in stream:
                 lineno += 1
@@ -124,14 +129,14 @@ def iter_raw_lines(path: str | os.PathLike, report: IngestReport, allow_truncate
         bar.update(bar.total - bar.n)
 
 
-def parse_record(line: bytes) -> dict[str, Any] | None:
+def parse_record(line: str) -> dict[str, Any] | None:
     """A JSON object, else a Python-literal dict (older dumps), else ``None`` (malformed)."""
     try:
         record = json.loads(line)
     except ValueError:
         try:
-            record = ast.literal_eval(line.decode("utf-8").strip())
-        except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError, TypeError):
+            record = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
             return None
     return record if isinstance(record, dict) else None
 
@@ -255,7 +260,7 @@ def read_meta(path: str | os.PathLike, wanted: dict[str, int], options: AmazonOp
             continue
         n_lines += 1
         match = _ASIN_RE.search(line)
-        if match is not None and match.group(1).decode("utf-8", "replace") not in wanted:
+        if match is not None and match.group(1) not in wanted:
             n_unreviewed += 1  # no review mentions this item: skip without parsing the line
             continue
         record = parse_record(line)
