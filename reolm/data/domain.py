@@ -41,6 +41,7 @@ __all__ = [
     "write_json_atomic",
     "domain_stats",
     "format_stats_table",
+    "resolve_domain_dirs",
 ]
 
 
@@ -256,6 +257,35 @@ def write_domain(domain: Domain, path: str | os.PathLike, extra_info: Mapping[st
     write_json_atomic(done, info, indent=2)
     domain.path = path
     return path
+
+
+def resolve_domain_dirs(paths: Iterable[str | os.PathLike], warn: Any = None) -> list[Path]:
+    """Expand command-line paths into processed domain folders, in order.
+
+    A folder with ``domain.json`` (or Recformer files) is a domain; a folder
+    with ``corpus.json`` (written by ``reolm synth``) stands for its domains;
+    plain files (``DIR/*`` also matches ``DIR/corpus.json``) are skipped with a
+    note through ``warn``. Anything else is a DomainError.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            if warn is not None:
+                warn(f"skipping {path}: a file, not a domain folder")
+            continue
+        if not path.is_dir():
+            raise DomainError(f"no such domain folder: {path}")
+        if (path / "domain.json").is_file() or (path / "train.json").is_file():
+            out.append(path)
+        elif (path / "corpus.json").is_file():
+            corpus = _read_json(path / "corpus.json")
+            out += [path / d["name"] for d in corpus.get("domains", [])]
+        else:
+            raise DomainError(f"not a processed domain folder (no domain.json or train.json): {path}")
+    if not out:
+        raise DomainError("no processed domain folders among the given paths")
+    return out
 
 
 # ----------------------------------------------------------------------------- statistics
