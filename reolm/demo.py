@@ -10,6 +10,7 @@ last.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -25,11 +26,12 @@ import torch
 __all__ = ["Stage", "demo_stages", "run_demo", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_PRESET = "demo"
 
 
 @dataclass
 class Stage:
-    """One step of the demo: a command and the path whose existence marks it done."""
+    """One step of the demo: a command and the path (may hold ``*``) whose existence marks it done."""
 
     name: str
     argv: list[str]
@@ -62,31 +64,34 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None) -> list[
     data, shards = run_dir / "data", run_dir / "shards"
     tok, backbone, vision = run_dir / "tokenizer", run_dir / "backbone", run_dir / "vision"
     pretrain_dir, export_dir = run_dir / "pretrain", run_dir / "pretrained"
-    downstream = data / "Downstream"
-    sources = [data / name for name in ("Books", "Clothing", "Electronics", "Sports")]
+    from reolm.data.synth import PRESETS
+
+    specs = PRESETS[DEMO_PRESET].domains
+    sources = [data / d.name for d in specs if d.role == "pretrain"]
+    (downstream,) = [data / d.name for d in specs if d.role == "downstream"]
     nproc = nproc or _world_size()
     ft = [sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), "--domain", str(downstream),
           "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
     runs = run_dir / "runs"
     return [
-        Stage("synthesise corpus", _reolm("synth", "--preset", "demo", "--out", str(data), "--seed", str(seed)),
+        Stage("synthesise corpus", _reolm("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
               downstream / "domain.json"),
         Stage("write shards", _reolm("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
               shards / "manifest.json"),
         Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
-                                        "--vocab-size", "2000", "--domain", *map(str, sources + [downstream])),
+                                        "--vocab-size", "2000", "--quiet", "--domain", *map(str, sources + [downstream])),
               tok / "tokenizer.json"),
         Stage("init backbone", _reolm("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
                                       "--size", "mini", "--max-positions", "512"),
               backbone / "config.json"),
         Stage("init vision model", _reolm("init", "vision", "--out", str(vision)), vision / "config.json"),
         Stage("token table (corpus)", _reolm("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
-              shards / "tables" / ".tokens-done"),
+              shards / "tables" / "tokens-*" / "table.json"),
         Stage("token table (downstream)", _reolm("tables", "tokens", "--tokenizer", str(backbone),
                                                  "--domain", str(downstream)),
-              downstream / "tables" / ".tokens-done"),
+              downstream / "tables" / "tokens-*" / "table.json"),
         Stage("image features (corpus)", _reolm("tables", "images", "--vision", str(vision), "--corpus", str(shards)),
-              shards / "tables" / ".images-done"),
+              shards / "tables" / "images-*" / "table.json"),
         Stage("image features (downstream)", _reolm("tables", "images", "--vision", str(vision),
                                                     "--domain", str(downstream)),
               downstream / "image_features.npy"),
@@ -119,7 +124,7 @@ def run_demo(run_dir: Path, stages: Sequence[Stage], fresh: bool = False) -> dic
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     total = len(stages)
     for i, stage in enumerate(stages, start=1):
-        if stage.done_marker.exists():
+        if glob.glob(str(stage.done_marker)):
             print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
             continue
         print(f"[{i}/{total}] {stage.name}: {' '.join(stage.argv)}", flush=True)
