@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from conftest import make_domain
 from reolm.baselines import build_baseline
@@ -25,16 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 _ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 FAST = ["train.epochs=10", "train.lr=1e-2", "train.batch_size=64", "train.patience=4", "train.progress=false",
         "eval.batch_size=128"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add spin-waiting on a shared 2-core CI machine
-    # (measured 10x slower under load).  Restored after the module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.eval.metrics import MetricAccumulator, metric_names, metric_sums
 from reolm.eval.ranking import evaluate_vectors, rank_targets, rank_with_score_fn
 from reolm.eval.evaluate import evaluate_recommender, split_examples
 from reolm.baselines.popularity import Popularity
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small matrices: extra intra-op threads only spin on a loaded 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_hand_computed_metrics_for_ranks_0_3_12():
