@@ -40,7 +40,8 @@ def domain_dir(tmp_path_factory) -> Path:
 def runs(domain_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     out = {}
     base = tmp_path_factory.mktemp("runs")
-    for model, extra in (("pop", []), ("sasrec", []), ("gru4rec", []), ("bert4rec", ["train.epochs=15"])):
+    for model, extra in (("pop", []), ("sasrec", []), ("gru4rec", []), ("bert4rec", ["train.epochs=15", "train.lr=3e-3", "train.patience=15",
+                                                       "bert4rec.dropout=0.0"])):
         cfg = load_config(FinetuneConfig, None, FAST + extra + [f"model={model}"])
         out[model] = (base / model, run_finetune(cfg, domain_dir, base / model))
     return out
@@ -50,8 +51,7 @@ def runs(domain_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 def test_learned_baseline_beats_popularity(runs, model):
     pop = runs["pop"][1]["metrics"]["NDCG@10"]
     learned = runs[model][1]["metrics"]["NDCG@10"]
-    # BERT4Rec learns slowest (about 2 cloze targets per sequence instead of one per position)
-    assert learned > 1.4 * pop and learned > pop + 0.03, (model, learned, pop)
+    assert learned > 2 * pop and learned > pop + 0.1, (model, learned, pop)
 
 
 def test_run_directory_contract(runs):

@@ -73,6 +73,11 @@ class SequentialBaseline(nn.Module):
         """How many of the most recent training items one training example uses."""
         return self.max_len + 1
 
+    @property
+    def copies_per_epoch(self) -> int:
+        """How many times each training sequence appears in one epoch (shuffled)."""
+        return 1
+
     def training_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean loss of a right-padded batch of training sequences [B, train_window]."""
         raise NotImplementedError
