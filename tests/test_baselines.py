@@ -13,7 +13,7 @@ from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from conftest import make_domain
 from reolm.baselines import build_baseline
-from reolm.baselines.base import pad_right
+from reolm.baselines.base import full_softmax_ce, pad_right
 from reolm.baselines.config import BERT4RecConfig, GRU4RecConfig, SASRecConfig
 from reolm.config import load_config
 from reolm.data.domain import write_domain
@@ -131,3 +131,18 @@ def test_bert4rec_scores_include_output_bias():
         model.output_bias[3] = 100.0
     scores = model.user_vectors([[1, 2]]) @ model.item_vectors().T
     assert int(scores.argmax()) == 3
+
+
+def test_chunked_full_softmax_equals_dense_loss_and_gradients():
+    torch.manual_seed(0)
+    states = torch.randn(37, 8, requires_grad=True)
+    table = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    dense = torch.nn.functional.cross_entropy(states @ table.T + bias, targets)
+    grads_dense = torch.autograd.grad(dense, (states, table, bias))
+    chunked = full_softmax_ce(states, table, targets, bias, max_logits=50 * 5)  # 5 rows at a time
+    grads_chunked = torch.autograd.grad(chunked, (states, table, bias))
+    assert torch.allclose(chunked, dense, atol=1e-6)
+    for a, b in zip(grads_chunked, grads_dense):
+        assert torch.allclose(a, b, atol=1e-6)
