@@ -1,0 +1,310 @@
+"""From item indices to packed model batches (shared by pre-training and fine-tuning).
+
+A sequence is ``[CLS]`` followed by its items **most recent first**; each item is
+its text tokens (from the :class:`ItemTokenTable`) then one image token.  All
+tokens of the j-th item carry item-position id j (``[CLS]`` has 0); token types
+are 0 = CLS, 1..K attributes, K+1 image, K+2 padding.  Items are added from the
+most recent until the next one would exceed ``max_items`` or ``max_tokens``.
+
+Sequences are **packed** into one token stream (no padding) with int32
+``cu_seqlens`` and a Python-int ``max_seqlen``; the padded-grid index each
+attention backend may need is computed here too, so the model's forward never
+syncs with the host.  Everything is built as CPU tensors (in DataLoader
+workers) and can be pinned.  The fields are documented in ``docs/model.md``.
+
+Input of :class:`PackedCollator` is a list of :class:`SequenceExample`
+``(history, target, domain)``: global item indices in time order (oldest
+first), the target item index or ``None``, and the sequence's domain index
+(which selects the adapter in pre-training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+
+__all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+CLS_TYPE = 0
+
+
+class SequenceExample(NamedTuple):
+    """One training/evaluation example: item indices are rows of the item tables."""
+
+    history: Sequence[int]       # time order, oldest first
+    target: int | None = None    # encoded as its own ``[CLS] item`` sequence
+    domain: int = 0              # domain index (adapter routing in pre-training)
+
+
+@dataclass
+class _Seq:
+    """One sequence's token arrays before packing."""
+
+    ids: np.ndarray              # int64 [L]
+    types: np.ndarray            # int64 [L]
+    item_pos: np.ndarray         # int64 [L]
+    word_starts: np.ndarray      # bool  [L] (True at word starts of text tokens)
+    image_slots: np.ndarray      # int64 [M] local positions of image tokens
+    image_items: np.ndarray      # int64 [M] item index of each image token
+    domain: int = 0
+    num_items: int = 0
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
+              pad_type_id: int) -> dict[str, Any]:
+    """Concatenate sequences into a packed (or padded) stream with all metadata as tensors."""
+    if not seqs:
+        raise ValueError("cannot collate an empty batch")
+    if layout not in ("packed", "padded"):
+        raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
+    lengths = np.array([len(s.ids) for s in seqs], dtype=np.int64)
+    b, max_len = len(seqs), int(lengths.max())
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    seq_index = np.repeat(np.arange(b), lengths)
+    positions = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    grid_index = seq_index * max_len + positions
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(s, name) for s in seqs])
+
+    ids, types, item_pos = cat("ids"), cat("types"), cat("item_pos")
+    labels = np.concatenate([s.labels if len(s.labels) else np.full(len(s.ids), IGNORE_INDEX, np.int64)
+                             for s in seqs])
+    image_slots = np.concatenate([s.image_slots + st for s, st in zip(seqs, starts)]).astype(np.int64)
+    image_items = cat("image_items").astype(np.int64)
+
+    if layout == "padded":
+        # Every sequence owns max_len slots: scatter into the grid and remap stream indices.
+        total = b * max_len
+        ids = _scatter(ids, grid_index, total, pad_token_id)
+        types = _scatter(types, grid_index, total, pad_type_id)
+        item_pos = _scatter(item_pos, grid_index, total, 0)
+        labels = _scatter(labels, grid_index, total, IGNORE_INDEX)
+        positions = np.tile(np.arange(max_len), b)
+        seq_index = np.repeat(np.arange(b), max_len)
+        image_slots = grid_index[image_slots]
+        grid_index = np.arange(total)
+        cu = np.arange(b + 1) * max_len
+    else:
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+
+    if images is not None and len(image_items):
+        feats = torch.from_numpy(np.ascontiguousarray(images.features[image_items]))
+        present = torch.from_numpy(np.asarray(images.has_image[image_items], dtype=bool))
+    else:
+        dim = images.dim if images is not None else 0
+        feats = torch.zeros((len(image_items), dim), dtype=torch.float16)
+        present = torch.zeros(len(image_items), dtype=torch.bool)
+
+    t = torch.from_numpy
+    return {
+        "input_ids": t(ids.astype(np.int64)),
+        "token_type_ids": t(types.astype(np.int64)),
+        "position_ids": t(positions.astype(np.int64)),
+        "item_position_ids": t(item_pos.astype(np.int64)),
+        "cu_seqlens": t(cu.astype(np.int32)),
+        "max_seqlen": max_len,
+        "seq_lengths": t(lengths),
+        "token_seq_index": t(seq_index.astype(np.int64)),
+        "padded_index": t(grid_index.astype(np.int64)),
+        "layout": layout,
+        "seq_domains": torch.tensor([s.domain for s in seqs], dtype=torch.int64),
+        "seq_num_items": torch.tensor([s.num_items for s in seqs], dtype=torch.int64),
+        "image_token_index": t(image_slots),
+        "image_item_index": t(image_items),
+        "image_features": feats,
+        "image_present": present,
+        "mlm_labels": t(labels.astype(np.int64)),
+        "mlm_positions": t(np.flatnonzero(labels != IGNORE_INDEX).astype(np.int64)),
+        "num_tokens": int(len(ids)),
+        "num_real_tokens": int(lengths.sum()),
+    }
+
+
+def _scatter(values: np.ndarray, index: np.ndarray, total: int, fill: int) -> np.ndarray:
+    out = np.full(total, fill, dtype=values.dtype)
+    out[index] = values
+    return out
+
+
+def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None = None,
+                         item_position_ids: Sequence[Sequence[int]] | None = None,
+                         domains: Sequence[int] | None = None, layout: str = "packed",
+                         pad_token_id: int = 0, pad_type_id: int = 0) -> dict[str, Any]:
+    """Pack plain token sequences (no items, no image tokens, no MLM) into a model batch.
+
+    For encoding arbitrary text and for tests; types and item positions default to 0.
+    """
+    seqs = []
+    for i, ids in enumerate(input_ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        zeros = np.zeros(len(ids), np.int64)
+        seqs.append(_Seq(ids=ids,
+                         types=np.asarray(token_type_ids[i], np.int64) if token_type_ids else zeros,
+                         item_pos=np.asarray(item_position_ids[i], np.int64) if item_position_ids else zeros,
+                         word_starts=np.zeros(len(ids), bool), image_slots=np.zeros(0, np.int64),
+                         image_items=np.zeros(0, np.int64), domain=int(domains[i]) if domains else 0))
+    return _assemble(seqs, None, layout, pad_token_id, pad_type_id)
+
+
+class PackedCollator:
+    """Turns :class:`SequenceExample` lists into packed batches (see module docstring).
+
+    ``__call__`` returns ``{"history": batch, "target": batch | None, "target_items": int64 [B]}``;
+    :meth:`collate_items` encodes bare items (``[CLS] item``) for item vectors.
+    """
+
+    def __init__(self, tokens: ItemTokenTable, images: ImageFeatureTable | None, *, cls_token_id: int,
+                 mask_token_id: int, pad_token_id: int, vocab_size: int, num_attributes: int,
+                 max_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
+                 mask_targets: bool = False, num_domains: int | None = None, layout: str = "packed",
+                 seed: int | None = None):
+        if images is not None and len(images) != len(tokens):
+            raise ValueError(f"image table has {len(images)} rows but the token table has {len(tokens)} items")
+        if tokens.num_attributes and tokens.num_attributes != num_attributes:
+            raise ValueError(f"token table was built for {tokens.num_attributes} attributes "
+                             f"{list(tokens.attributes)} but the model expects {num_attributes}")
+        if max_tokens < 3:
+            raise ValueError("max_tokens must leave room for [CLS], one text token and the image token")
+        self.tokens, self.images = tokens, images
+        self.cls_token_id, self.mask_token_id, self.pad_token_id = cls_token_id, mask_token_id, pad_token_id
+        self.vocab_size = vocab_size
+        self.image_type_id, self.pad_type_id = num_attributes + 1, num_attributes + 2
+        self.max_items, self.max_tokens = max_items, max_tokens
+        self.mlm_probability, self.mask_targets = mlm_probability, mask_targets
+        self.num_domains, self.layout, self.seed = num_domains, layout, seed
+        self._offsets = np.asarray(tokens.offsets)
+        self._rng: np.random.Generator | None = None
+
+    @classmethod
+    def from_config(cls, tokens: ItemTokenTable, images: ImageFeatureTable | None, tokenizer: Any, cfg: Any,
+                    **overrides: Any) -> "PackedCollator":
+        """Settings from a :class:`reolm.model.ModelConfig` and special ids from the tokenizer."""
+        kwargs = dict(cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id,
+                      pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                      num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
+                      mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters)
+        kwargs.update(overrides)
+        return cls(tokens, images, **kwargs)
+
+    # ------------------------------------------------------------------ randomness
+    @property
+    def rng(self) -> np.random.Generator:
+        """Per-process generator: distinct in every DataLoader worker, reproducible with ``seed``."""
+        if self._rng is None:
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else 0
+            base = self.seed if self.seed is not None else torch.initial_seed() % 2**63
+            self._rng = np.random.default_rng([base, worker])
+        return self._rng
+
+    # ------------------------------------------------------------------ sequence building
+    def select_history(self, history: Sequence[int]) -> list[int]:
+        """Most recent first, until the next item would exceed max_items or max_tokens."""
+        chosen: list[int] = []
+        used = 1  # [CLS]
+        for item in reversed(history):
+            if len(chosen) == self.max_items:
+                break
+            self._check_item(item)
+            cost = int(self._offsets[item + 1] - self._offsets[item]) + 1  # text + image token
+            if used + cost > self.max_tokens:
+                break
+            chosen.append(int(item))
+            used += cost
+        return chosen
+
+    def _check_item(self, item: int) -> None:
+        if not 0 <= item < len(self.tokens):
+            raise ValueError(f"item index {item} is out of range for a table of {len(self.tokens)} items")
+
+    def build_sequence(self, items: Sequence[int], domain: int, mlm: bool) -> _Seq:
+        """``[CLS]`` + (text, image) per item in the given order (already most recent first)."""
+        if self.num_domains is not None and not 0 <= domain < self.num_domains:
+            raise ValueError(f"domain index {domain} is out of range: the model routes {self.num_domains} "
+                             f"domains (model.num_adapters)")
+        ids, types, pos, starts = [np.array([self.cls_token_id])], [np.array([CLS_TYPE])], [np.array([0])], \
+            [np.array([False])]
+        image_slots, length = [], 1
+        budget = self.max_tokens - 2
+        for j, item in enumerate(items, start=1):
+            self._check_item(item)
+            t_ids, t_types, t_starts = (np.asarray(a)[:budget] for a in self.tokens.item(item))
+            w = t_starts.astype(bool)
+            if len(w):
+                w[0] = True  # words never span items
+            ids += [t_ids, np.array([self.pad_token_id])]
+            types += [t_types, np.array([self.image_type_id])]
+            pos += [np.full(len(t_ids) + 1, j)]
+            starts += [w, np.array([False])]
+            length += len(t_ids)
+            image_slots.append(length)
+            length += 1
+        seq = _Seq(ids=np.concatenate(ids).astype(np.int64), types=np.concatenate(types).astype(np.int64),
+                   item_pos=np.concatenate(pos).astype(np.int64), word_starts=np.concatenate(starts),
+                   image_slots=np.asarray(image_slots, np.int64), image_items=np.asarray(items, np.int64),
+                   domain=int(domain), num_items=len(items))
+        if mlm and self.mlm_probability > 0:
+            self.mask_whole_words(seq)
+        return seq
+
+    def mask_whole_words(self, seq: _Seq) -> None:
+        """15% whole-word masking of text tokens, 80% [MASK] / 10% random / 10% unchanged (in place)."""
+        text = (seq.types >= 1) & (seq.types <= self.image_type_id - 1)
+        starts = seq.word_starts & text
+        word_id = np.cumsum(starts) - 1
+        num_words = int(starts.sum())
+        labels = np.full(len(seq.ids), IGNORE_INDEX, np.int64)
+        if num_words:
+            chosen_words = self.rng.random(num_words) < self.mlm_probability
+            chosen = text & chosen_words[np.clip(word_id, 0, None)]
+            labels[chosen] = seq.ids[chosen]
+            r = self.rng.random(len(seq.ids))
+            to_mask = chosen & (r < 0.8)
+            to_random = chosen & (r >= 0.8) & (r < 0.9)
+            seq.ids = seq.ids.copy()
+            seq.ids[to_mask] = self.mask_token_id
+            seq.ids[to_random] = self.rng.integers(0, self.vocab_size, int(to_random.sum()))
+        seq.labels = labels
+
+    # ------------------------------------------------------------------ public entry points
+    def __call__(self, examples: Sequence[SequenceExample | tuple]) -> dict[str, Any]:
+        examples = [SequenceExample(*e) for e in examples]
+        has_target = [e.target is not None for e in examples]
+        if any(has_target) and not all(has_target):
+            raise ValueError("either every example of a batch has a target or none has")
+        history = [self.build_sequence(self.select_history(e.history), e.domain, mlm=True) for e in examples]
+        out: dict[str, Any] = {"history": self._assemble(history), "target": None}
+        if all(has_target):
+            out["target"] = self.collate_items([e.target for e in examples], [e.domain for e in examples],
+                                               mlm=self.mask_targets)
+            out["target_items"] = torch.tensor([e.target for e in examples], dtype=torch.int64)
+        return out
+
+    def collate_items(self, items: Sequence[int], domains: Sequence[int] | int = 0,
+                      mlm: bool = False) -> dict[str, Any]:
+        """A batch of ``[CLS] item`` sequences (item vectors, e.g. targets or all items of a domain)."""
+        if isinstance(domains, int):
+            domains = [domains] * len(items)
+        return self._assemble([self.build_sequence([int(i)], d, mlm) for i, d in zip(items, domains)])
+
+    def _assemble(self, seqs: list[_Seq]) -> dict[str, Any]:
+        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id)
+
+
+def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
+    """Copy every tensor of a (nested) batch to ``device``; other values are kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device, non_blocking) for v in batch)
+    return batch

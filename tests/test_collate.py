@@ -1,0 +1,143 @@
+"""The packed collator: budget rules, positions, token types, image slots, MLM masking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reolm.data.collate import IGNORE_INDEX, SequenceExample
+from tiny_models import tiny_collator, tiny_model_config, tiny_tables
+
+CLS, MASK, PAD = 2, 4, 0
+IMAGE_TYPE, PAD_TYPE = 4, 5
+
+
+def _split(batch, name):
+    cu = batch["cu_seqlens"].tolist()
+    return [batch[name][a:b] for a, b in zip(cu[:-1], cu[1:])]
+
+
+def test_budget_keeps_most_recent_items_first_and_positions():
+    tokens, images = tiny_tables(num_items=20)
+    lengths = tokens.lengths()
+    history = list(range(12))
+    col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=30), mlm_probability=0.0)
+    batch = col([SequenceExample(history, None, 0)])["history"]
+    # Expected: from item 11 backwards while 1 + sum(len + 1) <= 30.
+    kept, used = [], 1
+    for item in reversed(history):
+        if used + lengths[item] + 1 > 30:
+            break
+        kept.append(item)
+        used += lengths[item] + 1
+    assert batch["image_item_index"].tolist() == kept
+    assert batch["num_real_tokens"] == used == batch["cu_seqlens"][-1].item()
+    # Each item: its text then one image token, all sharing item position j (CLS = 0).
+    expected_ids, expected_pos, expected_types = [CLS], [0], [0]
+    for j, item in enumerate(kept, start=1):
+        ids, types, _ = tokens.item(item)
+        expected_ids += ids.tolist() + [PAD]
+        expected_types += types.tolist() + [IMAGE_TYPE]
+        expected_pos += [j] * (len(ids) + 1)
+    assert batch["input_ids"].tolist() == expected_ids
+    assert batch["item_position_ids"].tolist() == expected_pos
+    assert batch["token_type_ids"].tolist() == expected_types
+    assert batch["position_ids"].tolist() == list(range(used))
+    assert (batch["input_ids"][batch["image_token_index"]] == PAD).all()
+
+
+def test_max_items_limit_and_cu_seqlens():
+    tokens, images = tiny_tables(num_items=20)
+    col = tiny_collator(tokens, images, tiny_model_config(max_items=3, max_tokens=1000), mlm_probability=0.0)
+    examples = [SequenceExample(list(range(10)), 15, 1), SequenceExample([4, 5], 16, 2),
+                SequenceExample([7], 17, 3)]
+    out = col(examples)
+    hist = out["history"]
+    assert hist["seq_num_items"].tolist() == [3, 2, 1]
+    assert hist["image_item_index"].tolist() == [9, 8, 7, 5, 4, 7]
+    assert hist["cu_seqlens"].dtype == torch.int32
+    assert hist["cu_seqlens"][-1].item() == hist["input_ids"].shape[0] == hist["num_tokens"]
+    assert hist["max_seqlen"] == int(hist["seq_lengths"].max())
+    assert hist["seq_domains"].tolist() == [1, 2, 3]
+    # Targets are separate [CLS] item sequences with their own domains.
+    tgt = out["target"]
+    assert out["target_items"].tolist() == [15, 16, 17]
+    assert tgt["image_item_index"].tolist() == [15, 16, 17]
+    for seq, item in zip(_split(tgt, "input_ids"), [15, 16, 17]):
+        assert seq.tolist() == [CLS] + tokens.item(item)[0].tolist() + [PAD]
+    assert (tgt["mlm_labels"] == IGNORE_INDEX).all() and tgt["mlm_positions"].numel() == 0
+    # Image features gathered for the image tokens, has_image respected.
+    assert torch.equal(hist["image_features"], torch.from_numpy(images.features[hist["image_item_index"].numpy()]))
+    assert hist["image_present"].tolist() == [bool(images.has_image[i]) for i in [9, 8, 7, 5, 4, 7]]
+
+
+def test_padded_layout_matches_packed_tokens():
+    tokens, images = tiny_tables(num_items=20)
+    examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([5], None, 1)]
+    packed = tiny_collator(tokens, images, mlm_probability=0.0)(examples)["history"]
+    padded = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")(examples)["history"]
+    length = packed["max_seqlen"]
+    assert padded["input_ids"].shape[0] == 2 * length
+    real = padded["token_type_ids"] != PAD_TYPE
+    assert torch.equal(padded["input_ids"][real], packed["input_ids"])
+    assert torch.equal(padded["input_ids"][padded["image_token_index"]], packed["input_ids"][packed["image_token_index"]])
+    assert padded["cu_seqlens"].tolist() == [0, length, 2 * length]
+    assert torch.equal(padded["seq_lengths"], packed["seq_lengths"])
+    # packed padded_index puts every token in its [B, L] grid slot
+    assert torch.equal(packed["padded_index"], torch.nonzero(real).squeeze(1))
+
+
+def test_whole_word_masking_rates_and_labels():
+    tokens, images = tiny_tables(num_items=40, min_len=6, max_len=12)
+    col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=1000), seed=3)
+    rng = np.random.default_rng(0)
+    examples = [SequenceExample(rng.integers(0, 40, 8).tolist(), None, 0) for _ in range(16)]
+    text_total = chosen_total = masked = randomised = kept = 0
+    for _ in range(25):
+        batch = col(examples)["history"]
+        types, labels, ids = batch["token_type_ids"], batch["mlm_labels"], batch["input_ids"]
+        text = (types >= 1) & (types <= 3)
+        chosen = labels != IGNORE_INDEX
+        assert not (chosen & ~text).any(), "CLS / image tokens must never be masked"
+        assert torch.equal(batch["mlm_positions"], torch.nonzero(chosen).squeeze(1))
+        text_total += int(text.sum())
+        chosen_total += int(chosen.sum())
+        masked += int((ids[chosen] == MASK).sum())
+        kept += int((ids[chosen] == labels[chosen]).sum())
+        randomised += int(((ids[chosen] != MASK) & (ids[chosen] != labels[chosen])).sum())
+    rate = chosen_total / text_total
+    assert 0.13 < rate < 0.17, rate
+    assert abs(masked / chosen_total - 0.8) < 0.03
+    # random replacements can hit the original token by chance (1/vocab), counted as kept
+    assert abs(randomised / chosen_total - 0.1) < 0.03
+    assert abs(kept / chosen_total - 0.1) < 0.03
+
+
+def test_whole_words_are_masked_together():
+    tokens, images = tiny_tables(num_items=30, min_len=6, max_len=12)
+    col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=1000), seed=1,
+                        mlm_probability=0.3)
+    for _ in range(10):
+        batch = col([SequenceExample(list(range(30)), None, 0)])["history"]
+        chosen = (batch["mlm_labels"] != IGNORE_INDEX).numpy()
+        # rebuild word starts of the stream: CLS, then per item its word_starts and the image token
+        flags = [1]
+        for item in batch["image_item_index"].tolist():
+            ws = tokens.item(item)[2].copy()
+            ws[0] = 1
+            flags += ws.tolist() + [1]
+        word = np.cumsum(flags)
+        for w in np.unique(word[chosen]):
+            assert chosen[word == w].all(), "a word was only partly masked"
+
+
+def test_bad_inputs_raise_clear_errors():
+    tokens, images = tiny_tables(num_items=5)
+    col = tiny_collator(tokens, images)
+    with pytest.raises(ValueError, match="domain index 9"):
+        col([SequenceExample([1, 2], None, 9)])
+    with pytest.raises(ValueError, match="item index 7"):
+        col([SequenceExample([1, 7], None, 0)])
+    with pytest.raises(ValueError, match="every example"):
+        col([SequenceExample([1], 2, 0), SequenceExample([1], None, 0)])

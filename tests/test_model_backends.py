@@ -1,0 +1,147 @@
+"""Attention backends agree with the eager reference; packing changes nothing but speed."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from reolm.data.collate import SequenceExample, move_batch
+from reolm.model import ReoLM, resolve_backend
+from reolm.model.attention import AttentionLayout, attention, flash_available, varlen_available
+from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _batch(layout="packed", seed=0):
+    tokens, images = tiny_tables(num_items=30, seed=seed)
+    col = tiny_collator(tokens, images, tiny_model_config(max_items=6, max_tokens=60), seed=seed, layout=layout)
+    examples = [SequenceExample(list(range(s, s + n)), None, d)
+                for s, n, d in [(0, 1, 0), (3, 6, 1), (10, 3, 2), (20, 5, 3)]]
+    return col(examples)["history"]
+
+
+def _perturb(model: ReoLM, seed=0):
+    """Non-zero adapters, item positions and token types so every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter.up" in name or "item_position" in name or "token_type" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _forward_backward(model, batch):
+    model.zero_grad()
+    out = model(batch)
+    loss = out.hidden.pow(2).mean() + out.pooled.sum() + model.mlm_loss(out, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.hidden.detach(), grads
+
+
+@pytest.mark.parametrize("routing", ["domain", "gate"])
+def test_sdpa_matches_eager_forward_and_gradients(tmp_path, routing):
+    model = tiny_reolm(tmp_path, top_routing=routing).train()  # dropout is 0 in the tiny config
+    _perturb(model)
+    batch = _batch()
+    assert batch["seq_lengths"].unique().numel() == 4  # different lengths
+    ref_out, ref_grads = _forward_backward(model, batch)
+    model.set_attention("sdpa")
+    out, grads = _forward_backward(model, batch)
+    assert torch.allclose(out, ref_out, atol=1e-5, rtol=0)
+    assert ref_grads.keys() == grads.keys() and len(grads) > 20
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_packed_equals_one_by_one_and_padded(tmp_path):
+    model = tiny_reolm(tmp_path, attention="sdpa")
+    _perturb(model)
+    tokens, images = tiny_tables(num_items=30)
+    col = tiny_collator(tokens, images, mlm_probability=0.0)
+    examples = [SequenceExample(list(range(s, s + n)), None, d) for s, n, d in [(0, 2, 0), (5, 6, 1), (12, 4, 2)]]
+    with torch.no_grad():
+        packed = model(col(examples)["history"])
+        singles = [model(col([e])["history"]) for e in examples]
+        padded_col = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")
+        padded = model(padded_col(examples)["history"])
+    assert torch.allclose(packed.hidden, torch.cat([s.hidden for s in singles]), atol=1e-5, rtol=0)
+    assert torch.allclose(packed.pooled, torch.cat([s.pooled for s in singles]), atol=1e-5, rtol=0)
+    assert torch.allclose(packed.pooled, padded.pooled, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pooling(tmp_path, pooling):
+    model = tiny_reolm(tmp_path, pooling=pooling)
+    batch = _batch()
+    with torch.no_grad():
+        out = model(batch)
+    cu = batch["cu_seqlens"].tolist()
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        expected = out.hidden[a] if pooling == "cls" else out.hidden[a:b].mean(0)
+        assert torch.allclose(out.pooled[i], expected, atol=1e-6)
+
+
+def test_gradient_checkpointing_same_gradients(tmp_path):
+    model = tiny_reolm(tmp_path).train()
+    _perturb(model)
+    batch = _batch()
+    ref_out, ref_grads = _forward_backward(model, batch)
+    model.gradient_checkpointing = True
+    out, grads = _forward_backward(model, batch)
+    assert torch.equal(out, ref_out)
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], atol=1e-6), name
+
+
+def test_backend_resolution_on_cpu():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("eager", "cpu") == "eager"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("varlen", "cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("magic", "cpu")
+
+
+def test_varlen_backends_refuse_padded_layout():
+    q = torch.zeros(4, 1, 8)
+    layout = AttentionLayout(torch.tensor([0, 2, 4], dtype=torch.int32), 2, torch.tensor([1, 2]),
+                             torch.arange(4), padded=True)
+    from reolm.model.attention import BACKENDS
+    with pytest.raises(ValueError, match="needs a packed batch"):
+        BACKENDS["varlen"](q, q, q, layout)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "flash"])
+def test_cuda_backends_match_eager_in_bf16(tmp_path, backend):
+    if backend == "varlen" and not varlen_available():
+        pytest.skip("varlen_attn not available")
+    if backend == "flash" and not flash_available():
+        pytest.skip("flash_attn not installed")
+    model = tiny_reolm(tmp_path).cuda().to(torch.bfloat16)
+    _perturb(model)
+    batch = move_batch(_batch(), "cuda")
+    ref_out, ref_grads = _forward_backward(model, batch)
+    model.set_attention(backend)
+    out, grads = _forward_backward(model, batch)
+    assert torch.allclose(out.float(), ref_out.float(), atol=3e-2, rtol=3e-2)
+    for name in grads:
+        scale = ref_grads[name].float().abs().max().clamp_min(1e-3)
+        assert (grads[name].float() - ref_grads[name].float()).abs().max() / scale < 5e-2, name
+
+
+@cuda
+def test_attention_function_varlen_matches_eager_fp32_inputs():
+    if not varlen_available():
+        pytest.skip("varlen_attn not available")
+    torch.manual_seed(0)
+    lengths = [3, 17, 9]
+    cu = torch.tensor([0, 3, 20, 29], dtype=torch.int32, device="cuda")
+    seq = torch.tensor(lengths, device="cuda")
+    index = torch.cat([torch.arange(n) + i * 17 for i, n in enumerate(lengths)]).cuda()
+    layout = AttentionLayout(cu, 17, seq, index)
+    q, k, v = (torch.randn(29, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = attention(q, k, v, layout, "eager")
+    assert torch.allclose(attention(q, k, v, layout, "varlen").float(), ref.float(), atol=2e-2, rtol=2e-2)
