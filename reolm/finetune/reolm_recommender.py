@@ -64,16 +64,23 @@ def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progres
     """The domain's token table for ``tokenizer``; built into ``DIR/tables/`` when missing."""
     from reolm.data.tables import build_source_token_table, build_token_table_batched, find_token_table
 
-    if domain.path is None:  # an in-memory domain: tokenise without saving
+    def in_memory() -> ItemTokenTable:
         ids = domain.item_ids()
         rows = (domain.item_attributes(i, ids) for i in range(domain.num_items))
         return build_token_table_batched(rows, tokenizer, domain.attributes, cfg.max_attr_tokens,
                                          progress=progress, total=domain.num_items)
+
+    if domain.path is None:  # an in-memory domain: tokenise without saving
+        return in_memory()
     try:
         table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
     except TableError:
         log.info("no token table for this tokenizer under %s: building it", domain.path)
-        build_source_token_table(domain.path, tokenizer, cfg.max_attr_tokens, progress=progress)
+        try:
+            build_source_token_table(domain.path, tokenizer, cfg.max_attr_tokens, progress=progress)
+        except OSError as err:  # a read-only dataset folder: tokenise for this process only
+            log.warning("cannot write the token table under %s (%s); tokenising in memory", domain.path, err)
+            return in_memory()
         table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
     if len(table) != domain.num_items:
         raise TableError(f"token table under {domain.path}/tables has {len(table)} items but the domain has "

@@ -142,14 +142,19 @@ def _epoch_order(n: int, stage: ReoLMStageSection, seed: int, epoch: int) -> np.
     return order
 
 
-def stage_rounds(dataset: Dataset, collate: PrefixCollate, stage: ReoLMStageSection, seed: int,
-                 device: torch.device, num_workers: int, progress: bool, name: str
+def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate], stage: ReoLMStageSection,
+                 seed: int, device: torch.device, num_workers: int, progress: bool, name: str
                  ) -> Callable[[int], Iterator[dict[str, Any]]]:
-    """``batches(round)`` for the runner: round r covers part (r-1) % k of epoch (r-1) // k."""
+    """``batches(round)`` for the runner: round r covers part (r-1) % k of epoch (r-1) // k.
+
+    Every round gets a collate_fn seeded from (seed, round): DataLoader workers start from a
+    copy of it, so one shared collator would replay the same masks and negatives each round.
+    """
     k = stage.evals_per_epoch
 
     def batches(step_round: int) -> Iterator[dict[str, Any]]:
         epoch, part = divmod(step_round - 1, k)
+        collate = make_collate(seed * 1_000_003 + step_round)
         order = _epoch_order(len(dataset), stage, seed, epoch)
         num_batches = math.ceil(len(order) / stage.batch_size)
         lo, hi = part * num_batches // k, (part + 1) * num_batches // k
@@ -225,9 +230,11 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
     stage = cfg.reolm.stage1 if number == 1 else cfg.reolm.stage2
     name = f"reolm-stage{number}"
     seed = cfg.train.seed + number
-    collator = rec.collator(mlm_probability=rec.model.config.mlm_probability if stage.mlm_weight > 0 else 0.0,
-                            seed=seed)
-    collate = PrefixCollate(collator, rec.num_items, cfg.reolm.negatives if number == 1 else None)
+    mlm_probability = rec.model.config.mlm_probability if stage.mlm_weight > 0 else 0.0
+    negatives = cfg.reolm.negatives if number == 1 else None
+
+    def make_collate(round_seed: int) -> PrefixCollate:
+        return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives)
     loss = stage1_loss if number == 1 else stage2_loss
     optimizer = torch.optim.AdamW(rec.model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = warmup_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
@@ -236,7 +243,8 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
                                     patience=stage.patience, eval_every=1)
     return train_with_early_stopping(
         rec, optimizer,
-        batches=stage_rounds(dataset, collate, stage, seed, device, cfg.train.num_workers, cfg.train.progress, name),
+        batches=stage_rounds(dataset, make_collate, stage, seed, device, cfg.train.num_workers,
+                             cfg.train.progress, name),
         loss_fn=lambda batch: loss(rec, batch, stage.mlm_weight),
         validate=lambda: evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress),
         on_improve=on_improve, train_cfg=train_cfg, metric=cfg.eval.metric, log=log, stage=name,
