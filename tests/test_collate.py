@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from reolm.data.collate import IGNORE_INDEX, SequenceExample
+from reolm.data.collate import IGNORE_INDEX, SequenceExample, split_sequences
 from tiny_models import tiny_collator, tiny_model_config, tiny_tables
 
 CLS, MASK, PAD = 2, 4, 0
@@ -14,8 +14,7 @@ IMAGE_TYPE, PAD_TYPE = 4, 5
 
 
 def _split(batch, name):
-    cu = batch["cu_seqlens"].tolist()
-    return [batch[name][a:b] for a, b in zip(cu[:-1], cu[1:])]
+    return split_sequences(batch[name], batch)
 
 
 def test_budget_keeps_most_recent_items_first_and_positions():
@@ -55,7 +54,16 @@ def test_max_items_limit_and_cu_seqlens():
     out = col(examples)
     hist = out["history"]
     assert hist["seq_num_items"].tolist() == [3, 2, 1]
-    assert hist["image_item_index"].tolist() == [9, 8, 7, 5, 4, 7]
+    # the stream holds sequences longest first; per-sequence fields stay in example order
+    order = hist["token_seq_index"][hist["cu_seqlens"][:-1].long()].tolist()
+    assert sorted(order) == [0, 1, 2]
+    assert hist["stream_seq_lengths"].tolist() == hist["seq_lengths"][order].tolist()
+    assert hist["stream_seq_lengths"].tolist() == sorted(hist["seq_lengths"].tolist(), reverse=True)
+    kept = {0: [9, 8, 7], 1: [5, 4], 2: [7]}
+    assert hist["image_item_index"].tolist() == sum((kept[i] for i in order), [])
+    for i, seq in enumerate(_split(hist, "input_ids")):
+        assert seq[0] == CLS and hist["input_ids"][hist["seq_cls_index"][i]] == CLS
+        assert len(seq) == 1 + sum(len(tokens.item(j)[0]) + 1 for j in kept[i])
     assert hist["cu_seqlens"].dtype == torch.int32
     assert hist["cu_seqlens"][-1].item() == hist["input_ids"].shape[0] == hist["num_tokens"]
     assert hist["max_seqlen"] == int(hist["seq_lengths"].max())
@@ -63,13 +71,13 @@ def test_max_items_limit_and_cu_seqlens():
     # Targets are separate [CLS] item sequences with their own domains.
     tgt = out["target"]
     assert out["target_items"].tolist() == [15, 16, 17]
-    assert tgt["image_item_index"].tolist() == [15, 16, 17]
+    assert sorted(tgt["image_item_index"].tolist()) == [15, 16, 17]
     for seq, item in zip(_split(tgt, "input_ids"), [15, 16, 17]):
         assert seq.tolist() == [CLS] + tokens.item(item)[0].tolist() + [PAD]
     assert (tgt["mlm_labels"] == IGNORE_INDEX).all() and tgt["mlm_positions"].numel() == 0
     # Image features gathered for the image tokens, has_image respected.
     assert torch.equal(hist["image_features"], torch.from_numpy(images.features[hist["image_item_index"].numpy()]))
-    assert hist["image_present"].tolist() == [bool(images.has_image[i]) for i in [9, 8, 7, 5, 4, 7]]
+    assert hist["image_present"].tolist() == [bool(images.has_image[i]) for i in hist["image_item_index"]]
 
 
 def test_padded_layout_matches_packed_tokens():
@@ -84,8 +92,25 @@ def test_padded_layout_matches_packed_tokens():
     assert torch.equal(padded["input_ids"][padded["image_token_index"]], packed["input_ids"][packed["image_token_index"]])
     assert padded["cu_seqlens"].tolist() == [0, length, 2 * length]
     assert torch.equal(padded["seq_lengths"], packed["seq_lengths"])
-    # packed padded_index puts every token in its [B, L] grid slot
-    assert torch.equal(packed["padded_index"], torch.nonzero(real).squeeze(1))
+    assert padded["attn_groups"] == [(2 * length, 2, length)]
+
+
+def test_attention_groups_cover_every_token_once():
+    from reolm.data.collate import attention_groups
+    lengths = np.array([100, 60, 40, 33, 12, 7, 5])
+    grid, groups = attention_groups(lengths, ratio=0.5)
+    assert [g[1:] for g in groups] == [(2, 100), (2, 40), (2, 12), (1, 5)]  # new group below half
+    assert sum(g[0] for g in groups) == lengths.sum() == len(grid)
+    offset, first = 0, 0
+    for tokens, n, longest in groups:
+        g = grid[offset:offset + tokens]
+        assert len(set(g.tolist())) == tokens and g.max() < n * longest
+        expected = np.concatenate([i * longest + np.arange(m) for i, m in enumerate(lengths[first:first + n])])
+        assert np.array_equal(g, expected)
+        offset, first = offset + tokens, first + n
+    assert attention_groups(lengths, ratio=0.0)[1] == [(lengths.sum(), 7, 100)]
+    with pytest.raises(ValueError, match="sorted"):
+        attention_groups(np.array([3, 9]), 0.5)
 
 
 def test_whole_word_masking_rates_and_labels():
@@ -141,3 +166,42 @@ def test_bad_inputs_raise_clear_errors():
         col([SequenceExample([1, 7], None, 0)])
     with pytest.raises(ValueError, match="every example"):
         col([SequenceExample([1], 2, 0), SequenceExample([1], None, 0)])
+
+
+def test_empty_history_and_dataloader_workers():
+    tokens, images = tiny_tables(num_items=10)
+    col = tiny_collator(tokens, images, seed=5)
+    batch = col([SequenceExample([], 3, 0), SequenceExample([1, 2], 4, 1)])["history"]
+    assert split_sequences(batch["input_ids"], batch)[0].tolist() == [CLS]
+    assert batch["seq_num_items"].tolist() == [0, 2]
+    # In DataLoader workers: every worker gets its own generator, reproducible given the seed.
+    examples = [SequenceExample(list(range(i, i + 5)), None, 0) for i in range(5)] * 4
+    loader = torch.utils.data.DataLoader(examples, batch_size=5, num_workers=2, collate_fn=col)
+
+    def epoch():
+        return [b["history"]["mlm_labels"] for b in loader]
+
+    torch.manual_seed(0)  # the DataLoader draws the workers' seeds from it
+    first, next_epoch = epoch(), epoch()
+    torch.manual_seed(0)
+    again = epoch()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # workers 0 and 1 mask the same examples differently
+    assert not torch.equal(first[0], next_epoch[0])  # and differently every epoch
+
+
+def test_reseed_makes_masks_a_function_of_the_seed():
+    tokens, images = tiny_tables(num_items=10, min_len=6, max_len=12)
+    col = tiny_collator(tokens, images)
+    examples = [SequenceExample(list(range(10)), None, 0)]
+    col.reseed(7)
+    a = col(examples)["history"]["mlm_labels"]
+    b = col(examples)["history"]["mlm_labels"]
+    col.reseed(7)
+    assert torch.equal(col(examples)["history"]["mlm_labels"], a) and not torch.equal(a, b)
+    col._rng = np.random.default_rng(7)  # direct assignment (as the trainer does) is honoured too
+    assert torch.equal(col(examples)["history"]["mlm_labels"], a)
+    # ... also inside DataLoader workers, after the main process used the collator
+    loader = torch.utils.data.DataLoader([examples], batch_size=None, num_workers=1,
+                                         collate_fn=lambda ex: (col.reseed(7), col(ex))[1])
+    assert torch.equal(next(iter(loader))["history"]["mlm_labels"], a)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
-from reolm.data.collate import SequenceExample, move_batch
+from reolm.data.collate import SequenceExample, move_batch, split_sequences
 from reolm.model import ReoLM, resolve_backend
 from reolm.model.attention import AttentionLayout, attention, flash_available, varlen_available
 from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
@@ -46,6 +47,7 @@ def test_sdpa_matches_eager_forward_and_gradients(tmp_path, routing):
     _perturb(model)
     batch = _batch()
     assert batch["seq_lengths"].unique().numel() == 4  # different lengths
+    assert len(batch["attn_groups"]) > 1  # grouped grids exercised
     ref_out, ref_grads = _forward_backward(model, batch)
     model.set_attention("sdpa")
     out, grads = _forward_backward(model, batch)
@@ -62,11 +64,15 @@ def test_packed_equals_one_by_one_and_padded(tmp_path):
     col = tiny_collator(tokens, images, mlm_probability=0.0)
     examples = [SequenceExample(list(range(s, s + n)), None, d) for s, n, d in [(0, 2, 0), (5, 6, 1), (12, 4, 2)]]
     with torch.no_grad():
-        packed = model(col(examples)["history"])
+        batch = col(examples)["history"]
+        packed = model(batch)
         singles = [model(col([e])["history"]) for e in examples]
-        padded_col = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")
-        padded = model(padded_col(examples)["history"])
-    assert torch.allclose(packed.hidden, torch.cat([s.hidden for s in singles]), atol=1e-5, rtol=0)
+        padded_batch = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")(examples)["history"]
+        padded = model(padded_batch)
+    assert torch.allclose(torch.cat(split_sequences(packed.hidden, batch)), torch.cat([s.hidden for s in singles]),
+                          atol=1e-5, rtol=0)
+    assert torch.allclose(torch.cat(split_sequences(padded.hidden, padded_batch)),
+                          torch.cat([s.hidden for s in singles]), atol=1e-5, rtol=0)
     assert torch.allclose(packed.pooled, torch.cat([s.pooled for s in singles]), atol=1e-5, rtol=0)
     assert torch.allclose(packed.pooled, padded.pooled, atol=1e-5, rtol=0)
 
@@ -77,9 +83,8 @@ def test_pooling(tmp_path, pooling):
     batch = _batch()
     with torch.no_grad():
         out = model(batch)
-    cu = batch["cu_seqlens"].tolist()
-    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        expected = out.hidden[a] if pooling == "cls" else out.hidden[a:b].mean(0)
+    for i, seq in enumerate(split_sequences(out.hidden, batch)):
+        expected = seq[0] if pooling == "cls" else seq.mean(0)
         assert torch.allclose(out.pooled[i], expected, atol=1e-6)
 
 
@@ -97,6 +102,9 @@ def test_gradient_checkpointing_same_gradients(tmp_path):
 
 def test_backend_resolution_on_cpu():
     assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"  # fused varlen kernels need fp16/bf16
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        resolve_backend("varlen", "cuda", torch.float32)
     assert resolve_backend("eager", "cpu") == "eager"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_backend("varlen", "cpu")
@@ -106,8 +114,8 @@ def test_backend_resolution_on_cpu():
 
 def test_varlen_backends_refuse_padded_layout():
     q = torch.zeros(4, 1, 8)
-    layout = AttentionLayout(torch.tensor([0, 2, 4], dtype=torch.int32), 2, torch.tensor([1, 2]),
-                             torch.arange(4), padded=True)
+    layout = AttentionLayout(torch.tensor([0, 2, 4], dtype=torch.int32), 2, torch.arange(4),
+                             torch.tensor([1, 2]), [(4, 2, 2)], padded=True)
     from reolm.model.attention import BACKENDS
     with pytest.raises(ValueError, match="needs a packed batch"):
         BACKENDS["varlen"](q, q, q, layout)
@@ -137,11 +145,28 @@ def test_attention_function_varlen_matches_eager_fp32_inputs():
     if not varlen_available():
         pytest.skip("varlen_attn not available")
     torch.manual_seed(0)
-    lengths = [3, 17, 9]
-    cu = torch.tensor([0, 3, 20, 29], dtype=torch.int32, device="cuda")
-    seq = torch.tensor(lengths, device="cuda")
-    index = torch.cat([torch.arange(n) + i * 17 for i, n in enumerate(lengths)]).cuda()
-    layout = AttentionLayout(cu, 17, seq, index)
+    lengths = [17, 9, 3]
+    cu = torch.tensor([0, 17, 26, 29], dtype=torch.int32, device="cuda")
+    from reolm.data.collate import attention_groups
+    grid, groups = attention_groups(np.array(lengths), 0.5)
+    layout = AttentionLayout(cu, 17, torch.from_numpy(grid).cuda(), torch.tensor(lengths, device="cuda"), groups)
     q, k, v = (torch.randn(29, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = attention(q, k, v, layout, "eager")
     assert torch.allclose(attention(q, k, v, layout, "varlen").float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_on_cpu_close_to_fp32_with_fp32_losses(tmp_path):
+    model = tiny_reolm(tmp_path, attention="sdpa").train()
+    _perturb(model)
+    batch = _batch()
+    ref = model(batch)
+    ref_loss = model.mlm_loss(ref, batch)
+    model = model.to(torch.bfloat16)
+    out = model(batch)
+    loss = model.mlm_loss(out, batch)
+    assert out.hidden.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert model.score(out.pooled, out.pooled).dtype == torch.float32
+    assert torch.allclose(out.hidden.float(), ref.hidden, atol=0.1, rtol=0.05)
+    assert abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

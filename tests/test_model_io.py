@@ -100,3 +100,19 @@ def test_mlm_loss_without_masked_tokens_is_zero_and_connected(tmp_path):
     batch = _batch(cfg)["target"]  # targets are not masked
     loss = model.mlm_loss(model(batch), batch)
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_training_flops_counts_real_tokens_only(tmp_path):
+    save_tiny_checkpoint(tmp_path, "bert")
+    cfg = tiny_model_config()
+    model = ReoLM.from_backbone(tmp_path, cfg)
+    tokens, images = tiny_tables(num_items=20)
+    examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1)]
+    packed = tiny_collator(tokens, images, cfg, mlm_probability=0.0)(examples)["history"]
+    padded = tiny_collator(tokens, images, cfg, mlm_probability=0.0, layout="padded")(examples)["history"]
+    assert model.training_flops(packed) == model.training_flops(padded)
+    lengths = packed["seq_lengths"].tolist()
+    h, inner, layers = 32, 64, 2
+    per_token = 4 * h * h + 2 * h * inner + 2 * h * 4 * 4
+    expected = 3 * layers * (2 * per_token * sum(lengths) + 4 * h * sum(n * n for n in lengths))
+    assert model.training_flops(packed) == expected

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reolm.data.collate import pack_token_sequences
+from reolm.data.collate import pack_token_sequences, split_sequences
 from reolm.model import CheckpointError, ReoLM
 from tiny_models import save_tiny_checkpoint, tiny_model_config
 
@@ -30,10 +30,7 @@ def _ours(model, seqs, layout):
     pad = model.backbone_config.pad_token_id
     batch = pack_token_sequences(seqs, layout=layout, pad_token_id=pad, pad_type_id=model.config.pad_type_id)
     with torch.no_grad():
-        hidden = model(batch).hidden
-    if layout == "padded":  # keep the real tokens, in stream order
-        hidden = hidden[batch["token_type_ids"] != model.config.pad_type_id]
-    return hidden
+        return torch.cat(split_sequences(model(batch).hidden, batch))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
@@ -99,3 +96,14 @@ def test_wrong_shape_and_non_bert_config_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(CheckpointError, match="gpt2"):
         ReoLM.from_backbone(tmp_path, tiny_model_config())
+
+
+def test_untied_decoder_in_checkpoint_is_reported(tmp_path, caplog):
+    save_tiny_checkpoint(tmp_path, "bert", masked_lm=True)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["cls.predictions.decoder.weight"] = torch.randn_like(state["bert.embeddings.word_embeddings.weight"])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="reolm.model.encoder"):
+        model = ReoLM.from_backbone(tmp_path, tiny_model_config())
+    assert "decoder weight differs" in caplog.text
+    assert model.lm_head.decoder.weight is model.embeddings.word_embeddings.weight

@@ -110,3 +110,18 @@ def test_no_images_flag_and_exact_paper_totals(tmp_path):
     info = json.loads((tmp_path / "t" / "corpus.json").read_text())
     assert [x["role"] for x in info["domains"]].count("downstream") == 1
     assert not (tmp_path / "t" / "Books" / "has_image.npy").exists()
+
+
+def test_image_colour_identifies_the_topic(tiny_corpus):
+    """Background colour is a function of the topic and differs between topics (PNG domain: exact)."""
+    from PIL import Image
+
+    d = read_domain(tiny_corpus / "Books")
+    topic = _topic_of(d)
+    colour_of: dict[str, set] = {}
+    for item_id, idx in d.smap.items():
+        if d.has_image[idx] and topic[idx]:
+            with Image.open(d.image_path(item_id)) as img:
+                colour_of.setdefault(topic[idx], set()).add(img.convert("RGB").getpixel((0, 0)))
+    assert len(colour_of) >= 4 and all(len(c) == 1 for c in colour_of.values())
+    assert len({next(iter(c)) for c in colour_of.values()}) == len(colour_of)

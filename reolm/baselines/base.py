@@ -10,9 +10,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["pad_right", "SequentialBaseline", "gather_last"]
+__all__ = ["pad_right", "SequentialBaseline", "NextItemBaseline", "gather_last", "full_softmax_ce"]
+
+#: Largest [rows, num_items] logit block materialised at once by full_softmax_ce (256 MB in fp32).
+MAX_LOGITS = 1 << 26
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_index: int, length: int | None = None,
@@ -33,6 +38,32 @@ def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """hidden [B, L, H] at position ``lengths - 1`` of each row -> [B, H]."""
     index = (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, index).squeeze(1)
+
+
+def _ce_sum(states: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    logits = states @ table.T
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def full_softmax_ce(states: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                    bias: torch.Tensor | None = None, max_logits: int = MAX_LOGITS) -> torch.Tensor:
+    """Mean cross-entropy of ``states`` [M, H] over all items ``table`` [N, H] (+ ``bias`` [N]).
+
+    Computed ``max_logits // N`` rows at a time with activation checkpointing (logits are
+    recomputed in backward), so memory stays bounded when M x N is large: 256 x 50 positions
+    against 100K items would otherwise hold 1.3 G logits and their gradient.
+    """
+    rows = max(1, max_logits // table.shape[0])
+    if states.shape[0] <= rows:
+        return _ce_sum(states, table, targets, bias) / states.shape[0]
+    total = states.new_zeros(())
+    for start in range(0, states.shape[0], rows):
+        end = start + rows
+        total = total + checkpoint(_ce_sum, states[start:end], table, targets[start:end], bias, use_reentrant=False)
+    return total / states.shape[0]
 
 
 class SequentialBaseline(nn.Module):
@@ -73,6 +104,11 @@ class SequentialBaseline(nn.Module):
         """How many of the most recent training items one training example uses."""
         return self.max_len + 1
 
+    @property
+    def copies_per_epoch(self) -> int:
+        """How many times each training sequence appears in one epoch (shuffled)."""
+        return 1
+
     def training_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean loss of a right-padded batch of training sequences [B, train_window]."""
         raise NotImplementedError
@@ -112,12 +148,11 @@ class NextItemBaseline(SequentialBaseline):
         states = self.sequence_states(inputs, (lengths - 1).clamp(min=1))[valid]   # [M, H]
         positives = targets[valid]
         if self.loss_kind == "ce":
-            logits = states @ self.item_vectors().T
-            return nn.functional.cross_entropy(logits, positives)
+            return full_softmax_ce(states, self.item_vectors(), positives)
         negatives = torch.randint(0, self.num_items - 1, positives.shape, device=positives.device)
         negatives = negatives + (negatives >= positives).long()  # uniform over items != positive
         table = self.item_embedding
         pos_logit = (states * table(positives)).sum(-1)
         neg_logit = (states * table(negatives)).sum(-1)
-        bce = nn.functional.binary_cross_entropy_with_logits
+        bce = F.binary_cross_entropy_with_logits
         return bce(pos_logit, torch.ones_like(pos_logit)) + bce(neg_logit, torch.zeros_like(neg_logit))

@@ -2,7 +2,8 @@
 
 Training masks each item with probability ``mask_prob`` and predicts it by softmax over all
 items; one item per sequence is always masked, the last one with probability
-``mask_last_prob`` (so training also sees the inference situation).  At inference a ``[MASK]`` is appended after the
+``mask_last_prob`` (so training also sees the inference situation).  Each sequence appears
+``dupe`` times per epoch, masked differently each time (the original code's dupe_factor).  At inference a ``[MASK]`` is appended after the
 (most recent ``max_len - 1``) history items and its output is the user vector.  The output
 layer is dense + GELU + LayerNorm, then a dot product with the tied item embeddings plus
 a per-item bias; the bias is folded into the vectors (user ``[h, 1]``, item ``[e, b]``) so
@@ -16,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from reolm.baselines.base import SequentialBaseline, gather_last, pad_right
+from reolm.baselines.base import SequentialBaseline, full_softmax_ce, gather_last, pad_right
 from reolm.baselines.config import BERT4RecConfig
 from reolm.baselines.transformer import TransformerEncoder
 
@@ -29,6 +30,7 @@ class BERT4Rec(SequentialBaseline):
         self.mask_index = num_items + 1
         self.mask_prob = cfg.mask_prob
         self.mask_last_prob = cfg.mask_last_prob
+        self.dupe = cfg.dupe
         self.item_embedding = nn.Embedding(num_items + 2, cfg.hidden, padding_idx=self.pad_index)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -44,6 +46,10 @@ class BERT4Rec(SequentialBaseline):
     @property
     def train_window(self) -> int:
         return self.max_len
+
+    @property
+    def copies_per_epoch(self) -> int:
+        return self.dupe
 
     def _states(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.item_embedding(ids), lengths))
@@ -69,5 +75,4 @@ class BERT4Rec(SequentialBaseline):
         masked[torch.arange(ids.shape[0], device=ids.device), forced] = True
         inputs = ids.masked_fill(masked, self.mask_index)
         states = self._states(inputs, lengths)[masked]                       # [M, H]
-        logits = states @ self.item_embedding.weight[:self.num_items].T + self.output_bias
-        return nn.functional.cross_entropy(logits, ids[masked])
+        return full_softmax_ce(states, self.item_embedding.weight[:self.num_items], ids[masked], self.output_bias)

@@ -48,12 +48,15 @@ class BERT4RecConfig:
     blocks: int = param(2, "Number of bidirectional self-attention blocks.", ge=1)
     heads: int = param(2, "Attention heads per block (must divide hidden).", ge=1)
     max_len: int = param(50, "Maximum sequence length including the appended [MASK] at inference.", ge=2)
-    dropout: float = param(0.2, "Dropout on embeddings, attention and feed-forward.", ge=0, lt=1)
+    dropout: float = param(0.1, "Dropout on embeddings, attention and feed-forward (the paper's 0.1; "
+                           "more keeps the cloze task on its initial plateau much longer).", ge=0, lt=1)
     mask_prob: float = param(0.2, "Probability of replacing an item by [MASK] during training "
                              "(at least one item per sequence is masked).", gt=0, le=1)
     mask_last_prob: float = param(0.5, "Probability that the item always masked in a training sequence is "
                                   "its last one (as at inference, where [MASK] follows the history) "
                                   "rather than a random one.", ge=0, le=1)
+    dupe: int = param(5, "Differently masked copies of every training sequence per epoch (the original "
+                      "code's dupe_factor): the cloze task gives few targets per sequence.", ge=1)
 
     def check(self) -> None:
         from reolm.config import ConfigError

@@ -24,11 +24,13 @@ reolm tables images --vision DIR (--corpus C | --domain D) [--batch-size N]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="table", metavar="TABLE", required=True)
-    tokens = sub.add_parser("tokens", help="item token table for one tokenizer")
+    tokens = sub.add_parser("tokens", help="item token table for one tokenizer", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     tokens.add_argument("--tokenizer", required=True, help="local HF tokenizer (or model) directory")
     tokens.add_argument("--max-attr-tokens", type=int, default=32, help="tokens per attribute (default 32)")
     tokens.add_argument("--batch-size", type=int, default=4096, help="items per tokenizer call (default 4096)")
-    images = sub.add_parser("images", help="image feature table for one vision model")
+    images = sub.add_parser("images", help="image feature table for one vision model", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     images.add_argument("--vision", required=True, help="local HF vision checkpoint directory")
     images.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     images.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")

@@ -18,7 +18,8 @@ bpe: RoBERTa-style byte-level BPE, <s> <pad> </s> <unk> <mask>."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    train = sub.add_parser("train", help="train a tokenizer on item text")
+    train = sub.add_parser("train", help="train a tokenizer on item text", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--out", required=True, help="output tokenizer directory")
     src = train.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="shard corpus (folder with manifest.json)")
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--min-frequency", type=int, default=1, help="minimum pair/word frequency (default 1)")
     train.add_argument("--model-max-length", type=int, default=1024,
                        help="model_max_length saved with the tokenizer (default 1024)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     sources = [args.corpus] if args.corpus else args.domain
     out = train_tokenizer(item_texts(sources), args.out, args.kind, args.vocab_size, args.min_frequency,
-                          args.model_max_length)
+                          args.model_max_length, progress=not args.quiet)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     print(f"wrote {args.kind} tokenizer with {len(tok):,} tokens to {out} in {time.perf_counter() - start:.1f}s")

@@ -20,6 +20,7 @@ first), the target item index or ``None``, and the sequence's domain index
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -28,7 +29,8 @@ import torch
 
 from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
 
-__all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "IGNORE_INDEX"]
+__all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "split_sequences",
+           "attention_groups", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 CLS_TYPE = 0
@@ -57,43 +59,74 @@ class _Seq:
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Split a stream of sequences sorted longest first into groups for eager/sdpa attention.
+
+    A new group starts when a sequence is shorter than ``ratio`` x its group's longest (``ratio = 0``:
+    one group, everything padded to the longest).  Returns each token's slot in its group's
+    ``[n, L]`` grid and per group (tokens, n, L) as Python ints.
+    """
+    if np.any(np.diff(lengths) > 0):
+        raise ValueError("attention_groups needs lengths sorted longest first")
+    grid, shapes = [], []
+    first = 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] < ratio * lengths[first]:
+            members, longest = lengths[first:i], int(lengths[first])
+            grid += [local * longest + np.arange(n) for local, n in enumerate(members)]
+            shapes.append((int(members.sum()), len(members), longest))
+            first = i
+    return np.concatenate(grid).astype(np.int64), shapes
+
+
 def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
-              pad_type_id: int) -> dict[str, Any]:
-    """Concatenate sequences into a packed (or padded) stream with all metadata as tensors."""
+              pad_type_id: int, bucket_ratio: float = 0.5) -> dict[str, Any]:
+    """Concatenate sequences into a packed (or padded) stream with all metadata as tensors.
+
+    Packed streams hold the sequences longest first, so the length groups of the grid-based
+    attention backends are contiguous; ``token_seq_index`` and ``seq_cls_index`` map back to the
+    examples, and every per-sequence field is in example order.
+    """
     if not seqs:
         raise ValueError("cannot collate an empty batch")
     if layout not in ("packed", "padded"):
         raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
     lengths = np.array([len(s.ids) for s in seqs], dtype=np.int64)
     b, max_len = len(seqs), int(lengths.max())
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    seq_index = np.repeat(np.arange(b), lengths)
-    positions = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-    grid_index = seq_index * max_len + positions
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(s, name) for s in seqs])
-
-    ids, types, item_pos = cat("ids"), cat("types"), cat("item_pos")
-    labels = np.concatenate([s.labels if len(s.labels) else np.full(len(s.ids), IGNORE_INDEX, np.int64)
-                             for s in seqs])
-    image_slots = np.concatenate([s.image_slots + st for s, st in zip(seqs, starts)]).astype(np.int64)
-    image_items = cat("image_items").astype(np.int64)
-
+    order = np.argsort(-lengths, kind="stable") if layout == "packed" else np.arange(b)
+    stream = [seqs[i] for i in order]
+    stream_lengths = lengths[order]
     if layout == "padded":
-        # Every sequence owns max_len slots: scatter into the grid and remap stream indices.
-        total = b * max_len
-        ids = _scatter(ids, grid_index, total, pad_token_id)
-        types = _scatter(types, grid_index, total, pad_type_id)
-        item_pos = _scatter(item_pos, grid_index, total, 0)
-        labels = _scatter(labels, grid_index, total, IGNORE_INDEX)
-        positions = np.tile(np.arange(max_len), b)
-        seq_index = np.repeat(np.arange(b), max_len)
-        image_slots = grid_index[image_slots]
-        grid_index = np.arange(total)
-        cu = np.arange(b + 1) * max_len
+        slot_lengths = np.full(b, max_len, dtype=np.int64)  # every sequence owns max_len slots
     else:
-        cu = np.concatenate([[0], np.cumsum(lengths)])
+        slot_lengths = stream_lengths
+    starts = np.concatenate([[0], np.cumsum(slot_lengths)[:-1]])
+    total = int(slot_lengths.sum())
+
+    # Position of every real token in the stream, then scatter the per-token arrays there.
+    real_slot = np.concatenate([st + np.arange(n) for st, n in zip(starts, stream_lengths)])
+
+    def stream_array(name: str, fill: int) -> np.ndarray:
+        out = np.full(total, fill, dtype=np.int64)
+        out[real_slot] = np.concatenate([getattr(s, name) for s in stream])
+        return out
+
+    for s in stream:
+        if not len(s.labels):
+            s.labels = np.full(len(s.ids), IGNORE_INDEX, np.int64)
+    ids, types = stream_array("ids", pad_token_id), stream_array("types", pad_type_id)
+    item_pos, labels = stream_array("item_pos", 0), stream_array("labels", IGNORE_INDEX)
+    positions = np.arange(total) - np.repeat(starts, slot_lengths)
+    seq_index = np.repeat(order, slot_lengths)
+    cls_index = np.empty(b, dtype=np.int64)
+    cls_index[order] = starts
+    image_slots = np.concatenate([s.image_slots + st for s, st in zip(stream, starts)]).astype(np.int64)
+    image_items = np.concatenate([s.image_items for s in stream]).astype(np.int64)
+    cu = np.concatenate([[0], np.cumsum(slot_lengths)])
+    if layout == "padded":
+        attn_grid, groups = np.arange(total), [(total, b, max_len)]
+    else:
+        attn_grid, groups = attention_groups(stream_lengths, bucket_ratio)
 
     if images is not None and len(image_items):
         feats = torch.from_numpy(np.ascontiguousarray(images.features[image_items]))
@@ -105,39 +138,38 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
 
     t = torch.from_numpy
     return {
-        "input_ids": t(ids.astype(np.int64)),
-        "token_type_ids": t(types.astype(np.int64)),
+        "input_ids": t(ids),
+        "token_type_ids": t(types),
         "position_ids": t(positions.astype(np.int64)),
-        "item_position_ids": t(item_pos.astype(np.int64)),
+        "item_position_ids": t(item_pos),
         "cu_seqlens": t(cu.astype(np.int32)),
         "max_seqlen": max_len,
-        "seq_lengths": t(lengths),
-        "token_seq_index": t(seq_index.astype(np.int64)),
-        "padded_index": t(grid_index.astype(np.int64)),
         "layout": layout,
+        "token_seq_index": t(seq_index.astype(np.int64)),
+        "seq_cls_index": t(cls_index),
+        "seq_lengths": t(lengths),
+        "stream_seq_lengths": t(np.ascontiguousarray(stream_lengths)),
+        "attn_grid_index": t(attn_grid.astype(np.int64)),
+        "attn_groups": groups,
         "seq_domains": torch.tensor([s.domain for s in seqs], dtype=torch.int64),
         "seq_num_items": torch.tensor([s.num_items for s in seqs], dtype=torch.int64),
         "image_token_index": t(image_slots),
         "image_item_index": t(image_items),
         "image_features": feats,
         "image_present": present,
-        "mlm_labels": t(labels.astype(np.int64)),
+        "mlm_labels": t(labels),
         "mlm_positions": t(np.flatnonzero(labels != IGNORE_INDEX).astype(np.int64)),
-        "num_tokens": int(len(ids)),
+        "num_tokens": total,
         "num_real_tokens": int(lengths.sum()),
+        "num_attention_pairs": int((lengths ** 2).sum()),  # (query, key) pairs of the real tokens
     }
-
-
-def _scatter(values: np.ndarray, index: np.ndarray, total: int, fill: int) -> np.ndarray:
-    out = np.full(total, fill, dtype=values.dtype)
-    out[index] = values
-    return out
 
 
 def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None = None,
                          item_position_ids: Sequence[Sequence[int]] | None = None,
                          domains: Sequence[int] | None = None, layout: str = "packed",
-                         pad_token_id: int = 0, pad_type_id: int = 0) -> dict[str, Any]:
+                         pad_token_id: int = 0, pad_type_id: int = 0, bucket_ratio: float = 0.5
+                         ) -> dict[str, Any]:
     """Pack plain token sequences (no items, no image tokens, no MLM) into a model batch.
 
     For encoding arbitrary text and for tests; types and item positions default to 0.
@@ -151,7 +183,7 @@ def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Seq
                          item_pos=np.asarray(item_position_ids[i], np.int64) if item_position_ids else zeros,
                          word_starts=np.zeros(len(ids), bool), image_slots=np.zeros(0, np.int64),
                          image_items=np.zeros(0, np.int64), domain=int(domains[i]) if domains else 0))
-    return _assemble(seqs, None, layout, pad_token_id, pad_type_id)
+    return _assemble(seqs, None, layout, pad_token_id, pad_type_id, bucket_ratio)
 
 
 class PackedCollator:
@@ -165,7 +197,7 @@ class PackedCollator:
                  mask_token_id: int, pad_token_id: int, vocab_size: int, num_attributes: int,
                  max_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
                  mask_targets: bool = False, num_domains: int | None = None, layout: str = "packed",
-                 seed: int | None = None):
+                 bucket_ratio: float = 0.5, seed: int | None = None):
         if images is not None and len(images) != len(tokens):
             raise ValueError(f"image table has {len(images)} rows but the token table has {len(tokens)} items")
         if tokens.num_attributes and tokens.num_attributes != num_attributes:
@@ -180,8 +212,11 @@ class PackedCollator:
         self.max_items, self.max_tokens = max_items, max_tokens
         self.mlm_probability, self.mask_targets = mlm_probability, mask_targets
         self.num_domains, self.layout, self.seed = num_domains, layout, seed
+        self.bucket_ratio = bucket_ratio
         self._offsets = np.asarray(tokens.offsets)
         self._rng: np.random.Generator | None = None
+        self._rng_known: np.random.Generator | None = None  # the generator this process adopted
+        self._rng_owner: int | None = None
 
     @classmethod
     def from_config(cls, tokens: ItemTokenTable, images: ImageFeatureTable | None, tokenizer: Any, cfg: Any,
@@ -190,20 +225,39 @@ class PackedCollator:
         kwargs = dict(cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id,
                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                       num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
-                      mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters)
+                      mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters,
+                      bucket_ratio=cfg.attention_bucket_ratio)
         kwargs.update(overrides)
         return cls(tokens, images, **kwargs)
 
     # ------------------------------------------------------------------ randomness
     @property
     def rng(self) -> np.random.Generator:
-        """Per-process generator: distinct in every DataLoader worker, reproducible with ``seed``."""
-        if self._rng is None:
-            info = torch.utils.data.get_worker_info()
-            worker = info.id if info is not None else 0
-            base = self.seed if self.seed is not None else torch.initial_seed() % 2**63
-            self._rng = np.random.default_rng([base, worker])
+        """The masking generator of the current process.
+
+        Created on first use: in a DataLoader worker from ``seed`` and the worker's seed (which
+        torch draws anew each epoch from the main process's RNG, so masks differ per worker and
+        epoch yet repeat after ``torch.manual_seed``); in the main process from ``seed`` (or
+        ``torch.initial_seed()``).  A generator inherited through a fork is never reused, so
+        workers do not repeat each other.  :meth:`reseed` (or assigning ``_rng``) pins it.
+        """
+        pid = os.getpid()
+        assigned = self._rng is not self._rng_known  # set from outside (reseed or ``_rng = ...``)
+        if self._rng is not None and (assigned or self._rng_owner == pid):
+            self._rng_known, self._rng_owner = self._rng, pid
+            return self._rng
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            key = [self.seed or 0, info.seed % 2**63]
+        else:
+            key = [self.seed] if self.seed is not None else [0, torch.initial_seed() % 2**63]
+        self._rng = self._rng_known = np.random.default_rng(key)
+        self._rng_owner = pid
         return self._rng
+
+    def reseed(self, seed: int | Sequence[int]) -> None:
+        """Make the following masks a function of ``seed`` (e.g. a per-batch seed for exact resume)."""
+        self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ sequence building
     def select_history(self, history: Sequence[int]) -> list[int]:
@@ -296,7 +350,7 @@ class PackedCollator:
         return self._assemble([self.build_sequence([int(i)], d, mlm) for i, d in zip(items, domains)])
 
     def _assemble(self, seqs: list[_Seq]) -> dict[str, Any]:
-        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id)
+        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id, self.bucket_ratio)
 
 
 def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
@@ -308,3 +362,10 @@ def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_batch(v, device, non_blocking) for v in batch)
     return batch
+
+
+def split_sequences(stream: torch.Tensor, batch: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Per-token values of a stream (e.g. ``EncoderOutput.hidden``) cut into one tensor per example,
+    in example order, real tokens only.  For inspection and tests: it syncs with the host."""
+    starts = batch["seq_cls_index"].tolist()
+    return [stream[start:start + n] for start, n in zip(starts, batch["seq_lengths"].tolist())]

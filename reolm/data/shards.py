@@ -40,6 +40,8 @@ __all__ = [
     "SHARD_FORMAT_VERSION",
     "ShardError",
     "ShardOptions",
+    "ShardSeries",
+    "VerifyReport",
     "write_corpus",
     "verify_corpus",
     "load_manifest",
@@ -48,6 +50,7 @@ __all__ = [
     "iter_sequences",
     "item_key",
     "sequence_key",
+    "image_files",
 ]
 
 SHARD_FORMAT_VERSION = 1
@@ -144,6 +147,9 @@ class ShardSeries:
         self._file = _HashingFile(path)
         self._writer = self._wds.TarWriter(self._file, user=TAR_OWNER, group=TAR_OWNER, encoder=False,
                                            mtime=TAR_MTIME, compress=False)
+        # TarWriter computes a USTAR format but does not hand it to tarfile (which then writes
+        # PAX headers, ~30% slower per sample); keys are short, so plain USTAR is exact.
+        self._writer.tarstream.format = tarfile.USTAR_FORMAT
         self._count = 0
 
     def _close_current(self) -> None:
@@ -187,7 +193,7 @@ class _ImageStats:
     unreadable: list[str] = field(default_factory=list)
 
 
-def _image_files(domain_dir: Path) -> dict[str, Path]:
+def image_files(domain_dir: Path) -> dict[str, Path]:
     """item id -> image file, listing the images folder once (not one stat per item)."""
     folder = domain_dir / "images"
     if not folder.is_dir():
@@ -240,7 +246,7 @@ def _merged_attributes(domains: Sequence[Path]) -> list[str]:
 
 def _write_domain_items(domain: Domain, d: int, offset: int, series: ShardSeries, opts: ShardOptions,
                         bar: Any) -> _ImageStats:
-    images = _image_files(domain.path) if domain.path else {}
+    images = image_files(domain.path) if domain.path else {}
     stats = _ImageStats()
     ids = domain.item_ids()
     for local, item_id in enumerate(ids):
@@ -261,22 +267,19 @@ def _write_domain_items(domain: Domain, d: int, offset: int, series: ShardSeries
 
 
 def _spill_sequences(domain: Domain, d: int, offset: int, buckets: list[BinaryIO],
-                     rng: np.random.Generator) -> tuple[int, int]:
-    """Append one line per user to a random bucket; returns (sequences, too-short sequences)."""
+                     rng: np.random.Generator) -> int:
+    """Append one line per user to a seeded random bucket; returns the number of sequences."""
     users = sorted(domain.train)
     choice = rng.integers(0, len(buckets), len(users))
-    short = 0
     for user, b in zip(users, choice.tolist()):
         items = [offset + i for i in domain.train[user]]
-        if len(items) < 2:
-            short += 1
         val = domain.val.get(user)
         dev = {"domain": d, "user": user, "items": items, "target": offset + val[0]} if val else None
         train = {"domain": d, "user": user, "items": items}
         line = b"\t".join((sequence_key(d, user).encode(), str(len(items)).encode(), _compact_json(train),
                            _compact_json(dev) if dev else b"")) + b"\n"
         buckets[b].write(line)
-    return len(users), short
+    return len(users)
 
 
 def _write_sequence_shards(bucket_paths: list[Path], train: ShardSeries, dev: ShardSeries, seed: int,
@@ -345,7 +348,7 @@ def write_corpus(domain_dirs: Sequence[str | os.PathLike], out: str | os.PathLik
             names_seen.add(domain.name)
             bar.total = (bar.total or 0) + domain.num_items
             img = _write_domain_items(domain, d, offset, items, opts, bar)
-            n_seq, _ = _spill_sequences(domain, d, offset, buckets, np.random.default_rng([opts.seed, d]))
+            n_seq = _spill_sequences(domain, d, offset, buckets, np.random.default_rng([opts.seed, d]))
             skipped_images += img.unreadable
             domains_info.append({"name": domain.name, "index": d, "item_offset": offset,
                                  "num_items": domain.num_items, "num_users": domain.num_users,

@@ -25,14 +25,12 @@ for the same content (tested), and ``domain.json`` is written last.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 

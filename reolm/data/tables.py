@@ -53,6 +53,19 @@ def _word_starts(word_ids: Sequence[int | None]) -> list[int]:
     return [1 if i == 0 or w is None or w != word_ids[i - 1] else 0 for i, w in enumerate(word_ids)]
 
 
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[Any]:
+    """``tokenizer(texts, add_special_tokens=False).encodings``, without transformers' per-text dicts.
+
+    The HF fast tokenizer's ``__call__`` calls the backend's ``encode_batch`` after
+    switching off truncation and padding; when the backend has neither configured we
+    call it directly (about twice as fast on a million items), else we go through HF.
+    """
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    return tokenizer(texts, add_special_tokens=False).encodings
+
+
 def tokenize_items_batched(tokenizer: Any, items: Sequence[Mapping[str, str]], attributes: Sequence[str],
                            max_attr_tokens: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tokenise a batch of items exactly as ``tokenize_item`` does, item by item.
@@ -66,7 +79,7 @@ def tokenize_items_batched(tokenizer: Any, items: Sequence[Mapping[str, str]], a
     keys = [_encode_words(tokenizer, name) for name in attributes]
     texts = [" " + (str(attrs.get(name, "") or "").strip() or VOID_VALUE)
              for attrs in items for name in attributes]
-    encodings = tokenizer(texts, add_special_tokens=False).encodings
+    encodings = _encode_batch(tokenizer, texts)
     n_attr = len(attributes)
     ids: list[int] = []
     types: list[int] = []

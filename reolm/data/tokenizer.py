@@ -38,32 +38,33 @@ def item_texts(sources: Sequence[str | os.PathLike]) -> Iterator[str]:
                 yield f"{key} {value.strip() or VOID_VALUE}"
 
 
-def _wordpiece(vocab_size: int, min_frequency: int) -> tuple[Any, Any]:
+def _wordpiece(vocab_size: int, min_frequency: int, progress: bool) -> tuple[Any, Any]:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
                                         special_tokens=list(dict.fromkeys(WORDPIECE_SPECIALS.values())))
     return tok, trainer
 
 
-def _bpe(vocab_size: int, min_frequency: int) -> tuple[Any, Any]:
+def _bpe(vocab_size: int, min_frequency: int, progress: bool) -> tuple[Any, Any]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
                                   special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     return tok, trainer
 
 
 def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, kind: str = "wordpiece",
-                    vocab_size: int = 8192, min_frequency: int = 1, model_max_length: int = 1024) -> Path:
+                    vocab_size: int = 8192, min_frequency: int = 1, model_max_length: int = 1024,
+                    progress: bool = True) -> Path:
     """Train on ``texts`` and save an HF tokenizer directory at ``out`` (written atomically)."""
     import shutil
 
@@ -74,7 +75,7 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, kind: str = "w
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose from {', '.join(TOKENIZER_KINDS)}")
     if vocab_size < 300 and kind == "bpe":
         raise ValueError("a byte-level BPE vocabulary needs at least 300 entries (256 bytes + specials)")
-    tok, trainer = (_wordpiece if kind == "wordpiece" else _bpe)(vocab_size, min_frequency)
+    tok, trainer = (_wordpiece if kind == "wordpiece" else _bpe)(vocab_size, min_frequency, progress)
     tok.train_from_iterator(texts, trainer)
     specials = WORDPIECE_SPECIALS if kind == "wordpiece" else BPE_SPECIALS
     cls, sep = specials["cls_token"], specials["sep_token"]

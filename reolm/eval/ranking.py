@@ -56,6 +56,12 @@ def _paired_scores(users: torch.Tensor, items: torch.Tensor, similarity: Similar
     return scores / temperature if temperature != 1.0 else scores
 
 
+def _count_true(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row count of a bool [B, C] mask; summing it as uint8 into int32 is ~2x faster on
+    CPU than ``mask.sum(1)`` (which widens every element to int64 first)."""
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
+
+
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, size):
         yield start, min(start + size, total)
@@ -82,8 +88,8 @@ def rank_with_score_fn(score_chunk: ChunkScoreFn, score_targets: TargetScoreFn, 
         if scores.shape != (targets.shape[0], end - start):
             raise ValueError(f"score function returned shape {tuple(scores.shape)} for items "
                              f"[{start}, {end}) and {targets.shape[0]} users")
-        higher += (scores > t).sum(1)
-        higher_or_equal += (scores >= t).sum(1)
+        higher += _count_true(scores > t)
+        higher_or_equal += _count_true(scores >= t)
         # Take back exactly what each user's own target column contributed: the target is
         # not compared with itself (scores is never written to: it may be a shared view).
         inside = (targets >= start) & (targets < end)

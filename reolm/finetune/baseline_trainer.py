@@ -53,6 +53,7 @@ def train_baseline(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: 
 
     min_len = 1 if cfg.model == "bert4rec" else 2  # next-item models need an input and a target
     sequences = _training_sequences(domain, getattr(model, "train_window", 1), min_len)
+    sequences = sequences * getattr(model, "copies_per_epoch", 1)
     if train_cfg.epochs > 0 and not sequences:
         raise ValueError(f"domain {domain.name!r} has no training sequence of length >= {min_len}")
     params = list(model.parameters())

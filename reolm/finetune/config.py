@@ -32,7 +32,6 @@ class TrainSection:
     eval_every: int = param(1, "Validate every this many epochs.", ge=1)
     seed: int = param(42, "Seed of parameter init, shuffling, masking and negative sampling.")
     device: str = param("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
-    num_workers: int = param(0, "DataLoader worker processes (batches are cheap to build; 0 is usually best).", ge=0)
     progress: bool = param(True, "Show tqdm progress bars.")
 
     def check(self) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from reolm.config import save_resolved, to_dict
+from reolm.config import save_resolved
 from reolm.data.domain import Domain, read_domain
 from reolm.eval.contract import metrics_document, write_metrics
 from reolm.eval.evaluate import EvalResult, Recommender, evaluate_recommender
@@ -202,12 +202,6 @@ def run_finetune(cfg: FinetuneConfig, domain_dir: str | Path, run_dir: str | Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
     return trainer(cfg, domain, run_dir, init=init, backbone=backbone)
-
-
-def config_summary(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The config sections relevant to ``cfg.model`` (for logs)."""
-    tree = to_dict(cfg)
-    return {k: v for k, v in tree.items() if k in ("model", "train", "eval", cfg.model)}
 
 
 def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",

@@ -12,12 +12,15 @@ The encoder works on a flat token stream ``[T, heads, head_dim]``.  An
   tokens then padding), like a classic ``[B, L]`` batch; only ``eager`` and
   ``sdpa`` accept it.  Used by benchmarks and the HF parity tests.
 
-``eager`` and ``sdpa`` need a ``[B, heads, L, head_dim]`` layout: the scatter
-into it and the gather back use ``padded_index`` (the flat ``[B * L]`` slot of
-every token), computed by the collator on CPU, so the forward never syncs
-with the host.  Backends are plain functions registered in ``BACKENDS``; pick
-one with :func:`resolve_backend` (``auto`` = flash if importable on CUDA, else
-varlen on CUDA, else sdpa).
+``eager`` and ``sdpa`` need rectangular ``[n, heads, L, head_dim]`` grids.  To
+keep padding small there too, the collator packs sequences longest first and
+splits them into a few contiguous **attention groups** (a new group starts
+when a sequence is shorter than ``bucket_ratio`` x the group's longest); it
+precomputes on CPU every token's slot in its group's grid
+(``attn_grid_index``) and the groups' shapes (Python ints), so the forward
+never syncs with the host and only groups with padding need a scatter.  Backends are plain
+functions registered in ``BACKENDS``; pick one with :func:`resolve_backend`
+(``auto`` = flash if importable on CUDA, else varlen on CUDA, else sdpa).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +40,14 @@ __all__ = ["AttentionLayout", "BACKENDS", "resolve_backend", "attention", "flash
 
 @dataclass
 class AttentionLayout:
-    """Where each sequence lives in the token stream (all tensors on the compute device)."""
+    """Where each sequence lives in the token stream (tensors on the compute device)."""
 
-    cu_seqlens: torch.Tensor     # int32 [B + 1]: start offset of each sequence's slots, then the end
-    max_seqlen: int              # longest sequence (packed) / slots per sequence (padded)
-    seq_lengths: torch.Tensor    # int64 [B]: real tokens per sequence
-    padded_index: torch.Tensor   # int64 [T]: flat slot of each token in a [B, max_seqlen] grid
-    padded: bool = False         # True when the stream already is the [B * max_seqlen] grid
+    cu_seqlens: torch.Tensor          # int32 [B + 1]: start of each sequence's slots, then the end
+    max_seqlen: int                   # longest sequence (packed) / slots per sequence (padded)
+    grid_index: torch.Tensor          # int64 [T]: slot of each token in its group's [n, L] grid
+    seq_lengths: torch.Tensor         # int64 [B]: real lengths of the sequences, in stream order
+    groups: Sequence[Sequence[int]]   # per group (tokens, sequences, longest), Python ints
+    padded: bool = False              # the stream already is one [B * max_seqlen] grid
 
     @property
     def num_sequences(self) -> int:
@@ -51,33 +55,40 @@ class AttentionLayout:
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, object]) -> "AttentionLayout":
-        return cls(batch["cu_seqlens"], int(batch["max_seqlen"]), batch["seq_lengths"],
-                   batch["padded_index"], batch.get("layout", "packed") == "padded")
+        return cls(batch["cu_seqlens"], int(batch["max_seqlen"]), batch["attn_grid_index"],
+                   batch["stream_seq_lengths"], batch["attn_groups"], batch.get("layout", "packed") == "padded")
 
 
-# ----------------------------------------------------------------------------- padded-layout helpers
+# ----------------------------------------------------------------------------- grouped-grid helpers
 
-def _to_grid(x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-    """[T, h, d] stream -> [B, h, L, d] grid (zeros in padding slots)."""
-    b, length = layout.num_sequences, layout.max_seqlen
-    if layout.padded:
-        grid = x
-    else:
-        grid = x.new_zeros((b * length,) + tuple(x.shape[1:])).index_copy(0, layout.padded_index, x)
-    return grid.view(b, length, *x.shape[1:]).transpose(1, 2)
+GridFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def _from_grid(grid: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-    """[B, h, L, d] grid -> [T, h, d] stream."""
-    b, h, length, d = grid.shape
-    flat = grid.transpose(1, 2).reshape(b * length, h, d)
-    return flat if layout.padded else flat.index_select(0, layout.padded_index)
+def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
+              grid_fn: GridFn) -> torch.Tensor:
+    """Run ``grid_fn(q, k, v, key_mask)`` on each group's ``[n, h, L, d]`` grid; back to ``[T, h, d]``.
 
-
-def _key_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
-    """bool [B, 1, 1, L]: True where the key slot holds a real token."""
-    slots = torch.arange(layout.max_seqlen, device=device)
-    return (slots[None, :] < layout.seq_lengths[:, None]).view(layout.num_sequences, 1, 1, -1)
+    ``key_mask`` (bool ``[n, 1, 1, L]``, True = real key) is None for a group without padding, so
+    SDPA can pick its fused kernels there.
+    """
+    qkv = torch.stack((q, k, v), dim=1)                                          # [T, 3, h, d]
+    sizes = [g[0] for g in layout.groups]
+    outs = []
+    for (tokens, n, length), part, idx, lens in zip(layout.groups, qkv.split(sizes),
+                                                    layout.grid_index.split(sizes),
+                                                    layout.seq_lengths.split([g[1] for g in layout.groups])):
+        full = tokens == n * length           # every slot holds a real token: no scatter, no mask
+        if not (full or layout.padded):
+            part = part.new_zeros((n * length,) + tuple(part.shape[1:])).index_copy(0, idx, part)
+        grid = part.view(n, length, *part.shape[1:]).permute(2, 0, 3, 1, 4)      # [3, n, h, L, d]
+        mask = None
+        if layout.padded or not full:
+            slots = torch.arange(length, device=q.device)
+            mask = (slots[None, :] < lens[:, None]).view(n, 1, 1, length)
+        out = grid_fn(grid[0], grid[1], grid[2], mask)                           # [n, h, L, d]
+        out = out.transpose(1, 2).reshape(n * length, *q.shape[1:])
+        outs.append(out if full or layout.padded else out.index_select(0, idx))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -85,21 +96,23 @@ def _key_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                     dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Reference math: softmax(q k^T / sqrt(d)) v with the softmax in fp32."""
-    qg, kg, vg = (_to_grid(t, layout) for t in (q, k, v))
-    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~_key_mask(layout, q.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = F.dropout(probs, p=dropout_p, training=training).to(vg.dtype)
-    return _from_grid(torch.matmul(probs, vg), layout)
+    def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(qg.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        probs = F.dropout(probs, p=dropout_p, training=training).to(vg.dtype)
+        return torch.matmul(probs, vg)
+    return _on_grids(q, k, v, layout, grid_fn)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                    dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` on the padded grid with a key-padding mask."""
-    qg, kg, vg = (_to_grid(t, layout) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=_key_mask(layout, q.device),
-                                         dropout_p=dropout_p if training else 0.0)
-    return _from_grid(out, layout)
+    """``F.scaled_dot_product_attention`` on the grouped grids with a key-padding mask."""
+    def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
+                                              dropout_p=dropout_p if training else 0.0)
+    return _on_grids(q, k, v, layout, grid_fn)
 
 
 def _require_packed(layout: AttentionLayout, name: str) -> None:
@@ -175,23 +188,32 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """The concrete backend for ``name`` on ``device`` (``auto`` picks the fastest available)."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``name`` on ``device`` (``auto`` picks the fastest available).
+
+    The varlen kernels (flash, varlen) need CUDA and fp16/bf16 activations; ``auto`` falls back to
+    sdpa otherwise, an explicit choice raises.
+    """
     device = torch.device(device)
+    fused_ok = device.type == "cuda" and (dtype is None or dtype in _HALF)
     if name == "auto":
-        if device.type == "cuda" and _flash_fn() is not None:
+        if fused_ok and _flash_fn() is not None:
             return "flash"
-        if device.type == "cuda" and _varlen_fn() is not None:
+        if fused_ok and _varlen_fn() is not None:
             return "varlen"
         return "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    if name in ("varlen", "flash") and device.type != "cuda":
-        raise ValueError(f"attention backend {name!r} needs CUDA (got device {device}); use sdpa or auto")
+    if name in ("varlen", "flash") and not fused_ok:
+        raise ValueError(f"attention backend {name!r} needs CUDA and fp16/bf16 (got {device}, {dtype}); "
+                         f"use sdpa or auto")
     return name
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
               backend: str = "auto", dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Bidirectional attention within each sequence of the stream; q/k/v and result ``[T, h, d]``."""
-    return BACKENDS[resolve_backend(backend, q.device)](q, k, v, layout, dropout_p, training)
+    return BACKENDS[resolve_backend(backend, q.device, q.dtype)](q, k, v, layout, dropout_p, training)

@@ -33,6 +33,10 @@ class ModelConfig:
     attention: str = param("auto", "Attention backend: auto = flash if importable on CUDA, else varlen "
                                    "on CUDA, else sdpa; eager is the reference math.",
                            choices=ATTENTION_BACKENDS)
+    attention_bucket_ratio: float = param(0.5, "eager/sdpa only: sequences are grouped by length for "
+                                               "attention, a new group starting below this share of the "
+                                               "group's longest; 0 = one group padded to the longest.",
+                                          ge=0, le=1)
     pooling: str = param("cls", "Sequence/item vector: the [CLS] output or the mean of all tokens.",
                          choices=("cls", "mean"))
     temperature: float = param(0.05, "Scores are cosine similarity divided by this.", gt=0)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from reolm.config import from_dict, to_dict
 from reolm.model.attention import AttentionLayout, BACKENDS, resolve_backend
 from reolm.model.config import ModelConfig
-from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, normalise_hf_keys,
+from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
                                        read_backbone_config, read_state_dict)
 
 __all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION"]
@@ -207,6 +207,7 @@ class Layer(nn.Module):
         proj = self.attention.self
         heads = self.attention.heads
         shape = (x.shape[0], heads, x.shape[1] // heads)
+        # Separate module calls (not one fused matmul): ZeRO-3 gathers weights per module forward.
         q, k, v = (p(x).view(shape) for p in (proj.query, proj.key, proj.value))
         ctx = BACKENDS[backend](q, k, v, layout, self.attn_dropout, self.training)
         h = self.attention.output(ctx.reshape(x.shape), x)
@@ -276,10 +277,8 @@ class ReoLM(nn.Module):
         self.lm_head = LMHead(backbone, self.embeddings.word_embeddings)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self._backend_cache: dict[str, str] = {}
+        self.attention_dropout = attn_dropout
         self.reset_parameters()
-        if attn_dropout > 0 and cfg.attention in ("varlen",):
-            log.warning("attention=varlen has no attention dropout; attention_dropout=%s is ignored",
-                        attn_dropout)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -306,9 +305,8 @@ class ReoLM(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.embeddings.void_image, std=std)
             nn.init.zeros_(self.embeddings.item_position_embeddings.weight)
-            self.embeddings.token_type_embeddings.weight.copy_(
-                self.embeddings.token_type_embeddings.weight[0].expand_as(
-                    self.embeddings.token_type_embeddings.weight))
+            types = self.embeddings.token_type_embeddings.weight
+            types.copy_(types[0].clone().expand_as(types))
             for layer in self.encoder.layer:
                 nn.init.zeros_(layer.adapter.up_weight)
                 nn.init.zeros_(layer.adapter.up_bias)
@@ -321,7 +319,11 @@ class ReoLM(nn.Module):
         cfg = dataclasses.replace(cfg or ModelConfig(), backbone=str(hf_dir))
         bb = read_backbone_config(hf_dir)
         model = cls(bb, cfg)
-        model.load_backbone_state(normalise_hf_keys(read_state_dict(hf_dir)), source=str(hf_dir))
+        state = read_state_dict(hf_dir)
+        if has_untied_decoder(state):
+            log.warning("%s: the MLM decoder weight differs from the word embeddings; Reo-LM ties them, "
+                        "so the checkpoint's decoder weight is not used", hf_dir)
+        model.load_backbone_state(normalise_hf_keys(state), source=str(hf_dir))
         if load_tokenizer:
             model.tokenizer = _load_tokenizer(hf_dir)
         return model
@@ -453,19 +455,25 @@ class ReoLM(nn.Module):
     def set_attention(self, backend: str) -> None:
         """Switch the attention backend (``auto``, ``eager``, ``sdpa``, ``varlen``, ``flash``)."""
         resolve_backend(backend, "cuda" if backend in ("varlen", "flash") else "cpu")  # validates the name
+        self._backend_cache.clear()
         self.config = dataclasses.replace(self.config, attention=backend)
 
-    def attention_backend(self, device: torch.device) -> str:
-        key = f"{self.config.attention}@{device.type}"
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend this forward uses (``auto`` resolved for the device and dtype, cached)."""
+        key = f"{self.config.attention}@{device.type}/{dtype}"
         if key not in self._backend_cache:
-            self._backend_cache[key] = resolve_backend(self.config.attention, device)
+            backend = resolve_backend(self.config.attention, device, dtype)
+            if backend == "varlen" and self.attention_dropout > 0:
+                log.warning("the varlen attention backend has no attention dropout; attention_dropout=%s "
+                            "is not applied (use flash or sdpa to keep it)", self.attention_dropout)
+            self._backend_cache[key] = backend
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Mapping[str, Any]) -> EncoderOutput:
         """Encode a packed (or padded) batch; see docs/model.md for its fields."""
         layout = AttentionLayout.from_batch(batch)
-        backend = self.attention_backend(batch["input_ids"].device)
+        backend = self.attention_backend(batch["input_ids"].device, self.embeddings.LayerNorm.weight.dtype)
         token_domains = None
         if self.config.top_routing == "domain":
             token_domains = batch["seq_domains"].index_select(0, batch["token_seq_index"])
@@ -483,11 +491,27 @@ class ReoLM(nn.Module):
     def pool(self, hidden: torch.Tensor, batch: Mapping[str, Any], layout: AttentionLayout) -> torch.Tensor:
         """[CLS] output or the mean over real tokens, one vector per sequence."""
         if self.config.pooling == "cls":
-            return hidden.index_select(0, layout.cu_seqlens[:-1].long())
+            return hidden.index_select(0, batch["seq_cls_index"])
         real = (batch["token_type_ids"] != self.config.pad_type_id).to(hidden.dtype)
-        weight = real / layout.seq_lengths.index_select(0, batch["token_seq_index"]).to(hidden.dtype)
-        pooled = hidden.new_zeros(layout.num_sequences, hidden.shape[1])
+        weight = real / batch["seq_lengths"].index_select(0, batch["token_seq_index"]).to(hidden.dtype)
+        pooled = hidden.new_zeros(batch["seq_lengths"].shape[0], hidden.shape[1])
         return pooled.index_add(0, batch["token_seq_index"], hidden * weight[:, None])
+
+    def training_flops(self, batch: Mapping[str, Any], include_mlm: bool = True) -> float:
+        """Model FLOPs of one forward + backward (3x forward) on the real tokens of ``batch``.
+
+        Counts matmuls only (linear layers, adapters, attention scores and mixing, the MLM head at
+        the masked positions), from Python ints of the batch: no host sync, usable for MFU on
+        every step.  Padding is never counted, so MFU compares layouts fairly.
+        """
+        bb, cfg = self.backbone_config, self.config
+        h = bb.hidden_size
+        per_token = 4 * h * h + 2 * h * bb.intermediate_size + 2 * h * cfg.num_adapters * cfg.adapter_rank
+        forward = bb.num_hidden_layers * (2 * per_token * batch["num_real_tokens"]
+                                          + 4 * h * batch["num_attention_pairs"])
+        if include_mlm:
+            forward += 2 * batch["mlm_positions"].shape[0] * (h * h + h * bb.vocab_size)
+        return 3.0 * forward
 
     def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled vectors [B, H] of history sequences."""

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["BackboneConfig", "CheckpointError", "read_backbone_config", "read_state_dict",
-           "normalise_hf_keys", "SUPPORTED_MODEL_TYPES"]
+           "normalise_hf_keys", "has_untied_decoder", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 
@@ -123,6 +123,17 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{directory}: sharded checkpoints are not supported; re-save the model "
                               f"as one file (save_pretrained(..., max_shard_size='100GB'))")
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def has_untied_decoder(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when the checkpoint's MLM decoder weight differs from its word embeddings (we tie them)."""
+    words = decoder = None
+    for key, value in state.items():
+        if key.endswith("embeddings.word_embeddings.weight"):
+            words = value
+        elif key.endswith(("lm_head.decoder.weight", "cls.predictions.decoder.weight")):
+            decoder = value
+    return words is not None and decoder is not None and not torch.equal(words, decoder)
 
 
 def normalise_hf_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,96 @@
+"""Shared pieces of the model benchmarks: machine description, synthetic checkpoints and batches.
+
+The batches follow the shape of real recommendation data: the number of history items per
+sequence is log-uniform in [1, 50] (most users have short histories, a few very long ones) and
+each item has 20-100 text tokens; the collator then applies the 50-item / max_tokens budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reolm.data.collate import PackedCollator, SequenceExample
+from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+from reolm.model import ModelConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def save_random_roberta(directory: Path, layers: int, hidden: int, heads: int, vocab: int = 50265,
+                        max_positions: int = 1026, seed: int = 0) -> Path:
+    """A random-weight RoBERTa-architecture checkpoint (+ a word-level tokenizer) for timing only."""
+    from transformers import BertTokenizer, RobertaConfig, RobertaModel
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, max_position_embeddings=max_positions, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    RobertaModel(cfg, add_pooling_layer=False).save_pretrained(str(directory))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    BertTokenizer(vocab={t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab - 5)])}
+                  ).save_pretrained(str(directory))
+    return directory
+
+
+def synthetic_tables(num_items: int, vocab: int, image_dim: int, seed: int = 0
+                     ) -> tuple[ItemTokenTable, ImageFeatureTable]:
+    """Items of 20-100 tokens over 3 attributes; 71% have an image (the paper's share)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(20, 101, num_items)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    total = int(offsets[-1])
+    types = np.concatenate([np.sort(rng.integers(1, 4, n)) for n in lengths]).astype(np.int8)
+    starts = (rng.random(total) < 0.7).astype(np.uint8)
+    starts[offsets[:-1]] = 1
+    tokens = ItemTokenTable(rng.integers(5, vocab, total).astype(np.int32), types, starts, offsets,
+                            ("category", "title", "brand"))
+    has_image = rng.random(num_items) < 0.71
+    features = (rng.standard_normal((num_items, image_dim)) * has_image[:, None]).astype(np.float16)
+    return tokens, ImageFeatureTable(features, has_image)
+
+
+def synthetic_examples(batch_size: int, num_items: int, num_domains: int, seed: int = 0
+                       ) -> list[SequenceExample]:
+    rng = np.random.default_rng(seed)
+    counts = np.exp(rng.uniform(np.log(1), np.log(51), batch_size)).astype(int).clip(1, 50)
+    return [SequenceExample(rng.integers(0, num_items, n).tolist(), int(rng.integers(0, num_items)),
+                            int(rng.integers(0, num_domains))) for n in counts]
+
+
+def collator(tokens: ItemTokenTable, images: ImageFeatureTable, model: Any, layout: str) -> PackedCollator:
+    return PackedCollator.from_config(tokens, images, model.tokenizer, model.config, layout=layout, seed=0)
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def training_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
+    out = model(batch["history"])
+    items = model.encode_items(batch["target"])
+    logits = model.score(out.pooled, items)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, labels) + 0.1 * model.mlm_loss(out, batch["history"])
