@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
-from reolm.data.collate import PackedCollator
+from reolm.data.collate import PackedCollator, split_sequences
 from reolm.data.domain import read_domain, write_domain
 from reolm.data.item_table import TableError
 from reolm.data.synth import generate_corpus, preset_config
@@ -39,15 +40,6 @@ TRAIN_OVERRIDES = ["train.progress=false", "train.seed=0", "train.device=cpu", "
                    "reolm.stage1.warmup_steps=5", "reolm.stage1.patience=4",
                    "reolm.stage2.epochs=2", "reolm.stage2.lr=1e-3", "reolm.stage2.batch_size=32",
                    "reolm.stage2.warmup_steps=0", "reolm.stage2.patience=2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: threading only adds overhead (and the CI machine has 2 shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +179,11 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     collator: PackedCollator = rec.collator(mlm_probability=0.15, seed=0)
     batch = PrefixCollate(collator, rec.num_items, negatives=20)([([1, 2], 3), ([4], 3), ([7, 8, 9], 11)])
     items = batch["items"]
-    num_candidates = items["cu_seqlens"].shape[0] - 1
-    assert 20 <= num_candidates <= 22  # 20 distinct negatives + the targets {3, 11}, no duplicates
-    # Each label points at its target's [CLS] item sequence: [CLS], the item's text, its image token.
-    bounds = items["cu_seqlens"].tolist()
+    pieces = split_sequences(items["input_ids"], items)  # example order: [CLS], item text, image token
+    assert 20 <= len(pieces) <= 22  # 20 distinct negatives + the targets {3, 11}, no duplicates
+    # Each label points at its target's [CLS] item sequence.
     for label, target in zip(batch["labels"].tolist(), [3, 3, 11]):
-        text = items["input_ids"][bounds[label] + 1:bounds[label + 1] - 1]
-        assert text.tolist() == rec.tokens.item(target)[0].tolist()
+        assert pieces[label][1:-1].tolist() == rec.tokens.item(target)[0].tolist()
     assert batch["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
     stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None)([([1, 2], 3)])
     assert stage2["labels"].tolist() == [3] and "items" not in stage2

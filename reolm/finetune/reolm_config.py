@@ -2,7 +2,7 @@
 
 Reo-LM is fine-tuned in two stages (``docs/finetune.md``); each stage has its own
 optimisation settings (:class:`ReoLMStageSection`).  Of the shared ``train`` section
-Reo-LM uses only ``seed``, ``device``, ``num_workers`` and ``progress``: epochs,
+Reo-LM uses only ``seed``, ``device`` and ``progress``: epochs,
 learning rates, batch sizes, patience, weight decay and clipping come from
 ``reolm.stage1`` / ``reolm.stage2``, so one config file can carry the baselines'
 ``train`` settings and Reo-LM's side by side.
@@ -66,6 +66,8 @@ class ReoLMSection:
                                  "the number of items).", ge=0)
     item_batch_size: int = param(256, "Items per forward pass when encoding the whole catalogue "
                                       "(validation, the stage-2 item table).", ge=1)
+    num_workers: int = param(0, "DataLoader worker processes building packed training batches (each "
+                                "round starts them afresh; 0 = in the training process).", ge=0)
     initial_validation: bool = param(False, "Validate once before stage 1 trains (logged as epoch 0; the "
                                             "zero-shot starting point).")
     stage1: ReoLMStageSection = field(default_factory=ReoLMStageSection)

@@ -243,7 +243,7 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
                                     patience=stage.patience, eval_every=1)
     return train_with_early_stopping(
         rec, optimizer,
-        batches=stage_rounds(dataset, make_collate, stage, seed, device, cfg.train.num_workers,
+        batches=stage_rounds(dataset, make_collate, stage, seed, device, cfg.reolm.num_workers,
                              cfg.train.progress, name),
         loss_fn=lambda batch: loss(rec, batch, stage.mlm_weight),
         validate=lambda: evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress),
