@@ -63,7 +63,7 @@ class ReoLMSection:
                                      "null (the reference's 9).", ge=1)
     negatives: int = param(1000, "Stage 1: uniformly sampled negative items per step, shared by the batch "
                                  "and encoded WITH gradient together with the batch's targets (capped at "
-                                 "the number of items).", ge=0)
+                                 "the number of items; 0 = the batch's targets only).", ge=0)
     item_batch_size: int = param(256, "Items per forward pass when encoding the whole catalogue "
                                       "(validation, the stage-2 item table).", ge=1)
     num_workers: int = param(0, "DataLoader worker processes building packed training batches (each "
