@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("shard", "write processed domains into a WebDataset corpus (items, train, dev shards)"),
     "verify": ("verify", "re-read every shard of a corpus and check it against its manifest"),
     "tokenizer": ("tokenizer", "train a small WordPiece/BPE tokenizer on a corpus (the embedded default)"),
+    "init": ("init", "write a random-weight backbone (from a tokenizer) or vision checkpoint directory"),
     "tables": ("tables", "build derived item tables: token table (per tokenizer), image features (per vision model)"),
     "prepare": ("prepare", "turn raw Amazon Reviews 2018 files into a processed domain folder"),
     "import": ("import_", "import Recformer / UniSRec data or precomputed image features"),

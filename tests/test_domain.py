@@ -60,3 +60,17 @@ def test_stats_cli_markdown_and_json(tmp_path):
     rows = json.loads(subprocess.run([sys.executable, "-m", "reolm", "stats", "--json", str(tmp_path / "beta")],
                                      capture_output=True, text=True, check=True).stdout)
     assert rows[0]["users"] == 10
+
+
+def test_resolve_domain_dirs_expands_corpus_and_skips_files(tmp_path):
+    from reolm.data.domain import resolve_domain_dirs
+
+    write_domain(make_domain("alpha"), tmp_path / "c" / "alpha")
+    write_domain(make_domain("beta"), tmp_path / "c" / "beta")
+    (tmp_path / "c" / "corpus.json").write_text(json.dumps({"domains": [{"name": "beta"}, {"name": "alpha"}]}))
+    notes = []
+    got = resolve_domain_dirs(sorted((tmp_path / "c").iterdir()), warn=notes.append)
+    assert [p.name for p in got] == ["alpha", "beta"] and len(notes) == 1 and "corpus.json" in notes[0]
+    assert [p.name for p in resolve_domain_dirs([tmp_path / "c"])] == ["beta", "alpha"]
+    with pytest.raises(DomainError, match="not a processed domain folder"):
+        resolve_domain_dirs([tmp_path])

@@ -23,7 +23,7 @@ domain files stop with an error naming the file and key."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("domains", nargs="+", metavar="DOMAIN_DIR", help="processed domain folders")
+    parser.add_argument("domains", nargs="+", metavar="DOMAIN_DIR", help="processed domain folders (or a `reolm synth` output folder, for all its domains)")
     parser.add_argument("--out", required=True, help="corpus folder, e.g. shards/NAME")
     parser.add_argument("--name", help="corpus name in the manifest (default: the folder name)")
     parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")
@@ -36,12 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from reolm.data.domain import resolve_domain_dirs
     from reolm.data.shards import ShardOptions, write_corpus
 
     start = time.perf_counter()
     opts = ShardOptions(max_count=args.max_count, max_size=args.max_size, seed=args.seed,
                         max_image_side=args.max_image_side, progress=not args.quiet)
-    m = write_corpus(args.domains, args.out, opts, name=args.name, overwrite=args.overwrite)
+    domains = resolve_domain_dirs(args.domains, warn=lambda msg: print(msg, file=sys.stderr))
+    m = write_corpus(domains, args.out, opts, name=args.name, overwrite=args.overwrite)
     t = m["totals"]
     print(f"wrote {args.out}: {t['items']:,} items ({t['images']:,} images) in {len(m['shards']['items'])} "
           f"shards, {t['train']:,} train / {t['dev']:,} dev sequences in {len(m['shards']['train'])} / "

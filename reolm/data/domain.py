@@ -41,6 +41,7 @@ __all__ = [
     "write_json_atomic",
     "domain_stats",
     "format_stats_table",
+    "resolve_domain_dirs",
 ]
 
 
@@ -214,8 +215,10 @@ def read_domain(path: str | os.PathLike, validate: bool = True, load_features: b
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """Write JSON to ``path`` through a temporary file and rename."""
     tmp = path.with_name(path.name + ".tmp")
+    # json.dumps uses the C encoder; json.dump streams through the slow pure-Python one.
+    text = json.dumps(data, ensure_ascii=False, indent=indent)
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, ensure_ascii=False, indent=indent)
+        fh.write(text)
     os.replace(tmp, path)
 
 
@@ -254,6 +257,35 @@ def write_domain(domain: Domain, path: str | os.PathLike, extra_info: Mapping[st
     write_json_atomic(done, info, indent=2)
     domain.path = path
     return path
+
+
+def resolve_domain_dirs(paths: Iterable[str | os.PathLike], warn: Any = None) -> list[Path]:
+    """Expand command-line paths into processed domain folders, in order.
+
+    A folder with ``domain.json`` (or Recformer files) is a domain; a folder
+    with ``corpus.json`` (written by ``reolm synth``) stands for its domains;
+    plain files (``DIR/*`` also matches ``DIR/corpus.json``) are skipped with a
+    note through ``warn``. Anything else is a DomainError.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            if warn is not None:
+                warn(f"skipping {path}: a file, not a domain folder")
+            continue
+        if not path.is_dir():
+            raise DomainError(f"no such domain folder: {path}")
+        if (path / "domain.json").is_file() or (path / "train.json").is_file():
+            out.append(path)
+        elif (path / "corpus.json").is_file():
+            corpus = _read_json(path / "corpus.json")
+            out += [path / d["name"] for d in corpus.get("domains", [])]
+        else:
+            raise DomainError(f"not a processed domain folder (no domain.json or train.json): {path}")
+    if not out:
+        raise DomainError("no processed domain folders among the given paths")
+    return out
 
 
 # ----------------------------------------------------------------------------- statistics

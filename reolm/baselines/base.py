@@ -1,0 +1,158 @@
+"""What every ID-based baseline shares: padding, the Recommender interface, a training loss.
+
+Sequences are item indices (0-based, from the domain) in time order.  Batches are
+right-padded with ``pad_index = num_items``: position ``t < length`` holds a real item,
+so causal models read the user's state at ``length - 1`` without ever seeing padding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["pad_right", "SequentialBaseline", "NextItemBaseline", "gather_last", "full_softmax_ce"]
+
+#: Largest [rows, num_items] logit block materialised at once by full_softmax_ce (256 MB in fp32).
+MAX_LOGITS = 1 << 26
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_index: int, length: int | None = None,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] item ids right-padded with ``pad_index``, [B] lengths); L = longest or ``length``."""
+    lengths = [len(s) for s in sequences]
+    if not lengths or min(lengths) == 0:
+        raise ValueError("cannot pad an empty batch or an empty sequence")
+    width = length or max(lengths)
+    ids = torch.full((len(sequences), width), pad_index, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.as_tensor(seq[-width:] if len(seq) > width else seq, dtype=torch.long)
+    lens = torch.as_tensor([min(n, width) for n in lengths], dtype=torch.long)
+    return ids.to(device), lens.to(device)
+
+
+def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """hidden [B, L, H] at position ``lengths - 1`` of each row -> [B, H]."""
+    index = (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, index).squeeze(1)
+
+
+def _ce_sum(states: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    logits = states @ table.T
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def full_softmax_ce(states: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                    bias: torch.Tensor | None = None, max_logits: int = MAX_LOGITS) -> torch.Tensor:
+    """Mean cross-entropy of ``states`` [M, H] over all items ``table`` [N, H] (+ ``bias`` [N]).
+
+    Computed ``max_logits // N`` rows at a time with activation checkpointing (logits are
+    recomputed in backward), so memory stays bounded when M x N is large: 256 x 50 positions
+    against 100K items would otherwise hold 1.3 G logits and their gradient.
+    """
+    rows = max(1, max_logits // table.shape[0])
+    if states.shape[0] <= rows:
+        return _ce_sum(states, table, targets, bias) / states.shape[0]
+    total = states.new_zeros(())
+    for start in range(0, states.shape[0], rows):
+        end = start + rows
+        total = total + checkpoint(_ce_sum, states[start:end], table, targets[start:end], bias, use_reentrant=False)
+    return total / states.shape[0]
+
+
+class SequentialBaseline(nn.Module):
+    """Base class: subclasses define ``encode_histories``, ``training_loss`` and ``train_window``.
+
+    Scores are dot products between user vectors and the (tied) item embedding rows.
+    """
+
+    similarity = "dot"
+    temperature = 1.0
+
+    def __init__(self, num_items: int, max_len: int) -> None:
+        super().__init__()
+        if num_items < 2:
+            raise ValueError(f"a baseline needs at least 2 items, got {num_items}")
+        self.num_items = int(num_items)
+        self.pad_index = self.num_items
+        self.max_len = int(max_len)
+
+    # -- Recommender interface ----------------------------------------------------------
+    @property
+    def default_max_history(self) -> int:
+        return self.max_len
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def item_vectors(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- training --------------------------------------------------------------------------
+    @property
+    def train_window(self) -> int:
+        """How many of the most recent training items one training example uses."""
+        return self.max_len + 1
+
+    @property
+    def copies_per_epoch(self) -> int:
+        """How many times each training sequence appears in one epoch (shuffled)."""
+        return 1
+
+    def training_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a right-padded batch of training sequences [B, train_window]."""
+        raise NotImplementedError
+
+
+class NextItemBaseline(SequentialBaseline):
+    """Causal models (SASRec, GRU4Rec): every position predicts the following item.
+
+    ``loss="ce"`` is softmax cross-entropy over all items; ``loss="bce"`` the original binary
+    loss on the positive and one uniformly sampled negative item per position.
+    """
+
+    def __init__(self, num_items: int, max_len: int, hidden: int, loss: str) -> None:
+        super().__init__(num_items, max_len)
+        if loss not in ("ce", "bce"):
+            raise ValueError(f"loss must be 'ce' or 'bce', got {loss!r}")
+        self.loss_kind = loss
+        self.item_embedding = nn.Embedding(num_items + 1, hidden, padding_idx=self.pad_index)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[self.pad_index].zero_()
+
+    def sequence_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] state after each position (causal: position t sees items <= t)."""
+        raise NotImplementedError
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_embedding.weight[:self.num_items]
+
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        ids, lengths = pad_right([h[-self.max_len:] for h in histories], self.pad_index, device=self.device)
+        return gather_last(self.sequence_states(ids, lengths), lengths)
+
+    def training_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        valid = targets != self.pad_index
+        states = self.sequence_states(inputs, (lengths - 1).clamp(min=1))[valid]   # [M, H]
+        positives = targets[valid]
+        if self.loss_kind == "ce":
+            return full_softmax_ce(states, self.item_vectors(), positives)
+        negatives = torch.randint(0, self.num_items - 1, positives.shape, device=positives.device)
+        negatives = negatives + (negatives >= positives).long()  # uniform over items != positive
+        table = self.item_embedding
+        pos_logit = (states * table(positives)).sum(-1)
+        neg_logit = (states * table(negatives)).sum(-1)
+        bce = F.binary_cross_entropy_with_logits
+        return bce(pos_logit, torch.ones_like(pos_logit)) + bce(neg_logit, torch.zeros_like(neg_logit))

@@ -1,0 +1,159 @@
+"""The end-to-end demo behind ``make demo``: every stage of the mission, on embedded data.
+
+Each stage is one ordinary user command (the same ones the README documents),
+run as a subprocess with an argument list. A stage whose outputs already exist
+is skipped, so an interrupted demo resumes where it stopped; ``--fresh`` starts
+over. Stage timings go to ``RUN_DIR/timings.json``; the results table is printed
+last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["Stage", "demo_stages", "run_demo", "main"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_PRESET = "demo"
+
+
+@dataclass
+class Stage:
+    """One step of the demo: a command and the path (may hold ``*``) whose existence marks it done."""
+
+    name: str
+    argv: list[str]
+    done_marker: Path
+    env: dict[str, str] = field(default_factory=dict)
+    check: Callable[[], None] | None = None
+
+
+def _reolm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reolm", *args]
+
+
+def _world_size() -> int:
+    """All GPUs when there are some; otherwise two CPU ranks (gloo), as CI does."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _pretrain_launcher(nproc: int) -> list[str]:
+    """The real DeepSpeed launcher, next to this interpreter (the venv's bin/)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        found = shutil.which("deepspeed")
+        if found is None:
+            raise FileNotFoundError("the `deepspeed` launcher is not installed in this environment")
+        launcher = Path(found)
+    return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
+
+
+def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None) -> list[Stage]:
+    data, shards = run_dir / "data", run_dir / "shards"
+    tok, backbone, vision = run_dir / "tokenizer", run_dir / "backbone", run_dir / "vision"
+    pretrain_dir, export_dir = run_dir / "pretrain", run_dir / "pretrained"
+    from reolm.data.synth import PRESETS
+
+    specs = PRESETS[DEMO_PRESET].domains
+    sources = [data / d.name for d in specs if d.role == "pretrain"]
+    (downstream,) = [data / d.name for d in specs if d.role == "downstream"]
+    nproc = nproc or _world_size()
+    ft = [sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), "--domain", str(downstream),
+          "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
+    runs = run_dir / "runs"
+    return [
+        Stage("synthesise corpus", _reolm("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
+              downstream / "domain.json"),
+        Stage("write shards", _reolm("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
+              shards / "manifest.json"),
+        Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
+                                        "--vocab-size", "2000", "--quiet", "--domain", *map(str, sources + [downstream])),
+              tok / "tokenizer.json"),
+        Stage("init backbone", _reolm("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
+                                      "--size", "mini", "--max-positions", "512"),
+              backbone / "config.json"),
+        Stage("init vision model", _reolm("init", "vision", "--out", str(vision)), vision / "config.json"),
+        Stage("token table (corpus)", _reolm("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
+              shards / "tables" / "tokens-*" / "table.json"),
+        Stage("token table (downstream)", _reolm("tables", "tokens", "--tokenizer", str(backbone),
+                                                 "--domain", str(downstream)),
+              downstream / "tables" / "tokens-*" / "table.json"),
+        Stage("image features (corpus)", _reolm("tables", "images", "--vision", str(vision), "--corpus", str(shards)),
+              shards / "tables" / "images-*" / "table.json"),
+        Stage("image features (downstream)", _reolm("tables", "images", "--vision", str(vision),
+                                                    "--domain", str(downstream)),
+              downstream / "image_features.npy"),
+        Stage("pre-train (DeepSpeed)",
+              [*_pretrain_launcher(nproc), str(REPO_ROOT / "launch" / "pretrain.py"),
+               "--config", str(REPO_ROOT / "launch" / "configs" / "pretrain" / "demo.yaml"),
+               f"data.corpus={shards}", f"model.backbone={backbone}", f"run_dir={pretrain_dir}"],
+              pretrain_dir / "DONE"),
+        Stage("export pre-trained model", _reolm("export", "checkpoint", str(pretrain_dir), str(export_dir)),
+              export_dir / "model.safetensors"),
+        Stage("fine-tune Reo-LM", [*ft, "--model", "reolm", "--init", str(export_dir), "--out", str(runs / "reolm")],
+              runs / "reolm" / "metrics.json"),
+        Stage("fine-tune without pre-training",
+              [*ft, "--model", "reolm", "--backbone", str(backbone), "--out", str(runs / "reolm-nopretrain")],
+              runs / "reolm-nopretrain" / "metrics.json"),
+        Stage("SASRec", [*ft, "--model", "sasrec", "--out", str(runs / "sasrec")], runs / "sasrec" / "metrics.json"),
+        Stage("popularity", [*ft, "--model", "pop", "--out", str(runs / "pop")], runs / "pop" / "metrics.json"),
+        Stage("report", _reolm("report", *(str(runs / m) for m in ("reolm", "reolm-nopretrain", "sasrec", "pop")),
+                               "--out", str(run_dir / "results.md"), "--plot", str(run_dir / "results.png"),
+                               "--json", str(run_dir / "results.json")),
+              run_dir / "results.md"),
+    ]
+
+
+def run_demo(run_dir: Path, stages: Sequence[Stage], fresh: bool = False) -> dict[str, float]:
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    total = len(stages)
+    for i, stage in enumerate(stages, start=1):
+        if glob.glob(str(stage.done_marker)):
+            print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
+            continue
+        print(f"[{i}/{total}] {stage.name}: {' '.join(stage.argv)}", flush=True)
+        start = time.perf_counter()
+        env = {**os.environ, **stage.env}
+        result = subprocess.run(stage.argv, env=env, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"demo stage {stage.name!r} failed with exit code {result.returncode}; "
+                             f"fix the cause and run `make demo` again to resume from this stage")
+        timings[stage.name] = round(time.perf_counter() - start, 2)
+        timings_path.write_text(json.dumps(timings, indent=2))
+    return timings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run the whole Reo-LM pipeline on an embedded synthetic corpus: synthesise -> shard -> "
+                    "tokenizer and item tables -> DeepSpeed pre-training -> export -> fine-tune on the held-out "
+                    "domain, with and without pre-training, against SASRec and popularity -> results table.")
+    parser.add_argument("--run-dir", default="runs/demo", help="where everything is written (default runs/demo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="pre-training ranks (default: all GPUs, or 2 CPU ranks without a GPU)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    start = time.perf_counter()
+    timings = run_demo(run_dir, demo_stages(run_dir, args.seed, args.nproc), fresh=args.fresh)
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {run_dir}\n")
+    print((run_dir / "results.md").read_text())
+    return 0

@@ -1,0 +1,114 @@
+"""The ``RUN_DIR/metrics.json`` contract that reports and other tools read.
+
+::
+
+    {"model": "sasrec",            # one of MODEL_NAMES
+     "domain": "Scientific",
+     "split": "test",
+     "num_users": 11041, "num_items": 5327,
+     "ties": "optimistic",         # how "metrics" ranks ties (target wins ties)
+     "metrics": {"NDCG@10": ..., "Recall@10": ..., "MRR": ..., "NDCG@5": ..., "AUC": ...},
+     "metrics_pessimistic": {...same keys, ties counted against the target...},
+     "best_val": {...validation metrics of the kept (best) weights...}}
+
+Extra keys (``best_epoch``, ``evaluated_at``, ...) are allowed.  ``launch/evaluate.py``
+writes the same document for any split, without ``best_val``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from reolm.data.domain import write_json_atomic
+
+__all__ = ["MODEL_NAMES", "REQUIRED_METRICS", "ContractError", "metrics_document", "validate_metrics",
+           "write_metrics", "read_metrics"]
+
+MODEL_NAMES = ("reolm", "reolm-nopretrain", "reolm-zeroshot", "sasrec", "gru4rec", "bert4rec", "pop")
+REQUIRED_METRICS = ("NDCG@10", "Recall@10", "MRR", "NDCG@5", "AUC")
+
+
+class ContractError(ValueError):
+    """A metrics document does not follow the contract."""
+
+
+def metrics_document(*, model: str, domain: str, split: str, num_users: int, num_items: int,
+                     metrics: Mapping[str, float], metrics_pessimistic: Mapping[str, float],
+                     best_val: Mapping[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+    """Assemble (and validate) a metrics document."""
+    doc: dict[str, Any] = {"model": model, "domain": domain, "split": split, "num_users": int(num_users),
+                           "num_items": int(num_items), "ties": "optimistic", "metrics": dict(metrics),
+                           "metrics_pessimistic": dict(metrics_pessimistic)}
+    if best_val is not None:
+        doc["best_val"] = dict(best_val)
+    doc.update(extra)
+    doc.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    validate_metrics(doc, run=best_val is not None)
+    return doc
+
+
+def _check_metric_block(doc: Mapping[str, Any], key: str, where: str) -> None:
+    block = doc.get(key)
+    if not isinstance(block, Mapping):
+        raise ContractError(f"{where}: {key!r} must be an object of metric name -> number")
+    for name in REQUIRED_METRICS:
+        if name not in block:
+            raise ContractError(f"{where}: {key}.{name} is missing")
+    for name, value in block.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ContractError(f"{where}: {key}.{name} must be a finite number, got {value!r}")
+        if not 0.0 <= value <= 1.0:  # every metric here is a mean of per-user values in [0, 1]
+            raise ContractError(f"{where}: {key}.{name} = {value} is outside [0, 1]")
+
+
+def validate_metrics(doc: Any, run: bool = True, where: str = "metrics.json") -> None:
+    """Raise ContractError naming the first violation; ``run=True`` also requires best_val."""
+    if not isinstance(doc, Mapping):
+        raise ContractError(f"{where}: top level must be an object")
+    if doc.get("model") not in MODEL_NAMES:
+        raise ContractError(f"{where}: model {doc.get('model')!r} is not one of {list(MODEL_NAMES)}")
+    if not isinstance(doc.get("domain"), str) or not doc["domain"]:
+        raise ContractError(f"{where}: domain must be a non-empty string")
+    expected_split = ("test",) if run else ("val", "test")
+    if doc.get("split") not in expected_split:
+        raise ContractError(f"{where}: split must be one of {list(expected_split)}, got {doc.get('split')!r}")
+    for key in ("num_users", "num_items"):
+        value = doc.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ContractError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if doc.get("ties") != "optimistic":
+        raise ContractError(f"{where}: ties must be 'optimistic', got {doc.get('ties')!r}")
+    _check_metric_block(doc, "metrics", where)
+    _check_metric_block(doc, "metrics_pessimistic", where)
+    for name, value in doc["metrics"].items():
+        worse = doc["metrics_pessimistic"].get(name)
+        if worse is not None and worse > value + 1e-9:
+            raise ContractError(f"{where}: metrics_pessimistic.{name} ({worse}) exceeds metrics.{name} ({value})")
+    if run:
+        _check_metric_block(doc, "best_val", where)
+
+
+def write_metrics(path: str | Path, doc: Mapping[str, Any], run: bool = True) -> Path:
+    """Validate then write atomically."""
+    path = Path(path)
+    validate_metrics(doc, run=run, where=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, dict(doc), indent=2)
+    return path
+
+
+def read_metrics(path: str | Path, run: bool = True) -> dict[str, Any]:
+    """Read and validate a metrics document."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise ContractError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    validate_metrics(doc, run=run, where=str(path))
+    return doc

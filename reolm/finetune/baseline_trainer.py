@@ -1,0 +1,72 @@
+"""Trainer of the ID-based baselines (pop, SASRec, GRU4Rec, BERT4Rec) for the shared runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from reolm.baselines.base import pad_right
+from reolm.baselines.registry import build_baseline, section_dict
+from reolm.config import save_resolved
+from reolm.data.domain import Domain
+from reolm.eval.evaluate import EvalResult
+from reolm.eval.saved import save_recommender
+from reolm.finetune.config import FinetuneConfig
+from reolm.finetune.runner import (RunLog, evaluate_split, finish_run, resolve_device, seed_everything,
+                                   train_with_early_stopping)
+
+__all__ = ["train_baseline"]
+
+
+def _training_sequences(domain: Domain, window: int, min_len: int) -> list[list[int]]:
+    """Each user's most recent ``window`` training items (users with fewer than min_len skipped)."""
+    return [seq[-window:] for _, seq in sorted(domain.train.items()) if len(seq) >= min_len]
+
+
+def _epoch_batches(sequences: list[list[int]], batch_size: int, pad_index: int, device: torch.device,
+                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(sequences), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        yield pad_right([sequences[i] for i in order[start:start + batch_size]], pad_index, device=device)
+
+
+def train_baseline(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any = None,
+                   backbone: Any = None) -> dict[str, Any]:
+    if init is not None or backbone is not None:
+        raise ValueError(f"--init/--backbone apply to Reo-LM only, not to model {cfg.model!r}")
+    generator = seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    section = getattr(cfg, cfg.model, None)
+    model = build_baseline(cfg.model, domain.num_items, section).to(device)
+    train_cfg = cfg.train
+    if cfg.model == "pop":
+        model.fit(domain.train.values())
+        train_cfg = type(train_cfg)(**{**vars(train_cfg), "epochs": 0})  # nothing to optimise
+    best_dir = run_dir / "best"
+
+    def on_improve(epoch: int, result: EvalResult) -> None:
+        save_recommender(best_dir, model, model_name=cfg.model, num_items=domain.num_items, domain=domain.name,
+                         model_config=section_dict(section), extra={"epoch": epoch, "val": result.metrics})
+        save_resolved(cfg, best_dir)
+
+    min_len = 1 if cfg.model == "bert4rec" else 2  # next-item models need an input and a target
+    sequences = _training_sequences(domain, getattr(model, "train_window", 1), min_len)
+    sequences = sequences * getattr(model, "copies_per_epoch", 1)
+    if train_cfg.epochs > 0 and not sequences:
+        raise ValueError(f"domain {domain.name!r} has no training sequence of length >= {min_len}")
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+    pad_index = getattr(model, "pad_index", domain.num_items)
+    with RunLog(run_dir / "log.jsonl") as log:
+        log.write({"stage": "setup", "model": cfg.model, "domain": domain.name, "num_items": domain.num_items,
+                   "num_train_sequences": len(sequences), "device": str(device),
+                   "parameters": sum(p.numel() for p in params)})
+        best = train_with_early_stopping(
+            model, optimizer,
+            batches=lambda epoch: _epoch_batches(sequences, cfg.train.batch_size, pad_index, device, generator),
+            loss_fn=lambda batch: model.training_loss(*batch),
+            validate=lambda: evaluate_split(model, domain, "val", cfg.eval, progress=cfg.train.progress),
+            on_improve=on_improve, train_cfg=train_cfg, metric=cfg.eval.metric, log=log, stage=cfg.model)
+        return finish_run(run_dir, model_name=cfg.model, model=model, domain=domain, cfg=cfg, best=best, log=log)

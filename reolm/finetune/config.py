@@ -1,0 +1,70 @@
+"""FinetuneConfig: the one typed config of ``launch/finetune.py`` (every model kind).
+
+Sections: ``train`` (optimisation and early stopping), ``eval`` (full ranking),
+and one section per model kind (``sasrec``, ``gru4rec``, ``bert4rec``; the Reo-LM
+trainer adds its own).  Only the section of the chosen ``model`` is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reolm.baselines.config import BERT4RecConfig, GRU4RecConfig, SASRecConfig
+from reolm.config import ConfigError, param
+from reolm.eval.metrics import DEFAULT_KS, metric_names
+from reolm.finetune.reolm_config import ReoLMSection
+
+__all__ = ["FinetuneConfig", "TrainSection", "EvalSection", "MODEL_CHOICES"]
+
+MODEL_CHOICES = ("reolm", "sasrec", "gru4rec", "bert4rec", "pop")
+
+
+@dataclass
+class TrainSection:
+    """Optimisation and early stopping."""
+
+    epochs: int = param(200, "Maximum number of epochs over the training users.", ge=0)
+    batch_size: int = param(256, "Training sequences per step.", ge=1)
+    lr: float = param(1e-3, "Adam learning rate.", gt=0)
+    weight_decay: float = param(0.0, "Adam(W) decoupled weight decay.", ge=0)
+    grad_clip: float = param(5.0, "Clip the global gradient norm to this value (0 = no clipping).", ge=0)
+    patience: int = param(10, "Stop after this many validations without improvement of eval.metric.", ge=1)
+    eval_every: int = param(1, "Validate every this many epochs.", ge=1)
+    seed: int = param(42, "Seed of parameter init, shuffling, masking and negative sampling.")
+    device: str = param("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    progress: bool = param(True, "Show tqdm progress bars.")
+
+    def check(self) -> None:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class EvalSection:
+    """Full-ranking evaluation (leave-one-out, all items of the domain)."""
+
+    max_history: int | None = param(None, "Most recent history items given to the model at evaluation; "
+                                    "null = the model's own default (Reo-LM 9, baselines their max length).")
+    batch_size: int = param(512, "Users per evaluation batch.", ge=1)
+    item_chunk: int = param(65536, "Items scored at a time (bounds memory: batch_size x item_chunk scores).", ge=1)
+    ks: list[int] = param(list(DEFAULT_KS), "Cut-offs K of NDCG@K and Recall@K.", ge=1)
+    metric: str = param("NDCG@10", "Validation metric for early stopping and best-weight selection.")
+
+    def check(self) -> None:
+        if self.max_history is not None and self.max_history < 1:
+            raise ConfigError(f"max_history: must be >= 1 or null, got {self.max_history}")
+        if self.metric not in metric_names(self.ks):
+            raise ConfigError(f"metric: {self.metric!r} is not one of {metric_names(self.ks)}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune / train one model on one processed domain and evaluate it by full ranking."""
+
+    model: str = param("sasrec", "Model kind to train.", choices=MODEL_CHOICES)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
+    bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
+    reolm: ReoLMSection = field(default_factory=ReoLMSection)

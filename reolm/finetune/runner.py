@@ -1,0 +1,235 @@
+"""The training runner shared by every model kind.
+
+``run_finetune`` reads the domain, writes the resolved config and hands over to the
+trainer registered for ``cfg.model`` (:mod:`reolm.finetune.registry`).  Trainers use the
+pieces below so that every model has the same run directory::
+
+    RUN_DIR/config.yaml    resolved FinetuneConfig
+    RUN_DIR/log.jsonl      one JSON line per epoch (train loss, validation metrics, time)
+    RUN_DIR/best/          self-describing best weights (launch/evaluate.py loads it)
+    RUN_DIR/metrics.json   test metrics of the best weights (reolm.eval.contract)
+
+:func:`train_with_early_stopping` is the epoch loop: Adam steps with gradient clipping,
+validation every ``eval_every`` epochs by full ranking, best weights kept in memory and
+on disk when ``eval.metric`` improves, stop after ``patience`` validations without
+improvement, best weights restored at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from reolm.config import save_resolved
+from reolm.data.domain import Domain, read_domain
+from reolm.eval.contract import metrics_document, write_metrics
+from reolm.eval.evaluate import EvalResult, Recommender, evaluate_recommender
+from reolm.eval.saved import state_on_cpu
+from reolm.finetune.config import EvalSection, FinetuneConfig, TrainSection
+from reolm.finetune.registry import get_trainer
+
+__all__ = ["run_finetune", "RunLog", "BestState", "train_with_early_stopping", "evaluate_split",
+           "finish_run", "resolve_device", "seed_everything", "evaluate_saved"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class RunLog:
+    """Append-only JSONL log; each record is flushed at once so a crash loses nothing."""
+
+    def __init__(self, path: str | Path, fresh: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w" if fresh else "a", encoding="utf-8")
+        self._start = time.time()
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time_s": round(time.time() - self._start, 3), **record}
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def evaluate_split(model: Recommender, domain: Domain, split: str, eval_cfg: EvalSection,
+                   progress: bool = True) -> EvalResult:
+    """Full-ranking metrics with the run's evaluation settings."""
+    return evaluate_recommender(model, domain, split, max_history=eval_cfg.max_history,
+                                batch_size=eval_cfg.batch_size, item_chunk=eval_cfg.item_chunk,
+                                ks=tuple(eval_cfg.ks), progress=progress)
+
+
+@dataclass
+class BestState:
+    epoch: float = -1
+    score: float = -math.inf
+    val: dict[str, float] = field(default_factory=dict)
+    val_pessimistic: dict[str, float] = field(default_factory=dict)
+    epochs_run: float = 0
+    stopped_early: bool = False
+
+
+def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              batches: Callable[[int], Iterable[Any]], loss_fn: Callable[[Any], torch.Tensor],
+                              validate: Callable[[], EvalResult], on_improve: Callable[[int, EvalResult], None],
+                              train_cfg: TrainSection, metric: str, log: RunLog, stage: str = "train",
+                              evals_per_epoch: int = 1, scheduler: Any = None) -> BestState:
+    """Epoch loop with early stopping on ``metric``; the best weights are loaded back at the end.
+
+    ``batches(epoch)`` yields the epoch's batches; ``loss_fn(batch)`` returns the mean loss;
+    ``validate()`` evaluates on the validation split; ``on_improve(epoch, result)`` persists
+    the new best (the caller decides what a saved model is).  With ``train.epochs = 0`` the
+    untrained model is validated once and kept.
+
+    ``evals_per_epoch = k > 1`` splits every epoch into k rounds: ``batches(r)`` is then called
+    with the round number r = 1, 2, ... and yields that fraction of an epoch, ``eval_every``
+    and ``patience`` count rounds, and logged epochs are fractional (r / k).  ``scheduler``
+    (a torch LR scheduler) is stepped after every optimiser step.
+    """
+    best = BestState()
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0
+
+    def consider(epoch: int, extra: dict[str, Any]) -> bool:
+        nonlocal best_state, stale
+        result = validate()
+        score = result.metrics[metric]
+        improved = score > best.score
+        if improved:
+            best.epoch, best.score = epoch, score
+            best.val, best.val_pessimistic = result.metrics, result.metrics_pessimistic
+            best_state = state_on_cpu(model)
+            on_improve(epoch, result)
+            stale = 0
+        else:
+            stale += 1
+        log.write({"stage": stage, "epoch": epoch, **extra, "val": result.metrics,
+                   "val_pessimistic": result.metrics_pessimistic, "improved": improved})
+        return improved
+
+    if train_cfg.epochs == 0:
+        consider(0, {})
+        return best
+    rounds = train_cfg.epochs * evals_per_epoch
+    epochs = tqdm(range(1, rounds + 1), desc=stage, unit="epoch" if evals_per_epoch == 1 else "round",
+                  disable=not train_cfg.progress)
+    for step_round in epochs:
+        epoch = step_round if evals_per_epoch == 1 else step_round / evals_per_epoch
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        steps = 0
+        for batch in batches(step_round):
+            loss = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.detach().to("cpu", torch.float64)
+            steps += 1
+        train_loss = float(loss_sum) / max(steps, 1)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{stage}: training loss became {train_loss} at epoch {epoch}; "
+                                     f"lower train.lr or raise train.grad_clip")
+        best.epochs_run = epoch
+        if step_round % train_cfg.eval_every == 0 or step_round == rounds:
+            consider(epoch, {"train_loss": train_loss, "steps": steps})
+            epochs.set_postfix(loss=f"{train_loss:.4f}", best=f"{best.score:.4f}@{best.epoch}")
+            if stale >= train_cfg.patience:
+                best.stopped_early = True
+                break
+        else:
+            log.write({"stage": stage, "epoch": epoch, "train_loss": train_loss, "steps": steps})
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best
+
+
+def finish_run(run_dir: Path, *, model_name: str, model: Recommender, domain: Domain, cfg: FinetuneConfig,
+               best: BestState, log: RunLog, **extra: Any) -> dict[str, Any]:
+    """Test the (restored) best weights and write ``RUN_DIR/metrics.json``."""
+    test = evaluate_split(model, domain, "test", cfg.eval, progress=cfg.train.progress)
+    log.write({"stage": "test", "epoch": best.epoch, "test": test.metrics, "test_pessimistic": test.metrics_pessimistic})
+    doc = metrics_document(model=model_name, domain=domain.name, split="test", num_users=test.num_users,
+                           num_items=test.num_items, metrics=test.metrics,
+                           metrics_pessimistic=test.metrics_pessimistic, best_val=best.val,
+                           best_val_pessimistic=best.val_pessimistic, best_epoch=best.epoch,
+                           epochs_run=best.epochs_run, stopped_early=best.stopped_early, **extra)
+    write_metrics(run_dir / "metrics.json", doc)
+    return doc
+
+
+def run_finetune(cfg: FinetuneConfig, domain_dir: str | Path, run_dir: str | Path, *,
+                 init: str | Path | None = None, backbone: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on the domain at ``domain_dir`` into ``run_dir``; returns metrics.json."""
+    trainer = get_trainer(cfg.model)  # fails fast, before reading data, for unimplemented kinds
+    domain = read_domain(domain_dir)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir)
+    return trainer(cfg, domain, run_dir, init=init, backbone=backbone)
+
+
+def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",
+                   overrides: Iterable[str] = (), device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Evaluate a saved model (run dir or best/) on ``split``; returns a metrics document.
+
+    The evaluation settings are those the run used (``best/config.yaml``), then ``overrides``
+    (``eval.*`` keys), so the test metrics of a run are reproduced exactly by default.
+    """
+    from reolm.config import load_config
+    from reolm.eval.saved import DESCRIPTOR
+    from reolm.finetune.registry import get_loader, resolve_saved_model
+
+    folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, or a Reo-LM export (zero-shot)
+    saved_cfg = folder / "config.yaml"
+    run_cfg = [saved_cfg] if saved_cfg.is_file() and (folder / DESCRIPTOR).is_file() else []
+    cfg = load_config(FinetuneConfig, run_cfg, overrides)
+    model = get_loader(desc["model"])(folder)
+    if isinstance(model, nn.Module):
+        model.to(resolve_device(device))
+    domain = read_domain(domain_dir)
+    if "num_items" in desc and int(desc["num_items"]) != domain.num_items:
+        raise ValueError(f"{folder} was trained on {desc['num_items']} items but {domain_dir} has "
+                         f"{domain.num_items}: wrong domain?")
+    bind = getattr(model, "bind_domain", None)
+    if callable(bind):
+        bind(domain)  # content-based models (Reo-LM) encode the evaluated domain's item text and images
+    result = evaluate_split(model, domain, split, cfg.eval, progress=progress)
+    return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
+                            num_items=result.num_items, metrics=result.metrics,
+                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder))
