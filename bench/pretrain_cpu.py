@@ -56,7 +56,7 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="reolm_bench_"))
     info = machine()
     t0 = time.perf_counter()
-    inputs = prepare_synthetic_inputs(work / "inputs", "demo", vocab_size=2000, layers=2, hidden=64, heads=4,
+    inputs = prepare_synthetic_inputs(work / "inputs", "demo", vocab_size=2000, backbone_size="tiny",
                                       shard_size=500)
     prep_s = time.perf_counter() - t0
     run_dir = work / "run"
@@ -80,7 +80,7 @@ def main() -> int:
     cfg = json.loads((run_dir / "ds_config.json").read_text())
     result = {
         "benchmark": "pretrain_cpu",
-        "config": "launch/configs/pretrain/demo.yaml (random 2-layer H64 backbone, vocab 2000)",
+        "config": "launch/configs/pretrain/demo.yaml (random `reolm init backbone --size tiny`: 2 layers, H64, 2 heads; vocab 2000)",
         "ranks": args.ranks,
         "global_batch": cfg["train_batch_size"],
         "steps": args.steps,

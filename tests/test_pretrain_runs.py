@@ -41,7 +41,7 @@ TINY = REPO / "launch" / "configs" / "pretrain" / "tiny.yaml"
 def inputs(tmp_path_factory):
     from reolm.train.backbone import prepare_synthetic_inputs
     return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
-                                    layers=2, hidden=32, heads=4)
+                                    backbone_size="tiny")
 
 
 def _port() -> int:
