@@ -1,6 +1,8 @@
-"""reolm export CKPT OUT: a training checkpoint -> HF-style directory (config + safetensors + tokenizer).
+"""reolm export checkpoint CKPT OUT: a training checkpoint -> HF-style directory (config + safetensors +
+tokenizer).
 
-The lead wires this module under `reolm export` (reolm/commands/export.py dispatches to it).
+Wired as the ``checkpoint`` kind of ``reolm export`` (reolm/commands/export.py):
+``add_arguments`` fills that sub-parser and ``run`` handles it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import argparse
 
 HELP = "export a training checkpoint to an HF-style directory"
 DESCRIPTION = """\
-reolm export CKPT OUT
+reolm export checkpoint CKPT OUT
 
 CKPT is a checkpoint folder (RUN/checkpoints/step-00001000), a checkpoints folder or a run
 directory (the newest complete checkpoint is used). The weights are consolidated through
