@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reolm.data.collate import SequenceExample, pack_token_sequences, split_sequences
 from reolm.model import MixtureOfAdapters
-from tiny_models import save_tiny_checkpoint, tiny_collator, tiny_model_config, tiny_tables
+from tiny_models import save_tiny_checkpoint, tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
 from reolm.model import ReoLM
 
 SEQS = [[2, 10, 11, 12], [2, 20, 21, 22, 23, 24], [2, 30, 31, 32, 33]]
@@ -122,3 +123,34 @@ def test_image_token_embedding_is_the_mlp_of_the_feature(tmp_path):
     assert isinstance(mlp[1], torch.nn.GELU) and mlp[0].out_features == 16 and mlp[2].in_features == 16
     assert torch.allclose(emb[0], mlp(feats[0]))
     assert torch.equal(emb[1], model.embeddings.void_image)
+
+
+
+def test_mean_routing_averages_top_adapters_and_ignores_domains(tmp_path):
+    """Zero-shot routing: the top half averages every adapter, whatever the sequence's domain."""
+    _, model = _model(tmp_path)
+    model.set_routing("mean")
+    with torch.no_grad():
+        model.encoder.layer[-1].adapter.up_weight[3].normal_(std=0.5)  # domain 3 is in no sequence
+    perturbed = _hidden(model, [0, 1, 2])
+    assert _changed(perturbed, _hidden(model, [2, 2, 0])) == [False] * 3  # domains do not matter
+    model.set_routing("domain")
+    assert _changed(_hidden(model, [0, 1, 2]), perturbed) == [True, True, True]  # only mean mixes in 3
+    with pytest.raises(ValueError, match="top routing"):
+        model.set_routing("nearest")
+
+
+def test_collator_without_image_table_uses_the_void_image(tmp_path):
+    """No image table at all is the same as a table where no item has an image."""
+    from reolm.data.item_table import ImageFeatureTable
+
+    model = tiny_reolm(tmp_path)
+    tokens, _ = tiny_tables()
+    cfg = tiny_model_config()
+    examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4, 5], None, 1)]
+    no_table = tiny_collator(tokens, None, cfg, mlm_probability=0.0)(examples)["history"]
+    assert no_table["image_features"].shape[1] == cfg.image_feature_dim
+    empty = ImageFeatureTable.empty(len(tokens), cfg.image_feature_dim)
+    all_void = tiny_collator(tokens, empty, cfg, mlm_probability=0.0)(examples)["history"]
+    with torch.no_grad():
+        assert torch.equal(model(no_table).pooled, model(all_void).pooled)

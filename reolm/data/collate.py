@@ -80,7 +80,7 @@ def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray, lis
 
 
 def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
-              pad_type_id: int, bucket_ratio: float = 0.5) -> dict[str, Any]:
+              pad_type_id: int, bucket_ratio: float = 0.5, image_dim: int = 0) -> dict[str, Any]:
     """Concatenate sequences into a packed (or padded) stream with all metadata as tensors.
 
     Packed streams hold the sequences longest first, so the length groups of the grid-based
@@ -132,7 +132,9 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         feats = torch.from_numpy(np.ascontiguousarray(images.features[image_items]))
         present = torch.from_numpy(np.asarray(images.has_image[image_items], dtype=bool))
     else:
-        dim = images.dim if images is not None else 0
+        # No table: every image slot uses the void vector, but the model's image MLP still
+        # needs features of its input width to build the (discarded) projection.
+        dim = images.dim if images is not None else image_dim
         feats = torch.zeros((len(image_items), dim), dtype=torch.float16)
         present = torch.zeros(len(image_items), dtype=torch.bool)
 
@@ -197,7 +199,7 @@ class PackedCollator:
                  mask_token_id: int, pad_token_id: int, vocab_size: int, num_attributes: int,
                  max_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
                  mask_targets: bool = False, num_domains: int | None = None, layout: str = "packed",
-                 bucket_ratio: float = 0.5, seed: int | None = None):
+                 bucket_ratio: float = 0.5, seed: int | None = None, image_dim: int = 0):
         if images is not None and len(images) != len(tokens):
             raise ValueError(f"image table has {len(images)} rows but the token table has {len(tokens)} items")
         if tokens.num_attributes and tokens.num_attributes != num_attributes:
@@ -213,6 +215,7 @@ class PackedCollator:
         self.mlm_probability, self.mask_targets = mlm_probability, mask_targets
         self.num_domains, self.layout, self.seed = num_domains, layout, seed
         self.bucket_ratio = bucket_ratio
+        self.image_dim = images.dim if images is not None else image_dim
         self._offsets = np.asarray(tokens.offsets)
         self._rng: np.random.Generator | None = None
         self._rng_known: np.random.Generator | None = None  # the generator this process adopted
@@ -226,7 +229,7 @@ class PackedCollator:
                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
                       num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
                       mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters,
-                      bucket_ratio=cfg.attention_bucket_ratio)
+                      bucket_ratio=cfg.attention_bucket_ratio, image_dim=cfg.image_feature_dim)
         kwargs.update(overrides)
         return cls(tokens, images, **kwargs)
 
@@ -350,7 +353,8 @@ class PackedCollator:
         return self._assemble([self.build_sequence([int(i)], d, mlm) for i, d in zip(items, domains)])
 
     def _assemble(self, seqs: list[_Seq]) -> dict[str, Any]:
-        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id, self.bucket_ratio)
+        return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id, self.bucket_ratio,
+                         self.image_dim)
 
 
 def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:

@@ -115,8 +115,7 @@ def route_top_layers_by_mean(model: ReoLM) -> None:
     downstream domain has no adapter of its own, so the mean of the adapters is the one
     routing that uses what pre-training learned without guessing a domain.
     """
-    for layer in model.encoder.layer[model.num_bottom_layers:]:
-        layer.routing = "mean"  # set_routing() accepts only domain/gate
+    model.set_routing("mean")
 
 
 # ----------------------------------------------------------------------------- recommender

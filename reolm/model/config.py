@@ -9,6 +9,7 @@ from reolm.config import ConfigError, param
 __all__ = ["ModelConfig", "ATTENTION_BACKENDS"]
 
 ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "varlen", "flash")
+TOP_ROUTINGS = ("domain", "gate", "mean")
 
 
 @dataclass
@@ -28,8 +29,9 @@ class ModelConfig:
                                             "up-projections.", choices=("gelu", "relu", "tanh", "silu"))
     top_routing: str = param("domain", "Routing of the top half of the layers: 'domain' = the adapter of "
                                        "the sequence's domain (pre-training), 'gate' = learned per-token "
-                                       "softmax gate (fine-tuning). The bottom half always averages.",
-                             choices=("domain", "gate"))
+                                       "softmax gate (fine-tuning), 'mean' = average of all adapters "
+                                       "(zero-shot on an unseen domain). The bottom half always averages.",
+                             choices=TOP_ROUTINGS)
     attention: str = param("auto", "Attention backend: auto = flash if importable on CUDA, else varlen "
                                    "on CUDA, else sdpa; eager is the reference math.",
                            choices=ATTENTION_BACKENDS)

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from reolm.config import from_dict, to_dict
 from reolm.model.attention import AttentionLayout, BACKENDS, resolve_backend
-from reolm.model.config import ModelConfig
+from reolm.model.config import TOP_ROUTINGS, ModelConfig
 from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
                                        read_backbone_config, read_state_dict)
 
@@ -445,9 +445,10 @@ class ReoLM(nn.Module):
 
     # ------------------------------------------------------------------ routing / backend
     def set_routing(self, mode: str) -> None:
-        """Routing of the top half: ``domain`` (pre-training) or ``gate`` (fine-tuning)."""
-        if mode not in ("domain", "gate"):
-            raise ValueError(f"top routing must be 'domain' or 'gate', got {mode!r}")
+        """Routing of the top half: ``domain`` (pre-training), ``gate`` (fine-tuning) or ``mean``
+        (zero-shot on a new domain: no adapter of its own and an untrained gate)."""
+        if mode not in TOP_ROUTINGS:
+            raise ValueError(f"top routing must be one of {TOP_ROUTINGS}, got {mode!r}")
         self.config = dataclasses.replace(self.config, top_routing=mode)
         for layer in self.encoder.layer[self.num_bottom_layers:]:
             layer.routing = mode
@@ -542,7 +543,15 @@ class ReoLM(nn.Module):
 
 def _load_tokenizer(directory: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # An export's config.json says model_type "reolm", which transformers does not know; it warns
+    # on every load although only the tokenizer files are read. Silence that one call.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{directory}: cannot load its tokenizer with AutoTokenizer: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
