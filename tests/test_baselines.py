@@ -19,7 +19,7 @@ from reolm.config import load_config
 from reolm.data.domain import write_domain
 from reolm.eval.contract import validate_metrics
 from reolm.finetune.config import FinetuneConfig
-from reolm.finetune.registry import NotImplementedModel, get_trainer
+from reolm.finetune.registry import get_trainer
 from reolm.finetune.runner import run_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +84,13 @@ def test_evaluate_script_reproduces_run_test_metrics(runs, domain_dir, tmp_path,
         assert again["metrics"][name] == pytest.approx(value, abs=1e-9), name
 
 
-def test_reolm_is_a_clear_not_implemented_hook(domain_dir, tmp_path):
-    with pytest.raises(NotImplementedModel, match="not implemented yet"):
-        get_trainer("reolm")
+def test_reolm_hook_is_registered_and_asks_for_its_weights(domain_dir, tmp_path):
+    from reolm.finetune.reolm_trainer import train_reolm
+    assert get_trainer("reolm") is train_reolm
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), "--domain", str(domain_dir),
                            "--out", str(tmp_path / "r"), "--model", "reolm"],
                           capture_output=True, text=True, env=_ENV)
-    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+    assert proc.returncode == 1 and "--init EXPORT_DIR" in proc.stderr and "--backbone HF_DIR" in proc.stderr
 
 
 @pytest.mark.parametrize("loss", ["ce", "bce"])

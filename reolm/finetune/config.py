@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from reolm.baselines.config import BERT4RecConfig, GRU4RecConfig, SASRecConfig
 from reolm.config import ConfigError, param
 from reolm.eval.metrics import DEFAULT_KS, metric_names
+from reolm.finetune.reolm_config import ReoLMSection
 
 __all__ = ["FinetuneConfig", "TrainSection", "EvalSection", "MODEL_CHOICES"]
 
@@ -66,3 +67,4 @@ class FinetuneConfig:
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
+    reolm: ReoLMSection = field(default_factory=ReoLMSection)

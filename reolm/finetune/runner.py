@@ -93,24 +93,30 @@ def evaluate_split(model: Recommender, domain: Domain, split: str, eval_cfg: Eva
 
 @dataclass
 class BestState:
-    epoch: int = -1
+    epoch: float = -1
     score: float = -math.inf
     val: dict[str, float] = field(default_factory=dict)
     val_pessimistic: dict[str, float] = field(default_factory=dict)
-    epochs_run: int = 0
+    epochs_run: float = 0
     stopped_early: bool = False
 
 
 def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer,
                               batches: Callable[[int], Iterable[Any]], loss_fn: Callable[[Any], torch.Tensor],
                               validate: Callable[[], EvalResult], on_improve: Callable[[int, EvalResult], None],
-                              train_cfg: TrainSection, metric: str, log: RunLog, stage: str = "train") -> BestState:
+                              train_cfg: TrainSection, metric: str, log: RunLog, stage: str = "train",
+                              evals_per_epoch: int = 1, scheduler: Any = None) -> BestState:
     """Epoch loop with early stopping on ``metric``; the best weights are loaded back at the end.
 
     ``batches(epoch)`` yields the epoch's batches; ``loss_fn(batch)`` returns the mean loss;
     ``validate()`` evaluates on the validation split; ``on_improve(epoch, result)`` persists
     the new best (the caller decides what a saved model is).  With ``train.epochs = 0`` the
     untrained model is validated once and kept.
+
+    ``evals_per_epoch = k > 1`` splits every epoch into k rounds: ``batches(r)`` is then called
+    with the round number r = 1, 2, ... and yields that fraction of an epoch, ``eval_every``
+    and ``patience`` count rounds, and logged epochs are fractional (r / k).  ``scheduler``
+    (a torch LR scheduler) is stepped after every optimiser step.
     """
     best = BestState()
     best_state: dict[str, torch.Tensor] | None = None
@@ -136,18 +142,23 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
     if train_cfg.epochs == 0:
         consider(0, {})
         return best
-    epochs = tqdm(range(1, train_cfg.epochs + 1), desc=stage, unit="epoch", disable=not train_cfg.progress)
-    for epoch in epochs:
+    rounds = train_cfg.epochs * evals_per_epoch
+    epochs = tqdm(range(1, rounds + 1), desc=stage, unit="epoch" if evals_per_epoch == 1 else "round",
+                  disable=not train_cfg.progress)
+    for step_round in epochs:
+        epoch = step_round if evals_per_epoch == 1 else step_round / evals_per_epoch
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
         steps = 0
-        for batch in batches(epoch):
+        for batch in batches(step_round):
             loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if train_cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             loss_sum += loss.detach().to("cpu", torch.float64)
             steps += 1
         train_loss = float(loss_sum) / max(steps, 1)
@@ -155,7 +166,7 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
             raise FloatingPointError(f"{stage}: training loss became {train_loss} at epoch {epoch}; "
                                      f"lower train.lr or raise train.grad_clip")
         best.epochs_run = epoch
-        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs:
+        if step_round % train_cfg.eval_every == 0 or step_round == rounds:
             consider(epoch, {"train_loss": train_loss, "steps": steps})
             epochs.set_postfix(loss=f"{train_loss:.4f}", best=f"{best.score:.4f}@{best.epoch}")
             if stale >= train_cfg.patience:
@@ -201,19 +212,23 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     (``eval.*`` keys), so the test metrics of a run are reproduced exactly by default.
     """
     from reolm.config import load_config
-    from reolm.eval.saved import resolve_model_dir
-    from reolm.finetune.registry import load_recommender
+    from reolm.eval.saved import DESCRIPTOR
+    from reolm.finetune.registry import get_loader, resolve_saved_model
 
-    folder = resolve_model_dir(model_path)
+    folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, or a Reo-LM export (zero-shot)
     saved_cfg = folder / "config.yaml"
-    cfg = load_config(FinetuneConfig, [saved_cfg] if saved_cfg.is_file() else [], overrides)
-    model, desc = load_recommender(folder)
+    run_cfg = [saved_cfg] if saved_cfg.is_file() and (folder / DESCRIPTOR).is_file() else []
+    cfg = load_config(FinetuneConfig, run_cfg, overrides)
+    model = get_loader(desc["model"])(folder)
     if isinstance(model, nn.Module):
         model.to(resolve_device(device))
     domain = read_domain(domain_dir)
-    if int(desc["num_items"]) != domain.num_items:
+    if "num_items" in desc and int(desc["num_items"]) != domain.num_items:
         raise ValueError(f"{folder} was trained on {desc['num_items']} items but {domain_dir} has "
                          f"{domain.num_items}: wrong domain?")
+    bind = getattr(model, "bind_domain", None)
+    if callable(bind):
+        bind(domain)  # content-based models (Reo-LM) encode the evaluated domain's item text and images
     result = evaluate_split(model, domain, split, cfg.eval, progress=progress)
     return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
                             num_items=result.num_items, metrics=result.metrics,

@@ -1,0 +1,74 @@
+"""The ``reolm`` section of :class:`~reolm.finetune.config.FinetuneConfig` (Reo-LM fine-tuning).
+
+Reo-LM is fine-tuned in two stages (``docs/finetune.md``); each stage has its own
+optimisation settings (:class:`ReoLMStageSection`).  Of the shared ``train`` section
+Reo-LM uses only ``seed``, ``device`` and ``progress``: epochs,
+learning rates, batch sizes, patience, weight decay and clipping come from
+``reolm.stage1`` / ``reolm.stage2``, so one config file can carry the baselines'
+``train`` settings and Reo-LM's side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reolm.config import param
+from reolm.model.config import ModelConfig
+
+__all__ = ["ReoLMSection", "ReoLMStageSection", "ReoLMStage2Section"]
+
+
+@dataclass
+class ReoLMStageSection:
+    """Optimisation and early stopping of one fine-tuning stage."""
+
+    epochs: int = param(16, "Maximum epochs over all training prefixes (0 = skip the stage's training).", ge=0)
+    lr: float = param(5e-5, "Peak AdamW learning rate.", gt=0)
+    batch_size: int = param(16, "Training prefixes (history -> next item) per step.", ge=1)
+    weight_decay: float = param(0.0, "AdamW decoupled weight decay.", ge=0)
+    grad_clip: float = param(1.0, "Clip the global gradient norm to this value (0 = no clipping).", ge=0)
+    warmup_steps: int = param(100, "Linear learning-rate warm-up steps from 0 to lr.", ge=0)
+    schedule: str = param("constant", "Learning rate after warm-up: constant, or linear decay to 0 at the "
+                                      "stage's last possible step (epochs x steps per epoch).",
+                          choices=("constant", "linear"))
+    evals_per_epoch: int = param(2, "Validations (full ranking of all items) per epoch; 2 = every half "
+                                    "epoch.", ge=1)
+    patience: int = param(5, "Stop after this many validations without improvement of eval.metric.", ge=1)
+    max_steps_per_epoch: int = param(0, "Cap on optimiser steps per epoch (each epoch then trains on a "
+                                        "fresh random subset of the prefixes); 0 = the full epoch.", ge=0)
+    mlm_weight: float = param(0.1, "Weight of the masked-language-model loss on the history (0 = off: "
+                                   "histories are not masked).", ge=0)
+
+
+@dataclass
+class ReoLMStage2Section(ReoLMStageSection):
+    """Stage 2: the sequence side against the frozen item table (full softmax over all items)."""
+
+    lr: float = param(1e-4, "Peak AdamW learning rate.", gt=0)
+    mlm_weight: float = param(0.0, "Weight of the masked-language-model loss on the history (0 = off: "
+                                   "histories are not masked).", ge=0)
+
+
+@dataclass
+class ReoLMSection:
+    """Reo-LM fine-tuning: stage 1 (sampled softmax with item gradients) then stage 2 (frozen items)."""
+
+    init: str = param("", "Pre-trained Reo-LM export (save_pretrained dir) to start from; same as --init.")
+    # Used as is with --backbone; with --init only its run-time fields apply (attention,
+    # gradient_checkpointing, dropouts when set).  The top half is always gate-routed.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(top_routing="gate"))
+    max_history: int = param(10, "Most recent items of a training prefix's history (the reference's 10).",
+                             ge=1)
+    eval_max_history: int = param(9, "Most recent history items at evaluation when eval.max_history is "
+                                     "null (the reference's 9).", ge=1)
+    negatives: int = param(1000, "Stage 1: uniformly sampled negative items per step, shared by the batch "
+                                 "and encoded WITH gradient together with the batch's targets (capped at "
+                                 "the number of items).", ge=0)
+    item_batch_size: int = param(256, "Items per forward pass when encoding the whole catalogue "
+                                      "(validation, the stage-2 item table).", ge=1)
+    num_workers: int = param(0, "DataLoader worker processes building packed training batches (each "
+                                "round starts them afresh; 0 = in the training process).", ge=0)
+    initial_validation: bool = param(False, "Validate once before stage 1 trains (logged as epoch 0; the "
+                                            "zero-shot starting point).")
+    stage1: ReoLMStageSection = field(default_factory=ReoLMStageSection)
+    stage2: ReoLMStage2Section = field(default_factory=ReoLMStage2Section)

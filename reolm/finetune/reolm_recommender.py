@@ -1,0 +1,246 @@
+"""Reo-LM as a :class:`~reolm.eval.evaluate.Recommender`, its item tables, and its saved folder.
+
+The recommender wraps a :class:`~reolm.model.ReoLM` and reads item content (token table,
+image features) from the domain it is bound to (:meth:`ReoLMRecommender.bind_domain`):
+
+* ``item_vectors()`` — every item of the domain encoded as ``[CLS] item`` (chunked, no
+  gradient), or the **frozen item table** once stage 2 of fine-tuning has set one;
+* ``user_vectors(histories)`` — the history encoded as ``[CLS]`` + items most recent first,
+  without masking;
+* scores are cosine similarity / temperature, as in training.
+
+A saved Reo-LM (``RUN_DIR/best/``) is an HF-style export (``ReoLM.save_pretrained``:
+config.json + model.safetensors + tokenizer files, so ``ReoLM.from_pretrained`` loads it
+as a starting point for anything else) plus::
+
+    item_vectors.safetensors   the frozen item table of stage 2 ([num_items, H] float32)
+    config.yaml                the run's resolved FinetuneConfig
+    recommender.json           descriptor (written last: its presence marks a complete folder)
+
+A bare export (no ``recommender.json``) loads as ``reolm-zeroshot``: no fine-tuning, the top
+adapters averaged (see :func:`route_top_layers_by_mean`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from reolm.config import from_dict, save_resolved, to_dict
+from reolm.data.collate import PackedCollator, SequenceExample, move_batch
+from reolm.data.domain import Domain, write_json_atomic
+from reolm.data.item_table import ImageFeatureTable, ItemTokenTable, TableError
+from reolm.eval.saved import DESCRIPTOR, read_descriptor
+from reolm.finetune.reolm_config import ReoLMSection
+from reolm.model import ModelConfig, ReoLM
+
+__all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "route_top_layers_by_mean",
+           "save_reolm_folder", "load_reolm", "ITEM_VECTORS", "autocast_for"]
+
+log = logging.getLogger(__name__)
+ITEM_VECTORS = "item_vectors.safetensors"
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- item tables
+
+def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progress: bool = True) -> ItemTokenTable:
+    """The domain's token table for ``tokenizer``; built into ``DIR/tables/`` when missing."""
+    from reolm.data.tables import build_source_token_table, build_token_table_batched, find_token_table
+
+    def in_memory() -> ItemTokenTable:
+        ids = domain.item_ids()
+        rows = (domain.item_attributes(i, ids) for i in range(domain.num_items))
+        return build_token_table_batched(rows, tokenizer, domain.attributes, cfg.max_attr_tokens,
+                                         progress=progress, total=domain.num_items)
+
+    if domain.path is None:  # an in-memory domain: tokenise without saving
+        return in_memory()
+    try:
+        table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
+    except TableError:
+        log.info("no token table for this tokenizer under %s: building it", domain.path)
+        try:
+            build_source_token_table(domain.path, tokenizer, cfg.max_attr_tokens, progress=progress)
+        except OSError as err:  # a read-only dataset folder: tokenise for this process only
+            log.warning("cannot write the token table under %s (%s); tokenising in memory", domain.path, err)
+            return in_memory()
+        table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
+    if len(table) != domain.num_items:
+        raise TableError(f"token table under {domain.path}/tables has {len(table)} items but the domain has "
+                         f"{domain.num_items}: rebuild it with `reolm tables tokens`")
+    return table
+
+
+def domain_image_table(domain: Domain, cfg: ModelConfig) -> ImageFeatureTable:
+    """``image_features.npy`` + ``has_image.npy``, or (no features) every item on the void image."""
+    where = domain.path or domain.name
+    if domain.image_features is None:
+        # A broadcast view: no num_items x d allocation, rows gathered by the collator are zeros.
+        zeros = np.broadcast_to(np.zeros((1, cfg.image_feature_dim), np.float16),
+                                (domain.num_items, cfg.image_feature_dim))
+        return ImageFeatureTable(zeros, np.zeros(domain.num_items, dtype=bool))
+    features = domain.image_features
+    if features.ndim != 2 or features.shape[0] != domain.num_items:
+        raise TableError(f"{where}/image_features.npy has shape {tuple(features.shape)}, expected "
+                         f"[{domain.num_items}, d]")
+    if features.shape[1] != cfg.image_feature_dim:
+        raise TableError(f"{where}/image_features.npy has d={features.shape[1]} but the model's image MLP "
+                         f"takes d={cfg.image_feature_dim} (model.image_feature_dim): the features come from "
+                         f"another vision model than the one used in pre-training")
+    has_image = domain.has_image if domain.has_image is not None else np.ones(domain.num_items, dtype=bool)
+    return ImageFeatureTable(features, np.asarray(has_image, dtype=bool))
+
+
+def route_top_layers_by_mean(model: ReoLM) -> None:
+    """Zero-shot routing: the top layers average all adapters, like the bottom ones.
+
+    A pre-trained export's gate was never trained (pre-training routes by domain) and the
+    downstream domain has no adapter of its own, so the mean of the adapters is the one
+    routing that uses what pre-training learned without guessing a domain.
+    """
+    for layer in model.encoder.layer[model.num_bottom_layers:]:
+        layer.routing = "mean"  # set_routing() accepts only domain/gate
+
+
+# ----------------------------------------------------------------------------- recommender
+
+class ReoLMRecommender(nn.Module):
+    """Reo-LM behind the evaluation interface (cosine / temperature scores)."""
+
+    similarity = "cosine"
+
+    def __init__(self, model: ReoLM, section: ReoLMSection | None = None, progress: bool = True):
+        super().__init__()
+        self.model = model
+        self.section = section or ReoLMSection()
+        self.progress = progress
+        self.register_buffer("item_table", None, persistent=False)  # frozen item vectors (stage 2)
+        self.tokens: ItemTokenTable | None = None
+        self.images: ImageFeatureTable | None = None
+        self.eval_collate: PackedCollator | None = None
+
+    # -- binding to a domain ----------------------------------------------------------------
+    def bind_domain(self, domain: Domain) -> "ReoLMRecommender":
+        """Read (or build) the domain's token table and image features; items are rows of them."""
+        cfg = self.model.config
+        self.tokens = domain_token_table(domain, self.model.tokenizer, cfg, self.progress)
+        self.images = domain_image_table(domain, cfg)
+        self.eval_collate = self.collator(mlm_probability=0.0)
+        if self.item_table is not None and self.item_table.shape[0] != domain.num_items:
+            raise ValueError(f"the saved item table has {self.item_table.shape[0]} rows but domain "
+                             f"{domain.name!r} has {domain.num_items} items: wrong domain?")
+        return self
+
+    def collator(self, mlm_probability: float, seed: int | None = None) -> PackedCollator:
+        if self.tokens is None:
+            raise RuntimeError("bind_domain(domain) first: the recommender reads item content from it")
+        return PackedCollator.from_config(self.tokens, self.images, self.model.tokenizer, self.model.config,
+                                          mlm_probability=mlm_probability, seed=seed)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.tokens) if self.tokens is not None else 0
+
+    # -- Recommender interface ----------------------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        return float(self.model.config.temperature)
+
+    @property
+    def default_max_history(self) -> int:
+        return self.section.eval_max_history
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def item_vectors(self) -> torch.Tensor:
+        """The frozen item table when set, else every item encoded with the current weights."""
+        if self.item_table is not None:
+            return self.item_table
+        return self.encode_all_items()
+
+    @torch.no_grad()
+    def encode_all_items(self) -> torch.Tensor:
+        """[num_items, H] float32 vectors of every item (eval mode, chunked, no gradient)."""
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [self._encode_item_chunk(chunk) for chunk in self._item_chunks()]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks)
+
+    def _item_chunks(self) -> Iterator[list[int]]:
+        size = self.section.item_batch_size
+        starts = range(0, self.num_items, size)
+        for start in tqdm(starts, desc="encode items", unit="batch", disable=not self.progress, leave=False):
+            yield list(range(start, min(start + size, self.num_items)))
+
+    def _encode_item_chunk(self, items: list[int]) -> torch.Tensor:
+        batch = move_batch(self.eval_collate.collate_items(items), self.device)
+        with autocast_for(self.device):
+            return self.model.encode_items(batch).float()
+
+    def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        batch = self.eval_collate([SequenceExample(list(h)) for h in histories])["history"]
+        with autocast_for(self.device):
+            return self.model.encode_sequences(move_batch(batch, self.device)).float()
+
+
+# ----------------------------------------------------------------------------- saved folder
+
+def save_reolm_folder(folder: str | os.PathLike, rec: ReoLMRecommender, *, model_name: str, domain: Domain,
+                      cfg: Any, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder`` (export + item table + config + descriptor) next to it, then swap it in."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    rec.model.save_pretrained(partial)
+    item_vectors = None
+    if rec.item_table is not None:
+        item_vectors = ITEM_VECTORS
+        save_file({"item_vectors": rec.item_table.detach().float().contiguous().cpu()}, str(partial / ITEM_VECTORS))
+    save_resolved(cfg, partial)
+    write_json_atomic(partial / DESCRIPTOR, {
+        "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
+        "model_config": to_dict(rec.section), "item_vectors": item_vectors, **dict(extra or {})}, indent=2)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder
+
+
+def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
+    """Loader of the registry for ``reolm``, ``reolm-nopretrain`` (saved runs) and
+    ``reolm-zeroshot`` (a bare pre-trained export); bind it to a domain before use."""
+    folder = Path(folder)
+    if not (folder / DESCRIPTOR).is_file():  # a pre-trained export: zero-shot
+        model = ReoLM.from_pretrained(folder)
+        route_top_layers_by_mean(model)
+        return ReoLMRecommender(model, ReoLMSection())
+    desc = read_descriptor(folder)
+    model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
+    rec = ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {}))
+    if desc.get("item_vectors"):
+        path = folder / desc["item_vectors"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (named by {folder / DESCRIPTOR})")
+        rec.item_table = load_file(str(path))["item_vectors"]
+    return rec

@@ -1,0 +1,305 @@
+"""Reo-LM fine-tuning on one domain: stage 1, stage 2, test (``docs/finetune.md``).
+
+* **Stage 1** — every prefix of a user's training sequence predicts its next item (history =
+  the last ``reolm.max_history`` items).  Each step encodes the batch's histories (MLM-masked
+  when ``mlm_weight > 0``) and, *with gradient*, the batch's targets plus ``reolm.negatives``
+  uniformly sampled items; loss = cross-entropy of cosine/temperature scores over that
+  candidate set + ``mlm_weight`` x MLM.  Validation ranks all items, encoded once per
+  validation with the current weights.
+* **Stage 2** — the best stage-1 weights encode every item once into a frozen table; the
+  sequence side trains with a full softmax over that table; validation and test use it.
+  The final model is stage 2's best, unless stage 2 never beat stage 1's best validation
+  score (then stage 1's weights, with the same table, are kept).
+
+Both stages run in the runner's epoch loop (:func:`~reolm.finetune.runner.train_with_early_stopping`:
+AdamW steps, clipping, early stopping on ``eval.metric``, best weights restored), one
+JSONL log and the same ``RUN_DIR`` layout as the baselines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from reolm.config import save_resolved
+from reolm.data.collate import PackedCollator, SequenceExample, move_batch
+from reolm.data.domain import Domain
+from reolm.eval.evaluate import EvalResult
+from reolm.eval.saved import state_on_cpu
+from reolm.finetune.config import FinetuneConfig
+from reolm.finetune.reolm_config import ReoLMStageSection
+from reolm.finetune.reolm_recommender import ReoLMRecommender, autocast_for, save_reolm_folder
+from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
+                                   seed_everything, train_with_early_stopping)
+from reolm.model import ReoLM
+
+__all__ = ["train_reolm", "build_finetune_model", "PrefixDataset", "PrefixCollate", "stage_rounds"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path | None,
+                         backbone: str | Path | None) -> tuple[ReoLM, str]:
+    """(model in fine-tuning mode, metrics model name) from a pre-trained export or an HF backbone."""
+    section = cfg.reolm
+    init = str(init or section.init or "")
+    backbone = str(backbone or ("" if init else section.model.backbone) or "")
+    if init and backbone:
+        raise ValueError("give either --init EXPORT_DIR (a pre-trained Reo-LM) or --backbone HF_DIR "
+                         "(no pre-training), not both")
+    if not init and not backbone:
+        raise ValueError("Reo-LM fine-tuning needs --init EXPORT_DIR (pre-trained export) or --backbone HF_DIR "
+                         "(an HF BERT/RoBERTa checkpoint, no pre-training)")
+    m = section.model
+    if init:
+        overrides: dict[str, Any] = {"top_routing": "gate", "attention": m.attention,
+                                     "gradient_checkpointing": m.gradient_checkpointing}
+        overrides.update({k: getattr(m, k) for k in ("hidden_dropout", "attention_dropout")
+                          if getattr(m, k) is not None})
+        model = ReoLM.from_pretrained(init, overrides=overrides)
+        name = "reolm"
+    else:
+        model_cfg = dataclasses.replace(m, top_routing="gate")
+        if domain.image_features is not None and domain.image_features.shape[1] != m.image_feature_dim:
+            # A fresh image MLP: size it to the domain's features instead of failing.
+            log.info("image_feature_dim %d -> %d (the domain's image_features.npy)", m.image_feature_dim,
+                     domain.image_features.shape[1])
+            model_cfg = dataclasses.replace(model_cfg, image_feature_dim=int(domain.image_features.shape[1]))
+        model = ReoLM.from_backbone(backbone, model_cfg)
+        name = "reolm-nopretrain"
+    model.set_routing("gate")
+    # Record where the weights came from in the resolved config of the run.
+    cfg.reolm = dataclasses.replace(section, init=init,
+                                    model=dataclasses.replace(model.config, backbone=backbone or m.backbone))
+    return model, name
+
+
+# ----------------------------------------------------------------------------- data
+
+class PrefixDataset(Dataset):
+    """Every (history, next item) pair of the users' training sequences, history cut to the
+    last ``max_history`` items.  Stored as two index arrays, not as lists of lists."""
+
+    def __init__(self, sequences: list[list[int]], max_history: int):
+        self.sequences = sequences
+        self.max_history = max_history
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        prefixes = np.maximum(lengths - 1, 0)
+        self.seq_index = np.repeat(np.arange(len(sequences)), prefixes)
+        first = np.concatenate([[0], np.cumsum(prefixes)[:-1]]) if len(prefixes) else np.zeros(0, np.int64)
+        self.target_pos = np.arange(int(prefixes.sum())) - np.repeat(first, prefixes) + 1
+
+    def __len__(self) -> int:
+        return len(self.seq_index)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        seq = self.sequences[int(self.seq_index[i])]
+        t = int(self.target_pos[i])
+        return seq[max(0, t - self.max_history):t], seq[t]
+
+
+class PrefixCollate:
+    """DataLoader collate_fn: histories (MLM-masked by the collator) and the targets.
+
+    With ``negatives`` (stage 1) it also returns ``items``, the ``[CLS] item`` batch of the
+    candidate set = the batch's targets plus ``negatives`` uniformly sampled items (no
+    duplicates), and ``labels`` = each target's row in it; otherwise (stage 2) ``labels``
+    are the target item indices.
+    """
+
+    def __init__(self, collator: PackedCollator, num_items: int, negatives: int | None):
+        self.collator, self.num_items, self.negatives = collator, num_items, negatives
+
+    def __call__(self, examples: list[tuple[list[int], int]]) -> dict[str, Any]:
+        history = self.collator([SequenceExample(h) for h, _ in examples])["history"]
+        targets = np.array([t for _, t in examples], dtype=np.int64)
+        if self.negatives is None:
+            return {"history": history, "labels": torch.from_numpy(targets)}
+        sampled = self.collator.rng.choice(self.num_items, size=min(self.negatives, self.num_items),
+                                           replace=False)
+        candidates, inverse = np.unique(np.concatenate([targets, sampled]), return_inverse=True)
+        return {"history": history, "items": self.collator.collate_items(candidates.tolist()),
+                "labels": torch.from_numpy(inverse[:len(targets)].astype(np.int64))}
+
+
+def _epoch_order(n: int, stage: ReoLMStageSection, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shuffled example order (reproducible), capped at max_steps_per_epoch batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    if stage.max_steps_per_epoch:
+        order = order[:stage.max_steps_per_epoch * stage.batch_size]
+    return order
+
+
+def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate], stage: ReoLMStageSection,
+                 seed: int, device: torch.device, num_workers: int, progress: bool, name: str
+                 ) -> Callable[[int], Iterator[dict[str, Any]]]:
+    """``batches(round)`` for the runner: round r covers part (r-1) % k of epoch (r-1) // k.
+
+    Every round gets a collate_fn seeded from (seed, round): DataLoader workers start from a
+    copy of it, so one shared collator would replay the same masks and negatives each round.
+    """
+    k = stage.evals_per_epoch
+
+    def batches(step_round: int) -> Iterator[dict[str, Any]]:
+        epoch, part = divmod(step_round - 1, k)
+        collate = make_collate(seed * 1_000_003 + step_round)
+        order = _epoch_order(len(dataset), stage, seed, epoch)
+        num_batches = math.ceil(len(order) / stage.batch_size)
+        lo, hi = part * num_batches // k, (part + 1) * num_batches // k
+        chunk = order[lo * stage.batch_size:hi * stage.batch_size]
+        loader = DataLoader(Subset(dataset, chunk.tolist()), batch_size=stage.batch_size, shuffle=False,
+                            collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda")
+        desc = f"{name} epoch {epoch + 1}" + (f" ({part + 1}/{k})" if k > 1 else "")
+        for batch in tqdm(loader, desc=desc, unit="step", leave=False, disable=not progress):
+            yield move_batch(batch, device)
+
+    return batches
+
+
+def steps_per_epoch(n: int, stage: ReoLMStageSection) -> int:
+    steps = math.ceil(n / stage.batch_size)
+    return min(steps, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else steps
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, stage: ReoLMStageSection, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak lr, then constant or linear decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if stage.warmup_steps and step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        if stage.schedule == "linear":
+            span = max(total_steps - stage.warmup_steps, 1)
+            return max(0.0, 1.0 - (step - stage.warmup_steps) / span)
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def stage1_loss(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float) -> torch.Tensor:
+    """Sampled softmax over targets + negatives, item vectors WITH gradient, plus weighted MLM."""
+    model = rec.model
+    with autocast_for(rec.device):
+        out = model(batch["history"])
+        items = model.encode_items(batch["items"])
+        mlm = model.mlm_loss(out, batch["history"]) if mlm_weight > 0 else None
+    loss = F.cross_entropy(model.score(out.pooled, items), batch["labels"])  # fp32 scores
+    return loss + mlm_weight * mlm if mlm is not None else loss
+
+
+def stage2_loss(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float) -> torch.Tensor:
+    """Full softmax of the history vectors over the frozen item table, plus weighted MLM."""
+    model = rec.model
+    with autocast_for(rec.device):
+        out = model(batch["history"])
+        mlm = model.mlm_loss(out, batch["history"]) if mlm_weight > 0 else None
+    loss = F.cross_entropy(model.score(out.pooled, rec.item_table), batch["labels"])
+    return loss + mlm_weight * mlm if mlm is not None else loss
+
+
+# ----------------------------------------------------------------------------- stages
+
+class StageLog:
+    """The run log seen by one stage: records tagged with the stage; epochs continue across
+    stages (``epoch`` = offset + the stage's own ``stage_epoch``) so curves are one line."""
+
+    def __init__(self, log: RunLog, offset: float = 0.0):
+        self.log, self.offset = log, offset
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "epoch" in record and self.offset:
+            record = {**record, "stage_epoch": record["epoch"], "epoch": record["epoch"] + self.offset}
+        self.log.write(record)
+
+
+def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: FinetuneConfig, domain: Domain,
+              log: StageLog, device: torch.device, on_improve: Callable[[float, EvalResult], None]) -> BestState:
+    """Train one stage in the runner's early-stopping loop; the best weights are loaded at the end."""
+    stage = cfg.reolm.stage1 if number == 1 else cfg.reolm.stage2
+    name = f"reolm-stage{number}"
+    seed = cfg.train.seed + number
+    mlm_probability = rec.model.config.mlm_probability if stage.mlm_weight > 0 else 0.0
+    negatives = cfg.reolm.negatives if number == 1 else None
+
+    def make_collate(round_seed: int) -> PrefixCollate:
+        return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives)
+    loss = stage1_loss if number == 1 else stage2_loss
+    optimizer = torch.optim.AdamW(rec.model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = warmup_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
+    train_cfg = dataclasses.replace(cfg.train, epochs=stage.epochs, batch_size=stage.batch_size, lr=stage.lr,
+                                    weight_decay=stage.weight_decay, grad_clip=stage.grad_clip,
+                                    patience=stage.patience, eval_every=1)
+    return train_with_early_stopping(
+        rec, optimizer,
+        batches=stage_rounds(dataset, make_collate, stage, seed, device, cfg.reolm.num_workers,
+                             cfg.train.progress, name),
+        loss_fn=lambda batch: loss(rec, batch, stage.mlm_weight),
+        validate=lambda: evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress),
+        on_improve=on_improve, train_cfg=train_cfg, metric=cfg.eval.metric, log=log, stage=name,
+        evals_per_epoch=stage.evals_per_epoch, scheduler=scheduler)
+
+
+def _stage_summary(best: BestState) -> dict[str, Any]:
+    return {"best_epoch": best.epoch, "epochs_run": best.epochs_run, "stopped_early": best.stopped_early,
+            "best_val": best.val}
+
+
+def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any = None,
+                backbone: Any = None) -> dict[str, Any]:
+    """Trainer of the registry for ``--model reolm``: stage 1, stage 2, test; returns metrics.json."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    start = time.time()
+    model, model_name = build_finetune_model(cfg, domain, init, backbone)
+    save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
+    rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
+    rec.bind_domain(domain)
+    sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
+    dataset = PrefixDataset(sequences, cfg.reolm.max_history)
+    if len(dataset) == 0 and (cfg.reolm.stage1.epochs or cfg.reolm.stage2.epochs):
+        raise ValueError(f"domain {domain.name!r} has no training sequence of length >= 2")
+    best_dir, stage1_dir = run_dir / "best", run_dir / "stage1"
+
+    def saver(folder: Path, stage: int) -> Callable[[float, EvalResult], None]:
+        def on_improve(epoch: float, result: EvalResult) -> None:
+            save_reolm_folder(folder, rec, model_name=model_name, domain=domain, cfg=cfg,
+                              extra={"stage": stage, "epoch": epoch, "val": result.metrics})
+        return on_improve
+
+    with RunLog(run_dir / "log.jsonl") as run_log:
+        run_log.write({"stage": "setup", "model": model_name, "domain": domain.name, "num_items": domain.num_items,
+                       "num_train_prefixes": len(dataset), "device": str(device),
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "image_items": int(np.asarray(rec.images.has_image).sum())})
+        if cfg.reolm.initial_validation:
+            result = evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress)
+            run_log.write({"stage": "reolm-stage1", "epoch": 0, "val": result.metrics,
+                           "val_pessimistic": result.metrics_pessimistic})
+        best1 = run_stage(1, rec, dataset, cfg, domain, StageLog(run_log), device, saver(stage1_dir, 1))
+        stage1_state = state_on_cpu(rec)
+        rec.item_table = rec.encode_all_items()  # frozen: the best stage-1 weights' item vectors
+        run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0])})
+        best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=best1.epochs_run), device,
+                          saver(best_dir, 2))
+        final, final_stage = best2, 2
+        if best2.score < best1.score:  # stage 2 only made things worse: keep stage 1 (same item table)
+            rec.load_state_dict(stage1_state)
+            saver(best_dir, 1)(best1.epoch, EvalResult("val", 0, domain.num_items, best1.val, best1.val_pessimistic))
+            final, final_stage = best1, 1
+        run_log.write({"stage": "reolm", "event": "final", "best_stage": final_stage,
+                       "train_time_s": round(time.time() - start, 2)})
+        return finish_run(run_dir, model_name=model_name, model=rec, domain=domain, cfg=cfg, best=final, log=run_log,
+                          best_stage=final_stage, stage1=_stage_summary(best1), stage2=_stage_summary(best2),
+                          train_time_s=round(time.time() - start, 2))

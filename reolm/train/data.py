@@ -1,0 +1,405 @@
+"""Streaming pre-training data: WebDataset shards -> examples -> packed micro-batches.
+
+One ``wds.DataPipeline`` per DataLoader worker, built from small stages (OpenCLIP style)::
+
+    ShardStream        shard draws for this (rank, worker): resampled with replacement, or a
+                       disjoint subset reshuffled every pass; reads tar samples and records the
+                       reading position (draw index, sample offset) for exact resume
+    wds.shuffle        shuffle buffer of RAW samples (bytes; nothing decoded yet)
+    decode_example     json -> {history, target, domain, user}; bad samples skipped + counted
+    wds.batched        fixed-size lists of examples (partial batches dropped: every rank's
+                       micro-batch has the same size, which the all-gather needs)
+    CollateStage       item-table lookups (memory-mapped token table + image features) and the
+                       packing collator; attaches the stream state to each batch
+
+The stream never ends: the number of steps is fixed by the run config, so every rank takes the
+same number of steps whatever the shard sizes.  Bad samples (corrupt tar, undecodable json,
+unknown item index, too short a sequence) are skipped by a counting handler that logs the first
+few and then only when the count doubles; the counts travel with each batch to the trainer,
+which reports them as metrics.
+
+Resume: each batch carries its worker's reading position *after* the samples it was built from
+were read.  The trainer saves the position of the last batch it consumed from each worker; a
+resumed worker reopens that shard draw and skips to that offset.  Samples that were in the
+shuffle buffer at that moment are not re-read, so a resume replays nothing and skips at most one
+shuffle buffer (plus the samples of batches prefetched but not consumed are read again, which
+is not a replay since they were never trained on).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+__all__ = [
+    "DataError",
+    "Example",
+    "BadSampleCounter",
+    "BAD_SAMPLE_KINDS",
+    "ShardStream",
+    "StreamPosition",
+    "decode_example",
+    "expand_shards",
+    "corpus_shards",
+    "manifest_counts",
+    "default_num_workers",
+    "build_train_loader",
+    "read_examples",
+    "StreamTracker",
+]
+
+log = logging.getLogger("reolm.train.data")
+
+
+class DataError(ValueError):
+    """The training data cannot be streamed as configured."""
+
+
+@dataclass
+class Example:
+    """One pre-training example: history (time order) -> target item, in one domain."""
+
+    history: np.ndarray  # int64 global item indices, oldest first
+    target: int
+    domain: int
+    user: int
+    key: str = ""  # the tar key, prefixed by "s{stream}/d{draw}/i{index}/" when streamed
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+def expand_shards(spec: str | Sequence[str], base: str | os.PathLike | None = None) -> list[str]:
+    """Brace patterns / comma lists / lists -> shard paths (relative ones resolved against ``base``)."""
+    if isinstance(spec, str):
+        parts: list[str] = []
+        for piece in spec.split(","):
+            piece = piece.strip()
+            if piece:
+                parts.extend(wds.shardlists.expand_urls(piece))
+    else:
+        parts = list(spec)
+    if base is not None:
+        parts = [p if os.path.isabs(p) else str(Path(base) / p) for p in parts]
+    return parts
+
+
+def corpus_shards(corpus: str | os.PathLike, split: str) -> list[str]:
+    """The ``split`` shards (train/dev) listed in a corpus manifest, as paths."""
+    manifest_path = Path(corpus) / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"data.corpus: no manifest.json in {corpus} (build the corpus with `reolm shard`)")
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest.get("shards", {}).get(split, [])
+    if not entries:
+        raise DataError(f"{manifest_path}: no '{split}' shards listed")
+    return [str(Path(corpus) / e["path"]) for e in entries]
+
+
+def manifest_counts(corpus: str | os.PathLike) -> dict[str, int]:
+    """{absolute shard path: sample count} of every shard a corpus manifest lists."""
+    manifest_path = Path(corpus) / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    return {os.path.abspath(Path(corpus) / e["path"]): int(e["count"])
+            for entries in manifest.get("shards", {}).values() for e in entries if "count" in e}
+
+
+def default_num_workers(local_world_size: int) -> int:
+    """CPU cores of this node shared by its ranks; one core stays with the training process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(local_world_size, 1) - 1))
+
+
+# ----------------------------------------------------------------------------- bad samples
+
+# Kinds of bad samples: unreadable tar content, undecodable json, unknown item index, fewer than
+# two items, and samples missing from a shard compared with the manifest's count.
+BAD_SAMPLE_KINDS = ("tar", "decode", "index", "short", "truncated")
+
+
+class BadSampleCounter:
+    """A webdataset handler: count the exception by kind, log at a limited rate, continue."""
+
+    def __init__(self, max_logs: int = 20, where: str = "") -> None:
+        self.counts: dict[str, int] = {}
+        self.events = 0  # a truncated shard is one event for many samples
+        self.max_logs = max_logs
+        self.where = where
+        self._next_report = max_logs * 2
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def record(self, kind: str, message: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+        self.events += 1
+        if self.events <= self.max_logs:
+            log.warning("skipping bad sample (%s)%s: %s", kind, self.where, message[:300])
+        elif self.events >= self._next_report:  # then only when the number of events doubles
+            log.warning("%d bad samples skipped so far%s: %s", self.total, self.where, self.counts)
+            self._next_report *= 2
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.record("tar", f"{type(exn).__name__}: {exn}")
+        return True
+
+
+# ----------------------------------------------------------------------------- shard stream
+
+def tar_samples(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
+    """Samples (dicts of raw member bytes keyed by extension) of one tar file, in order."""
+    with open(url, "rb") as stream:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
+
+
+@dataclass
+class StreamPosition:
+    """Where a worker's reader is: the ``draw``-th shard of its sequence, ``offset`` samples in."""
+
+    draw: int = 0
+    offset: int = 0
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+class ShardStream:
+    """Infinite sequence of tar samples for one (rank, worker), with a resumable position.
+
+    ``resample=True``: draw ``k`` is a uniform choice seeded by (seed, stream, k), so the
+    sequence is reproducible and can restart at any draw.  ``resample=False``: the stream owns
+    ``shards[stream_id::num_streams]`` and walks them in a fresh permutation every pass.
+    """
+
+    def __init__(self, shards: Sequence[str], seed: int, stream_id: int, num_streams: int, resample: bool,
+                 counter: BadSampleCounter, start: StreamPosition | None = None,
+                 expected_counts: Mapping[str, int] | None = None) -> None:
+        self.seed, self.stream_id, self.resample = seed, stream_id, resample
+        self.counter = counter
+        # Samples per shard from the manifest: a tar cut at a block boundary ends "cleanly" for
+        # tarfile, so a short read is only visible against the expected count.
+        self.expected = {os.path.abspath(k): v for k, v in (expected_counts or {}).items()}
+        self.position = StreamPosition(**vars(start)) if start else StreamPosition()
+        if resample:
+            self.shards = list(shards)
+        else:
+            if len(shards) < num_streams:
+                raise DataError(
+                    f"{len(shards)} train shards for {num_streams} readers (ranks x workers): without "
+                    f"resampling every reader needs at least one shard. Set data.resample=true, lower "
+                    f"data.num_workers, or write more, smaller shards (`reolm shard --shard-size`).")
+            self.shards = list(shards)[stream_id::num_streams]
+
+    def shard_for_draw(self, draw: int) -> str:
+        if self.resample:
+            return self.shards[random.Random(_seed(self.seed, self.stream_id, draw)).randrange(len(self.shards))]
+        n = len(self.shards)
+        order = random.Random(_seed(self.seed, self.stream_id, draw // n, 7)).sample(range(n), n)
+        return self.shards[order[draw % n]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        empty_draws = 0
+        while True:
+            pos = self.position
+            url = self.shard_for_draw(pos.draw)
+            yielded = 0
+            read = 0
+            try:
+                for index, sample in enumerate(tar_samples(url, self.counter)):
+                    read = index + 1
+                    if index < pos.offset:
+                        continue  # resuming inside this shard: already read before the checkpoint
+                    pos.offset = index + 1
+                    yielded += 1
+                    # Where the sample came from: stream, shard draw, and index in the shard.
+                    sample["__source__"] = f"s{self.stream_id}/d{pos.draw}/i{index}"
+                    yield sample
+            except OSError as err:  # unreadable file (the expander handles corrupt tar content)
+                self.counter(err)
+            expected = self.expected.get(os.path.abspath(url))
+            if expected is not None and read < expected:
+                self.counter.record("truncated", f"{url}: only {read} of the manifest's {expected} samples "
+                                                 f"are readable", n=expected - read)
+            empty_draws = 0 if yielded else empty_draws + 1
+            if empty_draws > 10 * max(len(self.shards), 1):
+                raise DataError(f"no readable samples in {len(self.shards)} shards (e.g. {url}); "
+                                f"bad samples so far: {self.counter.counts}")
+            self.position = StreamPosition(pos.draw + 1, 0)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def decode_example(sample: dict[str, Any], num_items: int, max_history: int, counter: BadSampleCounter,
+                   ) -> Example | None:
+    """Raw tar sample -> Example; None (counted) when the sample is bad."""
+    key = sample.get("__key__", "?")
+    where = f"{sample.get('__url__', '?')}:{key}"
+    try:
+        record = json.loads(sample["json"])
+        items = [int(i) for i in record["items"]]
+        domain, user = int(record["domain"]), int(record["user"])
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+        counter.record("decode", f"{where}: {type(err).__name__}: {err}")
+        return None
+    if "target" in record:  # dev samples: the held-out item follows the train sequence
+        items = items + [int(record["target"])]
+    if len(items) < 2:
+        counter.record("short", f"{where}: {len(items)} item(s), need a history and a target")
+        return None
+    bad = [i for i in items if not 0 <= i < num_items]
+    if bad:
+        counter.record("index", f"{where}: item index {bad[0]} outside [0, {num_items})")
+        return None
+    history = np.asarray(items[:-1][-max_history:], dtype=np.int64)
+    source = sample.get("__source__")
+    return Example(history, items[-1], domain, user, f"{source}/{key}" if source else key)
+
+
+def _decode_stage(num_items: int, max_history: int, counter: BadSampleCounter) -> Callable:
+    def stage(src: Iterable[dict[str, Any]]) -> Iterator[Example]:
+        for sample in src:
+            example = decode_example(sample, num_items, max_history, counter)
+            if example is not None:
+                yield example
+    return stage
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The per-rank dataset; each DataLoader worker builds its own pipeline in ``__iter__``."""
+
+    def __init__(self, shards: Sequence[str], collate: Callable[[list[Example], int], dict[str, Any]],
+                 micro_batch: int, num_items: int, *, seed: int, rank: int, world_size: int,
+                 num_workers: int, resample: bool, shuffle_buffer: int, shuffle_initial: int,
+                 max_history: int, replicate: bool = False, max_bad_logs: int = 20,
+                 start: dict[int, StreamPosition] | None = None, generation: int = 0,
+                 expected_counts: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.shards, self.collate, self.micro_batch = list(shards), collate, micro_batch
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.num_workers, self.resample, self.replicate = max(num_workers, 1), resample, replicate
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.max_history, self.max_bad_logs = max_history, max_bad_logs
+        self.start, self.generation = start or {}, generation
+        self.expected_counts = dict(expected_counts or {})
+        # Validate the layout in the parent so the error is raised before workers start.
+        streams = self.num_workers * (1 if replicate else world_size)
+        if not resample and len(self.shards) < streams:
+            ShardStream(self.shards, seed, 0, streams, resample, BadSampleCounter(0))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        # Replicated streams ignore the rank: every rank reads the same samples.
+        reader_rank = 0 if self.replicate else self.rank
+        stream_id = reader_rank * self.num_workers + worker
+        num_streams = self.num_workers * (1 if self.replicate else self.world_size)
+        counter = BadSampleCounter(self.max_bad_logs, where=f" [rank {self.rank} worker {worker}]")
+        reader = ShardStream(self.shards, self.seed, stream_id, num_streams, self.resample, counter,
+                             self.start.get(worker), self.expected_counts)
+        # The shuffle buffer's RNG also depends on the resume generation: after a resume the
+        # buffer restarts empty, so reusing the old sequence would not reproduce the order anyway.
+        shuffle_rng = random.Random(_seed(self.seed, stream_id, self.generation, 11))
+        pipeline = wds.DataPipeline(
+            lambda: iter(reader),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)
+            if self.shuffle_buffer > 1 else None,
+            _decode_stage(self.num_items, self.max_history, counter),
+            wds.batched(self.micro_batch, collation_fn=list, partial=False),
+        )
+        for index, examples in enumerate(pipeline):
+            batch_seed = _seed(self.seed, stream_id, self.generation, index, 13)
+            batch = self.collate(examples, batch_seed)
+            batch["stream"] = {"worker": worker, "draw": reader.position.draw,
+                               "offset": reader.position.offset, "bad": dict(counter.counts)}
+            yield batch
+
+
+class StreamTracker:
+    """Main-process view of the workers: last consumed position and bad-sample counts per worker.
+
+    Workers count from zero in every process; counts restored from a checkpoint are kept as a
+    base so that the reported totals stay cumulative over resumptions.
+    """
+
+    def __init__(self, num_workers: int, positions: dict[int, StreamPosition] | None = None,
+                 base_bad: dict[str, int] | None = None) -> None:
+        self.num_workers = num_workers
+        self.positions: dict[int, StreamPosition] = dict(positions or {})
+        self.base_bad: dict[str, int] = dict(base_bad or {})
+        self.bad: dict[int, dict[str, int]] = {}
+
+    def update(self, stream: dict[str, Any]) -> None:
+        worker = int(stream["worker"])
+        self.positions[worker] = StreamPosition(int(stream["draw"]), int(stream["offset"]))
+        self.bad[worker] = dict(stream["bad"])
+
+    def bad_counts(self) -> dict[str, int]:
+        total = dict(self.base_bad)
+        for counts in self.bad.values():
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def state(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers,
+                "positions": {w: vars(p) for w, p in self.positions.items()},
+                "bad": self.bad_counts()}
+
+    @classmethod
+    def restore(cls, state: dict[str, Any] | None, num_workers: int) -> "StreamTracker":
+        """The tracker to continue from; fresh positions when the worker layout changed."""
+        if not state:
+            return cls(num_workers)
+        bad = {str(k): int(v) for k, v in state.get("bad", {}).items()}
+        if int(state.get("num_workers", -1)) != num_workers:
+            log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart "
+                        "from fresh positions", state.get("num_workers"), num_workers)
+            return cls(num_workers, base_bad=bad)
+        positions = {int(w): StreamPosition(**p) for w, p in state["positions"].items()}
+        return cls(num_workers, positions, bad)
+
+
+def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: int,
+                       pin_memory: bool) -> torch.utils.data.DataLoader:
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=True,
+                      multiprocessing_context="fork" if os.name == "posix" else None)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin_memory, **kwargs)
+
+
+def read_examples(shards: Sequence[str], num_items: int, max_history: int, limit: int,
+                  counter: BadSampleCounter | None = None) -> list[Example]:
+    """The first ``limit`` good examples of ``shards`` in order (validation sets, tests)."""
+    counter = counter or BadSampleCounter()
+    out: list[Example] = []
+    for url in shards:
+        for sample in tar_samples(url, counter):
+            example = decode_example(sample, num_items, max_history, counter)
+            if example is not None:
+                out.append(example)
+                if len(out) >= limit:
+                    return out
+    return out

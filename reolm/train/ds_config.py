@@ -1,0 +1,168 @@
+"""Fill a DeepSpeed JSON config's ``"auto"`` fields from our typed config.
+
+The JSON files under ``ds_configs/`` fix what is about the *system* (ZeRO stage, buckets,
+offload, loss-scaler tuning); everything that is about the *run* (batch sizes, lr schedule,
+precision, clipping) is ``"auto"`` and comes from :class:`PretrainConfig`, so the two can never
+disagree.  Values a user wrote explicitly in the JSON are kept, except that a clash with the
+run config (e.g. a literal micro-batch size that differs) is an error rather than a surprise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from reolm.config import ConfigError
+from reolm.train.config import OptimConfig
+
+__all__ = ["resolve_precision", "batch_layout", "fill_ds_config", "lr_factor", "lr_scheduler_factory", "load_ds_config", "write_ds_config"]
+
+AUTO = "auto"
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """``auto`` -> bf16 on a GPU that supports it, else fp32 (CPU)."""
+    if requested != "auto":
+        if device_type == "cpu" and requested in ("fp16",):
+            raise ConfigError("optim.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+        return requested
+    if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def batch_layout(optim: OptimConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro batch per rank, accumulation steps, global batch) for ``world_size`` ranks."""
+    micro = optim.micro_batch_size
+    if optim.global_batch_size > 0:
+        per_step = micro * world_size
+        if optim.global_batch_size % per_step:
+            raise ConfigError(f"optim.global_batch_size={optim.global_batch_size} is not a multiple of "
+                              f"micro_batch_size x world size = {micro} x {world_size} = {per_step}")
+        accum = optim.global_batch_size // per_step
+    else:
+        accum = optim.grad_accum
+    return micro, accum, micro * accum * world_size
+
+
+def lr_factor(optim: OptimConfig, index: int) -> float:
+    """Multiplier of ``optim.lr`` for the optimizer step with 0-based ``index``.
+
+    Linear warmup reaching the peak at step ``warmup_steps`` (the first step already uses
+    ``lr / warmup_steps``, never 0), then linear or cosine decay that would reach
+    ``min_lr_ratio x lr`` one step after the last step; ``constant`` stays at the peak.
+    """
+    warmup, total = optim.warmup_steps, optim.steps
+    if index < warmup:
+        return (index + 1) / warmup
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min((index + 1 - warmup) / max(total - warmup + 1, 1), 1.0)
+    floor = optim.min_lr_ratio
+    if optim.schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * (1.0 - progress)
+
+
+def lr_scheduler_factory(optim: OptimConfig) -> Callable[[Any], Any]:
+    """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer.
+
+    Our own ``LambdaLR`` rather than DeepSpeed's ``WarmupDecayLR``/``WarmupCosineLR``: those
+    run the first two optimizer steps at lr 0 (they start one iteration behind and need at
+    least two warmup steps), which matters for short runs and exact-trajectory tests.  The
+    engine steps it after every applied update and saves/restores its state in checkpoints.
+    """
+    def factory(optimizer: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: lr_factor(optim, index))
+    return factory
+
+
+def _set(node: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Replace ``auto`` (or a missing key); keep an equal literal; reject a conflicting one."""
+    current = node.get(key, AUTO)
+    if current == AUTO:
+        node[key] = value
+    elif current != value and not isinstance(value, (dict, list)):
+        raise ConfigError(f"DeepSpeed config {where}.{key} = {current!r} contradicts the run config "
+                          f"({value!r}); set it to \"auto\" in the JSON or change the run config")
+
+
+def fill_ds_config(template: Mapping[str, Any], optim: OptimConfig, world_size: int, device_type: str,
+                   zero_stage: int = -1, hidden_size: int | None = None) -> dict[str, Any]:
+    """The template with every ``"auto"`` replaced; pure function, easy to test."""
+    cfg = copy.deepcopy(dict(template))
+    micro, accum, global_batch = batch_layout(optim, world_size)
+    _set(cfg, "train_micro_batch_size_per_gpu", micro, "")
+    _set(cfg, "gradient_accumulation_steps", accum, "")
+    _set(cfg, "train_batch_size", global_batch, "")
+    _set(cfg, "gradient_clipping", optim.grad_clip, "")
+
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    for key, value in (("lr", optim.lr), ("betas", list(optim.betas)), ("eps", optim.eps),
+                       ("weight_decay", optim.weight_decay), ("torch_adam", optim.torch_adam)):
+        if params.get(key, AUTO) == AUTO:
+            params[key] = value
+    # "scheduler": {"type": "auto"} = our schedule (lr_scheduler_factory), passed to
+    # deepspeed.initialize; a scheduler written out in the JSON is used as is.
+    if cfg.get("scheduler", {}).get("type", AUTO) == AUTO:
+        cfg.pop("scheduler", None)
+
+    precision = resolve_precision(optim.precision, device_type)
+    cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    # fp32 gradient accumulation, stated explicitly (DeepSpeed's default follows the model dtype).
+    cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if zero_stage >= 0:
+        zero["stage"] = zero_stage
+    if hidden_size:
+        # The usual HF heuristics for the size-dependent ZeRO-3 knobs.
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key) == AUTO:
+                zero[key] = value
+    for key in [k for k, v in zero.items() if v == AUTO]:
+        del zero[key]  # without a model size, let DeepSpeed use its defaults
+    leftover = _find_auto(cfg)
+    if leftover:
+        raise ConfigError(f"DeepSpeed config still has \"auto\" at {', '.join(leftover)} (not a field we fill)")
+    return cfg
+
+
+def _find_auto(node: Any, path: str = "") -> list[str]:
+    if node == AUTO:
+        return [path or "<root>"]
+    if isinstance(node, Mapping):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{path}[{i}]")]
+    return []
+
+
+def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dist.ds_config: DeepSpeed config not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+
+
+def write_ds_config(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> Path:
+    """Save the resolved DeepSpeed config as RUN_DIR/ds_config.json (temp name + rename)."""
+    path = Path(run_dir) / "ds_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,74 @@
+"""Export a training checkpoint to an HF-style directory that fine-tuning loads.
+
+``export_checkpoint(CKPT, OUT)`` consolidates the weights through DeepSpeed
+(``get_fp32_state_dict_from_zero_checkpoint``: it reads the fp32 master weights from the
+ZeRO optimizer partitions, so it works for ZeRO-1/2 and for ZeRO-3 where the parameters
+themselves are sharded), rebuilds the model from the architecture recorded in the checkpoint
+(``trainer_state.json``: backbone + model config), and writes ``config.json`` +
+``model.safetensors`` + the tokenizer files via ``ReoLM.save_pretrained`` (temp folder, then
+rename).  It runs on one CPU process; the training world size does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from reolm.train.checkpoint import STATE_FILE, complete_checkpoints
+
+__all__ = ["ExportError", "find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
+
+
+class ExportError(ValueError):
+    """The path is not a (complete) training checkpoint."""
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, a checkpoints/ folder (-> newest) or a run directory (-> its newest)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        done = complete_checkpoints(root)
+        if done:
+            return done[-1]
+    if path.name.endswith(".tmp"):
+        raise ExportError(f"{path} is an unfinished checkpoint save (its .tmp name was never renamed)")
+    raise ExportError(f"{path}: no complete checkpoint (expected a folder with {STATE_FILE}, or a "
+                      f"run/checkpoints directory holding step-* checkpoints)")
+
+
+def load_checkpoint_model(path: str | os.PathLike) -> Any:
+    """The ReoLM of a checkpoint with its consolidated fp32 weights and tokenizer (CPU, eval mode)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from reolm.config import from_dict
+    from reolm.model import ModelConfig, ReoLM
+    from reolm.model.encoder import TIED_KEY
+    from reolm.model.hf_checkpoint import BackboneConfig
+
+    ckpt = find_checkpoint(path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if "backbone" not in state or "model" not in state:
+        raise ExportError(f"{ckpt / STATE_FILE}: no backbone/model architecture recorded")
+    model = ReoLM(BackboneConfig.from_dict(state["backbone"]), from_dict(ModelConfig, state["model"]))
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    weights.pop(TIED_KEY, None)  # the decoder weight IS the word embedding table
+    result = model.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if k != TIED_KEY]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"{ckpt}: consolidated weights do not match the recorded architecture "
+                          f"(missing {missing[:10]}, unexpected {result.unexpected_keys[:10]})")
+    tokenizer_dir = ckpt / "tokenizer"
+    if tokenizer_dir.is_dir():
+        from transformers import AutoTokenizer
+        model.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return model.eval()
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the checkpoint at ``path`` as an HF-style directory ``out``; returns ``out``."""
+    model = load_checkpoint_model(path)
+    return model.save_pretrained(out)

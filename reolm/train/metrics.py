@@ -1,0 +1,126 @@
+"""Training metrics: device-side accumulation, throughput/MFU, JSONL + TensorBoard + tqdm.
+
+Between logging steps the trainer only *adds* device tensors (:class:`DeviceAccumulator`) and
+host-side Python numbers (token counts come from the collator as ints, so they never touch the
+device); values are read to the host (``.tolist()``) once per logging step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["DeviceAccumulator", "MetricsWriter", "peak_device_tflops", "peak_memory_gib", "GPU_PEAK_TFLOPS"]
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' datasheets.
+# Matched as substrings of torch.cuda.get_device_name(), most specific first.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("V100", 125.0),
+)
+
+
+def peak_device_tflops(flag: float = 0.0) -> float | None:
+    """Peak TFLOP/s of one device: the flag if set, else the GPU table; None on CPU/unknown GPUs."""
+    if flag > 0:
+        return flag
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in GPU_PEAK_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory on GPU; peak resident set size of the process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib / 2**20 if sys.platform != "darwin" else rss_kib / 2**30
+
+
+class DeviceAccumulator:
+    """Sums of device scalars between logging steps (no host sync until :meth:`pop`)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def pop(self, reduce_over_ranks: bool = True) -> dict[str, float]:
+        """Sums over micro-steps (and ranks), read to the host in ONE transfer, then reset."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys])
+        if reduce_over_ranks and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(stacked)
+        values = stacked.tolist()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, values))
+
+
+class MetricsWriter:
+    """Rank 0 writes ``RUN_DIR/metrics.jsonl`` and TensorBoard events; other ranks write nothing."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but keep training if it is broken
+                self._tb = None
+
+    def write(self, step: int, values: Mapping[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": round(time.time(), 3)}
+        record.update({k: _clean(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return value

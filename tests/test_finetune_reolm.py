@@ -1,0 +1,189 @@
+"""Reo-LM fine-tuning and evaluation end to end on a tiny synthetic domain (CPU, no downloads).
+
+One module-scoped fine-tuning run (tiny random BERT + a WordPiece tokenizer trained on the
+domain's text) feeds most tests: metrics.json contract, learning, evaluate.py reproduction,
+the frozen stage-2 item table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
+
+from reolm.data.collate import PackedCollator, split_sequences
+from reolm.data.domain import read_domain, write_domain
+from reolm.data.item_table import TableError
+from reolm.data.synth import generate_corpus, preset_config
+from reolm.data.tokenizer import item_texts, train_tokenizer
+from reolm.eval.contract import read_metrics
+from reolm.finetune.reolm_recommender import (ITEM_VECTORS, ReoLMRecommender, domain_image_table, load_reolm)
+from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset
+from reolm.model import ModelConfig, ReoLM
+from reolm.random_init import init_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast: 2 adapters of rank 8, 128-token sequences, a few capped epochs.
+MODEL_OVERRIDES = ["reolm.model.num_adapters=2", "reolm.model.adapter_rank=8", "reolm.model.max_tokens=128",
+                   "reolm.model.image_feature_dim=8", "reolm.model.attention=sdpa",
+                   "reolm.model.hidden_dropout=0.0", "reolm.model.attention_dropout=0.0"]
+TRAIN_OVERRIDES = ["train.progress=false", "train.seed=0", "train.device=cpu", "eval.batch_size=64",
+                   "reolm.negatives=40", "reolm.item_batch_size=64", "reolm.initial_validation=true",
+                   "reolm.stage1.epochs=4", "reolm.stage1.lr=2e-3", "reolm.stage1.batch_size=32",
+                   "reolm.stage1.warmup_steps=5", "reolm.stage1.patience=4",
+                   "reolm.stage2.epochs=2", "reolm.stage2.lr=1e-3", "reolm.stage2.batch_size=32",
+                   "reolm.stage2.warmup_steps=0", "reolm.stage2.patience=2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny preset's downstream domain, a tokenizer trained on it and a tiny random BERT."""
+    root = tmp_path_factory.mktemp("reolm_ft")
+    cfg = preset_config("tiny", images=False)
+    cfg = dataclasses.replace(cfg, domains=tuple(d for d in cfg.domains if d.role == "downstream"))
+    (domain_dir,) = generate_corpus(cfg, root / "data", seed=0, progress=False)
+    tok = train_tokenizer(item_texts([domain_dir]), root / "tok", kind="wordpiece", vocab_size=300)
+    backbone = init_backbone(tok, root / "bert", size="tiny", max_position_embeddings=128)
+    return {"root": root, "domain": domain_dir, "backbone": backbone}
+
+
+def _finetune(args: list[str]) -> int:
+    from launch.finetune import main
+    return main(args)
+
+
+def _evaluate(args: list[str]) -> int:
+    from launch.evaluate import main
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(assets) -> Path:
+    out = assets["root"] / "run-nopretrain"
+    rc = _finetune(["--domain", str(assets["domain"]), "--out", str(out), "--model", "reolm",
+                    "--backbone", str(assets["backbone"]), *MODEL_OVERRIDES, *TRAIN_OVERRIDES])
+    assert rc == 0
+    return out
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_from_hf_checkpoint_writes_contract_metrics(run_dir, assets):
+    doc = read_metrics(run_dir / "metrics.json")  # validates the contract
+    domain = read_domain(assets["domain"])
+    assert doc["model"] == "reolm-nopretrain" and doc["split"] == "test"
+    assert doc["num_items"] == domain.num_items and doc["num_users"] == len(domain.test)
+    assert doc["best_stage"] in (1, 2) and doc["stage1"]["epochs_run"] > 0
+    records = _log(run_dir)
+    stage1_epochs = [r["epoch"] for r in records if r.get("stage") == "reolm-stage1" and "train_loss" in r]
+    assert stage1_epochs[:3] == [0.5, 1.0, 1.5]  # validation every half epoch
+    assert any(r.get("stage") == "reolm-stage2" and "train_loss" in r for r in records)
+    # The token table was built on the fly for the backbone's tokenizer.
+    assert list((assets["domain"] / "tables").glob("tokens-*/table.json"))
+    # best/ is complete: export + frozen item table + descriptor + config; the source is recorded.
+    best = run_dir / "best"
+    for name in ("config.json", "model.safetensors", ITEM_VECTORS, "recommender.json", "config.yaml"):
+        assert (best / name).is_file(), name
+    assert str(assets["backbone"]) in (run_dir / "config.yaml").read_text()
+
+
+def test_finetuning_improves_validation_ndcg(run_dir):
+    records = _log(run_dir)
+    stage1 = [r for r in records if r.get("stage") == "reolm-stage1" and "val" in r]
+    start = stage1[0]["val"]["NDCG@10"]  # initial_validation: the untrained starting point
+    assert stage1[0]["epoch"] == 0
+    best = max(r["val"]["NDCG@10"] for r in stage1)
+    assert best > start + 0.05, (start, best)
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    assert doc["best_val"]["NDCG@10"] >= best - 1e-12  # stage 2 is kept only if it is not worse
+
+
+def test_evaluate_reproduces_run_test_metrics(run_dir, assets, tmp_path):
+    run_doc = json.loads((run_dir / "metrics.json").read_text())
+    for target in (run_dir, run_dir / "best"):
+        out = tmp_path / f"{target.name}.json"
+        assert _evaluate(["--domain", str(assets["domain"]), "--model", str(target), "--split", "test",
+                          "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["model"] == "reolm-nopretrain"
+        for name, value in run_doc["metrics"].items():
+            assert doc["metrics"][name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_stage2_item_table_is_stage1_best_encoding(run_dir, assets):
+    domain = read_domain(assets["domain"])
+    table = load_file(str(run_dir / "best" / ITEM_VECTORS))["item_vectors"]
+    stage1 = load_reolm(run_dir / "stage1").bind_domain(domain)
+    assert stage1.item_table is None  # stage 1 folders encode items live
+    expected = stage1.encode_all_items()
+    assert table.shape == (domain.num_items, stage1.model.backbone_config.hidden_size)
+    torch.testing.assert_close(table, expected, rtol=1e-5, atol=1e-5)
+    best = load_reolm(run_dir / "best").bind_domain(domain)
+    if json.loads((run_dir / "metrics.json").read_text())["best_stage"] == 2:
+        # Stage 2 moved the encoder but scores against the frozen table, not live item vectors.
+        assert not torch.allclose(best.encode_all_items(), table, atol=1e-4)
+        torch.testing.assert_close(best.item_vectors(), table)
+
+
+def test_finetune_from_pretrained_export_and_zero_shot(assets, tmp_path):
+    cfg = ModelConfig(num_adapters=2, adapter_rank=8, max_tokens=128, image_feature_dim=8, attention="sdpa")
+    model = ReoLM.from_backbone(assets["backbone"], cfg)
+    export = model.save_pretrained(tmp_path / "export")
+    # Zero-shot: evaluate.py on the bare export.
+    out = tmp_path / "zeroshot.json"
+    assert _evaluate(["--domain", str(assets["domain"]), "--model", str(export), "--split", "test",
+                      "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    doc = read_metrics(out, run=False)
+    assert doc["model"] == "reolm-zeroshot" and doc["split"] == "test"
+    rec = load_reolm(export)
+    assert {layer.routing for layer in rec.model.encoder.layer[rec.model.num_bottom_layers:]} == {"mean"}
+    # Fine-tuning from the export (one short stage each) reports "reolm".
+    run = tmp_path / "run-init"
+    assert _finetune(["--domain", str(assets["domain"]), "--out", str(run), "--model", "reolm",
+                      "--init", str(export), *TRAIN_OVERRIDES, "reolm.initial_validation=false",
+                      "reolm.stage1.epochs=1", "reolm.stage1.max_steps_per_epoch=4",
+                      "reolm.stage2.epochs=1", "reolm.stage2.max_steps_per_epoch=4"]) == 0
+    doc = read_metrics(run / "metrics.json")
+    assert doc["model"] == "reolm"
+    assert json.loads((run / "best" / "recommender.json").read_text())["model"] == "reolm"
+
+
+def test_image_feature_dim_mismatch_is_a_clear_error(assets, tmp_path):
+    domain = read_domain(assets["domain"])
+    domain.image_features = np.zeros((domain.num_items, 6), dtype=np.float16)
+    domain.has_image = np.ones(domain.num_items, dtype=bool)
+    write_domain(domain, tmp_path / "dom")
+    with pytest.raises(TableError, match=r"image_features\.npy has d=6 .* takes d=8"):
+        domain_image_table(read_domain(tmp_path / "dom"), ModelConfig(image_feature_dim=8))
+    # Without features every item uses the void image (a zero-copy table of the model's width).
+    domain.image_features = domain.has_image = None
+    table = domain_image_table(domain, ModelConfig(image_feature_dim=8))
+    assert table.dim == 8 and not table.has_image.any() and len(table) == domain.num_items
+
+
+def test_prefix_dataset_and_stage1_candidates(assets):
+    data = PrefixDataset([[5, 6, 7, 8], [1], [2, 3]], max_history=2)
+    assert [data[i] for i in range(len(data))] == [([5], 6), ([5, 6], 7), ([6, 7], 8), ([2], 3)]
+    model = ReoLM.from_backbone(assets["backbone"], ModelConfig(num_adapters=2, adapter_rank=8, max_tokens=128,
+                                                                image_feature_dim=8))
+    rec = ReoLMRecommender(model, progress=False).bind_domain(read_domain(assets["domain"]))
+    collator: PackedCollator = rec.collator(mlm_probability=0.15, seed=0)
+    batch = PrefixCollate(collator, rec.num_items, negatives=20)([([1, 2], 3), ([4], 3), ([7, 8, 9], 11)])
+    items = batch["items"]
+    pieces = split_sequences(items["input_ids"], items)  # example order: [CLS], item text, image token
+    assert 20 <= len(pieces) <= 22  # 20 distinct negatives + the targets {3, 11}, no duplicates
+    # Each label points at its target's [CLS] item sequence.
+    for label, target in zip(batch["labels"].tolist(), [3, 3, 11]):
+        assert pieces[label][1:-1].tolist() == rec.tokens.item(target)[0].tolist()
+    assert batch["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
+    stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None)([([1, 2], 3)])
+    assert stage2["labels"].tolist() == [3] and "items" not in stage2

@@ -1,0 +1,365 @@
+"""Unit tests of the pre-training pieces: losses (incl. the gathered InfoNCE), DeepSpeed config
+filling, lr schedule, checkpoint rotation/atomicity, bad-sample handling of the stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from reolm.config import ConfigError
+from reolm.train.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume, step_tag
+from reolm.train.config import OptimConfig
+from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
+                              decode_example, expand_shards)
+from reolm.train.distributed import slurm_env
+from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
+from reolm.train.losses import PretrainLoss, info_nce, masked_lm_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _loss_inputs(seed: int = 0, rows: int = 8, dim: int = 6, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randn(rows, dim, generator=g)
+    tgt = torch.randn(rows, dim, generator=g)
+    logits = torch.randn(rows * 3, vocab, generator=g)
+    labels = torch.randint(0, vocab, (rows * 3,), generator=g)
+    labels[torch.rand(rows * 3, generator=g) < 0.5] = -100
+    return hist, tgt, logits, labels
+
+
+def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    hist, tgt, logits, labels = _loss_inputs()
+    rows, toks = hist.shape[0] // world, logits.shape[0] // world
+    # Uneven masked-token counts per rank: the MLM normalisation must still match.
+    h = hist[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+    t = tgt[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+    lg = logits[rank * toks:(rank + 1) * toks].clone().requires_grad_(True)
+    parts = PretrainLoss(0.05, 0.1, "global")(h, t, lg, labels[rank * toks:(rank + 1) * toks])
+    parts.total.backward()
+    # DeepSpeed divides every rank's gradient contribution by the world size (mean over ranks).
+    grads = [x.grad / world for x in (h, t, lg)]
+    total = parts.total.detach().clone()
+    dist.all_reduce(total)
+    out[rank] = {"loss": (total / world).item(), "grads": [g.numpy() for g in grads]}
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gathered_infonce_equals_single_process_on_concatenated_batch():
+    world = 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_gathered_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+        results = dict(out)
+    hist, tgt, logits, labels = _loss_inputs()
+    h, t, lg = (x.clone().requires_grad_(True) for x in (hist, tgt, logits))
+    single = PretrainLoss(0.05, 0.1, "global")(h, t, lg, labels)
+    single.total.backward()
+    # Each rank's (averaged) gradient of its own rows equals the full-batch gradient of those rows.
+    rows, toks = hist.shape[0] // world, logits.shape[0] // world
+    for rank in range(world):
+        assert results[rank]["loss"] == pytest.approx(single.total.item(), rel=1e-5)
+        gh, gt, glg = results[rank]["grads"]
+        full = [h.grad, t.grad, lg.grad]
+        for g, f, n in ((gh, full[0], rows), (gt, full[1], rows), (glg, full[2], toks)):
+            np.testing.assert_allclose(g, f[rank * n:(rank + 1) * n].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_infonce_is_low_for_aligned_pairs_and_masks_duplicates():
+    torch.manual_seed(0)
+    v = torch.randn(6, 8)
+    aligned, correct = info_nce(v, v, temperature=0.05, gather=False)
+    shuffled, _ = info_nce(v, v[torch.randperm(6)], temperature=0.05, gather=False)
+    assert aligned.item() < 0.05 < shuffled.item()
+    assert correct.item() == 6
+    # Rows 0 and 1 hold the same target item: as negatives for each other they would be perfect
+    # confusers; masking them leaves only the true negatives.
+    t = v.clone()
+    t[1] = t[0]
+    ids = torch.tensor([5, 5, 1, 2, 3, 4])
+    unmasked, _ = info_nce(v, t, 0.05, gather=False)
+    masked, _ = info_nce(v, t, 0.05, gather=False, target_ids=ids)
+    assert masked.item() < unmasked.item()
+
+
+def test_mlm_loss_is_mean_over_masked_tokens_on_one_rank():
+    _, _, logits, labels = _loss_inputs()
+    loss, count, correct = masked_lm_loss(logits, labels, gather=True)
+    valid = labels != -100
+    expected = torch.nn.functional.cross_entropy(logits[valid], labels[valid])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert count.item() == int(valid.sum())
+    assert correct.item() == int((logits.argmax(-1) == labels)[valid].sum())
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_ds_configs_fill_every_auto_field(name):
+    template = load_ds_config(os.path.join(REPO, "ds_configs", f"{name}.json"))
+    optim = OptimConfig(micro_batch_size=4, global_batch_size=64, lr=3e-4, grad_clip=0.5, schedule="cosine",
+                        warmup_steps=10, steps=100, min_lr_ratio=0.1)
+    cfg = fill_ds_config(template, optim, world_size=8, device_type="cpu", hidden_size=32)
+    text = json.dumps(cfg)
+    assert '"auto"' not in text
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 64 and cfg["gradient_clipping"] == 0.5
+    assert cfg["optimizer"]["params"]["lr"] == 3e-4
+    assert cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False  # CPU -> fp32
+    assert "scheduler" not in cfg  # ours, passed to deepspeed.initialize (lr_scheduler_factory)
+    assert cfg["zero_optimization"]["stage"] == (1 if name == "zero1" else 2 if name == "zero2" else 3)
+    if name == "zero3_offload":
+        assert cfg["optimizer"]["params"]["torch_adam"] is False  # the explicit value wins
+
+
+def test_ds_config_errors_are_clear():
+    optim = OptimConfig(micro_batch_size=3, global_batch_size=64)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        batch_layout(optim, 2)
+    template = {"train_micro_batch_size_per_gpu": 16}
+    with pytest.raises(ConfigError, match="contradicts"):
+        fill_ds_config(template, OptimConfig(micro_batch_size=4), 1, "cpu")
+    with pytest.raises(ConfigError, match="still has"):
+        fill_ds_config({"foo": {"bar": "auto"}}, OptimConfig(), 1, "cpu")
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        fill_ds_config({}, OptimConfig(precision="fp16"), 1, "cpu")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_warms_up_then_decays(schedule):
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, steps=50, schedule=schedule, min_lr_ratio=0.1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    sched = lr_scheduler_factory(optim)(opt)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4)  # the first step already learns
+    assert lrs[4] == pytest.approx(5e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup to the peak
+    assert max(lrs) == pytest.approx(1e-3)
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1e-3)
+    elif schedule == "linear":
+        assert lrs[30] == pytest.approx(1e-4 + 9e-4 * (1 - 21 / 41))
+        assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    else:
+        assert lrs[30] == pytest.approx(1e-3 * (0.1 + 0.9 * (1 + np.cos(np.pi * 21 / 41)) / 2))
+        assert 1e-4 < lrs[-1] < 1.05e-4  # approaches min_lr_ratio x lr
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
+    ckpt = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        folder = tmp_path / step_tag(step)
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+    # A save that died half-way (no rename) and a folder without the state marker.
+    (tmp_path / (step_tag(40) + ".tmp")).mkdir()
+    (tmp_path / step_tag(50)).mkdir()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (10, 20, 30)]
+    assert resolve_resume("latest", tmp_path).name == step_tag(30)
+    removed = ckpt.rotate()
+    assert [p.name for p in removed] == [step_tag(10)]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(20), step_tag(30)]
+    assert resolve_resume("", tmp_path) is None
+    assert resolve_resume("latest", tmp_path / "nothing") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A real (gloo) process group of one rank for DeepSpeed engines in this process.
+
+    It stays up for the rest of the session: DeepSpeed caches its groups, so a destroyed and
+    re-created group would break the next engine.
+    """
+    from reolm.train import distributed as D
+    with pytest.MonkeyPatch.context() as mp_env:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+            mp_env.setenv(key, value)
+        D.init()
+        yield
+
+
+def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ds_cfg = fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json")),
+                            OptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
+                                      lr_scheduler=lr_scheduler_factory(OptimConfig(steps=10, warmup_steps=0)))
+    x = torch.randn(2, 4)
+    engine.backward(engine(x).pow(2).sum())
+    engine.step()
+    ckpt = CheckpointManager(tmp_path / "ckpt", keep_last=1)
+    path = ckpt.save(engine, 1, {"step": 1}, {"data": {"positions": {0: {"draw": 3, "offset": 7}}}},
+                     write_extra=lambda folder: (folder / "extra.txt").write_text("x"))
+    assert (path / "extra.txt").is_file() and (path / "rank-00000.pt").is_file()
+    assert (tmp_path / "ckpt" / "latest").read_text() == path.name
+    expected = engine.module.weight.detach().clone()
+    engine.backward(engine(x).pow(2).sum())
+    engine.step()
+    assert not torch.equal(engine.module.weight, expected)
+    ckpt.save(engine, 2, {"step": 2}, {})
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == [step_tag(2)]  # keep_last=1
+    after_two = engine.module.weight.detach().clone()
+    engine.backward(engine(x).pow(2).sum())
+    engine.step()
+    shared, per_rank = ckpt.load(engine, tmp_path / "ckpt" / step_tag(2))
+    assert shared["step"] == 2 and shared["world_size"] == 1
+    assert torch.equal(engine.module.weight, after_two)  # weights restored
+    assert engine.lr_scheduler.last_epoch == 2  # scheduler state restored
+
+
+def test_nonfinite_loss_skips_the_step_and_aborts_after_n_in_a_row(world_of_one):
+    """DeepSpeed (ZeRO-2, fp32 on CPU, clipping on) refuses a NaN gradient; the guard counts and aborts."""
+    import deepspeed
+
+    from reolm.train.trainer import NonFiniteGuard, TrainingAborted
+
+    model = torch.nn.Linear(4, 1)
+    optim = OptimConfig(micro_batch_size=2, steps=10, warmup_steps=0, grad_clip=1.0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs",
+                                                                                        "zero2.json")),
+                                                            optim, 1, "cpu"),
+                                      lr_scheduler=lr_scheduler_factory(optim))
+    guard = NonFiniteGuard(max_in_a_row=2)
+    before = engine.module.weight.detach().clone()
+    x = torch.randn(2, 4)
+    engine.backward(engine(x).sum() * float("nan"))
+    engine.step()
+    assert guard.update(engine.was_step_applied(), 1) is True  # skipped, weights untouched
+    assert torch.equal(engine.module.weight, before)
+    engine.backward(engine(x).sum())
+    engine.step()
+    assert guard.update(engine.was_step_applied(), 2) is False and guard.in_a_row == 0
+    assert not torch.equal(engine.module.weight, before)
+    guard.update(False, 3)
+    with pytest.raises(TrainingAborted, match="2 optimizer steps in a row"):
+        guard.update(False, 4)
+
+
+# ----------------------------------------------------------------------------- data stream
+
+def _write_tar(path, samples, corrupt_at: int | None = None):
+    import webdataset as wds
+    with wds.TarWriter(str(path)) as sink:
+        for key, record in samples:
+            sink.write({"__key__": key, "json": record if isinstance(record, bytes) else json.dumps(record).encode()})
+    if corrupt_at is not None:
+        data = bytearray(path.read_bytes())
+        data[corrupt_at:corrupt_at + 600] = os.urandom(600)
+        path.write_bytes(bytes(data))
+
+
+def test_shard_stream_resumes_exactly_and_counts_bad_samples(tmp_path):
+    shards = []
+    for s in range(3):
+        path = tmp_path / f"train-{s:06d}.tar"
+        _write_tar(path, [(f"d0_u{s}_{i}", {"domain": 0, "user": s * 10 + i, "items": [i, i + 1, i + 2]})
+                          for i in range(5)])
+        shards.append(str(path))
+    counter = BadSampleCounter(max_logs=0)
+    stream = ShardStream(shards, seed=1, stream_id=0, num_streams=1, resample=True, counter=counter)
+    it = iter(stream)
+    first = [next(it)["__key__"] for _ in range(12)]
+    pos = StreamPosition(stream.position.draw, stream.position.offset)
+    rest = [next(it)["__key__"] for _ in range(8)]
+    resumed = iter(ShardStream(shards, seed=1, stream_id=0, num_streams=1, resample=True, counter=counter,
+                               start=pos))
+    assert [next(resumed)["__key__"] for _ in range(8)] == rest
+    assert len(set(first)) > 5  # draws differ
+
+    with pytest.raises(DataError, match="without resampling"):
+        ShardStream(shards, 0, 0, 4, resample=False, counter=counter)
+    assert expand_shards(str(tmp_path / "train-{000000..000002}.tar")) == shards
+
+
+def test_decode_example_skips_and_counts_bad_records():
+    counter = BadSampleCounter(max_logs=1)
+    ok = decode_example({"__key__": "a", "json": b'{"domain": 1, "user": 2, "items": [1, 2, 3]}'}, 10, 50, counter)
+    assert ok.target == 3 and ok.history.tolist() == [1, 2] and ok.domain == 1
+    dev = decode_example({"__key__": "b", "json": b'{"domain": 0, "user": 2, "items": [1, 2], "target": 4}'},
+                         10, 1, counter)
+    assert dev.target == 4 and dev.history.tolist() == [2]  # max_history keeps the most recent
+    assert decode_example({"__key__": "c", "json": b"{not json"}, 10, 50, counter) is None
+    assert decode_example({"__key__": "d", "json": b'{"domain": 0, "user": 1, "items": [1, 99]}'},
+                          10, 50, counter) is None
+    assert decode_example({"__key__": "e", "json": b'{"domain": 0, "user": 1, "items": [1]}'}, 10, 50,
+                          counter) is None
+    assert counter.counts == {"decode": 1, "index": 1, "short": 1}
+
+
+def test_train_stream_skips_corrupt_tar_and_keeps_fixed_batch_size(tmp_path):
+    good = tmp_path / "train-000000.tar"
+    _write_tar(good, [(f"d0_u{i}", {"domain": 0, "user": i, "items": [i % 7, (i + 1) % 7]}) for i in range(20)])
+    bad = tmp_path / "train-000001.tar"
+    _write_tar(bad, [(f"d0_u{i}", {"domain": 0, "user": i, "items": [1, 2]}) for i in range(20)], corrupt_at=2048)
+    (tmp_path / "train-000002.tar").write_bytes(b"this is not a tar file at all" * 50)
+
+    def collate(examples, seed):
+        return {"targets": [e.target for e in examples]}
+
+    ds = TrainStream([str(good), str(bad), str(tmp_path / "train-000002.tar")], collate, micro_batch=4,
+                     num_items=7, seed=0, rank=0, world_size=1, num_workers=0, resample=True, shuffle_buffer=8,
+                     shuffle_initial=4, max_history=50)
+    it = iter(ds)
+    batches = [next(it) for _ in range(30)]
+    assert all(len(b["targets"]) == 4 for b in batches)
+    assert batches[-1]["stream"]["bad"].get("tar", 0) >= 1
+
+
+def test_slurm_env_maps_ranks_and_first_host():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "4",
+           "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_ID": "1234"}
+    out = slurm_env(env)
+    assert out["RANK"] == "5" and out["WORLD_SIZE"] == "8" and out["LOCAL_RANK"] == "1"
+    assert out["LOCAL_WORLD_SIZE"] == "2" and out["MASTER_ADDR"] == "gpu07"
+    assert out["MASTER_PORT"] == str(15000 + 1234)
+
+
+def test_slurm_script_builds_the_rendezvous_from_the_allocation(tmp_path):
+    import subprocess
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu07\\ngpu08\\n'\n")
+    (fake / "scontrol").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "REOLM_DRY_RUN": "1"}
+    script = os.path.join(REPO, "launch", "slurm", "pretrain.sbatch")
+    out = subprocess.run(["bash", script, "--config", "c.yaml", "optim.lr=1e-4"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "--nnodes 2 --nproc-per-node 8" in out
+    assert f"--rdzv-endpoint gpu07:{15000 + 4242}" in out and "--rdzv-id 4242" in out
+    assert "run_dir=runs/pretrain-4242 --resume latest" in out and "optim.lr=1e-4" in out
+    env["REOLM_SLURM_MODE"] = "tasks"
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert "--ntasks-per-node=8" in out and "launch/pretrain.py" in out and "torch.distributed.run" not in out
