@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"reolm {name}", description=getattr(module, "DESCRIPTION", help_text),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
+    # A command may rewrite its arguments first (e.g. `reolm export CKPT OUT` -> `export checkpoint ...`).
+    rest = getattr(module, "normalize_args", lambda argv: argv)(rest)
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)

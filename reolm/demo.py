@@ -98,8 +98,8 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None) -> list[
         Stage("pre-train (DeepSpeed)",
               [*_pretrain_launcher(nproc), str(REPO_ROOT / "launch" / "pretrain.py"),
                "--config", str(REPO_ROOT / "launch" / "configs" / "pretrain" / "demo.yaml"),
-               f"data.corpus={shards}", f"model.backbone={backbone}", f"run_dir={pretrain_dir}"],
-              pretrain_dir / "DONE"),
+               f"data.corpus={shards}", f"model.backbone={backbone}", f"run_dir={pretrain_dir}", "ckpt.resume=latest"],
+              export_dir / "model.safetensors"),  # resumes from its last checkpoint if interrupted
         Stage("export pre-trained model", _reolm("export", "checkpoint", str(pretrain_dir), str(export_dir)),
               export_dir / "model.safetensors"),
         Stage("fine-tune Reo-LM", [*ft, "--model", "reolm", "--init", str(export_dir), "--out", str(runs / "reolm")],
