@@ -48,6 +48,21 @@ class TableError(ValueError):
     """A derived table is missing, stale or inconsistent."""
 
 
+def _write_table_folder(directory: Path, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> Path:
+    """Write ``NAME.npy`` per array plus ``table.json`` into a temp folder, then rename it into place."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr)
+    (tmp / "table.json").write_text(json.dumps(dict(info), indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
 def tokenizer_key(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> str:
     """Stable identity of (tokenizer vocabulary + rendering settings), 12 hex chars."""
     h = hashlib.sha1()
@@ -148,23 +163,13 @@ class ItemTokenTable:
 
     def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the table folder atomically (temp folder, then rename)."""
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "ids.npy", np.asarray(self.ids, dtype=np.int32))
-        np.save(tmp / "types.npy", np.asarray(self.types, dtype=np.int8))
-        np.save(tmp / "word_starts.npy", np.asarray(self.word_starts, dtype=np.uint8))
-        np.save(tmp / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+        arrays = {"ids": np.asarray(self.ids, dtype=np.int32), "types": np.asarray(self.types, dtype=np.int8),
+                  "word_starts": np.asarray(self.word_starts, dtype=np.uint8),
+                  "offsets": np.asarray(self.offsets, dtype=np.int64)}
         info = {"kind": "token_table", "version": TOKEN_TABLE_VERSION, "num_items": len(self),
                 "num_tokens": int(self.offsets[-1]), "attributes": list(self.attributes),
                 "key": self.key, **(extra or {})}
-        (tmp / "table.json").write_text(json.dumps(info, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        return _write_table_folder(Path(directory), arrays, info)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "ItemTokenTable":
@@ -217,20 +222,11 @@ class ImageFeatureTable:
         return int(self.features.shape[1])
 
     def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "features.npy", np.asarray(self.features, dtype=np.float16))
-        np.save(tmp / "has_image.npy", np.asarray(self.has_image, dtype=bool))
+        arrays = {"features": np.asarray(self.features, dtype=np.float16),
+                  "has_image": np.asarray(self.has_image, dtype=bool)}
         info = {"kind": "image_table", "num_items": len(self), "dim": self.dim, "key": self.key,
                 "num_with_image": int(np.asarray(self.has_image).sum()), **(extra or {})}
-        (tmp / "table.json").write_text(json.dumps(info, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        return _write_table_folder(Path(directory), arrays, info)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "ImageFeatureTable":
