@@ -50,6 +50,21 @@ def _wordpiece(vocab_size: int, min_frequency: int, progress: bool) -> tuple[Any
     return tok, trainer
 
 
+def _canonical_wordpiece_ids(tok: Any) -> None:
+    """Renumber a trained WordPiece vocabulary deterministically (specials first, then sorted).
+
+    The trainer hands out ids in hash-map order, so the same texts gave a different
+    tokenizer.json on every run: a different token-table key, different embedding rows.
+    WordPiece ids carry no meaning, so any fixed order is as good as the trainer's.
+    """
+    from tokenizers import models
+
+    vocab = tok.get_vocab()
+    specials = list(dict.fromkeys(WORDPIECE_SPECIALS.values()))
+    ordered = specials + sorted(t for t in vocab if t not in specials)
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
+
+
 def _bpe(vocab_size: int, min_frequency: int, progress: bool) -> tuple[Any, Any]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -77,6 +92,8 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, kind: str = "w
         raise ValueError("a byte-level BPE vocabulary needs at least 300 entries (256 bytes + specials)")
     tok, trainer = (_wordpiece if kind == "wordpiece" else _bpe)(vocab_size, min_frequency, progress)
     tok.train_from_iterator(texts, trainer)
+    if kind == "wordpiece":
+        _canonical_wordpiece_ids(tok)
     specials = WORDPIECE_SPECIALS if kind == "wordpiece" else BPE_SPECIALS
     cls, sep = specials["cls_token"], specials["sep_token"]
     if kind == "wordpiece":
