@@ -60,7 +60,7 @@ def _pretrain_launcher(nproc: int) -> list[str]:
     return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
 
 
-def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None) -> list[Stage]:
+def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_size: int = 8192) -> list[Stage]:
     data, shards = run_dir / "data", run_dir / "shards"
     tok, backbone, vision = run_dir / "tokenizer", run_dir / "backbone", run_dir / "vision"
     pretrain_dir, export_dir = run_dir / "pretrain", run_dir / "pretrained"
@@ -79,7 +79,7 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None) -> list[
         Stage("write shards", _reolm("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
               shards / "manifest.json"),
         Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
-                                        "--vocab-size", "2000", "--quiet", "--domain", *map(str, sources + [downstream])),
+                                        "--vocab-size", str(vocab_size), "--quiet", "--domain", *map(str, sources + [downstream])),
               tok / "tokenizer.json"),
         Stage("init backbone", _reolm("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
                                       "--size", "mini", "--max-positions", "512"),
@@ -148,11 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=None,
                         help="pre-training ranks (default: all GPUs, or 2 CPU ranks without a GPU)")
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="embedded tokenizer's vocabulary (default 8192: every synthetic word stays whole)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
-    timings = run_demo(run_dir, demo_stages(run_dir, args.seed, args.nproc), fresh=args.fresh)
+    timings = run_demo(run_dir, demo_stages(run_dir, args.seed, args.nproc, args.vocab_size), fresh=args.fresh)
     print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {run_dir}\n")
     print((run_dir / "results.md").read_text())
