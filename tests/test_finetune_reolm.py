@@ -50,8 +50,10 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     cfg = dataclasses.replace(cfg, domains=tuple(d for d in cfg.domains if d.role == "downstream"))
     (domain_dir,) = generate_corpus(cfg, root / "data", seed=0, progress=False)
     # A vocabulary large enough to keep every word whole: with digit pieces, items of one topic
-    # are nearly indistinguishable by text and popularity beats any text model.
-    tok = train_tokenizer(item_texts([domain_dir]), root / "tok", kind="wordpiece", vocab_size=2000)
+    # are nearly indistinguishable by text and popularity beats any text model.  `words` is
+    # exactly reproducible, so the thresholds below see the same tokens on every run.
+    tok = train_tokenizer(item_texts([domain_dir]), root / "tok", kind="words", vocab_size=2000,
+                          progress=False)
     backbone = init_backbone(tok, root / "bert", size="tiny", max_position_embeddings=128)
     return {"root": root, "domain": domain_dir, "backbone": backbone}
 

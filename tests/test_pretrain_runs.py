@@ -62,10 +62,22 @@ def _deepspeed(ranks: int, overrides: list[str]) -> list[str]:
             str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), *overrides]
 
 
-def _run(cmd: list[str], log: Path, timeout: float = 400) -> None:
+# A loaded machine (several suites side by side) may need more: REOLM_TEST_LAUNCH_TIMEOUT=seconds.
+LAUNCH_TIMEOUT = float(os.environ.get("REOLM_TEST_LAUNCH_TIMEOUT", "400"))
+
+
+def _run(cmd: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT) -> None:
     with open(log, "ab") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}"
+
+
+def _assert_beats_random(val: dict, sigmas: float = 3.0) -> None:
+    """Validation Recall@10 lies ``sigmas`` binomial standard deviations above the chance rate of
+    the same candidate pool and users: a margin that means "learned", whatever the pool size."""
+    chance, users = val["val_random_recall@10"], val["val_users"]
+    threshold = chance + sigmas * (chance * (1 - chance) / users) ** 0.5
+    assert val["val_recall@10"] > threshold, (val, threshold)
 
 
 def _metrics(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -162,7 +174,7 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     assert train2[-1]["samples_seen"] == 40 * 2 * 16
     # Validation beats random retrieval by a clear margin.
     assert val2 and val2[-1]["step"] == 40
-    assert val2[-1]["val_recall@10"] > 2 * val2[-1]["val_random_recall@10"]
+    _assert_beats_random(val2[-1])
     # The corrupt shard was skipped and counted, and the run completed.
     assert max(r["skipped_samples"] for r in first + train2) > 0
     assert max(r.get("skipped_samples_truncated", 0) for r in first + train2) > 0
@@ -222,7 +234,7 @@ def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_pat
     train = _metrics(run_dir)
     val = _metrics(run_dir, "val")[-1]
     assert train[-1]["loss"] < 0.85 * train[0]["loss"]
-    assert val["val_recall@10"] > 2 * val["val_random_recall@10"]
+    _assert_beats_random(val)
     run_info = json.loads((run_dir / "run_info.json").read_text())
     assert run_info["backend"] == "gloo" and run_info["world_size"] == 2 and run_info["device"] == "cpu"
     ds_cfg = json.loads((run_dir / "ds_config.json").read_text())

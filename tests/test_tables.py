@@ -112,3 +112,37 @@ def test_tokenizer_train_from_domains(data, tmp_path):
     out = train_tokenizer(texts, tmp_path / "tok", vocab_size=300)
     tok = load_tokenizer(out)
     assert len(tok) <= 300 and not list(tmp_path.glob("*.tmp"))
+
+
+_TRAIN_WORDS = """
+import sys
+from reolm.data.tokenizer import train_tokenizer
+texts = [f"title alpha beta {'gamma ' * (i % 3)}item{i % 7}" for i in range(200)] + ["brand Zeta-9 void"]
+train_tokenizer(texts, sys.argv[1], kind="words", vocab_size=int(sys.argv[2]), progress=False)
+"""
+
+
+def test_words_tokenizer_is_identical_across_processes_and_keeps_frequent_words_whole(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for hash_seed in ("1", "2"):      # the trainers of wordpiece/bpe differ between such processes
+        out = tmp_path / f"tok{hash_seed}"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        subprocess.run([sys.executable, "-c", _TRAIN_WORDS, str(out), "60"], check=True, env=env)
+        outs.append(out)
+    assert (outs[0] / "tokenizer.json").read_bytes() == (outs[1] / "tokenizer.json").read_bytes()
+
+    tok = load_tokenizer(outs[0])
+    assert len(tok) == 60
+    # 55 specials and characters leave room for 5 words: the four most frequent, then the
+    # alphabetically first of item0..item4, which tie on count
+    assert tok.tokenize("Title ALPHA beta gamma item0") == ["title", "alpha", "beta", "gamma", "item0"]
+    assert tok.tokenize("item4") == ["i", "##t", "##e", "##m", "##4"]
+    # a word outside the vocabulary still spells out from characters, never [UNK]
+    assert tok.tokenize("zebra") == ["z", "##e", "##b", "##r", "##a"]
+    assert tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="smaller than"):
+        train_tokenizer(["abcdefghij klmnop"], tmp_path / "small", kind="words", vocab_size=10, progress=False)

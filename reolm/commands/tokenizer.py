@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import time
 
+from reolm.data.tokenizer import TOKENIZER_KINDS
+
 HELP = "train a small WordPiece/BPE tokenizer on a corpus (the embedded default)"
 DESCRIPTION = """\
-reolm tokenizer train --out DIR (--corpus C | --domain D...) [--kind wordpiece|bpe]
+reolm tokenizer train --out DIR (--corpus C | --domain D...) [--kind wordpiece|words|bpe]
 
 Train a tokenizer with the `tokenizers` library on the items' attribute text
 ("key value" per attribute, empty values as "void") and save it as an HF
 tokenizer directory (AutoTokenizer.from_pretrained(DIR) loads it).
 wordpiece: BERT-style, lower-cased, [PAD] [UNK] [CLS] [SEP] [MASK].
+words: the same format with a vocabulary of every character plus the most
+  frequent whole words (ties alphabetical): the same texts always give the
+  same file (the trainers of wordpiece/bpe break ties in hash order).
 bpe: RoBERTa-style byte-level BPE, <s> <pad> </s> <unk> <mask>."""
 
 
@@ -24,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = train.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="shard corpus (folder with manifest.json)")
     src.add_argument("--domain", nargs="+", help="processed domain folder(s)")
-    train.add_argument("--kind", choices=("wordpiece", "bpe"), default="wordpiece", help="default wordpiece")
+    train.add_argument("--kind", choices=TOKENIZER_KINDS, default="wordpiece",
+                       help="wordpiece (default), words (whole words + characters, exactly reproducible) or bpe")
     train.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size (default 8192)")
     train.add_argument("--min-frequency", type=int, default=1, help="minimum pair/word frequency (default 1)")
     train.add_argument("--model-max-length", type=int, default=1024,

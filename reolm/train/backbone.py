@@ -19,7 +19,8 @@ def prepare_synthetic_inputs(out: str | os.PathLike, preset: str = "tiny", *, vo
                              progress: bool = False) -> dict[str, Path]:
     """Everything a pre-training run needs, from nothing: synthetic domains (`reolm synth`), a
     shard corpus of the pre-training domains (`reolm shard`), a WordPiece tokenizer trained on
-    it (`reolm tokenizer train`), its item token table (`reolm tables tokens`) and a random
+    it (`reolm tokenizer train --kind words`,
+    exactly reproducible, so runs built on it are too), its item token table (`reolm tables tokens`) and a random
     backbone with that vocabulary (`reolm init backbone --size BACKBONE_SIZE`).  Returns the
     paths (corpus, backbone, tokenizer, domains)."""
     import json
@@ -38,7 +39,8 @@ def prepare_synthetic_inputs(out: str | os.PathLike, preset: str = "tiny", *, vo
     corpus = out / "corpus"
     write_corpus(pretrain, corpus, ShardOptions(max_count=shard_size, seed=seed, progress=progress),
                  overwrite=True)
-    tokenizer = train_tokenizer(item_texts([corpus]), out / "tokenizer", "wordpiece", vocab_size)
+    tokenizer = train_tokenizer(item_texts([corpus]), out / "tokenizer", "words", vocab_size,
+                                progress=progress)
     build_source_token_table(corpus, load_tokenizer(tokenizer), progress=progress)
     backbone = init_backbone(tokenizer, out / "backbone", size=backbone_size, seed=seed)
     return {"corpus": corpus, "backbone": backbone, "tokenizer": tokenizer, "domains": domains_dir}
