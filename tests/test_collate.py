@@ -143,6 +143,7 @@ def test_whole_words_are_masked_together():
     tokens, images = tiny_tables(num_items=30, min_len=6, max_len=12)
     col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=1000), seed=1,
                         mlm_probability=0.3)
+    multi_token_words_masked = 0
     for _ in range(10):
         batch = col([SequenceExample(list(range(30)), None, 0)])["history"]
         chosen = (batch["mlm_labels"] != IGNORE_INDEX).numpy()
@@ -153,8 +154,11 @@ def test_whole_words_are_masked_together():
             ws[0] = 1
             flags += ws.tolist() + [1]
         word = np.cumsum(flags)
+        assert len(word) == len(chosen) and chosen.any()
         for w in np.unique(word[chosen]):
             assert chosen[word == w].all(), "a word was only partly masked"
+            multi_token_words_masked += int((word == w).sum() > 1)
+    assert multi_token_words_masked > 0, "no word of several tokens was masked: the test saw nothing"
 
 
 def test_bad_inputs_raise_clear_errors():

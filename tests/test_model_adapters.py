@@ -36,7 +36,9 @@ def test_fresh_model_computes_the_plm_in_every_routing_mode(tmp_path):
     items = [[0] + [1 + i // 2 for i in range(len(s) - 1)] for s in SEQS]
     with torch.no_grad():
         ref = torch.cat([hf(torch.tensor([s])).last_hidden_state[0] for s in SEQS])
-        for mode in ("domain", "gate"):
+        from reolm.model.encoder import TOP_ROUTINGS
+        assert set(TOP_ROUTINGS) == {"domain", "gate", "mean"}
+        for mode in TOP_ROUTINGS:
             model.set_routing(mode)
             batch = pack_token_sequences(SEQS, types, items, domains=[0, 1, 2])
             out = torch.cat(split_sequences(model(batch).hidden, batch))

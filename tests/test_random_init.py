@@ -44,7 +44,11 @@ def test_same_seed_same_weights(tmp_path):
     from safetensors.torch import load_file
     a = load_file(init_backbone(tmp_path / "tok", tmp_path / "a", size="tiny") / "model.safetensors")
     b = load_file(init_backbone(tmp_path / "tok", tmp_path / "b", size="tiny") / "model.safetensors")
+    other = load_file(init_backbone(tmp_path / "tok", tmp_path / "c", size="tiny", seed=1) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ...and the weights are random draws of that seed, not constants
+    word = "bert.embeddings.word_embeddings.weight"
+    assert a[word].std() > 0.01 and not torch.equal(a[word], other[word])
 
 
 def test_vision_checkpoint_encodes_images(tmp_path):
