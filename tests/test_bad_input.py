@@ -109,7 +109,8 @@ def test_bad_domain_folder_names_file_and_key(case, command, clean, tmp_path, ca
 def test_surrogate_pairs_and_numbers_in_meta_are_text(clean, tmp_path):
     """Valid escapes (an emoji as a surrogate pair) and numeric attributes are fine."""
     domain = _copy(clean["domain"], tmp_path / "tiny")
-    _edit_json(domain / "meta_data.json", lambda m: m["tiny-i1"].update(title="\U0001F600 pair", brand=7, category=None))
+    _edit_json(domain / "meta_data.json",
+               lambda m: m["tiny-i1"].update(title="\U0001F600 pair", brand=7, category=None))
     text = (domain / "meta_data.json").read_text()
     (domain / "meta_data.json").write_text(text.replace("\U0001F600", "\\ud83d\\ude00"))
     d = read_domain(domain)
@@ -267,3 +268,26 @@ def test_too_few_shards_error_names_real_flags(tmp_path, capsys):
     shard_flags = capsys.readouterr().out
     for flag in ("--overwrite", "--max-count", "--max-size"):
         assert flag in message and flag in shard_flags
+
+
+# ----------------------------------------------------------------------------- more readers of the same files
+
+def test_corrupt_items_shard_names_the_shard_and_key(clean, tmp_path, capsys):
+    """Readers other than `reolm verify` (tokenizer, tables) stop with the shard and key named."""
+    corpus = _copy(clean["corpus"], tmp_path / "corpus")
+    shard = corpus / "items" / "items-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b'{"index"', b'#"index"', 1))
+    _fails(["tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--quiet"], capsys,
+           f"{shard}: key 000000020: unreadable sample (JSONDecodeError", "run `reolm verify")
+
+
+def test_corpus_json_and_recformer_import_check_types(clean, tmp_path, capsys):
+    synth = tmp_path / "synth"
+    _copy(clean["domain"], synth / "tiny")
+    (synth / "corpus.json").write_text(json.dumps({"domains": ["tiny"]}))
+    _fails(["stats", str(synth)], capsys, "corpus.json: key domains")
+    source = _copy(clean["domain"], tmp_path / "recformer")
+    _set("smap.json", "tiny-i5", True)(source)
+    _fails(["import", "recformer", str(source), "--name", "tiny", "--out", str(tmp_path / "imported")], capsys,
+           "smap.json: item 'tiny-i5': index must be an integer, got a boolean")

@@ -247,7 +247,8 @@ def read_domain_info(path: str | os.PathLike) -> dict[str, Any]:
                           f"got {json_excerpt(attributes)}")
     counts = info.get("counts", {})
     if not isinstance(counts, dict) or not all(_is_int(v) and v >= 0 for v in counts.values()):
-        raise DomainError(f"{file}: key counts: expected an object of non-negative integers, got {json_excerpt(counts)}")
+        raise DomainError(f"{file}: key counts: expected an object of non-negative integers, "
+                          f"got {json_excerpt(counts)}")
     return info
 
 
@@ -286,7 +287,8 @@ def _meta(path: Path, data: Any) -> dict[str, dict[str, str]]:
         if attrs is None:
             attrs = {}
         if not isinstance(attrs, Mapping):
-            raise DomainError(f"{path}: item {item_id!r}: expected an object {{attr: value}}, got {json_excerpt(attrs)}")
+            raise DomainError(f"{path}: item {item_id!r}: expected an object {{attr: value}}, "
+                              f"got {json_excerpt(attrs)}")
         row: dict[str, str] = {}
         for attr, value in attrs.items():
             if isinstance(value, (dict, list)):
@@ -429,7 +431,12 @@ def resolve_domain_dirs(paths: Iterable[str | os.PathLike], warn: Any = None) ->
             out.append(path)
         elif (path / "corpus.json").is_file():
             corpus = read_json(path / "corpus.json")
-            out += [path / d["name"] for d in corpus.get("domains", [])]
+            domains = corpus.get("domains") if isinstance(corpus, dict) else None
+            if not isinstance(domains, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str)
+                                                        for d in domains):
+                raise DomainError(f"{path / 'corpus.json'}: key domains: expected a list of objects "
+                                  f"with a name")
+            out += [path / d["name"] for d in domains]
         else:
             raise DomainError(f"not a processed domain folder (no domain.json or train.json): {path}")
     if not out:

@@ -102,6 +102,9 @@ def _attribute_text(value: Any) -> str:
 
 def _dense_index(mapping: Mapping[str, Any], path: Path, report: IngestReport, what: str) -> dict[int, int]:
     """old index -> 0-based dense index, accepting 0-based, 1-based or gapped indices (noted)."""
+    flags = [k for k, v in mapping.items() if isinstance(v, bool)]
+    if flags:  # int(true) == 1: a JSON boolean would silently become index 1
+        raise InteropError(f"{path}: {what} {flags[0]!r}: index must be an integer, got a boolean")
     try:
         values = sorted({int(v) for v in mapping.values()})
     except (TypeError, ValueError):

@@ -360,6 +360,9 @@ def write_corpus(domain_dirs: Sequence[str | os.PathLike], out: str | os.PathLik
                                  "source": str(path)})
             offset += domain.num_items
             del domain  # bounded memory: one domain at a time
+    except BaseException:
+        shutil.rmtree(bucket_dir, ignore_errors=True)  # a bad domain leaves no spill files behind
+        raise
     finally:
         for fh in buckets:
             fh.close()
@@ -515,24 +518,34 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, b
         yield key, sample
 
 
+def _shard_records(corpus: Path, entries: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
+    """(json record, sample) of every sample of ``entries`` in order; a corrupt shard is a
+    ShardError naming the shard and the key (``reolm verify`` lists every problem)."""
+    for entry in entries:
+        key = "<start of shard>"
+        try:
+            for key, sample in iter_tar_samples(corpus / entry["path"]):
+                yield json.loads(sample["json"]), sample
+        except (KeyError, ValueError, tarfile.TarError, EOFError) as err:  # JSON/UTF-8 errors are ValueErrors
+            raise ShardError(f"{corpus / entry['path']}: key {key}: unreadable sample ({type(err).__name__}: "
+                             f"{err}); run `reolm verify {corpus}`") from None
+
+
 def iter_items(corpus: str | os.PathLike, with_images: bool = False) -> Iterator[dict[str, Any]]:
     """Item records in global index order; with ``with_images`` each has "image": (ext, bytes) | None."""
     corpus = Path(corpus)
-    for entry in load_manifest(corpus)["shards"]["items"]:
-        for key, sample in iter_tar_samples(corpus / entry["path"]):
-            record = json.loads(sample["json"])
-            if with_images:
-                ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
-                record["image"] = (ext, sample[ext]) if ext else None
-            yield record
+    for record, sample in _shard_records(corpus, load_manifest(corpus)["shards"]["items"]):
+        if with_images:
+            ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
+            record["image"] = (ext, sample[ext]) if ext else None
+        yield record
 
 
 def iter_sequences(corpus: str | os.PathLike, split: str = "train") -> Iterator[dict[str, Any]]:
     """Sequence records of the train or dev split, in shard order."""
     corpus = Path(corpus)
-    for entry in load_manifest(corpus)["shards"][split]:
-        for _, sample in iter_tar_samples(corpus / entry["path"]):
-            yield json.loads(sample["json"])
+    for record, _ in _shard_records(corpus, load_manifest(corpus)["shards"][split]):
+        yield record
 
 
 # ----------------------------------------------------------------------------- verification

@@ -387,7 +387,8 @@ def _validation_set(setup: _Setup) -> _ValidationSet | None:
     counter = BadSampleCounter(max_logs=5, where=" [dev]")
     expected = manifest_counts(cfg.data.corpus) if cfg.data.corpus and not cfg.data.dev_shards else None
     examples = read_examples(shards, setup.num_items, cfg.model.max_items, cfg.val.max_users, counter, expected)
-    skipped = {"val_skipped_samples": counter.total} | {f"val_skipped_samples_{k}": n for k, n in counter.counts.items()}
+    skipped = {"val_skipped_samples": counter.total,
+               **{f"val_skipped_samples_{kind}": n for kind, n in counter.counts.items()}}
     if counter.total:
         log.warning("validation set: %d bad dev sample(s) skipped %s", counter.total, counter.counts)
     if not examples:
