@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -64,13 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         # Library errors (DomainError, ConfigError, ShardError, ...) are ValueErrors with a
-        # message written for the user; print it without a traceback.
-        if getattr(args, "debug", False):
+        # message written for the user, and OSErrors name their file: print the message without
+        # a traceback, unless --debug or REOLM_DEBUG=1 (as for launch/pretrain.py) asks for one.
+        if getattr(args, "debug", False) or debug_requested():
             raise
         print(f"reolm {name}: error: {err}", file=sys.stderr)
         return 1
+
+
+def debug_requested() -> bool:
+    """REOLM_DEBUG set to anything but '' or '0': show tracebacks instead of one-line errors."""
+    return os.environ.get("REOLM_DEBUG", "") not in ("", "0")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -37,6 +38,10 @@ __all__ = [
     "FORMAT_VERSION",
     "DEFAULT_ATTRIBUTES",
     "read_domain",
+    "read_domain_info",
+    "read_item_ids",
+    "read_json",
+    "json_excerpt",
     "write_domain",
     "write_json_atomic",
     "domain_stats",
@@ -76,10 +81,7 @@ class Domain:
 
     def item_ids(self) -> list[str]:
         """Item ids ordered by item index."""
-        ids = [""] * len(self.smap)
-        for item_id, idx in self.smap.items():
-            ids[idx] = item_id
-        return ids
+        return _ids_by_index(self.smap)
 
     def item_attributes(self, item_idx: int, ids: list[str] | None = None) -> dict[str, str]:
         """The item's attributes in the domain's attribute order ('' when absent)."""
@@ -141,14 +143,160 @@ class Domain:
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_json(path: Path) -> Any:
+# A JSON escape of a UTF-16 surrogate: only text holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _line_col(raw: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and byte column of ``offset`` in ``raw``."""
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    return raw.count(b"\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _key_path(keys: tuple[Any, ...]) -> str:
+    return "key " + "".join(f"[{json.dumps(k)}]" for k in keys) if keys else "top level"
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where in parsed JSON a string (or key) holds a lone surrogate, or None."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        node, keys = stack.pop()
+        if isinstance(node, str):
+            if not _encodable(node):
+                return _key_path(keys)
+        elif isinstance(node, dict):
+            for k in node:
+                if not _encodable(k):
+                    return _key_path(keys + (k,)) + " (the key itself)"
+            stack.extend(reversed([(v, keys + (k,)) for k, v in node.items()]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(v, keys + (i,)) for i, v in enumerate(node)]))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_json(path: Path) -> Any:
+    """Parse one JSON file of a domain folder or corpus.
+
+    Every failure is a :class:`DomainError` naming the file and where in it: the line and
+    column of malformed JSON or of bytes that are not UTF-8, the key of a string holding a
+    lone surrogate (``"\ud800"`` parses, but is not text and fails later when written).
+    """
     if not path.is_file():
         raise DomainError(f"missing file: {path}")
+    raw = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, col = _line_col(raw, err.start)
+        raise DomainError(f"{path}: not valid UTF-8 at line {line} column {col} "
+                          f"(byte {raw[err.start:err.start + 1]!r}); re-encode the file as UTF-8") from None
+    del raw  # large files: do not hold the bytes and the text at once while parsing
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DomainError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: walk the data only when an escape could be one
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise DomainError(f"{path}: {where}: string holds a lone surrogate escape (\\ud800-\\udfff "
+                              f"without its pair), which is not valid Unicode text")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (``true``/``false`` are bools in Python's eyes, and not indices)."""
+    return type(value) is int
+
+
+def json_excerpt(value: Any) -> str:
+    """A value as JSON, cut to a length that fits in an error message."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_domain_info(path: str | os.PathLike) -> dict[str, Any]:
+    """``domain.json`` of a domain folder, type-checked; ``{}`` when the folder has none."""
+    file = Path(path) / "domain.json"
+    if not file.is_file():
+        return {}
+    info = read_json(file)
+    if not isinstance(info, dict):
+        raise DomainError(f"{file}: expected an object with name, format_version, attributes, counts")
+    version = info.get("format_version", FORMAT_VERSION)
+    if not _is_int(version) or version < 1:
+        raise DomainError(f"{file}: key format_version: expected a positive integer, got {json_excerpt(version)}")
+    if version > FORMAT_VERSION:
+        raise DomainError(f"{file}: format version {version} is newer than this reolm understands "
+                          f"({FORMAT_VERSION}); upgrade reolm")
+    name = info.get("name", Path(path).name)
+    if not isinstance(name, str) or not name:
+        raise DomainError(f"{file}: key name: expected a non-empty string, got {json_excerpt(name)}")
+    attributes = info.get("attributes", list(DEFAULT_ATTRIBUTES))
+    if (not isinstance(attributes, list) or not attributes
+            or not all(isinstance(a, str) and a for a in attributes) or len(set(attributes)) != len(attributes)):
+        raise DomainError(f"{file}: key attributes: expected a list of distinct attribute names, "
+                          f"got {json_excerpt(attributes)}")
+    counts = info.get("counts", {})
+    if not isinstance(counts, dict) or not all(_is_int(v) and v >= 0 for v in counts.values()):
+        raise DomainError(f"{file}: key counts: expected an object of non-negative integers, "
+                          f"got {json_excerpt(counts)}")
+    return info
+
+
+def _index_map(path: Path, data: Any, what: str) -> dict[str, int]:
+    """smap.json / umap.json: {id: index} with integer indices (range checked by validate)."""
+    if not isinstance(data, Mapping):
+        raise DomainError(f"{path}: expected an object {{{what}_id: {what}_idx}}")
+    for key, value in data.items():
+        if not _is_int(value):
+            raise DomainError(f"{path}: {what} {key!r}: index must be an integer, got {json_excerpt(value)}")
+    return dict(data)
+
+
+def _ids_by_index(smap: Mapping[str, int]) -> list[str]:
+    ids = [""] * len(smap)
+    for item_id, idx in smap.items():
+        ids[idx] = item_id
+    return ids
+
+
+def read_item_ids(path: str | os.PathLike) -> list[str]:
+    """Item ids in index order from a domain folder's smap.json alone (indices checked dense)."""
+    file = Path(path) / "smap.json"
+    smap = _index_map(file, read_json(file), "item")
+    if sorted(smap.values()) != list(range(len(smap))):
+        raise DomainError(f"{file}: item indices must be exactly 0..{len(smap) - 1}")
+    return _ids_by_index(smap)
+
+
+def _meta(path: Path, data: Any) -> dict[str, dict[str, str]]:
+    """meta_data.json: {item_id: {attr: text}}; numbers become text, null becomes ''."""
+    if not isinstance(data, Mapping):
+        raise DomainError(f"{path}: expected an object {{item_id: {{attr: value}}}}")
+    out: dict[str, dict[str, str]] = {}
+    for item_id, attrs in data.items():
+        if attrs is None:
+            attrs = {}
+        if not isinstance(attrs, Mapping):
+            raise DomainError(f"{path}: item {item_id!r}: expected an object {{attr: value}}, "
+                              f"got {json_excerpt(attrs)}")
+        row: dict[str, str] = {}
+        for attr, value in attrs.items():
+            if isinstance(value, (dict, list)):
+                raise DomainError(f"{path}: item {item_id!r} attribute {attr!r}: expected text or a number, "
+                                  f"got {json_excerpt(value)}")
+            row[attr] = "" if value is None else str(value)
+        out[item_id] = row
+    return out
 
 
 def _int_keyed(path: Path, data: Any) -> dict[int, list[int]]:
@@ -160,38 +308,33 @@ def _int_keyed(path: Path, data: Any) -> dict[int, list[int]]:
             user = int(key)
         except (TypeError, ValueError):
             raise DomainError(f"{path}: user key {key!r} is not an integer") from None
-        if isinstance(items, int):
+        if _is_int(items):
             items = [items]
-        if not isinstance(items, list) or not all(isinstance(i, int) for i in items):
-            raise DomainError(f"{path}: user {key} must map to a list of integer item indices")
+        if not isinstance(items, list) or not all(_is_int(i) for i in items):
+            raise DomainError(f"{path}: user {key}: expected a list of integer item indices, got {json_excerpt(items)}")
         out[user] = items
     return out
 
 
 def read_domain(path: str | os.PathLike, validate: bool = True, load_features: bool = True) -> Domain:
-    """Load a processed domain folder; validate it unless ``validate=False``."""
+    """Load a processed domain folder; validate it unless ``validate=False``.
+
+    Types are always checked (a wrong type is a DomainError naming the file and the key);
+    ``validate`` adds the consistency checks of :meth:`Domain.validate`.
+    """
     path = Path(path)
     if not path.is_dir():
         raise DomainError(f"not a directory: {path}")
-    info: dict[str, Any] = {}
-    if (path / "domain.json").is_file():
-        info = _read_json(path / "domain.json")
-        version = info.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
-            raise DomainError(f"{path}/domain.json: format version {version} is newer than this "
-                              f"reolm understands ({FORMAT_VERSION}); upgrade reolm")
-    smap = _read_json(path / "smap.json")
-    umap = _read_json(path / "umap.json") if (path / "umap.json").is_file() else {}
-    meta = _read_json(path / "meta_data.json")
+    info = read_domain_info(path)
+    umap_file = path / "umap.json"
     domain = Domain(
         name=info.get("name", path.name),
-        train=_int_keyed(path / "train.json", _read_json(path / "train.json")),
-        val=_int_keyed(path / "val.json", _read_json(path / "val.json")),
-        test=_int_keyed(path / "test.json", _read_json(path / "test.json")),
-        smap={str(k): int(v) for k, v in smap.items()},
-        umap={str(k): int(v) for k, v in umap.items()},
-        meta={str(k): {str(a): ("" if v is None else str(v)) for a, v in (attrs or {}).items()}
-              for k, attrs in meta.items()},
+        train=_int_keyed(path / "train.json", read_json(path / "train.json")),
+        val=_int_keyed(path / "val.json", read_json(path / "val.json")),
+        test=_int_keyed(path / "test.json", read_json(path / "test.json")),
+        smap=_index_map(path / "smap.json", read_json(path / "smap.json"), "item"),
+        umap=_index_map(umap_file, read_json(umap_file), "user") if umap_file.is_file() else {},
+        meta=_meta(path / "meta_data.json", read_json(path / "meta_data.json")),
         attributes=list(info.get("attributes", DEFAULT_ATTRIBUTES)),
         path=path,
         extra={k: v for k, v in info.items() if k not in ("name", "attributes", "format_version", "counts")},
@@ -200,14 +343,22 @@ def read_domain(path: str | os.PathLike, validate: bool = True, load_features: b
         users = set(domain.train) | set(domain.val) | set(domain.test)
         domain.umap = {str(u): u for u in sorted(users)}
     if (path / "has_image.npy").is_file():
-        domain.has_image = np.load(path / "has_image.npy")
+        domain.has_image = _load_npy(path / "has_image.npy")
     if load_features and (path / "image_features.npy").is_file():
-        domain.image_features = np.load(path / "image_features.npy", mmap_mode="r")
+        domain.image_features = _load_npy(path / "image_features.npy", mmap_mode="r")
         if domain.has_image is None:
             domain.has_image = np.ones(len(domain.image_features), dtype=bool)
     if validate:
         domain.validate()
     return domain
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A .npy array; never unpickles (object arrays are refused with the file named)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as err:
+        raise DomainError(f"{path}: not a plain numeric .npy array ({err})") from None
 
 
 # ----------------------------------------------------------------------------- writing
@@ -279,8 +430,13 @@ def resolve_domain_dirs(paths: Iterable[str | os.PathLike], warn: Any = None) ->
         if (path / "domain.json").is_file() or (path / "train.json").is_file():
             out.append(path)
         elif (path / "corpus.json").is_file():
-            corpus = _read_json(path / "corpus.json")
-            out += [path / d["name"] for d in corpus.get("domains", [])]
+            corpus = read_json(path / "corpus.json")
+            domains = corpus.get("domains") if isinstance(corpus, dict) else None
+            if not isinstance(domains, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str)
+                                                        for d in domains):
+                raise DomainError(f"{path / 'corpus.json'}: key domains: expected a list of objects "
+                                  f"with a name")
+            out += [path / d["name"] for d in domains]
         else:
             raise DomainError(f"not a processed domain folder (no domain.json or train.json): {path}")
     if not out:

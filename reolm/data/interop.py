@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from reolm.data.domain import DEFAULT_ATTRIBUTES, Domain, _int_keyed, _read_json, read_domain
+from reolm.data.domain import DEFAULT_ATTRIBUTES, Domain, _int_keyed, read_domain, read_json
 from reolm.data.ingest_report import IngestReport
 
 __all__ = ["InteropError", "import_recformer", "import_unisrec", "export_unisrec", "rebuild_sequence",
@@ -102,6 +102,9 @@ def _attribute_text(value: Any) -> str:
 
 def _dense_index(mapping: Mapping[str, Any], path: Path, report: IngestReport, what: str) -> dict[int, int]:
     """old index -> 0-based dense index, accepting 0-based, 1-based or gapped indices (noted)."""
+    flags = [k for k, v in mapping.items() if isinstance(v, bool)]
+    if flags:  # int(true) == 1: a JSON boolean would silently become index 1
+        raise InteropError(f"{path}: {what} {flags[0]!r}: index must be an integer, got a boolean")
     try:
         values = sorted({int(v) for v in mapping.values()})
     except (TypeError, ValueError):
@@ -118,7 +121,7 @@ def _dense_index(mapping: Mapping[str, Any], path: Path, report: IngestReport, w
 def _read_split(path: Path, item_of: Mapping[int, int], report: IngestReport) -> dict[int, list[int]]:
     """One of Recformer's {user_idx: [item_idx, ...]} files, item indices mapped to ours."""
     out: dict[int, list[int]] = {}
-    for user, items in _int_keyed(path, _read_json(path)).items():
+    for user, items in _int_keyed(path, read_json(path)).items():
         out[user] = [item_of[i] for i in items if i in item_of]
         for item in (i for i in items if i not in item_of):
             report.drop("interaction_of_item_not_in_smap", f"{path.name}: user {user}, item {item}")
@@ -130,7 +133,7 @@ def import_recformer(source: str | os.PathLike, name: str,
     """A Domain from a Recformer processed folder (see the module docstring for the layout)."""
     source = Path(source)
     report = report or IngestReport()
-    smap_raw = _read_json(source / "smap.json")
+    smap_raw = read_json(source / "smap.json")
     if not isinstance(smap_raw, dict):
         raise InteropError(f"{source / 'smap.json'}: expected an object {{item_id: item_idx}}")
     item_of = _dense_index(smap_raw, source / "smap.json", report, "item")
@@ -145,11 +148,11 @@ def import_recformer(source: str | os.PathLike, name: str,
         report.read[f"{split_name}_interactions"] = sum(len(s) for s in split.values())
     user_ids: dict[int, str] = {}
     if (source / "umap.json").is_file():
-        umap_raw = _read_json(source / "umap.json")
+        umap_raw = read_json(source / "umap.json")
         user_ids = {int(v): str(k) for k, v in umap_raw.items()}
     else:
         report.note("no umap.json: user ids are the user indices")
-    meta_raw = _read_json(source / "meta_data.json")
+    meta_raw = read_json(source / "meta_data.json")
     if not isinstance(meta_raw, dict):
         raise InteropError(f"{source / 'meta_data.json'}: expected an object {{item_id: {{attr: value}}}}")
     report.read["meta_items"] = len(meta_raw)

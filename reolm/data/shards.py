@@ -29,12 +29,13 @@ import shutil
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from reolm.data.domain import IMAGE_EXTENSIONS, Domain, read_domain, write_json_atomic
+from reolm.data.domain import (IMAGE_EXTENSIONS, Domain, DomainError, json_excerpt, read_domain,
+                               read_domain_info, read_json, write_json_atomic)
 
 __all__ = [
     "SHARD_FORMAT_VERSION",
@@ -194,11 +195,17 @@ class _ImageStats:
 
 
 def image_files(domain_dir: Path) -> dict[str, Path]:
-    """item id -> image file, listing the images folder once (not one stat per item)."""
+    """item id -> image file, listing the images folder once (not one stat per item).
+
+    Only regular files (or links to them) count: a folder named ``x.jpg`` is no image.
+    """
     folder = domain_dir / "images"
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    with os.scandir(folder) as entries:  # DirEntry.is_file() reuses the listing's file type
+        found = sorted(Path(e.path) for e in entries
+                       if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+    return {p.stem: p for p in found}
 
 
 def _image_member(path: Path, max_side: int | None) -> tuple[str, bytes]:
@@ -221,24 +228,20 @@ def _image_member(path: Path, max_side: int | None) -> tuple[str, bytes]:
 # ----------------------------------------------------------------------------- the corpus writer
 
 def _domain_user_count(path: Path) -> int:
-    info_path = path / "domain.json"
-    if info_path.is_file():
-        counts = json.loads(info_path.read_text()).get("counts", {})
-        if "users" in counts:
-            return int(counts["users"])
-    try:
-        with open(path / "train.json", encoding="utf-8") as fh:
-            return len(json.load(fh))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ShardError(f"{path / 'train.json'}: cannot count users: {err}") from None
+    counts = read_domain_info(path).get("counts", {})
+    if "users" in counts:
+        return counts["users"]
+    train = read_json(path / "train.json")
+    if not isinstance(train, dict):
+        raise ShardError(f"{path / 'train.json'}: expected an object {{user_idx: [item_idx, ...]}}")
+    return len(train)
 
 
 def _merged_attributes(domains: Sequence[Path]) -> list[str]:
     """Attribute order of the first domain, then any further attributes of later domains."""
     out: list[str] = []
     for path in domains:
-        info = json.loads((path / "domain.json").read_text()) if (path / "domain.json").is_file() else {}
-        for attr in info.get("attributes", ("category", "title", "brand")):
+        for attr in read_domain_info(path).get("attributes", ("category", "title", "brand")):
             if attr not in out:
                 out.append(attr)
     return out
@@ -357,6 +360,9 @@ def write_corpus(domain_dirs: Sequence[str | os.PathLike], out: str | os.PathLik
                                  "source": str(path)})
             offset += domain.num_items
             del domain  # bounded memory: one domain at a time
+    except BaseException:
+        shutil.rmtree(bucket_dir, ignore_errors=True)  # a bad domain leaves no spill files behind
+        raise
     finally:
         for fh in buckets:
             fh.close()
@@ -407,18 +413,86 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- reading
 
 def load_manifest(corpus: str | os.PathLike) -> dict[str, Any]:
-    """The corpus manifest; a clear error when the corpus is missing or incomplete."""
+    """The corpus manifest, checked against the format of ``shards/README.md``.
+
+    A clear ShardError naming the manifest and the key when the corpus is missing, incomplete
+    or its manifest does not fit the format (a wrong type, a missing key, a shard path that
+    leaves the corpus).
+    """
     path = Path(corpus) / "manifest.json"
     if not path.is_file():
         raise ShardError(f"{corpus}: no manifest.json (not a corpus, or `reolm shard` did not finish)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ShardError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+        manifest = read_json(path)
+    except DomainError as err:
+        raise ShardError(str(err)) from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: expected an object (the corpus manifest)")
     version = manifest.get("format_version")
     if version != SHARD_FORMAT_VERSION:
         raise ShardError(f"{path}: shard format version {version!r}, this reolm reads {SHARD_FORMAT_VERSION}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0  # bool is not a count
+
+
+_MISSING = object()
+
+
+def _need(ok: bool, path: Path, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        shown = "nothing (the key is missing)" if value is _MISSING else json_excerpt(value)
+        raise ShardError(f"{path}: key {key}: expected {expected}, got {shown}")
+
+
+def _inside_split(rel: Any, split: str) -> bool:
+    """A relative POSIX path under the split's folder, never leaving the corpus."""
+    if not isinstance(rel, str) or "\\" in rel:
+        return False
+    parts = PurePosixPath(rel).parts
+    return not rel.startswith("/") and len(parts) >= 2 and parts[0] == split and ".." not in parts
+
+
+def _check_shard_entries(entries: Any, split: str, path: Path) -> None:
+    _need(isinstance(entries, list), path, f"shards.{split}", "a list of shard entries", entries)
+    for n, entry in enumerate(entries):
+        key = f"shards.{split}[{n}]"
+        _need(isinstance(entry, dict), path, key, "an object {path, count, bytes, sha256}", entry)
+        _need(_inside_split(entry.get("path", _MISSING), split), path, f"{key}.path",
+              f"a relative path under {split}/ inside the corpus", entry.get("path", _MISSING))
+        _need(_is_count(entry.get("count", _MISSING)), path, f"{key}.count", "a sample count",
+              entry.get("count", _MISSING))
+        if "bytes" in entry:
+            _need(_is_count(entry["bytes"]), path, f"{key}.bytes", "a byte count", entry["bytes"])
+        if "sha256" in entry:
+            _need(isinstance(entry["sha256"], str), path, f"{key}.sha256", "a hex string", entry["sha256"])
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every key a reader uses, with its type; shard paths stay inside the corpus."""
+    get = manifest.get
+    _need(isinstance(get("attributes", _MISSING), list) and all(isinstance(a, str) for a in get("attributes")),
+          path, "attributes", "a list of attribute names", get("attributes", _MISSING))
+    _need(_is_count(get("num_items", _MISSING)), path, "num_items", "a count", get("num_items", _MISSING))
+    domains = get("domains", _MISSING)
+    _need(isinstance(domains, list), path, "domains", "a list", domains)
+    for d, dom in enumerate(domains):
+        _need(isinstance(dom, dict), path, f"domains[{d}]", "an object", dom)
+        _need(isinstance(dom.get("name"), str), path, f"domains[{d}].name", "a string", dom.get("name", _MISSING))
+        for key in ("item_offset", "num_items"):
+            _need(_is_count(dom.get(key, _MISSING)), path, f"domains[{d}].{key}", "a count", dom.get(key, _MISSING))
+    shards = get("shards", _MISSING)
+    _need(isinstance(shards, dict), path, "shards", "an object {items, train, dev}", shards)
+    for split in SPLITS:
+        _check_shard_entries(shards.get(split, _MISSING), split, path)
+    totals = get("totals", _MISSING)
+    _need(isinstance(totals, dict), path, "totals", "an object of counts", totals)
+    for split in SPLITS:
+        _need(_is_count(totals.get(split, _MISSING)), path, f"totals.{split}", "a count",
+              totals.get(split, _MISSING))
 
 
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -444,24 +518,34 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, b
         yield key, sample
 
 
+def _shard_records(corpus: Path, entries: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, bytes]]]:
+    """(json record, sample) of every sample of ``entries`` in order; a corrupt shard is a
+    ShardError naming the shard and the key (``reolm verify`` lists every problem)."""
+    for entry in entries:
+        key = "<start of shard>"
+        try:
+            for key, sample in iter_tar_samples(corpus / entry["path"]):
+                yield json.loads(sample["json"]), sample
+        except (KeyError, ValueError, tarfile.TarError, EOFError) as err:  # JSON/UTF-8 errors are ValueErrors
+            raise ShardError(f"{corpus / entry['path']}: key {key}: unreadable sample ({type(err).__name__}: "
+                             f"{err}); run `reolm verify {corpus}`") from None
+
+
 def iter_items(corpus: str | os.PathLike, with_images: bool = False) -> Iterator[dict[str, Any]]:
     """Item records in global index order; with ``with_images`` each has "image": (ext, bytes) | None."""
     corpus = Path(corpus)
-    for entry in load_manifest(corpus)["shards"]["items"]:
-        for key, sample in iter_tar_samples(corpus / entry["path"]):
-            record = json.loads(sample["json"])
-            if with_images:
-                ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
-                record["image"] = (ext, sample[ext]) if ext else None
-            yield record
+    for record, sample in _shard_records(corpus, load_manifest(corpus)["shards"]["items"]):
+        if with_images:
+            ext = "jpg" if "jpg" in sample else "png" if "png" in sample else None
+            record["image"] = (ext, sample[ext]) if ext else None
+        yield record
 
 
 def iter_sequences(corpus: str | os.PathLike, split: str = "train") -> Iterator[dict[str, Any]]:
     """Sequence records of the train or dev split, in shard order."""
     corpus = Path(corpus)
-    for entry in load_manifest(corpus)["shards"][split]:
-        for _, sample in iter_tar_samples(corpus / entry["path"]):
-            yield json.loads(sample["json"])
+    for record, _ in _shard_records(corpus, load_manifest(corpus)["shards"][split]):
+        yield record
 
 
 # ----------------------------------------------------------------------------- verification

@@ -15,7 +15,6 @@ attribute order + per-attribute token cap), so several tokenizers share a corpus
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -149,14 +148,14 @@ def _is_corpus(root: Path) -> bool:
 
 def source_attributes(root: str | os.PathLike) -> list[str]:
     """Attribute order of a corpus (manifest) or a processed domain folder (domain.json)."""
-    from reolm.data.domain import DEFAULT_ATTRIBUTES
+    from reolm.data.domain import DEFAULT_ATTRIBUTES, read_domain_info
     from reolm.data.shards import load_manifest
 
     root = Path(root)
     if _is_corpus(root):
         return list(load_manifest(root)["attributes"])
     if (root / "domain.json").is_file():
-        return list(json.loads((root / "domain.json").read_text()).get("attributes", DEFAULT_ATTRIBUTES))
+        return list(read_domain_info(root).get("attributes", DEFAULT_ATTRIBUTES))
     if (root / "smap.json").is_file():
         return list(DEFAULT_ATTRIBUTES)
     raise TableError(f"{root} is neither a shard corpus (manifest.json) nor a processed domain folder")

@@ -93,26 +93,32 @@ def expand_shards(spec: str | Sequence[str], base: str | os.PathLike | None = No
     return parts
 
 
+def _manifest(corpus: str | os.PathLike) -> dict[str, Any]:
+    """The corpus manifest, schema-checked (shard paths stay inside the corpus)."""
+    from reolm.data.shards import ShardError, load_manifest
+
+    if not (Path(corpus) / "manifest.json").is_file():
+        raise DataError(f"data.corpus: no manifest.json in {corpus} (build the corpus with `reolm shard`)")
+    try:
+        return load_manifest(corpus)
+    except ShardError as err:
+        raise DataError(f"data.corpus: {err}") from None
+
+
 def corpus_shards(corpus: str | os.PathLike, split: str) -> list[str]:
     """The ``split`` shards (train/dev) listed in a corpus manifest, as paths."""
-    manifest_path = Path(corpus) / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"data.corpus: no manifest.json in {corpus} (build the corpus with `reolm shard`)")
-    manifest = json.loads(manifest_path.read_text())
-    entries = manifest.get("shards", {}).get(split, [])
+    entries = _manifest(corpus)["shards"][split]
     if not entries:
-        raise DataError(f"{manifest_path}: no '{split}' shards listed")
+        raise DataError(f"{Path(corpus) / 'manifest.json'}: no '{split}' shards listed")
     return [str(Path(corpus) / e["path"]) for e in entries]
 
 
 def manifest_counts(corpus: str | os.PathLike) -> dict[str, int]:
-    """{absolute shard path: sample count} of every shard a corpus manifest lists."""
-    manifest_path = Path(corpus) / "manifest.json"
-    if not manifest_path.is_file():
+    """{absolute shard path: sample count} of every shard a corpus manifest lists ({} without one)."""
+    if not (Path(corpus) / "manifest.json").is_file():
         return {}
-    manifest = json.loads(manifest_path.read_text())
-    return {os.path.abspath(Path(corpus) / e["path"]): int(e["count"])
-            for entries in manifest.get("shards", {}).values() for e in entries if "count" in e}
+    return {os.path.abspath(Path(corpus) / e["path"]): e["count"]
+            for entries in _manifest(corpus)["shards"].values() for e in entries}
 
 
 def default_num_workers(local_world_size: int) -> int:
@@ -140,6 +146,23 @@ class BadSampleCounter:
         self.max_logs = max_logs
         self.where = where
         self._next_report = max_logs * 2
+        self._count_checked: set[str] = set()  # shards already compared with the manifest
+
+    def check_count(self, url: str, read: int, expected: int | None) -> None:
+        """Compare a shard's readable samples with the manifest, once per shard and reader.
+
+        A shorter shard counts its missing samples as "truncated" (once: a resampled stream
+        draws the same shard again and again); a longer one only warns (a stale manifest).
+        """
+        if expected is None or read == expected or url in self._count_checked:
+            return
+        self._count_checked.add(url)
+        if read < expected:
+            self.record("truncated", f"{url}: only {read} of the manifest's {expected} samples are readable "
+                                     f"(counted once; run `reolm verify` on the corpus)", n=expected - read)
+        else:
+            log.warning("%s holds %d samples, its manifest entry says %d (stale manifest?)%s",
+                        url, read, expected, self.where)
 
     @property
     def total(self) -> int:
@@ -204,7 +227,8 @@ class ShardStream:
                 raise DataError(
                     f"{len(shards)} train shards for {num_streams} readers (ranks x workers): without "
                     f"resampling every reader needs at least one shard. Set data.resample=true, lower "
-                    f"data.num_workers, or write more, smaller shards (`reolm shard --shard-size`).")
+                    f"data.num_workers, or write more, smaller shards (`reolm shard --overwrite` with a "
+                    f"smaller --max-count samples per shard or --max-size bytes per shard).")
             self.shards = list(shards)[stream_id::num_streams]
 
     def shard_for_draw(self, draw: int) -> str:
@@ -233,10 +257,7 @@ class ShardStream:
                     yield sample
             except OSError as err:  # unreadable file (the expander handles corrupt tar content)
                 self.counter(err)
-            expected = self.expected.get(os.path.abspath(url))
-            if expected is not None and read < expected:
-                self.counter.record("truncated", f"{url}: only {read} of the manifest's {expected} samples "
-                                                 f"are readable", n=expected - read)
+            self.counter.check_count(url, read, self.expected.get(os.path.abspath(url)))
             empty_draws = 0 if yielded else empty_draws + 1
             if empty_draws > 10 * max(len(self.shards), 1):
                 raise DataError(f"no readable samples in {len(self.shards)} shards (e.g. {url}); "
@@ -389,15 +410,28 @@ def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: 
 
 
 def read_examples(shards: Sequence[str], num_items: int, max_history: int, limit: int,
-                  counter: BadSampleCounter | None = None) -> list[Example]:
-    """The first ``limit`` good examples of ``shards`` in order (validation sets, tests)."""
+                  counter: BadSampleCounter | None = None,
+                  expected_counts: Mapping[str, int] | None = None) -> list[Example]:
+    """The first ``limit`` good examples of ``shards`` in order (validation sets, tests).
+
+    Bad data is handled as in the training stream: a missing or unreadable shard and bad
+    samples are skipped and counted in ``counter``; a shard with fewer samples than
+    ``expected_counts`` (the manifest) counts the missing ones once.
+    """
     counter = counter or BadSampleCounter()
+    expected = {os.path.abspath(k): v for k, v in (expected_counts or {}).items()}
     out: list[Example] = []
     for url in shards:
-        for sample in tar_samples(url, counter):
-            example = decode_example(sample, num_items, max_history, counter)
-            if example is not None:
-                out.append(example)
-                if len(out) >= limit:
-                    return out
+        read = 0
+        try:
+            for sample in tar_samples(url, counter):
+                read += 1
+                example = decode_example(sample, num_items, max_history, counter)
+                if example is not None:
+                    out.append(example)
+                    if len(out) >= limit:
+                        return out
+        except OSError as err:  # missing or unreadable file: skip the shard, as training does
+            counter(err)
+        counter.check_count(url, read, expected.get(os.path.abspath(url)))
     return out

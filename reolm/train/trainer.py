@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -368,7 +368,13 @@ def ranking_metrics(module: Any, examples: list[Example], pool: np.ndarray, doma
             "val_pool": len(pool), f"val_random_recall@{k}": min(k / len(pool), 1.0)}
 
 
-def _validation_set(setup: _Setup) -> tuple[list[Example], np.ndarray] | None:
+class _ValidationSet(NamedTuple):
+    examples: list[Example]
+    pool: np.ndarray
+    skipped: dict[str, int]  # val_skipped_samples[_KIND]: bad dev data, reported with each validation
+
+
+def _validation_set(setup: _Setup) -> _ValidationSet | None:
     cfg = setup.cfg
     if cfg.val.every == 0:
         return None
@@ -377,9 +383,16 @@ def _validation_set(setup: _Setup) -> tuple[list[Example], np.ndarray] | None:
     except (ConfigError, DataError) as err:
         log.warning("no validation: %s", err)
         return None
-    examples = read_examples(shards, setup.num_items, cfg.model.max_items, cfg.val.max_users,
-                             BadSampleCounter(max_logs=5, where=" [dev]"))
+    # Missing/unreadable dev shards and bad samples are skipped and counted, as in training.
+    counter = BadSampleCounter(max_logs=5, where=" [dev]")
+    expected = manifest_counts(cfg.data.corpus) if cfg.data.corpus and not cfg.data.dev_shards else None
+    examples = read_examples(shards, setup.num_items, cfg.model.max_items, cfg.val.max_users, counter, expected)
+    skipped = {"val_skipped_samples": counter.total,
+               **{f"val_skipped_samples_{kind}": n for kind, n in counter.counts.items()}}
+    if counter.total:
+        log.warning("validation set: %d bad dev sample(s) skipped %s", counter.total, counter.counts)
     if not examples:
+        log.warning("no validation: no readable dev samples in %d shard(s)", len(shards))
         return None
     targets = np.unique([e.target for e in examples])
     size = min(max(cfg.val.num_candidates, len(targets)), setup.num_items)
@@ -387,7 +400,7 @@ def _validation_set(setup: _Setup) -> tuple[list[Example], np.ndarray] | None:
     others = np.setdiff1d(np.arange(setup.num_items), targets)
     extra = rng.choice(others, size=size - len(targets), replace=False) if size > len(targets) else []
     pool = np.sort(np.concatenate([targets, np.asarray(extra, dtype=np.int64)]))
-    return examples, pool
+    return _ValidationSet(examples, pool, skipped)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -550,7 +563,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 window = _Window()
             if val_set is not None and cfg.val.every and (step % cfg.val.every == 0 or final):
                 t0 = time.perf_counter()
-                metrics = validate(setup, *val_set)
+                metrics = validate(setup, val_set.examples, val_set.pool) | val_set.skipped
                 writer.write(step, metrics, kind="val")
                 last.update(metrics)
                 window.excluded += time.perf_counter() - t0

@@ -156,25 +156,37 @@ def _corpus_units(corpus: Path) -> tuple[int, list[_Unit]]:
 
 
 def _domain_units(domain_dir: Path, chunk: int) -> tuple[int, list[_Unit]]:
+    from reolm.data.domain import read_item_ids
     from reolm.data.shards import image_files
 
-    smap = json.loads((domain_dir / "smap.json").read_text())
-    ids = [""] * len(smap)
-    for item_id, idx in smap.items():
-        ids[idx] = item_id
+    ids = read_item_ids(domain_dir)
     files = image_files(domain_dir)
 
     def reader(lo: int, hi: int) -> Callable[[], Iterator[tuple[int, bytes | None]]]:
         def read() -> Iterator[tuple[int, bytes | None]]:
             for idx in range(lo, hi):
                 path = files.get(ids[idx])
-                yield idx, path.read_bytes() if path is not None else None
+                yield idx, _read_image_file(path, idx) if path is not None else None
         return read
 
     units = [_Unit(n, f"items {lo}..{min(lo + chunk, len(ids)) - 1}", min(lo + chunk, len(ids)) - lo,
                    reader(lo, min(lo + chunk, len(ids))))
              for n, lo in enumerate(range(0, len(ids), chunk))]
     return len(ids), units
+
+
+def _read_image_file(path: Path, row: int) -> bytes | None:
+    """The file's bytes; None (warned, the item counts as having no image) when unreadable."""
+    try:
+        return path.read_bytes()
+    except OSError as err:  # e.g. a broken link, a folder named like an image, no permission
+        _warn_unreadable(str(path), row, err)
+        return None
+
+
+def _warn_unreadable(where: str, row: int, err: BaseException) -> None:
+    print(f"warning: {where}: item {row}: unreadable image left out ({type(err).__name__}: {err})",
+          file=sys.stderr)
 
 
 def _encode_unit(unit: _Unit, encoder: VisionEncoder, batch_size: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -197,8 +209,8 @@ def _encode_unit(unit: _Unit, encoder: VisionEncoder, batch_size: int, bar: Any)
             continue
         try:
             batch_images.append(decode_image(data))
-        except (OSError, ValueError, SyntaxError) as err:
-            print(f"warning: {unit.name}: item {row}: unreadable image left out ({err})", file=sys.stderr)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
+            _warn_unreadable(unit.name, row, err)
             continue
         batch_rows.append(row)
         if len(batch_images) >= batch_size:
