@@ -14,6 +14,8 @@ import collections
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -308,6 +310,32 @@ def open_service(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig
     return Service(model, catalogue, cfg)
 
 
+def _server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, but a graceful stop on SIGTERM/SIGINT exits with status 0.
+
+        uvicorn re-raises the caught signal after shutting down, so the process would end as
+        "killed by SIGTERM" even though it finished every request and saved; schedulers and
+        tests then cannot tell a clean stop from a crash. Training exits 0 after a signal too.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
 def serve(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig) -> None:
     """Run the service until SIGTERM/SIGINT (in-flight requests finish, then changes are saved)."""
     import uvicorn
@@ -317,6 +345,6 @@ def serve(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig) -> No
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, lifespan="on",
                             timeout_graceful_shutdown=max(1, math.ceil(cfg.graceful_timeout_s)), access_log=False)
     try:
-        uvicorn.Server(config).run()
+        _server_class()(config).run()
     finally:
         service.close(cfg.save_on_shutdown)  # no-op when the lifespan already closed it

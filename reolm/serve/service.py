@@ -108,6 +108,7 @@ class Service:
         self.counters = {"batches": 0, "jobs": 0, "encode_passes": 0, "items_encoded": 0, "history_passes": 0,
                          "histories_encoded": 0, "busy_s": 0.0, "saves": 0}
         self.largest_batch = 0
+        self.submitted = 0  # jobs queued so far; in flight = submitted - counters["jobs"]
         self._worker = threading.Thread(target=self._run, name="reolm-serve-worker", daemon=True)
         self._stopped = threading.Event()
         self._worker.start()
@@ -116,6 +117,7 @@ class Service:
     def submit(self, job: _Job) -> concurrent.futures.Future:
         if self._stopped.is_set():
             raise RequestError(503, "service", "the service is shutting down")
+        self.submitted += 1
         self.queue.put(job)
         return job.future
 
@@ -134,6 +136,7 @@ class Service:
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "largest_batch": self.largest_batch, "queued": self.queue.qsize(),
+                "in_flight": self.submitted - self.counters["jobs"],
                 "unsaved_changes": self.catalogue.changes}
 
     # ------------------------------------------------------------------ worker
