@@ -5,7 +5,8 @@ written back), then for each concurrency level runs that many asyncio workers (o
 httpx.AsyncClient) that send ``POST /recommend`` with real user histories of the domain
 (item ids; one level also with raw item objects, which the server must tokenise), each level
 bounded by ``--requests`` and ``--seconds``. Records client-side latency (p50/p90/p99), QPS,
-and (from ``GET /metrics``) how many requests shared a forward pass. Client and server share the machine's cores, so the figures are a floor.
+and (from ``GET /metrics``) how many requests shared a forward pass. Client and server share the
+machine's cores, so the figures are a floor.
 
     python bench/serve_load.py --model runs/demo/runs/reolm --domain runs/demo/data/Scientific
         [--index IDX]   (embedded into a temporary folder first when not given)
