@@ -256,6 +256,10 @@ def create_app(service: Service, cfg: ServeConfig) -> RequestMetrics:
             field, message = "body", f"not valid JSON: {first.get('ctx', {}).get('error', message)}"
         return _error(422, field, f"{field}: {message}")
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception) -> JSONResponse:  # logged by the worker or uvicorn
+        return _error(500, "", f"internal error: {type(err).__name__}: {err}")
+
     @app.exception_handler(PayloadTooLarge)
     async def _too_large(_: Request, __: PayloadTooLarge) -> JSONResponse:
         return _error(413, "body", f"request body exceeds the limit of {cfg.max_body_bytes} bytes")

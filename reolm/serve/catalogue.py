@@ -152,21 +152,20 @@ class Catalogue:
         rows = np.asarray(rows, dtype=np.int64)
         base_n = len(self.base_tokens)
         in_base = rows < base_n
-        parts, feats, has = [], np.zeros((len(rows), self.image_dim), np.float16), np.zeros(len(rows), bool)
         if in_base.all():
             tokens = take_rows(self.base_tokens, rows)
-        else:
-            order = np.argsort(~in_base, kind="stable")  # base rows first, then added rows
-            base_rows, added_rows = rows[order][:int(in_base.sum())], rows[order][int(in_base.sum()):] - base_n
-            parts = [take_rows(self.base_tokens, base_rows)] if len(base_rows) else []
-            parts.append(take_rows(self.added_tokens, added_rows))
+        else:  # base rows, then added rows, then back into the order asked for
+            order = np.argsort(~in_base, kind="stable")
+            split = int(in_base.sum())
+            parts = [take_rows(self.base_tokens, rows[order][:split])] if split else []
+            parts.append(take_rows(self.added_tokens, rows[order][split:] - base_n))
             tokens = take_rows(concat_tables(parts), np.argsort(order, kind="stable"))
-        if in_base.any():
-            feats[in_base] = self.base_images.features[rows[in_base]]
-            has[in_base] = self.base_images.has_image[rows[in_base]]
-        if not in_base.all():
-            feats[~in_base] = self.added_features[rows[~in_base] - base_n]
-            has[~in_base] = self.added_has_image[rows[~in_base] - base_n]
+        feats = np.zeros((len(rows), self.image_dim), np.float16)
+        has = np.zeros(len(rows), bool)
+        feats[in_base] = self.base_images.features[rows[in_base]]
+        has[in_base] = self.base_images.has_image[rows[in_base]]
+        feats[~in_base] = self.added_features[rows[~in_base] - base_n]
+        has[~in_base] = self.added_has_image[rows[~in_base] - base_n]
         return tokens, ImageFeatureTable(feats, has)
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[set[int]], ef_search: int = 0,
@@ -241,6 +240,12 @@ class Catalogue:
         manifest = write_revision(folder, revision, self.ids, self.alive, vectors, self.all_tokens(),
                                   self.all_images(), self.index, {**self.manifest, "saved": _now()})
         self.manifest, self.folder, self.changes = manifest, folder, 0
+        # Serve content from the files just written (the previous revision's are gone).
+        self.base_tokens = ItemTokenTable.load(folder / manifest["files"]["tokens"])
+        self.base_images = ImageFeatureTable.load(folder / manifest["files"]["images"])
+        self.added_tokens = None
+        self.added_features = np.zeros((0, self.image_dim), np.float16)
+        self.added_has_image = np.zeros(0, bool)
         return folder
 
     @classmethod

@@ -32,8 +32,9 @@ from reolm.data.item_table import ImageFeatureTable, ItemTokenTable, tokenizer_k
 from reolm.data.tables import tokenize_items_batched
 from reolm.finetune.registry import resolve_saved_model
 from reolm.finetune.reolm_recommender import ReoLMRecommender, load_reolm
+from reolm.finetune.runner import resolve_device
 
-__all__ = ["ServingModel", "REOLM_KINDS", "weights_digest", "resolve_device"]
+__all__ = ["ServingModel", "REOLM_KINDS", "weights_digest"]
 
 log = logging.getLogger(__name__)
 REOLM_KINDS = ("reolm", "reolm-nopretrain", "reolm-zeroshot")
@@ -46,12 +47,6 @@ def weights_digest(folder: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass

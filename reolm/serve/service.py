@@ -181,20 +181,25 @@ class Service:
         adds = [j for j in batch if isinstance(j, AddJob)]
         encoded = self._encode_new_items(adds)
         for job in batch:  # changes in arrival order
+            if isinstance(job, RecommendJob):
+                continue
             try:
-                if isinstance(job, AddJob):
-                    job.future.set_result(self._apply_add(job, *encoded[id(job)]))
-                elif isinstance(job, DeleteJob):
-                    job.future.set_result(self._apply_delete(job))
-                elif isinstance(job, SaveJob):
-                    self.catalogue.save()
-                    self.counters["saves"] += 1
-                    job.future.set_result({"saved": str(self.catalogue.folder),
-                                           "revision": self.catalogue.manifest["revision"],
-                                           "items": self.catalogue.num_items})
-            except RequestError as err:
+                job.future.set_result(self._apply(job, encoded))
+            except Exception as err:  # this job fails (e.g. a save hits a full disk); the batch goes on
+                if not isinstance(err, RequestError):
+                    log.exception("%s failed", type(job).__name__)
                 job.future.set_exception(err)
         self._recommend([j for j in batch if isinstance(j, RecommendJob)])
+
+    def _apply(self, job: _Job, encoded: dict[int, tuple]) -> dict[str, Any]:
+        if isinstance(job, AddJob):
+            return self._apply_add(job, *encoded[id(job)])
+        if isinstance(job, DeleteJob):
+            return self._apply_delete(job)
+        self.catalogue.save()
+        self.counters["saves"] += 1
+        return {"saved": str(self.catalogue.folder), "revision": self.catalogue.manifest["revision"],
+                "items": self.catalogue.num_items}
 
     # ------------------------------------------------------------------ items
     def content_of(self, specs: Sequence[ItemSpec]) -> tuple[ItemTokenTable, ImageFeatureTable]:
