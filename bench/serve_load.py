@@ -5,8 +5,9 @@ written back), then for each concurrency level runs that many asyncio workers (o
 httpx.AsyncClient) that send ``POST /recommend`` with real user histories of the domain
 (item ids; one level also with raw item objects, which the server must tokenise), each level
 bounded by ``--requests`` and ``--seconds``. Records client-side latency (p50/p90/p99), QPS,
-and (from ``GET /metrics``) how many requests shared a forward pass. Client and server share the
-machine's cores, so the figures are a floor.
+and (from ``GET /metrics``) how many requests shared a forward pass and the worker's own time
+per request (model + search, no HTTP). Client and server share the machine's cores, so the
+figures are a floor.
 
     python bench/serve_load.py --model runs/demo/runs/reolm --domain runs/demo/data/Scientific
         [--index IDX]   (embedded into a temporary folder first when not given)
@@ -125,7 +126,9 @@ async def level(url: str, bodies: list[list[Any]], concurrency: int, requests: i
     return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "seconds": round(wall, 2),
             "qps": round(len(lat) / wall, 1),
             **{f"p{q}_ms": round(float(np.percentile(lat, q)), 2) for q in (50, 90, 99)},
-            "mean_requests_per_forward_pass": round(jobs / batches, 2)}
+            "mean_requests_per_forward_pass": round(jobs / batches, 2),
+            # the worker thread's own time per request: model + search, without HTTP and client
+            "worker_ms_per_request": round(1000 * (after["service"]["busy_s"] - before["busy_s"]) / max(jobs, 1), 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="serve_cpu.json", help="file name under bench/results/")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     work = Path(tempfile.mkdtemp(prefix="reolm-serve-load-"))
     try:
         index = work / "index"
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         result = {"benchmark": "bench/serve_load.py: POST /recommend over loopback HTTP (httpx + asyncio)",
-                  "machine": machine(args.device), "model": manifest["model"], "index": health["index"],
+                  "machine": {**machine(args.device), "load_average_1m_at_start": load_at_start}, "model": manifest["model"], "index": health["index"],
                   "items": health["items"], "max_history": health["max_history"], "k": 10,
                   "history_items_sent": "each user's last 20 training items (the model reads its last "
                                         f"{health['max_history']})",
