@@ -128,6 +128,19 @@ def test_embed_export_index_kinds_match_exact_search(assets, kind, tmp_path):
     assert recall == 1.0 if kind == "flat" else recall >= 0.8
 
 
+def test_embed_command(assets, tmp_path, capsys):
+    from reolm.cli import main
+    out = tmp_path / "idx"
+    assert main(["embed", "items", "--model", str(assets["export"]), "--domain", str(assets["domain_dir"]),
+                 "--out", str(out), "--index", "hnsw", "index.hnsw_m=8", "progress=false"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["items"] == 40 and printed["index"] == "hnsw" and printed["model"] == "reolm-zeroshot"
+    assert json.loads((out / "index.json").read_text())["index"]["hnsw_m"] == 8
+    assert main(["embed", "items", "--model", str(assets["export"]), "--domain", str(assets["domain_dir"]),
+                 "--out", str(out), "index.kind=annoy"]) == 1  # a clear config error, no traceback
+    assert "index.kind" in capsys.readouterr().err
+
+
 def test_embed_refuses_a_folder_that_is_not_an_index(assets, tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     with pytest.raises(ValueError, match="not an index folder"):
