@@ -110,8 +110,10 @@ class VectorIndex:
         return self.index.reconstruct_n(0, self.ntotal)
 
     def memory_bytes(self) -> int:
-        """Size of the serialised index (vectors + graph or lists)."""
-        return int(_faiss().serialize_index(self.index).nbytes)
+        """Size of the index written to disk (vectors + graph or lists), without a copy in memory."""
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            return int(self.save(Path(tmp) / "index.faiss").stat().st_size)
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int, alive_bitmap: np.ndarray | None = None,
