@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("import_", "import Recformer / UniSRec data or precomputed image features"),
     "export": ("export", "export a training checkpoint to an HF-style directory, or a domain to UniSRec files"),
     "report": ("report", "build the results table and plots from run directories"),
+    "embed": ("embed", "encode every item of a domain with a trained Reo-LM into vectors + a FAISS index"),
+    "serve": ("serve", "serve recommendations over HTTP (recommend, add/delete items live, health, metrics)"),
 }
 
 

@@ -139,12 +139,17 @@ class ReoLMRecommender(nn.Module):
     def bind_domain(self, domain: Domain) -> "ReoLMRecommender":
         """Read (or build) the domain's token table and image features; items are rows of them."""
         cfg = self.model.config
-        self.tokens = domain_token_table(domain, self.model.tokenizer, cfg, self.progress)
-        self.images = domain_image_table(domain, cfg)
-        self.eval_collate = self.collator(mlm_probability=0.0)
+        self.bind_tables(domain_token_table(domain, self.model.tokenizer, cfg, self.progress),
+                         domain_image_table(domain, cfg))
         if self.item_table is not None and self.item_table.shape[0] != domain.num_items:
             raise ValueError(f"the saved item table has {self.item_table.shape[0]} rows but domain "
                              f"{domain.name!r} has {domain.num_items} items: wrong domain?")
+        return self
+
+    def bind_tables(self, tokens: ItemTokenTable, images: ImageFeatureTable) -> "ReoLMRecommender":
+        """Items are the rows of these tables (a domain's, or the serving catalogue's rows of a request)."""
+        self.tokens, self.images = tokens, images
+        self.eval_collate = self.collator(mlm_probability=0.0)
         return self
 
     def collator(self, mlm_probability: float, seed: int | None = None) -> PackedCollator:
