@@ -573,9 +573,10 @@ class ReoLM(nn.Module):
         return self(batch, pooled_only=True).pooled
 
     def score(self, seq_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity / temperature, [B, N], computed in fp32."""
-        s = F.normalize(seq_vecs.float(), dim=-1)
-        i = F.normalize(item_vecs.float(), dim=-1)
+        """Cosine similarity / temperature, [B, N], computed in fp32 (fp64 for fp64 vectors)."""
+        wide = torch.promote_types(torch.promote_types(seq_vecs.dtype, item_vecs.dtype), torch.float32)
+        s = F.normalize(seq_vecs.to(wide), dim=-1)
+        i = F.normalize(item_vecs.to(wide), dim=-1)
         return s @ i.T / self.config.temperature
 
     def mlm_logits(self, mlm_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
