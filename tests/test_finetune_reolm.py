@@ -249,3 +249,18 @@ def test_accumulated_shared_pool_step_equals_one_large_batch(assets):
     reference = TrainCost()
     grads(PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2)(EXAMPLES), reference)
     assert reference.flops > 1.3 * cost_step.flops
+
+
+def test_catalogue_encoding_is_length_sorted_reused_and_refreshed(assets):
+    rec = _tiny_rec(assets).eval()
+    rec.section = dataclasses.replace(rec.section, item_batch_size=7)
+    vectors = rec.encode_all_items()
+    with torch.no_grad():  # item i's own [CLS] item sequence, one at a time, in item order
+        alone = torch.cat([rec.model.encode_items(rec.eval_collate.collate_items([i])) for i in (0, 5, 17)])
+    assert torch.allclose(vectors[[0, 5, 17]], alone.float(), atol=1e-9, rtol=0)
+    assert rec.last_encoding["items"] == rec.num_items and rec.last_encoding["tokens_per_s"] > 0
+    assert rec.encode_all_items() is vectors  # unchanged weights: reused
+    with torch.no_grad():
+        rec.model.encoder.layer[0].intermediate.dense.weight.mul_(3.0)
+    fresh = rec.encode_all_items()
+    assert fresh is not vectors and not torch.allclose(fresh, vectors)

@@ -350,7 +350,8 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         best1 = run_stage(1, rec, dataset, cfg, domain, StageLog(run_log), device, saver(stage1_dir, 1))
         stage1_state = state_on_cpu(rec)
         rec.item_table = rec.encode_all_items()  # frozen: the best stage-1 weights' item vectors
-        run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0])})
+        run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0]),
+                       "encoding": rec.last_encoding})
         best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=best1.epochs_run), device,
                           saver(best_dir, 2))
         final, final_stage = best2, 2
