@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--shared-lr", type=float, default=4e-3, help="shared peak lr (larger batch)")
     parser.add_argument("--warmup", type=int, default=20, help="reference warm-up steps (shared: / accumulation)")
     parser.add_argument("--out", default="finetune_cost.json", help="file name under bench/results/")
+    parser.add_argument("--only", nargs="+", choices=("reference", "shared"), default=["reference", "shared"],
+                        help="run only these settings (a partial file for --combine)")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
                         help="merge result files of runs on other seeds (run in parallel) into --out")
     args = parser.parse_args()
@@ -99,7 +101,11 @@ def main() -> int:
                                        f"validation NDCG@10 (full ranking of all items); FLOPs = "
                                        f"ReoLM.training_flops over every stage-1 forward+backward"}
     for name, overrides in settings(args).items():
-        doc[name] = summarise([run_one(name, overrides, seed, args) for seed in args.seeds], overrides)
+        if name in args.only:
+            doc[name] = summarise([run_one(name, overrides, seed, args) for seed in args.seeds], overrides)
+    if len(args.only) < 2:  # a part, for --combine
+        print(f"wrote {write_result(args.out, doc)}")
+        return 0
     return finish(doc, args.out)
 
 
@@ -117,8 +123,10 @@ def combine(paths: list[Path], out: str) -> int:
     docs = [json.loads(p.read_text()) for p in paths]
     doc = {k: v for k, v in docs[0].items() if k not in ("reference", "shared", "flops_ratio", "ndcg_ratio")}
     doc["seeds"] = [s for d in docs for s in d["seeds"]]
+    doc["seeds"] = sorted(set(doc["seeds"]))
     for name in ("reference", "shared"):
-        doc[name] = summarise([r for d in docs for r in d[name]["runs"]], docs[0][name]["overrides"])
+        parts = [d[name] for d in docs if name in d]
+        doc[name] = summarise([r for part in parts for r in part["runs"]], parts[0]["overrides"])
     return finish(doc, out)
 
 
