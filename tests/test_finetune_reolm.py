@@ -190,12 +190,79 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     rec = ReoLMRecommender(model, progress=False).bind_domain(read_domain(assets["domain"]))
     collator: PackedCollator = rec.collator(mlm_probability=0.15, seed=0)
     batch = PrefixCollate(collator, rec.num_items, negatives=20)([([1, 2], 3), ([4], 3), ([7, 8, 9], 11)])
-    items = batch["items"]
+    (micro,), (items,) = batch["micro"], batch["pools"]
     pieces = split_sequences(items["input_ids"], items)  # example order: [CLS], item text, image token
     assert 20 <= len(pieces) <= 22  # 20 distinct negatives + the targets {3, 11}, no duplicates
     # Each label points at its target's [CLS] item sequence.
-    for label, target in zip(batch["labels"].tolist(), [3, 3, 11]):
+    for label, target in zip(micro["labels"].tolist(), [3, 3, 11]):
         assert pieces[label][1:-1].tolist() == rec.tokens.item(target)[0].tolist()
-    assert batch["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
+    assert micro["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
     stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None)([([1, 2], 3)])
-    assert stage2["labels"].tolist() == [3] and "items" not in stage2
+    assert stage2["micro"][0]["labels"].tolist() == [3] and "pools" not in stage2
+
+
+def _tiny_rec(assets) -> ReoLMRecommender:
+    model = ReoLM.from_backbone(assets["backbone"], ModelConfig(
+        num_adapters=2, adapter_rank=8, max_tokens=128, image_feature_dim=8, attention="sdpa", hidden_dropout=0.0,
+        attention_dropout=0.0, top_routing="gate"))
+    return ReoLMRecommender(model.double(), progress=False).bind_domain(read_domain(assets["domain"]))
+
+
+EXAMPLES = [([1, 2], 3), ([4], 3), ([7, 8, 9], 11), ([5], 6), ([2, 3, 4], 9), ([10], 12)]
+
+
+def test_shared_pool_serves_every_micro_batch_of_the_step(assets):
+    rec = _tiny_rec(assets)
+    per_micro = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2)(EXAMPLES)
+    shared = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2, shared=True)(EXAMPLES)
+    assert len(per_micro["pools"]) == 3 and [m["pool"] for m in per_micro["micro"]] == [0, 1, 2]
+    (pool,) = shared["pools"]
+    pieces = split_sequences(pool["input_ids"], pool)
+    assert 7 <= len(pieces) <= 12  # every target of the step (7 distinct) plus 5 negatives, deduplicated
+    for m, part in zip(shared["micro"], [EXAMPLES[0:2], EXAMPLES[2:4], EXAMPLES[4:6]]):
+        assert m["pool"] == 0
+        for label, (_, target) in zip(m["labels"].tolist(), part):
+            assert pieces[label][1:-1].tolist() == rec.tokens.item(target)[0].tolist()
+
+
+def test_accumulated_shared_pool_step_equals_one_large_batch(assets):
+    """Three micro-batches against one pool encoded once: the gradients of one batch of six."""
+    from reolm.finetune.reolm_trainer import TrainCost, train_step
+    rec = _tiny_rec(assets).train()
+    step = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2, shared=True)(EXAMPLES)
+    whole = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=6, shared=True)(EXAMPLES)
+    assert torch.equal(step["pools"][0]["input_ids"], whole["pools"][0]["input_ids"])  # same seed, same pool
+
+    def grads(batch, cost):
+        rec.zero_grad()
+        loss = train_step(rec, batch, 0.0, cost)
+        return loss, {n: p.grad.clone() for n, p in rec.named_parameters() if p.grad is not None}
+
+    cost_step, cost_whole = TrainCost(), TrainCost()
+    (loss_a, g_a), (loss_b, g_b) = grads(step, cost_step), grads(whole, cost_whole)
+    assert torch.allclose(loss_a, loss_b, atol=1e-12, rtol=0) and g_a.keys() == g_b.keys()
+    scale = torch.stack([g.norm() for g in g_b.values()]).norm()
+    for name in g_a:  # fp64 throughout: equal to rounding
+        assert (g_a[name] - g_b[name]).norm() <= 1e-9 * scale, name
+    assert g_a["model.embeddings.word_embeddings.weight"].abs().sum() > 0
+    assert cost_step.examples == cost_whole.examples == 6
+    assert cost_step.flops == pytest.approx(cost_whole.flops, rel=0.2)  # same tokens, packed differently
+    # the reference (a fresh pool per micro-batch) encodes three pools for the same six histories
+    reference = TrainCost()
+    grads(PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2)(EXAMPLES), reference)
+    assert reference.flops > 1.3 * cost_step.flops
+
+
+def test_catalogue_encoding_is_length_sorted_reused_and_refreshed(assets):
+    rec = _tiny_rec(assets).eval()
+    rec.section = dataclasses.replace(rec.section, item_batch_size=7)
+    vectors = rec.encode_all_items()
+    with torch.no_grad():  # item i's own [CLS] item sequence, one at a time, in item order
+        alone = torch.cat([rec.model.encode_items(rec.eval_collate.collate_items([i])) for i in (0, 5, 17)])
+    assert torch.allclose(vectors[[0, 5, 17]], alone.float(), atol=1e-9, rtol=0)
+    assert rec.last_encoding["items"] == rec.num_items and rec.last_encoding["tokens_per_s"] > 0
+    assert rec.encode_all_items() is vectors  # unchanged weights: reused
+    with torch.no_grad():
+        rec.model.encoder.layer[0].intermediate.dense.weight.mul_(3.0)
+    fresh = rec.encode_all_items()
+    assert fresh is not vectors and not torch.allclose(fresh, vectors)

@@ -1,9 +1,14 @@
-"""Full ranking of every item of a domain, chunked over users and items.
+"""Full ranking of every item of a domain, blocked over users and items.
 
-Nothing of size ``num_users x num_items`` is ever materialised: users are processed
-``user_chunk`` at a time and, for each user chunk, items ``item_chunk`` at a time, so
-memory is ``O(user_chunk * item_chunk)`` whatever the catalogue size (a million items
-is fine on a laptop CPU or a GPU).
+Nothing of size ``num_users x num_items`` is ever materialised.  :func:`rank_targets`
+(and :func:`evaluate_vectors`, which calls it per user chunk) scores a block of users
+against a block of items into one reused buffer, counts in that block, and moves on.  On
+CPU the block is sized to stay in a core's L2 cache (:data:`CPU_BLOCK_BYTES`), so the
+counting passes read the scores from cache right after the matrix product wrote them
+instead of streaming a large score matrix through memory three times; on CUDA the block is
+``item_chunk`` items wide (one kernel launch per block matters more there than cache).
+Memory is ``O(block)`` plus the item vectors themselves, whatever the catalogue size
+(10M items is fine).
 
 Two ranks are computed for each user's target item:
 
@@ -13,7 +18,7 @@ Two ranks are computed for each user's target item:
 
 The target's own column is excluded from the comparison instead of being compared with
 itself, so the result does not depend on the target score being bit-identical between
-the gathered target score and the chunked matrix product (they come from different
+the gathered target score and the blocked matrix product (they come from different
 kernels).  Items whose score is NaN never count as ranked above the target.
 """
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from reolm.eval.metrics import DEFAULT_KS, MetricAccumulator
 
 __all__ = ["Similarity", "score_items", "rank_targets", "rank_with_score_fn", "evaluate_vectors",
-           "ChunkScoreFn", "TargetScoreFn"]
+           "ChunkScoreFn", "TargetScoreFn", "CPU_BLOCK_BYTES", "CPU_USER_BLOCK"]
 
 Similarity = Literal["dot", "cosine"]
 #: scores of the current user batch against items [start, end): returns [B, end - start]
@@ -35,14 +40,25 @@ ChunkScoreFn = Callable[[int, int], torch.Tensor]
 #: scores of the current user batch against one item per user: targets [B] -> [B]
 TargetScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
+#: fp32 scores one CPU block holds: about half of a core's L2, so the product's output is
+#: still cached when the two counting passes read it.
+CPU_BLOCK_BYTES = 1 << 20
+#: users per CPU block; more users per block would shrink its item width below what the
+#: matrix product runs efficiently at.
+CPU_USER_BLOCK = 256
+
+
+def _check_similarity(similarity: str) -> None:
+    if similarity not in ("dot", "cosine"):
+        raise ValueError(f"unknown similarity {similarity!r} (expected 'dot' or 'cosine')")
+
 
 def score_items(users: torch.Tensor, items: torch.Tensor, similarity: Similarity = "dot",
                 temperature: float = 1.0) -> torch.Tensor:
     """Score matrix [B, C] of user vectors [B, H] against item vectors [C, H]."""
+    _check_similarity(similarity)
     if similarity == "cosine":
         users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
-    elif similarity != "dot":
-        raise ValueError(f"unknown similarity {similarity!r} (expected 'dot' or 'cosine')")
     scores = users @ items.T
     return scores / temperature if temperature != 1.0 else scores
 
@@ -56,15 +72,53 @@ def _paired_scores(users: torch.Tensor, items: torch.Tensor, similarity: Similar
     return scores / temperature if temperature != 1.0 else scores
 
 
-def _count_true(mask: torch.Tensor) -> torch.Tensor:
-    """Per-row count of a bool [B, C] mask; summing it as uint8 into int32 is ~2x faster on
-    CPU than ``mask.sum(1)`` (which widens every element to int64 first)."""
-    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
-
-
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, size):
         yield start, min(start + size, total)
+
+
+class _RankCounter:
+    """Per-user counts of items scoring ``>`` and ``>=`` the target, block after block.
+
+    Both comparisons of a block are written as 0/1 floats into one reused ``[2, B, n]``
+    buffer and summed by one matrix-vector product: comparisons with a float output and a
+    BLAS reduction are several times faster on CPU than bool masks summed by ``sum`` (which
+    also widens to int64).  Per-block sums are exact integers in fp32 (n < 2**24) and are
+    accumulated in fp64 (exact up to 2**53 items).  The target's own column is taken back
+    at the end: ``own`` keeps the score at that column, gathered from the block holding it
+    (every block starts at a multiple of ``block``, so the column is the same in each).
+    """
+
+    def __init__(self, target_scores: torch.Tensor, targets: torch.Tensor, block: int):
+        device = target_scores.device
+        self.target_scores, self.t = target_scores, target_scores.unsqueeze(1)
+        targets = targets.to(device)
+        rows = targets.shape[0]
+        self.block = block
+        self.target_block = torch.div(targets, block, rounding_mode="floor")
+        self.target_column = (targets - self.target_block * block).unsqueeze(1)
+        self.counts = torch.zeros(2 * rows, dtype=torch.float64, device=device)  # >, then >=
+        self.own = torch.full_like(target_scores, float("nan"))  # NaN: never counted, never taken back
+        dtype = torch.promote_types(target_scores.dtype, torch.float32)
+        self._flags = torch.empty(2 * rows * block, dtype=dtype, device=device)
+        self._ones = torch.ones(block, dtype=dtype, device=device)
+
+    def add(self, scores: torch.Tensor, start: int) -> None:
+        """Count one block: ``scores`` [B, n] against items [start, start + n); ``start`` is a
+        multiple of ``block`` and ``n <= block``."""
+        rows, n = scores.shape
+        flags = self._flags[:2 * rows * n].view(2, rows, n)
+        torch.gt(scores, self.t, out=flags[0])
+        torch.ge(scores, self.t, out=flags[1])
+        self.counts += flags.view(2 * rows, n) @ self._ones[:n]
+        own = scores.gather(1, self.target_column.clamp(max=n - 1)).squeeze(1)
+        self.own = torch.where(self.target_block == start // self.block, own, self.own)
+
+    def ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(optimistic, pessimistic) int64 ranks, the target's own column excluded."""
+        higher, higher_or_equal = self.counts.long().view(2, -1)
+        return (higher - (self.own > self.target_scores).long(),
+                higher_or_equal - (self.own >= self.target_scores).long())
 
 
 def rank_with_score_fn(score_chunk: ChunkScoreFn, score_targets: TargetScoreFn, targets: torch.Tensor,
@@ -76,42 +130,63 @@ def rank_with_score_fn(score_chunk: ChunkScoreFn, score_targets: TargetScoreFn, 
     """
     if item_chunk < 1:
         raise ValueError(f"item_chunk must be >= 1, got {item_chunk}")
-    target_scores = score_targets(targets)
-    device = target_scores.device
-    targets = targets.to(device)
-    t = target_scores.unsqueeze(1)
-    higher = torch.zeros(targets.shape[0], dtype=torch.long, device=device)
-    higher_or_equal = torch.zeros_like(higher)
-    rows = torch.arange(targets.shape[0], device=device)
+    counter = _RankCounter(score_targets(targets), targets, max(1, min(item_chunk, num_items)))
     for start, end in _chunks(num_items, item_chunk):
         scores = score_chunk(start, end)
         if scores.shape != (targets.shape[0], end - start):
             raise ValueError(f"score function returned shape {tuple(scores.shape)} for items "
                              f"[{start}, {end}) and {targets.shape[0]} users")
-        higher += _count_true(scores > t)
-        higher_or_equal += _count_true(scores >= t)
-        # Take back exactly what each user's own target column contributed: the target is
-        # not compared with itself (scores is never written to: it may be a shared view).
-        inside = (targets >= start) & (targets < end)
-        own = scores[rows, (targets - start).clamp(0, end - start - 1)]
-        higher -= ((own > target_scores) & inside).long()
-        higher_or_equal -= ((own >= target_scores) & inside).long()
-    return higher, higher_or_equal
+        counter.add(scores, start)
+    return counter.ranks()
+
+
+def _block_shape(num_users: int, item_chunk: int, device: torch.device) -> tuple[int, int]:
+    """(users, items) per block: cache-sized on CPU, ``item_chunk`` wide elsewhere."""
+    if device.type != "cpu":
+        return max(num_users, 1), item_chunk
+    users = max(1, min(num_users, CPU_USER_BLOCK))
+    return users, max(1, min(item_chunk, CPU_BLOCK_BYTES // (4 * users)))
+
+
+def _rank_block_rows(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, target_scores: torch.Tensor,
+                     temperature: float, item_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks of one user block against every item, one reused [B, item_block] score buffer."""
+    num_items = items.shape[0]
+    width = min(item_block, num_items)
+    buffer = torch.empty(users.shape[0] * width, dtype=torch.promote_types(users.dtype, items.dtype),
+                         device=users.device)
+    counter = _RankCounter(target_scores, targets, width)
+    for start, end in _chunks(num_items, width):
+        scores = torch.matmul(users, items[start:end].T, out=buffer[:users.shape[0] * (end - start)]
+                              .view(users.shape[0], end - start))
+        if temperature != 1.0:
+            scores.div_(temperature)
+        counter.add(scores, start)
+    return counter.ranks()
 
 
 def rank_targets(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, *,
                  similarity: Similarity = "dot", temperature: float = 1.0,
                  item_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """(optimistic, pessimistic) ranks of ``targets`` [B] for user vectors [B, H] vs items [N, H]."""
-    items_on_device = items.to(users.device)
+    """(optimistic, pessimistic) ranks of ``targets`` [B] for user vectors [B, H] vs items [N, H].
 
-    def score_chunk(start: int, end: int) -> torch.Tensor:
-        return score_items(users, items_on_device[start:end], similarity, temperature)
-
-    def score_targets(tg: torch.Tensor) -> torch.Tensor:
-        return _paired_scores(users, items_on_device[tg.to(users.device)], similarity, temperature)
-
-    return rank_with_score_fn(score_chunk, score_targets, targets, items.shape[0], item_chunk)
+    The scores are those of :func:`score_items` (cosine vectors normalised row by row, then the
+    product, then the division by ``temperature``), computed block by block.
+    """
+    if item_chunk < 1:
+        raise ValueError(f"item_chunk must be >= 1, got {item_chunk}")
+    _check_similarity(similarity)
+    items = items.to(users.device)
+    targets = targets.to(users.device)
+    target_scores = _paired_scores(users, items[targets], similarity, temperature)
+    if similarity == "cosine":
+        users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
+    user_block, item_block = _block_shape(users.shape[0], item_chunk, users.device)
+    parts = [_rank_block_rows(users[lo:hi], items, targets[lo:hi], target_scores[lo:hi], temperature, item_block)
+             for lo, hi in _chunks(users.shape[0], user_block)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 @torch.no_grad()

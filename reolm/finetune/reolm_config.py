@@ -38,6 +38,9 @@ class ReoLMStageSection:
                                         "fresh random subset of the prefixes); 0 = the full epoch.", ge=0)
     mlm_weight: float = param(0.1, "Weight of the masked-language-model loss on the history (0 = off: "
                                    "histories are not masked).", ge=0)
+    accumulation: int = param(1, "Stage 1: micro-batches of batch_size histories per optimiser step "
+                                 "(gradients accumulated; max_steps_per_epoch counts optimiser steps). "
+                                 "With reolm.negative_pool = step they share one negative pool.", ge=1)
 
 
 @dataclass
@@ -61,9 +64,16 @@ class ReoLMSection:
                              ge=1)
     eval_max_history: int = param(9, "Most recent history items at evaluation when eval.max_history is "
                                      "null (the reference's 9).", ge=1)
-    negatives: int = param(1000, "Stage 1: uniformly sampled negative items per step, shared by the batch "
-                                 "and encoded WITH gradient together with the batch's targets (capped at "
-                                 "the number of items; 0 = the batch's targets only).", ge=0)
+    negatives: int = param(1000, "Stage 1: uniformly sampled negative items per pool (see negative_pool), "
+                                 "encoded WITH gradient together with the pool's targets (capped at the "
+                                 "number of items; 0 = the targets only).", ge=0)
+    negative_pool: str = param("batch", "Stage 1: 'batch' = every micro-batch of stage1.batch_size "
+                                        "histories gets its own `negatives` fresh items (the reference: "
+                                        "1000 per 16 histories); 'step' = one deduplicated pool of "
+                                        "`negatives` items plus every target of the optimiser step, encoded "
+                                        "once per step (with gradient) and shared by its stage1.accumulation "
+                                        "micro-batches: in-batch targets and negatives cost one encoding "
+                                        "per step instead of one per micro-batch.", choices=("batch", "step"))
     item_batch_size: int = param(256, "Items per forward pass when encoding the whole catalogue "
                                       "(validation, the stage-2 item table).", ge=1)
     num_workers: int = param(0, "DataLoader worker processes building packed training batches (each "

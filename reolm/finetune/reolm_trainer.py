@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,7 +44,8 @@ from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run
                                    seed_everything, train_with_early_stopping)
 from reolm.model import ReoLM
 
-__all__ = ["train_reolm", "build_finetune_model", "PrefixDataset", "PrefixCollate", "stage_rounds"]
+__all__ = ["train_reolm", "build_finetune_model", "PrefixDataset", "PrefixCollate", "stage_rounds", "train_step",
+           "TrainCost"]
 
 log = logging.getLogger(__name__)
 
@@ -111,35 +113,55 @@ class PrefixDataset(Dataset):
 
 
 class PrefixCollate:
-    """DataLoader collate_fn: histories (MLM-masked by the collator) and the targets.
+    """DataLoader collate_fn of one optimiser step: ``micro`` = its micro-batches of
+    ``micro_batch`` histories (MLM-masked by the collator) with their ``labels``.
 
-    With ``negatives`` (stage 1) it also returns ``items``, the ``[CLS] item`` batch of the
-    candidate set = the batch's targets plus ``negatives`` uniformly sampled items (no
-    duplicates), and ``labels`` = each target's row in it; otherwise (stage 2) ``labels``
-    are the target item indices.
+    With ``negatives`` (stage 1) it also returns ``pools``, ``[CLS] item`` batches of
+    candidate sets (targets plus ``negatives`` uniformly sampled items, no duplicates), and
+    each micro-batch names its ``pool`` and its ``labels`` are its targets' rows in it: one
+    pool per micro-batch (``shared=False``, the reference), or one pool of every target of the
+    step plus the negatives (``shared=True``).  Stage 2 (``negatives=None``): ``labels`` are
+    the target item indices.
     """
 
-    def __init__(self, collator: PackedCollator, num_items: int, negatives: int | None):
+    def __init__(self, collator: PackedCollator, num_items: int, negatives: int | None,
+                 micro_batch: int | None = None, shared: bool = False):
         self.collator, self.num_items, self.negatives = collator, num_items, negatives
+        self.micro_batch, self.shared = micro_batch, shared
 
     def __call__(self, examples: list[tuple[list[int], int]]) -> dict[str, Any]:
-        history = self.collator([SequenceExample(h) for h, _ in examples])["history"]
-        targets = np.array([t for _, t in examples], dtype=np.int64)
+        size = self.micro_batch or len(examples)
+        parts = [examples[i:i + size] for i in range(0, len(examples), size)]
+        targets = [np.array([t for _, t in part], dtype=np.int64) for part in parts]
+        micro = [{"history": self.collator([SequenceExample(h) for h, _ in part])["history"]} for part in parts]
         if self.negatives is None:
-            return {"history": history, "labels": torch.from_numpy(targets)}
-        sampled = self.collator.rng.choice(self.num_items, size=min(self.negatives, self.num_items),
-                                           replace=False)
-        candidates, inverse = np.unique(np.concatenate([targets, sampled]), return_inverse=True)
-        return {"history": history, "items": self.collator.collate_items(candidates.tolist()),
-                "labels": torch.from_numpy(inverse[:len(targets)].astype(np.int64))}
+            for m, t in zip(micro, targets):
+                m["labels"] = torch.from_numpy(t)
+            return {"micro": micro}
+        groups = [np.concatenate(targets)] if self.shared else targets
+        pools = [self._candidates(g) for g in groups]
+        for i, (m, t) in enumerate(zip(micro, targets)):
+            m["pool"] = 0 if self.shared else i
+            m["labels"] = torch.from_numpy(np.searchsorted(pools[m["pool"]], t).astype(np.int64))
+        return {"micro": micro, "pools": [self.collator.collate_items(c.tolist()) for c in pools]}
+
+    def _candidates(self, targets: np.ndarray) -> np.ndarray:
+        """Sorted unique ids of ``targets`` plus ``negatives`` fresh uniform items."""
+        sampled = self.collator.rng.choice(self.num_items, size=min(self.negatives, self.num_items), replace=False)
+        return np.unique(np.concatenate([targets, sampled]))
 
 
 def _epoch_order(n: int, stage: ReoLMStageSection, seed: int, epoch: int) -> np.ndarray:
     """The epoch's shuffled example order (reproducible), capped at max_steps_per_epoch batches."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
     if stage.max_steps_per_epoch:
-        order = order[:stage.max_steps_per_epoch * stage.batch_size]
+        order = order[:stage.max_steps_per_epoch * examples_per_step(stage)]
     return order
+
+
+def examples_per_step(stage: ReoLMStageSection) -> int:
+    """Training prefixes per optimiser step: the micro-batch times the accumulation."""
+    return stage.batch_size * stage.accumulation
 
 
 def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate], stage: ReoLMStageSection,
@@ -156,10 +178,11 @@ def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate],
         epoch, part = divmod(step_round - 1, k)
         collate = make_collate(seed * 1_000_003 + step_round)
         order = _epoch_order(len(dataset), stage, seed, epoch)
-        num_batches = math.ceil(len(order) / stage.batch_size)
+        step = examples_per_step(stage)
+        num_batches = math.ceil(len(order) / step)
         lo, hi = part * num_batches // k, (part + 1) * num_batches // k
-        chunk = order[lo * stage.batch_size:hi * stage.batch_size]
-        loader = DataLoader(Subset(dataset, chunk.tolist()), batch_size=stage.batch_size, shuffle=False,
+        chunk = order[lo * step:hi * step]
+        loader = DataLoader(Subset(dataset, chunk.tolist()), batch_size=step, shuffle=False,
                             collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda")
         desc = f"{name} epoch {epoch + 1}" + (f" ({part + 1}/{k})" if k > 1 else "")
         for batch in tqdm(loader, desc=desc, unit="step", leave=False, disable=not progress):
@@ -169,7 +192,7 @@ def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate],
 
 
 def steps_per_epoch(n: int, stage: ReoLMStageSection) -> int:
-    steps = math.ceil(n / stage.batch_size)
+    steps = math.ceil(n / examples_per_step(stage))
     return min(steps, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else steps
 
 
@@ -188,25 +211,58 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, stage: ReoLMStageSection, 
 
 # ----------------------------------------------------------------------------- losses
 
-def stage1_loss(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float) -> torch.Tensor:
-    """Sampled softmax over targets + negatives, item vectors WITH gradient, plus weighted MLM."""
+@dataclass
+class TrainCost:
+    """Model FLOPs (forward + backward, :meth:`ReoLM.training_flops`) and examples trained on."""
+
+    flops: float = 0.0
+    examples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train_flops": self.flops, "train_examples": self.examples,
+                "flops_per_example": self.flops / max(self.examples, 1)}
+
+
+def history_loss(rec: ReoLMRecommender, micro: dict[str, Any], candidates: torch.Tensor,
+                 mlm_weight: float) -> torch.Tensor:
+    """Cross-entropy of one micro-batch's histories over ``candidates`` (fp32 cosine scores) plus
+    weighted MLM; the last layer runs on the [CLS] rows only when the model allows it."""
     model = rec.model
     with autocast_for(rec.device):
-        out = model(batch["history"])
-        items = model.encode_items(batch["items"])
-        mlm = model.mlm_loss(out, batch["history"]) if mlm_weight > 0 else None
-    loss = F.cross_entropy(model.score(out.pooled, items), batch["labels"])  # fp32 scores
+        out = model(micro["history"], pooled_only=True)
+        mlm = model.mlm_loss(out, micro["history"]) if mlm_weight > 0 else None
+    loss = F.cross_entropy(model.score(out.pooled, candidates), micro["labels"])
     return loss + mlm_weight * mlm if mlm is not None else loss
 
 
-def stage2_loss(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float) -> torch.Tensor:
-    """Full softmax of the history vectors over the frozen item table, plus weighted MLM."""
+def train_step(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float, cost: TrainCost) -> torch.Tensor:
+    """Forward and backward of one optimiser step; returns the detached mean loss.
+
+    Stage 1: each candidate pool is encoded once WITH gradient; the micro-batches score against
+    detached copies, so their backward passes only accumulate the copies' gradients, which then
+    flow through the pool encodings in one backward pass at the end.  Gradients equal those of
+    one large batch, while only one micro-batch of histories is held in memory at a time.
+    Stage 2 (no pools): plain accumulation against the frozen item table.
+    """
     model = rec.model
+    micro = batch["micro"]
+    total = sum(m["labels"].shape[0] for m in micro)
     with autocast_for(rec.device):
-        out = model(batch["history"])
-        mlm = model.mlm_loss(out, batch["history"]) if mlm_weight > 0 else None
-    loss = F.cross_entropy(model.score(out.pooled, rec.item_table), batch["labels"])
-    return loss + mlm_weight * mlm if mlm is not None else loss
+        pools = [model.encode_items(p) for p in batch.get("pools", [])]
+    copies = [p.detach().requires_grad_() for p in pools]
+    loss_sum = torch.zeros((), device=rec.device)
+    for m in micro:
+        candidates = copies[m["pool"]] if copies else rec.item_table
+        loss = history_loss(rec, m, candidates, mlm_weight) * (m["labels"].shape[0] / total)
+        loss.backward()
+        loss_sum += loss.detach()
+        cost.flops += model.training_flops(m["history"], include_mlm=mlm_weight > 0, pooled_only=True)
+    used = [(p, c.grad) for p, c in zip(pools, copies) if c.grad is not None]
+    if used:
+        torch.autograd.backward([p for p, _ in used], [g for _, g in used])
+    cost.flops += sum(model.training_flops(p, include_mlm=False, pooled_only=True) for p in batch.get("pools", []))
+    cost.examples += total
+    return loss_sum
 
 
 # ----------------------------------------------------------------------------- stages
@@ -232,23 +288,27 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
     seed = cfg.train.seed + number
     mlm_probability = rec.model.config.mlm_probability if stage.mlm_weight > 0 else 0.0
     negatives = cfg.reolm.negatives if number == 1 else None
+    shared = cfg.reolm.negative_pool == "step"
 
     def make_collate(round_seed: int) -> PrefixCollate:
-        return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives)
-    loss = stage1_loss if number == 1 else stage2_loss
+        return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives,
+                             micro_batch=stage.batch_size, shared=shared)
+    cost = TrainCost()
     optimizer = torch.optim.AdamW(rec.model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = warmup_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
     train_cfg = dataclasses.replace(cfg.train, epochs=stage.epochs, batch_size=stage.batch_size, lr=stage.lr,
                                     weight_decay=stage.weight_decay, grad_clip=stage.grad_clip,
                                     patience=stage.patience, eval_every=1)
-    return train_with_early_stopping(
+    best = train_with_early_stopping(
         rec, optimizer,
         batches=stage_rounds(dataset, make_collate, stage, seed, device, cfg.reolm.num_workers,
                              cfg.train.progress, name),
-        loss_fn=lambda batch: loss(rec, batch, stage.mlm_weight),
+        loss_fn=None, step_fn=lambda batch: train_step(rec, batch, stage.mlm_weight, cost),
         validate=lambda: evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress),
         on_improve=on_improve, train_cfg=train_cfg, metric=cfg.eval.metric, log=log, stage=name,
         evals_per_epoch=stage.evals_per_epoch, scheduler=scheduler)
+    log.write({"stage": name, "event": "train_cost", **cost.to_json()})
+    return best
 
 
 def _stage_summary(best: BestState) -> dict[str, Any]:
@@ -290,7 +350,8 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         best1 = run_stage(1, rec, dataset, cfg, domain, StageLog(run_log), device, saver(stage1_dir, 1))
         stage1_state = state_on_cpu(rec)
         rec.item_table = rec.encode_all_items()  # frozen: the best stage-1 weights' item vectors
-        run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0])})
+        run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0]),
+                       "encoding": rec.last_encoding})
         best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=best1.epochs_run), device,
                           saver(best_dir, 2))
         final, final_stage = best2, 2

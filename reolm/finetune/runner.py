@@ -102,10 +102,11 @@ class BestState:
 
 
 def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer,
-                              batches: Callable[[int], Iterable[Any]], loss_fn: Callable[[Any], torch.Tensor],
+                              batches: Callable[[int], Iterable[Any]], loss_fn: Callable[[Any], torch.Tensor] | None,
                               validate: Callable[[], EvalResult], on_improve: Callable[[int, EvalResult], None],
                               train_cfg: TrainSection, metric: str, log: RunLog, stage: str = "train",
-                              evals_per_epoch: int = 1, scheduler: Any = None) -> BestState:
+                              evals_per_epoch: int = 1, scheduler: Any = None,
+                              step_fn: Callable[[Any], torch.Tensor] | None = None) -> BestState:
     """Epoch loop with early stopping on ``metric``; the best weights are loaded back at the end.
 
     ``batches(epoch)`` yields the epoch's batches; ``loss_fn(batch)`` returns the mean loss;
@@ -116,7 +117,9 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
     ``evals_per_epoch = k > 1`` splits every epoch into k rounds: ``batches(r)`` is then called
     with the round number r = 1, 2, ... and yields that fraction of an epoch, ``eval_every``
     and ``patience`` count rounds, and logged epochs are fractional (r / k).  ``scheduler``
-    (a torch LR scheduler) is stepped after every optimiser step.
+    (a torch LR scheduler) is stepped after every optimiser step.  ``step_fn(batch)``, when
+    given, replaces ``loss_fn(batch).backward()``: it runs the forward and backward passes of
+    one optimiser step itself (e.g. accumulating micro-batches) and returns the detached loss.
     """
     best = BestState()
     best_state: dict[str, torch.Tensor] | None = None
@@ -151,9 +154,12 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
         loss_sum = torch.zeros((), dtype=torch.float64)
         steps = 0
         for batch in batches(step_round):
-            loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if step_fn is not None:
+                loss = step_fn(batch)
+            else:
+                loss = loss_fn(batch)
+                loss.backward()
             if train_cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()

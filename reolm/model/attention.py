@@ -18,7 +18,10 @@ splits them into a few contiguous **attention groups** (a new group starts
 when a sequence is shorter than ``bucket_ratio`` x the group's longest); it
 precomputes on CPU every token's slot in its group's grid
 (``attn_grid_index``) and the groups' shapes (Python ints), so the forward
-never syncs with the host and only groups with padding need a scatter.  Backends are plain
+never syncs with the host and only groups with padding need a scatter.  Every backend also
+computes attention for the first token of each sequence only (``cls_only=True``: q is
+``[B, h, d]``, one [CLS] query per sequence in stream order, against all of its keys), which
+is all a [CLS]-pooled last layer needs.  Backends are plain
 functions registered in ``BACKENDS``; pick one with :func:`resolve_backend`
 (``auto`` = flash if importable on CUDA, else varlen on CUDA, else sdpa).
 """
@@ -65,26 +68,32 @@ GridFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
 
 
 def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
-              grid_fn: GridFn) -> torch.Tensor:
+              grid_fn: GridFn, cls_only: bool = False) -> torch.Tensor:
     """Run ``grid_fn(q, k, v, key_mask)`` on each group's ``[n, h, L, d]`` grid; back to ``[T, h, d]``.
 
     ``key_mask`` (bool ``[n, 1, 1, L]``, True = real key) is None for a group without padding, so
-    SDPA can pick its fused kernels there.
+    SDPA can pick its fused kernels there.  With ``cls_only``, ``q`` holds one query per sequence
+    (``[B, h, d]``, stream order): each group's query grid is ``[n, h, 1, d]`` and the result is
+    ``[B, h, d]``.
     """
-    qkv = torch.stack((q, k, v), dim=1)                                          # [T, 3, h, d]
-    sizes = [g[0] for g in layout.groups]
+    kv = torch.stack((k, v), dim=1) if cls_only else torch.stack((q, k, v), dim=1)   # [T, 2|3, h, d]
+    sizes, counts = [g[0] for g in layout.groups], [g[1] for g in layout.groups]
+    queries = q.split(counts) if cls_only else [None] * len(sizes)
     outs = []
-    for (tokens, n, length), part, idx, lens in zip(layout.groups, qkv.split(sizes),
-                                                    layout.grid_index.split(sizes),
-                                                    layout.seq_lengths.split([g[1] for g in layout.groups])):
+    for (tokens, n, length), part, idx, lens, cls_q in zip(layout.groups, kv.split(sizes),
+                                                           layout.grid_index.split(sizes),
+                                                           layout.seq_lengths.split(counts), queries):
         full = tokens == n * length           # every slot holds a real token: no scatter, no mask
         if not (full or layout.padded):
             part = part.new_zeros((n * length,) + tuple(part.shape[1:])).index_copy(0, idx, part)
-        grid = part.view(n, length, *part.shape[1:]).permute(2, 0, 3, 1, 4)      # [3, n, h, L, d]
+        grid = part.view(n, length, *part.shape[1:]).permute(2, 0, 3, 1, 4)      # [2|3, n, h, L, d]
         mask = None
         if layout.padded or not full:
-            slots = torch.arange(length, device=q.device)
+            slots = torch.arange(length, device=k.device)
             mask = (slots[None, :] < lens[:, None]).view(n, 1, 1, length)
+        if cls_only:
+            outs.append(grid_fn(cls_q.unsqueeze(2), grid[0], grid[1], mask).squeeze(2))  # [n, h, d]
+            continue
         out = grid_fn(grid[0], grid[1], grid[2], mask)                           # [n, h, L, d]
         out = out.transpose(1, 2).reshape(n * length, *q.shape[1:])
         outs.append(out if full or layout.padded else out.index_select(0, idx))
@@ -94,25 +103,33 @@ def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attenti
 # ----------------------------------------------------------------------------- backends
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
-                    dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Reference math: softmax(q k^T / sqrt(d)) v with the softmax in fp32."""
+                    dropout_p: float = 0.0, training: bool = False, cls_only: bool = False) -> torch.Tensor:
+    """Reference math: softmax(q k^T / sqrt(d)) v with the softmax in fp32 (or fp64 for fp64 inputs)."""
     def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(qg.shape[-1])
+        wide = torch.promote_types(qg.dtype, torch.float32)
+        scores = torch.matmul(qg.to(wide), kg.to(wide).transpose(-1, -2)) / math.sqrt(qg.shape[-1])
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         probs = F.dropout(probs, p=dropout_p, training=training).to(vg.dtype)
         return torch.matmul(probs, vg)
-    return _on_grids(q, k, v, layout, grid_fn)
+    return _on_grids(q, k, v, layout, grid_fn, cls_only)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
-                   dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+                   dropout_p: float = 0.0, training: bool = False, cls_only: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on the grouped grids with a key-padding mask."""
     def grid_fn(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
                                               dropout_p=dropout_p if training else 0.0)
-    return _on_grids(q, k, v, layout, grid_fn)
+    return _on_grids(q, k, v, layout, grid_fn, cls_only)
+
+
+def _query_layout(layout: AttentionLayout, cls_only: bool) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) of the queries: the keys' own, or one query per sequence."""
+    if not cls_only:
+        return layout.cu_seqlens, layout.max_seqlen
+    return torch.arange(layout.num_sequences + 1, dtype=torch.int32, device=layout.cu_seqlens.device), 1
 
 
 def _require_packed(layout: AttentionLayout, name: str) -> None:
@@ -142,7 +159,7 @@ def varlen_available() -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
-                     dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+                     dropout_p: float = 0.0, training: bool = False, cls_only: bool = False) -> torch.Tensor:
     """PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA; no attention dropout)."""
     _require_packed(layout, "varlen")
     found = _varlen_fn()
@@ -150,8 +167,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not available in this torch "
                            f"({torch.__version__}); use attention=sdpa")
     fn, extra = found
-    cu = layout.cu_seqlens
-    return fn(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, **extra)
+    cu_q, max_q = _query_layout(layout, cls_only)
+    return fn(q, k, v, cu_q, layout.cu_seqlens, max_q, layout.max_seqlen, **extra)
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,14 +185,14 @@ def flash_available() -> bool:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
-                    dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+                    dropout_p: float = 0.0, training: bool = False, cls_only: bool = False) -> torch.Tensor:
     """flash-attn's ``flash_attn_varlen_func`` (CUDA, optional dependency)."""
     _require_packed(layout, "flash")
     fn = _flash_fn()
     if fn is None:
         raise RuntimeError("attention=flash but flash_attn is not installed (pip install flash-attn)")
-    cu = layout.cu_seqlens
-    return fn(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen,
+    cu_q, max_q = _query_layout(layout, cls_only)
+    return fn(q, k, v, cu_q, layout.cu_seqlens, max_q, layout.max_seqlen,
               dropout_p=dropout_p if training else 0.0, causal=False)
 
 

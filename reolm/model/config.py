@@ -41,6 +41,10 @@ class ModelConfig:
                                           ge=0, le=1)
     pooling: str = param("cls", "Sequence/item vector: the [CLS] output or the mean of all tokens.",
                          choices=("cls", "mean"))
+    cls_only_last_layer: bool = param(True, "With cls pooling, encoding for a pooled vector (items, "
+                                            "histories, the training losses) runs the last layer on the "
+                                            "[CLS] rows only: keys and values from every token, the rest "
+                                            "for one row per sequence. Same vectors up to float rounding.")
     temperature: float = param(0.05, "Scores are cosine similarity divided by this.", gt=0)
     max_items: int = param(50, "Most history items per sequence (most recent kept).", ge=1)
     max_tokens: int = param(1024, "Most tokens per sequence including [CLS] and image tokens.", ge=3)

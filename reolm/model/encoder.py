@@ -210,7 +210,27 @@ class Layer(nn.Module):
         # Separate module calls (not one fused matmul): ZeRO-3 gathers weights per module forward.
         q, k, v = (p(x).view(shape) for p in (proj.query, proj.key, proj.value))
         ctx = BACKENDS[backend](q, k, v, layout, self.attn_dropout, self.training)
-        h = self.attention.output(ctx.reshape(x.shape), x)
+        return self._feed_forward(self.attention.output(ctx.reshape(x.shape), x), token_domains)
+
+    def forward_cls(self, x: torch.Tensor, layout: AttentionLayout, backend: str,
+                    token_domains: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output at the first token of every sequence only, ``[B, H]`` in stream order.
+
+        Keys and values still come from every token; the query, the attention output, the
+        adapter and the feed-forward run on the B [CLS] rows alone.  Equal to
+        ``forward(...)[cls rows]`` up to float summation order.
+        """
+        proj = self.attention.self
+        heads = self.attention.heads
+        rows = layout.cu_seqlens[:-1].long()
+        cls = x.index_select(0, rows)
+        q = proj.query(cls).view(cls.shape[0], heads, -1)
+        k, v = (p(x).view(x.shape[0], heads, -1) for p in (proj.key, proj.value))
+        ctx = BACKENDS[backend](q, k, v, layout, self.attn_dropout, self.training, cls_only=True)
+        domains = token_domains.index_select(0, rows) if token_domains is not None else None
+        return self._feed_forward(self.attention.output(ctx.reshape(cls.shape), cls), domains)
+
+    def _feed_forward(self, h: torch.Tensor, token_domains: torch.Tensor | None) -> torch.Tensor:
         adapter = self.adapter(h, self.routing, token_domains)
         return self.output(self.intermediate(h), h, adapter)
 
@@ -239,10 +259,11 @@ class LMHead(nn.Module):
 
 @dataclass
 class EncoderOutput:
-    """``hidden`` [T, H] last layer, ``pooled`` [B, H] sequence vectors, ``mlm_hidden`` [T, H] the
-    output of the last bottom layer (what the MLM head reads)."""
+    """``hidden`` [T, H] last layer (None from ``forward(pooled_only=True)`` with a [CLS]-only last
+    layer), ``pooled`` [B, H] sequence vectors, ``mlm_hidden`` [T, H] the output of the last
+    bottom layer (what the MLM head reads)."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     pooled: torch.Tensor
     mlm_hidden: torch.Tensor
 
@@ -471,23 +492,43 @@ class ReoLM(nn.Module):
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Any]) -> EncoderOutput:
-        """Encode a packed (or padded) batch; see docs/model.md for its fields."""
+    def forward(self, batch: Mapping[str, Any], pooled_only: bool = False) -> EncoderOutput:
+        """Encode a packed (or padded) batch; see docs/model.md for its fields.
+
+        ``pooled_only``: the caller reads ``pooled`` and ``mlm_hidden`` only, so with [CLS]
+        pooling (and ``cls_only_last_layer``) the last layer runs on the [CLS] rows alone and
+        ``hidden`` is None.
+        """
         layout = AttentionLayout.from_batch(batch)
         backend = self.attention_backend(batch["input_ids"].device, self.embeddings.LayerNorm.weight.dtype)
         token_domains = None
         if self.config.top_routing == "domain":
             token_domains = batch["seq_domains"].index_select(0, batch["token_seq_index"])
+        cls_last = pooled_only and self.cls_only_last_layer
+        layers = self.encoder.layer
         x = self.embeddings(batch)
         mlm_hidden = x
-        for i, layer in enumerate(self.encoder.layer):
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, layout, backend, token_domains, use_reentrant=False)
-            else:
-                x = layer(x, layout, backend, token_domains)
+        for i, layer in enumerate(layers[:-1] if cls_last else layers):
+            x = self._run_layer(layer.forward, x, layout, backend, token_domains)
             if i == self.num_bottom_layers - 1:
                 mlm_hidden = x
-        return EncoderOutput(hidden=x, pooled=self.pool(x, batch, layout), mlm_hidden=mlm_hidden)
+        if not cls_last:
+            return EncoderOutput(hidden=x, pooled=self.pool(x, batch, layout), mlm_hidden=mlm_hidden)
+        cls = self._run_layer(layers[-1].forward_cls, x, layout, backend, token_domains)   # stream order
+        stream_rank = torch.searchsorted(layout.cu_seqlens[:-1].long(), batch["seq_cls_index"])
+        return EncoderOutput(hidden=None, pooled=cls.index_select(0, stream_rank), mlm_hidden=mlm_hidden)
+
+    def _run_layer(self, fn: Any, x: torch.Tensor, layout: AttentionLayout, backend: str,
+                   token_domains: torch.Tensor | None) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(fn, x, layout, backend, token_domains, use_reentrant=False)
+        return fn(x, layout, backend, token_domains)
+
+    @property
+    def cls_only_last_layer(self) -> bool:
+        """Whether ``forward(pooled_only=True)`` computes the last layer for [CLS] rows only ([CLS]
+        pooling and the setting on; the MLM reads the last bottom layer, always below it)."""
+        return self.config.pooling == "cls" and self.config.cls_only_last_layer
 
     def pool(self, hidden: torch.Tensor, batch: Mapping[str, Any], layout: AttentionLayout) -> torch.Tensor:
         """[CLS] output or the mean over real tokens, one vector per sequence."""
@@ -498,34 +539,44 @@ class ReoLM(nn.Module):
         pooled = hidden.new_zeros(batch["seq_lengths"].shape[0], hidden.shape[1])
         return pooled.index_add(0, batch["token_seq_index"], hidden * weight[:, None])
 
-    def training_flops(self, batch: Mapping[str, Any], include_mlm: bool = True) -> float:
+    def training_flops(self, batch: Mapping[str, Any], include_mlm: bool = True, pooled_only: bool = False
+                       ) -> float:
         """Model FLOPs of one forward + backward (3x forward) on the real tokens of ``batch``.
 
         Counts matmuls only (linear layers, adapters, attention scores and mixing, the MLM head at
         the masked positions), from Python ints of the batch: no host sync, usable for MFU on
-        every step.  Padding is never counted, so MFU compares layouts fairly.
+        every step.  Padding is never counted, so MFU compares layouts fairly.  ``pooled_only``
+        counts ``forward(batch, pooled_only=True)``: with :attr:`cls_only_last_layer` the last
+        layer projects keys and values for every token but the rest for the [CLS] rows only.
         """
         bb, cfg = self.backbone_config, self.config
         h = bb.hidden_size
-        per_token = 4 * h * h + 2 * h * bb.intermediate_size + 2 * h * cfg.num_adapters * cfg.adapter_rank
-        forward = bb.num_hidden_layers * (2 * per_token * batch["num_real_tokens"]
-                                          + 4 * h * batch["num_attention_pairs"])
+        tokens, pairs = batch["num_real_tokens"], batch["num_attention_pairs"]
+        rest = 2 * h * h + 2 * h * bb.intermediate_size + 2 * h * cfg.num_adapters * cfg.adapter_rank
+        per_token = 2 * h * h + rest                            # q, k, v, output, FFN, adapters
+        layers = bb.num_hidden_layers
+        forward = layers * (2 * per_token * tokens + 4 * h * pairs)
+        if pooled_only and self.cls_only_last_layer:
+            sequences = len(batch["seq_lengths"])
+            forward -= 2 * per_token * tokens + 4 * h * pairs   # the full last layer, replaced by
+            forward += 2 * (2 * h * h * tokens + rest * sequences) + 4 * h * tokens  # its [CLS] rows
         if include_mlm:
             forward += 2 * batch["mlm_positions"].shape[0] * (h * h + h * bb.vocab_size)
         return 3.0 * forward
 
     def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled vectors [B, H] of history sequences."""
-        return self(batch).pooled
+        return self(batch, pooled_only=True).pooled
 
     def encode_items(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled vectors [N, H] of ``[CLS] item`` sequences (from ``PackedCollator.collate_items``)."""
-        return self(batch).pooled
+        return self(batch, pooled_only=True).pooled
 
     def score(self, seq_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity / temperature, [B, N], computed in fp32."""
-        s = F.normalize(seq_vecs.float(), dim=-1)
-        i = F.normalize(item_vecs.float(), dim=-1)
+        """Cosine similarity / temperature, [B, N], computed in fp32 (fp64 for fp64 vectors)."""
+        wide = torch.promote_types(torch.promote_types(seq_vecs.dtype, item_vecs.dtype), torch.float32)
+        s = F.normalize(seq_vecs.to(wide), dim=-1)
+        i = F.normalize(item_vecs.to(wide), dim=-1)
         return s @ i.T / self.config.temperature
 
     def mlm_logits(self, mlm_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
