@@ -62,7 +62,8 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progress: bool = True) -> ItemTokenTable:
     """The domain's token table for ``tokenizer``; built into ``DIR/tables/`` when missing."""
-    from reolm.data.tables import build_source_token_table, build_token_table_batched, find_token_table
+    from reolm.data.tables import (MissingTokenTable, build_source_token_table, build_token_table_batched,
+                                   find_token_table)
 
     def in_memory() -> ItemTokenTable:
         ids = domain.item_ids()
@@ -74,8 +75,10 @@ def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progres
         return in_memory()
     try:
         table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
-    except TableError:
-        log.info("no token table for this tokenizer under %s: building it", domain.path)
+    except MissingTokenTable as missing:
+        # A first build is routine; one next to tables of other identities deserves a reason.
+        (log.warning if missing.others else log.info)(
+            "building the token table under %s for this tokenizer: %s", domain.path, missing.reason)
         try:
             build_source_token_table(domain.path, tokenizer, cfg.max_attr_tokens, progress=progress)
         except OSError as err:  # a read-only dataset folder: tokenise for this process only
