@@ -84,6 +84,16 @@ def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path |
     return model, name
 
 
+def checkpointing_for(setting: bool | None, device: torch.device) -> bool:
+    """``reolm.model.gradient_checkpointing``, with null resolved: on for CPU training, where a
+    stage-1 step (histories + 1,000 negatives, all with gradient) of a 384-wide backbone peaks at
+    ~18 GB of activations without it and ~5 GB with it (docs/finetune.md); off on GPUs."""
+    if setting is None:
+        setting = device.type == "cpu"
+        log.info("gradient checkpointing %s (automatic on %s)", "on" if setting else "off", device.type)
+    return bool(setting)
+
+
 # ----------------------------------------------------------------------------- data
 
 class PrefixDataset(Dataset):
@@ -249,9 +259,11 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
         evals_per_epoch=stage.evals_per_epoch, scheduler=scheduler)
 
 
-def _stage_summary(best: BestState) -> dict[str, Any]:
-    return {"best_epoch": best.epoch, "epochs_run": best.epochs_run, "stopped_early": best.stopped_early,
-            "best_val": best.val}
+def _stage_summary(best: BestState, offset: float) -> dict[str, Any]:
+    """``best_epoch`` counts like log.jsonl's ``epoch`` (across stages), ``best_stage_epoch`` and
+    ``epochs_run`` within the stage."""
+    return {"best_epoch": best.epoch + offset, "best_stage_epoch": best.epoch, "epochs_run": best.epochs_run,
+            "stopped_early": best.stopped_early, "best_val": best.val}
 
 
 def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any = None,
@@ -262,6 +274,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     start = time.time()
     model, model_name = build_finetune_model(cfg, domain, init, backbone)
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
+    model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
     rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
     rec.bind_domain(domain)
     sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
@@ -270,16 +283,17 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         raise ValueError(f"domain {domain.name!r} has no training sequence of length >= 2")
     best_dir, stage1_dir = run_dir / "best", run_dir / "stage1"
 
-    def saver(folder: Path, stage: int) -> Callable[[float, EvalResult], None]:
+    def saver(folder: Path, stage: int, offset: float = 0.0) -> Callable[[float, EvalResult], None]:
         def on_improve(epoch: float, result: EvalResult) -> None:
             save_reolm_folder(folder, rec, model_name=model_name, domain=domain, cfg=cfg,
-                              extra={"stage": stage, "epoch": epoch, "val": result.metrics})
+                              extra={"stage": stage, "epoch": epoch + offset, "val": result.metrics})
         return on_improve
 
     with RunLog(run_dir / "log.jsonl") as run_log:
         run_log.write({"stage": "setup", "model": model_name, "domain": domain.name, "num_items": domain.num_items,
                        "num_train_prefixes": len(dataset), "device": str(device),
                        "parameters": sum(p.numel() for p in model.parameters()),
+                       "gradient_checkpointing": model.gradient_checkpointing,
                        "image_items": int(np.asarray(rec.images.has_image).sum())})
         if cfg.reolm.initial_validation:
             result = evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress)
@@ -289,15 +303,18 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         stage1_state = state_on_cpu(rec)
         rec.item_table = rec.encode_all_items()  # frozen: the best stage-1 weights' item vectors
         run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0])})
-        best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=best1.epochs_run), device,
-                          saver(best_dir, 2))
-        final, final_stage = best2, 2
+        offset = best1.epochs_run  # stage 2's epochs continue stage 1's, in the log and in metrics.json
+        best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=offset), device,
+                          saver(best_dir, 2, offset))
+        final, final_stage = dataclasses.replace(best2, epoch=best2.epoch + offset), 2
         if best2.score < best1.score:  # stage 2 only made things worse: keep stage 1 (same item table)
             rec.load_state_dict(stage1_state)
             saver(best_dir, 1)(best1.epoch, EvalResult("val", 0, domain.num_items, best1.val, best1.val_pessimistic))
             final, final_stage = best1, 1
+        final = dataclasses.replace(final, epochs_run=best1.epochs_run + best2.epochs_run)
         run_log.write({"stage": "reolm", "event": "final", "best_stage": final_stage,
                        "train_time_s": round(time.time() - start, 2)})
         return finish_run(run_dir, model_name=model_name, model=rec, domain=domain, cfg=cfg, best=final, log=run_log,
-                          best_stage=final_stage, stage1=_stage_summary(best1), stage2=_stage_summary(best2),
+                          best_stage=final_stage, stage1=_stage_summary(best1, 0.0),
+                          stage2=_stage_summary(best2, offset),
                           train_time_s=round(time.time() - start, 2))
