@@ -28,36 +28,57 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def measure(backbone: str, domain_dir: str, batch_size: int, negatives: int, checkpointing: bool,
-            steps: int, max_tokens: int) -> dict[str, float]:
-    """One configuration in this process: peak RSS (GB) and mean seconds per step."""
+def build(backbone: str, domain_dir: str, negatives: int, device: str = "cpu", **model: object):
+    """(recommender bound to the domain, its training prefixes, a stage-1 collate) as the trainer builds them."""
     from reolm.data.domain import read_domain
     from reolm.finetune.reolm_recommender import ReoLMRecommender, sized_for_domain
-    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, stage1_loss
+    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset
     from reolm.model import ModelConfig, ReoLM
 
     domain = read_domain(domain_dir)
     torch.manual_seed(0)
-    cfg = sized_for_domain(ModelConfig(top_routing="gate", attention="sdpa", max_tokens=max_tokens,
-                                       gradient_checkpointing=checkpointing), domain)
-    rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).bind_domain(domain)
+    cfg = sized_for_domain(ModelConfig(top_routing="gate", **model), domain)
+    rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
     dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
     collate = PrefixCollate(rec.collator(rec.model.config.mlm_probability, seed=0), rec.num_items, negatives)
+    return rec, dataset, collate
+
+
+def train_steps(rec, dataset, collate, batch_size: int, steps: int, loss_fn=None) -> list[float]:
+    """Seconds of each of ``steps`` AdamW steps (collation excluded, the device synchronised)."""
+    from reolm.data.collate import move_batch
+    from reolm.finetune.reolm_trainer import stage1_loss
+
+    loss_fn = loss_fn or (lambda batch: stage1_loss(rec, batch, mlm_weight=0.1))
     order = np.random.default_rng(0).permutation(len(dataset))
     optimizer = torch.optim.AdamW(rec.model.parameters(), lr=5e-5)
     rec.train()
     times = []
     for step in range(steps):
-        batch = collate([dataset[int(i)] for i in order[step * batch_size:(step + 1) * batch_size]])
+        rows = order[(step * batch_size) % len(order):][:batch_size]
+        batch = move_batch(collate([dataset[int(i)] for i in rows]), rec.device)
+        if rec.device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = stage1_loss(rec, batch, mlm_weight=0.1)
+        loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if rec.device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(backbone: str, domain_dir: str, batch_size: int, negatives: int, checkpointing: bool,
+            steps: int, max_tokens: int) -> dict[str, float]:
+    """One CPU configuration in this process: peak RSS (GB) and seconds per step (the last)."""
+    rec, dataset, collate = build(backbone, domain_dir, negatives, attention="sdpa", max_tokens=max_tokens,
+                                  gradient_checkpointing=checkpointing)
+    times = train_steps(rec, dataset, collate, batch_size, steps)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_gb": round(peak_kb / 2**20, 3), "step_s": round(float(np.mean(times[1:] or times)), 2),
-            "candidates": int(batch["items"]["seq_lengths"].shape[0])}
+    return {"peak_rss_gb": round(peak_kb / 2**20, 3), "step_s": round(times[-1], 2),
+            "candidates": batch_size + negatives}
 
 
 def main(argv: list[str] | None = None) -> int:

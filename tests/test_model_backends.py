@@ -12,7 +12,9 @@ from reolm.model import ReoLM, resolve_backend
 from reolm.model.attention import AttentionLayout, attention, flash_available, varlen_available
 from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def cuda(test):
+    """A CUDA test: marked ``gpu`` (bench/gpu_acceptance.sh runs ``-m gpu``), skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 def _batch(layout="packed", seed=0):
