@@ -40,9 +40,10 @@ def _evaluate(assets, model: Path, out: str, *extra: str) -> dict:
     return read_metrics(path, run=False)
 
 
-def test_hf_checkpoint_evaluates_zero_shot_like_its_export(assets):
+def test_hf_checkpoint_evaluates_zero_shot_like_its_export(assets, capsys):
     plm = _evaluate(assets, assets["backbone"], "plm.json", *SMALL)
     assert plm["model"] == "plm-zeroshot" and plm["num_users"] == 40 and "user_subset" not in plm
+    assert "encode items" not in capsys.readouterr().err  # --no-progress reaches item encoding
     again = _evaluate(assets, assets["backbone"], "plm2.json", *SMALL)
     assert again["metrics"] == plm["metrics"]  # the untrained image token is seeded
     export = assets["root"] / "export"
