@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-users", type=int, metavar="N",
                         help="evaluate a random subset of N users (same as eval.max_users=N)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of that subset (eval.subset_seed=S)")
-    parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="evaluation overrides")
+    parser.add_argument("overrides", nargs="*", metavar="eval.key=value",
+                        help="evaluation overrides (eval.*; for an HF checkpoint also reolm.model.*, e.g. "
+                             "reolm.model.pooling=mean)")
     return parser
 
 
