@@ -42,6 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def steady_state(run_dir: Path) -> dict:
+    """Means over a run's metrics.jsonl train windows, the first (with start-up) left out."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in rows if r["kind"] == "train"]
+    train = windows[1:]
+    mean = lambda key: sum(r[key] for r in train) / len(train)  # noqa: E731
+    out = {"global_batch": json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"],
+           "steps_per_s": (train[-1]["step"] - windows[0]["step"]) / (train[-1]["time"] - windows[0]["time"]),
+           "samples_per_s": mean("samples_per_s"), "tokens_per_s": mean("tokens_per_s"),
+           "data_wait_share": mean("data_wait_share"), "first_loss": windows[0]["loss"],
+           "final_loss": train[-1]["loss"]}
+    for key in ("tflops_per_device", "mfu"):
+        if all(key in r for r in train):
+            out[key] = mean(key)
+    if "peak_memory_gib" in train[-1]:
+        out["peak_memory_gib"] = max(r["peak_memory_gib"] for r in windows)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -73,22 +92,12 @@ def main() -> int:
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         return 1
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["kind"] == "train"][1:]  # drop the window with start-up
-    span_steps = train[-1]["step"] - [r for r in rows if r["kind"] == "train"][0]["step"]
-    span_s = train[-1]["time"] - [r for r in rows if r["kind"] == "train"][0]["time"]
-    cfg = json.loads((run_dir / "ds_config.json").read_text())
     result = {
         "benchmark": "pretrain_cpu",
         "config": "launch/configs/pretrain/demo.yaml (random `reolm init backbone --size tiny`: 2 layers, H64, 2 heads; vocab 2000)",
         "ranks": args.ranks,
-        "global_batch": cfg["train_batch_size"],
         "steps": args.steps,
-        "steps_per_s": span_steps / span_s,
-        "samples_per_s": sum(r["samples_per_s"] for r in train) / len(train),
-        "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
-        "data_wait_share": sum(r["data_wait_share"] for r in train) / len(train),
-        "final_loss": train[-1]["loss"],
+        **steady_state(run_dir),
         "launch_to_exit_s": wall,
         "prepare_inputs_s": prep_s,
         "machine": info,

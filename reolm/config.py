@@ -368,18 +368,22 @@ def save_resolved(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml
     return path
 
 
-def describe(cls: type, prefix: str = "") -> str:
-    """Human-readable list of every key with type, default and documentation."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Human-readable list of every key with type, default and documentation.
+
+    ``defaults`` is the instance whose values are shown; nested sections show the value their
+    parent's default factory builds (``reolm.model.top_routing`` is ``gate`` although
+    ``ModelConfig`` alone says ``domain``)."""
     lines: list[str] = []
     hints = _resolved_hints(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         _, inner = _is_optional(tp)
         if dataclasses.is_dataclass(inner):
             doc = (inner.__doc__ or "").strip().splitlines()[0] if inner.__doc__ else ""
             lines.append(f"\n[{prefix}{f.name}] {doc}")
-            lines.append(describe(inner, prefix + f.name + "."))
+            lines.append(describe(inner, prefix + f.name + ".", getattr(defaults, f.name)))
             continue
         default = getattr(defaults, f.name)
         extra = ""

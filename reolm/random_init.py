@@ -20,6 +20,7 @@ BACKBONE_SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 64, 2, 128),
     "mini": (4, 128, 4, 512),
     "small": (6, 256, 4, 1024),
+    "minilm-l6-h384": (6, 384, 12, 1536),
     "minilm-l12-h384": (12, 384, 12, 1536),
     "base": (12, 768, 12, 3072),
 }

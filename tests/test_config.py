@@ -75,3 +75,13 @@ def test_describe_lists_every_key_with_docs():
     text = describe(Run)
     for key in ("steps", "optim.lr", "optim.schedule", "Peak learning rate.", "['cosine', 'linear']"):
         assert key in text
+
+
+def test_help_shows_the_defaults_of_nested_sections():
+    from reolm.config import config_help_epilog
+    from reolm.finetune.config import FinetuneConfig
+
+    text = config_help_epilog(FinetuneConfig)
+    # ReoLMSection builds ModelConfig(top_routing="gate"); ModelConfig alone says "domain".
+    assert "reolm.model.top_routing (str, default 'gate')" in text
+    assert "reolm.model.gradient_checkpointing (bool | None, default None)" in text

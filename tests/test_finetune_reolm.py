@@ -100,6 +100,19 @@ def test_finetune_from_hf_checkpoint_writes_contract_metrics(run_dir, assets):
     assert str(assets["backbone"]) in (run_dir / "config.yaml").read_text()
 
 
+def test_best_epoch_counts_like_the_log(run_dir):
+    doc = read_metrics(run_dir / "metrics.json")
+    stage = f"reolm-stage{doc['best_stage']}"
+    improved = [r for r in _log(run_dir) if r.get("stage") == stage and r.get("improved")]
+    assert improved[-1]["epoch"] == doc["best_epoch"]  # stage 2 continues stage 1's epochs
+    assert json.loads((run_dir / "best" / "recommender.json").read_text())["epoch"] == doc["best_epoch"]
+    s1, s2 = doc["stage1"], doc["stage2"]
+    assert s2["best_epoch"] == s2["best_stage_epoch"] + s1["epochs_run"]
+    assert doc["epochs_run"] == s1["epochs_run"] + s2["epochs_run"]
+    setup = _log(run_dir)[0]
+    assert setup["gradient_checkpointing"] is True  # automatic on CPU
+
+
 def test_finetuning_improves_validation_ndcg(run_dir):
     records = _log(run_dir)
     stage1 = [r for r in records if r.get("stage") == "reolm-stage1" and "val" in r]

@@ -168,3 +168,22 @@ def test_import_unisrec_without_index_files_uses_tokens(tmp_path):
     assert domain.smap == {"0": 0, "1": 1, "2": 2} and domain.umap == {"0": 0, "1": 1}
     assert domain.train == {0: [2, 0], 1: [1]} and domain.val == {0: [1], 1: [2]} and domain.test == {0: [2], 1: [0]}
     assert domain.meta["2"]["title"] == "two." and domain.meta["1"]["title"] == ""
+
+
+def test_import_recformer_unescapes_html_by_default_and_records_it(tmp_path):
+    from reolm.cli import main
+    src = write_recformer(tmp_path / "r", smap={"A": 0, "B": 1}, train={"0": [0, 1], "1": [1]},
+                          val={"0": [1], "1": [0]}, test={"0": [0], "1": [1]},
+                          meta={"A": {"title": "12&quot; Saw &amp; Blade", "brand": ["Ace", "&lt;Co&gt;"]},
+                                "B": {"title": "Plain drill"}})
+    for flag, title, brand, flagged in (([], '12" Saw & Blade', "Ace <Co>", True),
+                                        (["--no-unescape-html"], "12&quot; Saw &amp; Blade", "Ace &lt;Co&gt;", False)):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["import", "recformer", str(src), "--name", "R", "--out", str(out), *flag]) == 0
+        domain = read_domain(out)
+        assert (domain.meta["A"]["title"], domain.meta["A"]["brand"]) == (title, brand)
+        assert domain.meta["B"]["title"] == "Plain drill"
+        ingest = json.loads((out / "domain.json").read_text())["ingest"]
+        assert ingest["options"] == {"unescape_html": flagged}
+        assert any("unescaped HTML entities in the text of 1 item(s)" in n
+                   for n in ingest["report"]["notes"]) == flagged

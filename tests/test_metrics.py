@@ -159,6 +159,7 @@ def test_evaluate_recommender_popularity_matches_hand_count(tiny_domain):
     assert result.metrics_pessimistic["MRR"] == pytest.approx(np.mean(1 / (pess + 1)))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_ranking_equals_cpu():
     torch.manual_seed(0)

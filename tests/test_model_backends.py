@@ -12,7 +12,9 @@ from reolm.model import ReoLM, resolve_backend
 from reolm.model.attention import AttentionLayout, attention, flash_available, varlen_available
 from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def cuda(test):
+    """A CUDA test: marked ``gpu`` (bench/gpu_acceptance.sh runs ``-m gpu``), skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 def _batch(layout="packed", seed=0):
@@ -170,3 +172,68 @@ def test_bf16_on_cpu_close_to_fp32_with_fp32_losses(tmp_path):
     assert abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_backend_follows_the_autocast_dtype(tmp_path):
+    """Fine-tuning keeps fp32 parameters under bf16 autocast: the backend must be chosen by the
+    dtype attention runs in (autocast's), not by the parameters'."""
+    from reolm.model.attention import _flash_fn, _varlen_fn, compute_dtype
+
+    assert compute_dtype("cpu", torch.float32) == torch.float32
+    model = tiny_reolm(tmp_path, attention="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype("cpu", torch.float32) == torch.bfloat16
+        model(_batch())
+    assert list(model._backend_cache) == ["auto@cpu/torch.bfloat16"]  # judged by autocast's dtype
+    # On CUDA that dtype selects the fused kernels (resolution needs no GPU); fp32 alone would not.
+    fused = "flash" if _flash_fn() else "varlen" if _varlen_fn() else "sdpa"
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == fused
+    assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    assert resolve_backend("varlen", "cuda", torch.bfloat16) == "varlen"
+
+
+@cuda
+def test_finetuning_under_autocast_uses_varlen(tmp_path):
+    """A stage-1 fine-tuning step as the trainer runs it on CUDA (fp32 weights, bf16 autocast) with
+    varlen: learns, matches sdpa at the start, and auto picks a fused kernel."""
+    if not varlen_available():
+        pytest.skip("varlen_attn not available")
+    from conftest import make_domain
+
+    from reolm.data.domain import read_domain, write_domain
+    from reolm.data.tokenizer import item_texts, train_tokenizer
+    from reolm.finetune.reolm_recommender import ReoLMRecommender
+    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, stage1_loss
+    from reolm.model import ModelConfig
+    from reolm.random_init import init_backbone
+
+    folder = write_domain(make_domain(), tmp_path / "d")
+    tok = train_tokenizer(item_texts([folder]), tmp_path / "tok", vocab_size=200, progress=False)
+    backbone = init_backbone(tok, tmp_path / "bb", size="tiny", max_position_embeddings=128)
+    domain, device = read_domain(folder), torch.device("cuda")
+    losses = {}
+    for backend in ("varlen", "sdpa"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(top_routing="gate", attention=backend, max_tokens=128, image_feature_dim=8,
+                          num_adapters=2, adapter_rank=4, hidden_dropout=0.0, attention_dropout=0.0)
+        rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
+        assert next(rec.model.parameters()).dtype == torch.float32
+        dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
+        batch = move_batch(PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(
+            [dataset[i] for i in range(16)]), device)
+        optimizer = torch.optim.AdamW(rec.model.parameters(), lr=1e-3)
+        trace = []
+        for _ in range(15):
+            loss = stage1_loss(rec, batch, 0.1)  # under bf16 autocast on CUDA, as in training
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trace.append(float(loss))
+        assert list(rec.model._backend_cache) == [f"{backend}@cuda/torch.bfloat16"]
+        losses[backend] = trace
+    assert losses["varlen"][-1] < 0.5 * losses["varlen"][0], losses["varlen"]
+    assert losses["varlen"][0] == pytest.approx(losses["sdpa"][0], rel=0.05)
+    rec.model.set_attention("auto")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        rec.model(batch["history"])
+    assert rec.model.attention_backend(device, torch.bfloat16) in ("flash", "varlen")

@@ -17,6 +17,13 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing processed folder at --out")
 
 
+def add_unescape_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--unescape-html / --no-unescape-html, on by default (recorded in domain.json's ingest options)."""
+    parser.add_argument("--unescape-html", action=argparse.BooleanOptionalAction, default=True,
+                        help="unescape HTML entities (&quot; -> \", &amp; -> &) in item text; the choice is "
+                             "recorded in domain.json (default on)")
+
+
 def add_image_arguments(parser: argparse.ArgumentParser, shards: bool = False) -> None:
     group = parser.add_argument_group("images")
     group.add_argument("--images-dir", metavar="D", help="directory of <item_id>.<jpg|jpeg|png|webp> images")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from reolm.commands._ingest_common import (add_image_arguments, add_output_arguments, attach_images, check_output,
-                                           write_and_summarise)
+from reolm.commands._ingest_common import (add_image_arguments, add_output_arguments, add_unescape_argument,
+                                           attach_images, check_output, write_and_summarise)
 from reolm.data.images import import_features
 from reolm.data.interop import import_recformer, import_unisrec
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          description="Import Recformer's train.json, val.json, test.json, smap.json, umap.json "
                                      "(optional) and meta_data.json; 0-based (or 1-based, shifted) item indices.")
     rec.add_argument("source", metavar="SRC", help="the Recformer data folder")
+    add_unescape_argument(rec)
     add_output_arguments(rec)
     add_image_arguments(rec)
     rec.set_defaults(handler=_run_recformer)
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_recformer(args: argparse.Namespace) -> int:
     out = check_output(args.out, args.force)
-    domain, report = import_recformer(args.source, args.name)
+    domain, report = import_recformer(args.source, args.name, unescape_html=args.unescape_html)
     attach_images(domain, out, args, report)
     return write_and_summarise(domain, out, report)
 

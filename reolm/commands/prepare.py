@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from reolm.commands._ingest_common import (add_image_arguments, add_output_arguments, attach_images, check_output,
-                                           write_and_summarise)
+from reolm.commands._ingest_common import (add_image_arguments, add_output_arguments, add_unescape_argument,
+                                           attach_images, check_output, write_and_summarise)
 from reolm.data.amazon import CATEGORY_STYLES, DUPLICATE_POLICIES, AmazonOptions, build_amazon_domain
 
 HELP = "turn raw Amazon Reviews 2018 files into a processed domain folder"
@@ -52,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "top-level category shared by the whole file (default full)")
     filters.add_argument("--require-title", action=argparse.BooleanOptionalAction, default=True,
                          help="drop items whose metadata has no title (default on)")
-    filters.add_argument("--unescape-html", action=argparse.BooleanOptionalAction, default=True,
-                         help="unescape HTML entities (&amp; -> &) in attributes (default on)")
+    add_unescape_argument(filters)
     filters.add_argument("--allow-truncated", action="store_true",
                          help="keep the lines read before a truncated/corrupt gzip stream instead of failing")
     add_image_arguments(amazon, shards=True)

@@ -39,7 +39,9 @@ from reolm.eval.evaluate import EvalResult
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMStageSection
-from reolm.finetune.reolm_recommender import ReoLMRecommender, autocast_for, save_reolm_folder
+from reolm.finetune.reolm_recommender import (ReoLMRecommender, autocast_for, save_reolm_folder,
+                                              sized_for_domain)
+from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
 from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
                                    seed_everything, train_with_early_stopping)
 from reolm.model import ReoLM
@@ -71,21 +73,27 @@ def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path |
         overrides.update({k: getattr(m, k) for k in ("hidden_dropout", "attention_dropout")
                           if getattr(m, k) is not None})
         model = ReoLM.from_pretrained(init, overrides=overrides)
-        name = "reolm"
+        # An export of a plain checkpoint (`reolm export backbone`) carries no pre-training.
+        name = "reolm-nopretrain" if export_origin(init) == BACKBONE_ORIGIN else "reolm"
     else:
-        model_cfg = dataclasses.replace(m, top_routing="gate")
-        if domain.image_features is not None and domain.image_features.shape[1] != m.image_feature_dim:
-            # A fresh image MLP: size it to the domain's features instead of failing.
-            log.info("image_feature_dim %d -> %d (the domain's image_features.npy)", m.image_feature_dim,
-                     domain.image_features.shape[1])
-            model_cfg = dataclasses.replace(model_cfg, image_feature_dim=int(domain.image_features.shape[1]))
-        model = ReoLM.from_backbone(backbone, model_cfg)
+        model = ReoLM.from_backbone(backbone, sized_for_domain(dataclasses.replace(m, top_routing="gate"),
+                                                                domain))
         name = "reolm-nopretrain"
     model.set_routing("gate")
     # Record where the weights came from in the resolved config of the run.
     cfg.reolm = dataclasses.replace(section, init=init,
                                     model=dataclasses.replace(model.config, backbone=backbone or m.backbone))
     return model, name
+
+
+def checkpointing_for(setting: bool | None, device: torch.device) -> bool:
+    """``reolm.model.gradient_checkpointing``, with null resolved: on for CPU training, where a
+    stage-1 step (histories + 1,000 negatives, all with gradient) of a 384-wide backbone peaks at
+    ~18 GB of activations without it and ~5 GB with it (docs/finetune.md); off on GPUs."""
+    if setting is None:
+        setting = device.type == "cpu"
+        log.info("gradient checkpointing %s (automatic on %s)", "on" if setting else "off", device.type)
+    return bool(setting)
 
 
 # ----------------------------------------------------------------------------- data
@@ -311,9 +319,11 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
     return best
 
 
-def _stage_summary(best: BestState) -> dict[str, Any]:
-    return {"best_epoch": best.epoch, "epochs_run": best.epochs_run, "stopped_early": best.stopped_early,
-            "best_val": best.val}
+def _stage_summary(best: BestState, offset: float) -> dict[str, Any]:
+    """``best_epoch`` counts like log.jsonl's ``epoch`` (across stages), ``best_stage_epoch`` and
+    ``epochs_run`` within the stage."""
+    return {"best_epoch": best.epoch + offset, "best_stage_epoch": best.epoch, "epochs_run": best.epochs_run,
+            "stopped_early": best.stopped_early, "best_val": best.val}
 
 
 def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any = None,
@@ -324,6 +334,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     start = time.time()
     model, model_name = build_finetune_model(cfg, domain, init, backbone)
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
+    model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
     rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
     rec.bind_domain(domain)
     sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
@@ -332,16 +343,17 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         raise ValueError(f"domain {domain.name!r} has no training sequence of length >= 2")
     best_dir, stage1_dir = run_dir / "best", run_dir / "stage1"
 
-    def saver(folder: Path, stage: int) -> Callable[[float, EvalResult], None]:
+    def saver(folder: Path, stage: int, offset: float = 0.0) -> Callable[[float, EvalResult], None]:
         def on_improve(epoch: float, result: EvalResult) -> None:
             save_reolm_folder(folder, rec, model_name=model_name, domain=domain, cfg=cfg,
-                              extra={"stage": stage, "epoch": epoch, "val": result.metrics})
+                              extra={"stage": stage, "epoch": epoch + offset, "val": result.metrics})
         return on_improve
 
     with RunLog(run_dir / "log.jsonl") as run_log:
         run_log.write({"stage": "setup", "model": model_name, "domain": domain.name, "num_items": domain.num_items,
                        "num_train_prefixes": len(dataset), "device": str(device),
                        "parameters": sum(p.numel() for p in model.parameters()),
+                       "gradient_checkpointing": model.gradient_checkpointing,
                        "image_items": int(np.asarray(rec.images.has_image).sum())})
         if cfg.reolm.initial_validation:
             result = evaluate_split(rec, domain, "val", cfg.eval, progress=cfg.train.progress)
@@ -352,15 +364,18 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         rec.item_table = rec.encode_all_items()  # frozen: the best stage-1 weights' item vectors
         run_log.write({"stage": "reolm-stage2", "event": "item_table", "rows": int(rec.item_table.shape[0]),
                        "encoding": rec.last_encoding})
-        best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=best1.epochs_run), device,
-                          saver(best_dir, 2))
-        final, final_stage = best2, 2
+        offset = best1.epochs_run  # stage 2's epochs continue stage 1's, in the log and in metrics.json
+        best2 = run_stage(2, rec, dataset, cfg, domain, StageLog(run_log, offset=offset), device,
+                          saver(best_dir, 2, offset))
+        final, final_stage = dataclasses.replace(best2, epoch=best2.epoch + offset), 2
         if best2.score < best1.score:  # stage 2 only made things worse: keep stage 1 (same item table)
             rec.load_state_dict(stage1_state)
             saver(best_dir, 1)(best1.epoch, EvalResult("val", 0, domain.num_items, best1.val, best1.val_pessimistic))
             final, final_stage = best1, 1
+        final = dataclasses.replace(final, epochs_run=best1.epochs_run + best2.epochs_run)
         run_log.write({"stage": "reolm", "event": "final", "best_stage": final_stage,
                        "train_time_s": round(time.time() - start, 2)})
         return finish_run(run_dir, model_name=model_name, model=rec, domain=domain, cfg=cfg, best=final, log=run_log,
-                          best_stage=final_stage, stage1=_stage_summary(best1), stage2=_stage_summary(best2),
+                          best_stage=final_stage, stage1=_stage_summary(best1, 0.0),
+                          stage2=_stage_summary(best2, offset),
                           train_time_s=round(time.time() - start, 2))

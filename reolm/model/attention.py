@@ -37,7 +37,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionLayout", "BACKENDS", "resolve_backend", "attention", "flash_available",
+__all__ = ["AttentionLayout", "BACKENDS", "resolve_backend", "compute_dtype", "attention", "flash_available",
            "varlen_available"]
 
 
@@ -206,6 +206,16 @@ BACKENDS: dict[str, AttentionFn] = {
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(device: torch.device | str, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention actually runs in: autocast's when autocast is on for ``device``, else the
+    parameters'.  Fine-tuning keeps fp32 parameters under bf16 autocast; judging by the parameters
+    alone would rule out the fused (half-precision) kernels there."""
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param_dtype
 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:

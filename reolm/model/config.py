@@ -60,8 +60,11 @@ class ModelConfig:
     attention_dropout: float | None = param(None, "Dropout on attention probabilities; null = the "
                                                   "checkpoint's value. Ignored by the varlen backend.",
                                             ge=0, lt=1)
-    gradient_checkpointing: bool = param(False, "Recompute each layer in the backward pass "
-                                                "(activation checkpointing) to save memory.")
+    gradient_checkpointing: bool | None = param(None, "Recompute each layer in the backward pass (activation "
+                                                      "checkpointing) to save memory; null = automatic: on "
+                                                      "when fine-tuning on CPU (a default stage-1 step of a "
+                                                      "384-wide backbone needs ~18 GB without it), off "
+                                                      "otherwise (pre-training, GPUs).")
 
     def check(self) -> None:
         if self.max_position_embeddings and self.max_position_embeddings < self.max_tokens:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reolm.config import from_dict, to_dict
-from reolm.model.attention import AttentionLayout, BACKENDS, resolve_backend
+from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
 from reolm.model.config import TOP_ROUTINGS, ModelConfig
 from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
                                        read_backbone_config, read_state_dict)
@@ -296,7 +296,7 @@ class ReoLM(nn.Module):
                         "mean" if i < self.num_bottom_layers else cfg.top_routing) for i in range(n)]
         self.encoder = Encoder(layers)
         self.lm_head = LMHead(backbone, self.embeddings.word_embeddings)
-        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.gradient_checkpointing = bool(cfg.gradient_checkpointing)  # null (automatic) = off until resolved
         self._backend_cache: dict[str, str] = {}
         self.attention_dropout = attn_dropout
         self.reset_parameters()
@@ -392,7 +392,10 @@ class ReoLM(nn.Module):
                                           f"expected {tuple(target.shape)}")
                 target.copy_(value.to(target.dtype))
         if not head_present:
-            log.info("%s has no MLM head; the LM head starts fresh", source)
+            # Plain encoders (sentence-transformers, *Model checkpoints) ship no MLM head: the MLM loss
+            # of pre-training and stage 1 then starts from a random transform; say so loudly.
+            log.warning("%s has no MLM head: the LM head starts fresh (random transform, zero bias; it "
+                        "only matters for the MLM loss of training)", source)
 
     def _extend_positions(self, table: torch.Tensor, rows: int, source: str) -> torch.Tensor:
         """Tile the checkpoint's learned position rows (after the RoBERTa offset) up to ``rows``."""
@@ -403,13 +406,19 @@ class ReoLM(nn.Module):
         if learned.shape[0] == 0:
             raise CheckpointError(f"{source}: position table has no learned rows to extend")
         reps = math.ceil((rows - offset) / learned.shape[0])
-        log.info("%s: extending position table from %d to %d rows by copying learned rows",
-                 source, table.shape[0], rows)
+        # Positions past the checkpoint's were never trained: copies only give them a start.
+        log.warning("%s: model.max_tokens=%d needs %d position rows but the checkpoint has %d; rows past "
+                    "them are copies of its learned rows (set model.max_tokens=%d to stay within the "
+                    "trained positions, see docs/model.md)", source, self.config.max_tokens, rows,
+                    table.shape[0], table.shape[0] - offset)
         return torch.cat([table[:offset], learned.repeat(reps, 1)[: rows - offset]])
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (temp folder, then rename)."""
+    def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping[str, Any] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (temp folder, then rename).
+
+        ``extra_config`` adds top-level entries to config.json (e.g. ``origin``: where the weights
+        came from), which :meth:`from_pretrained` ignores."""
         from safetensors.torch import save_file
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
@@ -417,7 +426,8 @@ class ReoLM(nn.Module):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         config = {"model_type": "reolm", "format_version": FORMAT_VERSION, "architectures": ["ReoLM"],
-                  "backbone": self.backbone_config.to_dict(), "reolm": to_dict(self.config)}
+                  "backbone": self.backbone_config.to_dict(), "reolm": to_dict(self.config),
+                  **dict(extra_config or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(self.state_dict_to_save(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if self.tokenizer is not None:
@@ -500,7 +510,8 @@ class ReoLM(nn.Module):
         ``hidden`` is None.
         """
         layout = AttentionLayout.from_batch(batch)
-        backend = self.attention_backend(batch["input_ids"].device, self.embeddings.LayerNorm.weight.dtype)
+        device = batch["input_ids"].device
+        backend = self.attention_backend(device, compute_dtype(device, self.embeddings.LayerNorm.weight.dtype))
         token_domains = None
         if self.config.top_routing == "domain":
             token_domains = batch["seq_domains"].index_select(0, batch["token_seq_index"])

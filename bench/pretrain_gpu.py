@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""One-GPU pre-training: bf16, ZeRO-2, the paper's model shape, from a synthetic corpus.
+
+Builds the `demo` synthetic corpus (items of three attributes, log-normal history lengths up to
+50 items; no images, so every item uses the void image) -> shards -> WordPiece tokenizer ->
+token table -> a random-weight MiniLM-L12-H384-shaped backbone, then runs
+`python launch/pretrain.py --config launch/configs/pretrain/paper.yaml` (1,024 tokens, 50 items,
+8 adapters of rank 128, bf16, ZeRO-2) on one process for --steps steps with the paper's micro
+batch (32) and no accumulation, and records real tokens/s, TFLOP/s, MFU, peak memory and the
+loss from the run's metrics.jsonl in bench/results/pretrain_gpu.json.
+
+    python bench/pretrain_gpu.py [--steps 200] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from pretrain_cpu import steady_state  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--micro-batch", type=int, default=32, help="sequences per step (the paper's micro batch)")
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--workdir", default=None, help="keep inputs and the run here (default: a temp folder)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pretrain_gpu.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from common import machine, write_result
+    from reolm.train.backbone import prepare_synthetic_inputs
+
+    if not torch.cuda.is_available():
+        print("pretrain_gpu.py: no CUDA device", file=sys.stderr)
+        return 2
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="reolm_pretrain_gpu_"))
+    t0 = time.perf_counter()
+    inputs = prepare_synthetic_inputs(work / "inputs", "demo", vocab_size=8192, backbone_size="minilm-l12-h384",
+                                      shard_size=1000)
+    prep_s = time.perf_counter() - t0
+    run_dir = work / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"),
+           "--config", str(REPO / "launch" / "configs" / "pretrain" / "paper.yaml"),
+           f"data.corpus={inputs['corpus']}", f"model.backbone={inputs['backbone']}", f"run_dir={run_dir}",
+           f"optim.steps={args.steps}", f"optim.micro_batch_size={args.micro_batch}",
+           f"optim.global_batch_size={args.micro_batch}", "optim.warmup_steps=20", "optim.lr=2e-4",
+           f"log.every={args.log_every}", "log.tensorboard=false", "log.progress=false", "val.every=0",
+           "ckpt.every=0", "model.image_feature_dim=512", "dist.ds_config=ds_configs/zero2.json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        return 1
+    result = {"benchmark": "pretrain_gpu",
+              "config": "launch/configs/pretrain/paper.yaml on 1 GPU: random MiniLM-L12-H384-shaped BERT "
+                        "(vocab 8192 WordPiece trained on the corpus), synthetic `demo` corpus, bf16, ZeRO-2",
+              "steps": args.steps, "micro_batch": args.micro_batch, **steady_state(run_dir),
+              "launch_to_exit_s": round(wall, 1), "prepare_inputs_s": round(prep_s, 1),
+              "machine": machine("cuda")}
+    print(f"wrote {write_result(Path(args.out).name, result)}")
+    print({k: result[k] for k in ("steps_per_s", "tokens_per_s", "first_loss", "final_loss") if k in result})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
