@@ -290,9 +290,10 @@ def _sharded_encode(items: list[Any], batch_size: int, encode) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(setup: _Setup, examples: list[Example], pool: np.ndarray) -> dict[str, float]:
+def validate(setup: _Setup, examples: list[Example], pool: np.ndarray,
+             skipped: dict[str, int] | None = None) -> dict[str, float]:
     """Next-item Recall@k / NDCG@k of dev targets among ``pool`` (which contains every target),
-    plus MLM accuracy of the dev histories.
+    plus MLM accuracy of the dev histories, and the ``skipped`` counts of bad dev data.
 
     Retrieval encodes the histories WITHOUT masking (as evaluation does); MLM accuracy comes from
     a second, masked pass with a fixed seed.  Ties rank optimistically (strictly higher only).
@@ -347,7 +348,8 @@ def validate(setup: _Setup, examples: list[Example], pool: np.ndarray) -> dict[s
         if was_training:
             module.train()
     return ranking_metrics(module, examples, pool, domains, user_vecs, item_vecs, cfg.val.k) | {
-        "val_mlm_accuracy": (mlm_stats[0] / mlm_stats[1]).item() if mlm_stats[1].item() else float("nan")}
+        "val_mlm_accuracy": (mlm_stats[0] / mlm_stats[1]).item() if mlm_stats[1].item() else float("nan"),
+        **(skipped or {})}
 
 
 def ranking_metrics(module: Any, examples: list[Example], pool: np.ndarray, domains: list[int],
@@ -563,7 +565,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 window = _Window()
             if val_set is not None and cfg.val.every and (step % cfg.val.every == 0 or final):
                 t0 = time.perf_counter()
-                metrics = validate(setup, val_set.examples, val_set.pool) | val_set.skipped
+                metrics = validate(setup, *val_set)
                 writer.write(step, metrics, kind="val")
                 last.update(metrics)
                 window.excluded += time.perf_counter() - t0
