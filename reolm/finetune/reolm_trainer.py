@@ -35,6 +35,7 @@ from reolm.config import save_resolved
 from reolm.data.collate import PackedCollator, SequenceExample, move_batch
 from reolm.data.domain import Domain
 from reolm.eval.evaluate import EvalResult
+from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMStageSection
@@ -116,19 +117,25 @@ class PrefixCollate:
     With ``negatives`` (stage 1) it also returns ``items``, the ``[CLS] item`` batch of the
     candidate set = the batch's targets plus ``negatives`` uniformly sampled items (no
     duplicates), and ``labels`` = each target's row in it; otherwise (stage 2) ``labels``
-    are the target item indices.
+    are the target item indices, or their positions in ``pool`` when one is given.
+
+    ``pool`` (sorted item indices) restricts negatives and the stage-2 softmax to the items
+    that occur in training: an unseen item must not be learnt about, even as a negative.
     """
 
-    def __init__(self, collator: PackedCollator, num_items: int, negatives: int | None):
-        self.collator, self.num_items, self.negatives = collator, num_items, negatives
+    def __init__(self, collator: PackedCollator, num_items: int, negatives: int | None,
+                 pool: np.ndarray | None = None):
+        self.collator, self.num_items, self.negatives, self.pool = collator, num_items, negatives, pool
 
     def __call__(self, examples: list[tuple[list[int], int]]) -> dict[str, Any]:
         history = self.collator([SequenceExample(h) for h, _ in examples])["history"]
         targets = np.array([t for _, t in examples], dtype=np.int64)
         if self.negatives is None:
-            return {"history": history, "labels": torch.from_numpy(targets)}
-        sampled = self.collator.rng.choice(self.num_items, size=min(self.negatives, self.num_items),
-                                           replace=False)
+            labels = targets if self.pool is None else np.searchsorted(self.pool, targets)
+            return {"history": history, "labels": torch.from_numpy(labels)}
+        pool = self.num_items if self.pool is None else self.pool
+        size = self.num_items if self.pool is None else len(self.pool)
+        sampled = self.collator.rng.choice(pool, size=min(self.negatives, size), replace=False)
         candidates, inverse = np.unique(np.concatenate([targets, sampled]), return_inverse=True)
         return {"history": history, "items": self.collator.collate_items(candidates.tolist()),
                 "labels": torch.from_numpy(inverse[:len(targets)].astype(np.int64))}
@@ -205,7 +212,8 @@ def stage2_loss(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float)
     with autocast_for(rec.device):
         out = model(batch["history"])
         mlm = model.mlm_loss(out, batch["history"]) if mlm_weight > 0 else None
-    loss = F.cross_entropy(model.score(out.pooled, rec.item_table), batch["labels"])
+    table = rec.item_table if rec.train_items is None else rec.item_table[rec.train_items]
+    loss = F.cross_entropy(model.score(out.pooled, table), batch["labels"])
     return loss + mlm_weight * mlm if mlm is not None else loss
 
 
@@ -234,7 +242,8 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
     negatives = cfg.reolm.negatives if number == 1 else None
 
     def make_collate(round_seed: int) -> PrefixCollate:
-        return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives)
+        pool = None if rec.train_items is None else rec.train_items.cpu().numpy()
+        return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives, pool)
     loss = stage1_loss if number == 1 else stage2_loss
     optimizer = torch.optim.AdamW(rec.model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = warmup_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
@@ -266,6 +275,9 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
     rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
     rec.bind_domain(domain)
+    seen = item_train_counts(domain) > 0
+    if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax
+        rec.train_items = torch.nonzero(seen).squeeze(1).to(device)
     sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
     dataset = PrefixDataset(sequences, cfg.reolm.max_history)
     if len(dataset) == 0 and (cfg.reolm.stage1.epochs or cfg.reolm.stage2.epochs):
