@@ -3,31 +3,27 @@ items, and the acceptance run (cold split -> SASRec and Reo-LM -> bucket "0" wit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_domain
+from conftest import make_domain, tiny_downstream_domain
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.baselines.base import full_softmax_ce
 from reolm.baselines.popularity import Popularity
-from reolm.baselines.registry import build_baseline, load_baseline
 from reolm.baselines.config import SASRecConfig
+from reolm.baselines.registry import build_baseline, load_baseline
 from reolm.cli import main as reolm_main
-from reolm.data.domain import Domain, domain_stats, read_domain, write_domain
+from reolm.data.domain import Domain, read_domain, write_domain
 from reolm.data.splits import COLD_ITEMS_FILE, cold_item_split, few_shot_split, setting_name
-from reolm.data.synth import generate_corpus, preset_config
 from reolm.eval.contract import ContractError, read_metrics, validate_metrics
 from reolm.eval.evaluate import evaluate_recommender
 from reolm.eval.frequency import FrequencyBuckets, item_train_counts
 from reolm.eval.report import format_report, load_runs, report_json
 from reolm.finetune.runner import seed_everything
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -180,11 +176,9 @@ def _finetune(args: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def cold_domain(tmp_path_factory) -> dict[str, Path]:
-    """The tiny preset's downstream domain (with images) and its 20% cold-item split."""
+    """The tiny preset's downstream domain and its 20% cold-item split."""
     root = tmp_path_factory.mktemp("coldstart")
-    cfg = preset_config("tiny", images=False)
-    cfg = dataclasses.replace(cfg, domains=tuple(d for d in cfg.domains if d.role == "downstream"))
-    (domain_dir,) = generate_corpus(cfg, root / "data", seed=0, progress=False)
+    domain_dir = tiny_downstream_domain(root)
     cold = root / "data" / "Scientific-cold"
     assert reolm_main(["split", "cold-items", str(domain_dir), "--fraction", "0.2", "--seed", "0",
                        "--out", str(cold)]) == 0

@@ -7,7 +7,6 @@ the frozen stage-2 item table.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import tiny_downstream_domain
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.data.collate import PackedCollator, split_sequences
 from reolm.data.domain import read_domain, write_domain
 from reolm.data.item_table import TableError
-from reolm.data.synth import generate_corpus, preset_config
 from reolm.data.tokenizer import item_texts, train_tokenizer
 from reolm.eval.contract import read_metrics
 from reolm.finetune.reolm_recommender import (ITEM_VECTORS, ReoLMRecommender, domain_image_table, load_reolm)
@@ -46,9 +45,7 @@ TRAIN_OVERRIDES = ["train.progress=false", "train.seed=0", "train.device=cpu", "
 def assets(tmp_path_factory) -> dict[str, Path]:
     """The tiny preset's downstream domain, a tokenizer trained on it and a tiny random BERT."""
     root = tmp_path_factory.mktemp("reolm_ft")
-    cfg = preset_config("tiny", images=False)
-    cfg = dataclasses.replace(cfg, domains=tuple(d for d in cfg.domains if d.role == "downstream"))
-    (domain_dir,) = generate_corpus(cfg, root / "data", seed=0, progress=False)
+    domain_dir = tiny_downstream_domain(root)
     # A vocabulary large enough to keep every word whole: with digit pieces, items of one topic
     # are nearly indistinguishable by text and popularity beats any text model.
     tok = train_tokenizer(item_texts([domain_dir]), root / "tok", kind="wordpiece", vocab_size=2000)

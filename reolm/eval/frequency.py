@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,8 +78,3 @@ def bucket_documents(buckets: FrequencyBuckets, acc: GroupedMetricAccumulator) -
                      "metrics": metrics, "metrics_pessimistic": pessimistic})
     return docs
 
-
-def bucket_labels(lower: Sequence[int]) -> list[str]:
-    """Labels of the buckets with these lower bounds (``[0, 1, 5, 20]`` -> ``0, 1-4, 5-19, 20+``)."""
-    buckets = FrequencyBuckets(tuple(lower))
-    return [buckets.label(i) for i in range(len(buckets))]
