@@ -194,3 +194,11 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     assert batch["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
     stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None)([([1, 2], 3)])
     assert stage2["labels"].tolist() == [3] and "items" not in stage2
+    # A pool of trained items: negatives come only from it, stage-2 labels are positions in it.
+    pool = np.array([0, 3, 5, 6, 11, 12, 13, 20])
+    batch = PrefixCollate(collator, rec.num_items, negatives=30, pool=pool)([([1, 2], 3), ([4], 11)])
+    pieces = split_sequences(batch["items"]["input_ids"], batch["items"])
+    candidates = [int(i) for i in pool if any(p[1:-1].tolist() == rec.tokens.item(int(i))[0].tolist() for p in pieces)]
+    assert len(pieces) == len(pool) and candidates == pool.tolist()
+    stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None, pool=pool)([([1, 2], 3), ([4], 20)])
+    assert stage2["labels"].tolist() == [1, 7]
