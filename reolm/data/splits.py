@@ -77,11 +77,15 @@ def cold_item_split(domain: Domain, fraction: float, seed: int) -> tuple[Domain,
     _check_fraction(fraction, "--fraction")
     rng = np.random.default_rng(seed)
     num_cold = max(1, round(fraction * domain.num_items))
+    if num_cold >= domain.num_items:
+        raise ValueError(f"--fraction {fraction} of {domain.num_items} items leaves no item to train on")
     cold = np.zeros(domain.num_items, dtype=bool)
     cold[rng.choice(domain.num_items, size=num_cold, replace=False)] = True
     train = {u: [i for i in seq if not cold[i]] for u, seq in domain.train.items()}
     removed = sum(len(seq) for seq in domain.train.values()) - sum(len(seq) for seq in train.values())
     keep = sorted(u for u, seq in train.items() if seq)
+    if not keep:
+        raise ValueError(f"--fraction {fraction}: every training sequence of {domain.name!r} would be empty")
     split = _keep_users(domain, {u: train[u] for u in keep}, keep)
 
     def cold_targets(held_out: dict[int, list[int]]) -> int:
