@@ -13,6 +13,7 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "generate a synthetic multi-domain corpus of processed domain folders"),
     "stats": ("stats", "print the dataset statistics table of processed domain folders"),
+    "split": ("split", "derive a cold-item or few-shot version of a processed domain folder"),
     "shard": ("shard", "write processed domains into a WebDataset corpus (items, train, dev shards)"),
     "verify": ("verify", "re-read every shard of a corpus and check it against its manifest"),
     "tokenizer": ("tokenizer", "train a small WordPiece/BPE tokenizer on a corpus (the embedded default)"),

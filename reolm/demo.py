@@ -27,6 +27,8 @@ __all__ = ["Stage", "demo_stages", "run_demo", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_PRESET = "demo"
+#: share of the held-out domain's items made cold (never in training) for the cold-start setting
+COLD_FRACTION = 0.2
 
 
 @dataclass
@@ -70,9 +72,20 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
     sources = [data / d.name for d in specs if d.role == "pretrain"]
     (downstream,) = [data / d.name for d in specs if d.role == "downstream"]
     nproc = nproc or _world_size()
-    ft = [sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), "--domain", str(downstream),
-          "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
-    runs = run_dir / "runs"
+    cold = data / f"{downstream.name}-cold"  # the held-out domain with 20% of its items never trained on
+
+    def ft(domain: Path) -> list[str]:
+        return [sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), "--domain", str(domain),
+                "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
+
+    def zero_shot(domain: Path, out: Path) -> list[str]:
+        return [sys.executable, str(REPO_ROOT / "launch" / "evaluate.py"), "--domain", str(domain),
+                "--model", str(export_dir), "--split", "test", "--no-progress", "--out", str(out / "metrics.json")]
+
+    runs, cold_runs = run_dir / "runs", run_dir / "runs-cold"
+    warm_models, cold_models = ("reolm", "reolm-zeroshot", "reolm-nopretrain", "sasrec", "pop"), \
+        ("reolm", "reolm-zeroshot", "sasrec", "pop")
+    report_runs = [str(runs / m) for m in warm_models] + [str(cold_runs / m) for m in cold_models]
     return [
         Stage("synthesise corpus", _reolm("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
               downstream / "domain.json"),
@@ -102,16 +115,33 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
               export_dir / "model.safetensors"),  # resumes from its last checkpoint if interrupted
         Stage("export pre-trained model", _reolm("export", "checkpoint", str(pretrain_dir), str(export_dir)),
               export_dir / "model.safetensors"),
-        Stage("fine-tune Reo-LM", [*ft, "--model", "reolm", "--init", str(export_dir), "--out", str(runs / "reolm")],
+        Stage("cold-item split (20% of the held-out items)",
+              _reolm("split", "cold-items", str(downstream), "--fraction", str(COLD_FRACTION), "--seed", str(seed),
+                     "--out", str(cold)),
+              cold / "domain.json"),
+        Stage("fine-tune Reo-LM", [*ft(downstream), "--model", "reolm", "--init", str(export_dir),
+                                   "--out", str(runs / "reolm")],
               runs / "reolm" / "metrics.json"),
+        Stage("zero-shot Reo-LM (pre-trained export)", zero_shot(downstream, runs / "reolm-zeroshot"),
+              runs / "reolm-zeroshot" / "metrics.json"),
         Stage("fine-tune without pre-training",
-              [*ft, "--model", "reolm", "--backbone", str(backbone), "--out", str(runs / "reolm-nopretrain")],
+              [*ft(downstream), "--model", "reolm", "--backbone", str(backbone), "--out", str(runs / "reolm-nopretrain")],
               runs / "reolm-nopretrain" / "metrics.json"),
-        Stage("SASRec", [*ft, "--model", "sasrec", "--out", str(runs / "sasrec")], runs / "sasrec" / "metrics.json"),
-        Stage("popularity", [*ft, "--model", "pop", "--out", str(runs / "pop")], runs / "pop" / "metrics.json"),
-        Stage("report", _reolm("report", *(str(runs / m) for m in ("reolm", "reolm-nopretrain", "sasrec", "pop")),
-                               "--out", str(run_dir / "results.md"), "--plot", str(run_dir / "results.png"),
-                               "--json", str(run_dir / "results.json")),
+        Stage("SASRec", [*ft(downstream), "--model", "sasrec", "--out", str(runs / "sasrec")],
+              runs / "sasrec" / "metrics.json"),
+        Stage("popularity", [*ft(downstream), "--model", "pop", "--out", str(runs / "pop")],
+              runs / "pop" / "metrics.json"),
+        Stage("cold items: fine-tune Reo-LM", [*ft(cold), "--model", "reolm", "--init", str(export_dir),
+                                               "--out", str(cold_runs / "reolm")],
+              cold_runs / "reolm" / "metrics.json"),
+        Stage("cold items: zero-shot Reo-LM", zero_shot(cold, cold_runs / "reolm-zeroshot"),
+              cold_runs / "reolm-zeroshot" / "metrics.json"),
+        Stage("cold items: SASRec", [*ft(cold), "--model", "sasrec", "--out", str(cold_runs / "sasrec")],
+              cold_runs / "sasrec" / "metrics.json"),
+        Stage("cold items: popularity", [*ft(cold), "--model", "pop", "--out", str(cold_runs / "pop")],
+              cold_runs / "pop" / "metrics.json"),
+        Stage("report", _reolm("report", *report_runs, "--out", str(run_dir / "results.md"),
+                               "--plot", str(run_dir / "results.png"), "--json", str(run_dir / "results.json")),
               run_dir / "results.md"),
     ]
 
@@ -143,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run the whole Reo-LM pipeline on an embedded synthetic corpus: synthesise -> shard -> "
                     "tokenizer and item tables -> DeepSpeed pre-training -> export -> fine-tune on the held-out "
-                    "domain, with and without pre-training, against SASRec and popularity -> results table.")
+                    "domain, with and without pre-training and zero-shot, against SASRec and popularity; the same on a "
+                    "cold-item split of that domain (20% of its items never trained on) -> results table.")
     parser.add_argument("--run-dir", default="runs/demo", help="where everything is written (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=None,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,16 @@ def make_domain(name: str = "tiny", num_users: int = 30, num_items: int = 40, se
         seq = [(start + 5 * k + rng.randint(0, 1)) % num_items for k in range(length)]
         train[u], val[u], test[u] = seq[:-2], [seq[-2]], [seq[-1]]
     return Domain(name=name, train=train, val=val, test=test, smap=smap, umap=umap, meta=meta)
+
+
+def tiny_downstream_domain(root: Path) -> Path:
+    """The ``tiny`` synthetic preset's downstream domain (Scientific, no images) under ``root/data``."""
+    from reolm.data.synth import generate_corpus, preset_config
+
+    cfg = preset_config("tiny", images=False)
+    cfg = dataclasses.replace(cfg, domains=tuple(d for d in cfg.domains if d.role == "downstream"))
+    (domain_dir,) = generate_corpus(cfg, root / "data", seed=0, progress=False)
+    return domain_dir
 
 
 @pytest.fixture

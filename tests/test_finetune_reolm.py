@@ -7,7 +7,6 @@ the frozen stage-2 item table.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import tiny_downstream_domain
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.data.collate import PackedCollator, split_sequences
 from reolm.data.domain import read_domain, write_domain
 from reolm.data.item_table import TableError
-from reolm.data.synth import generate_corpus, preset_config
 from reolm.data.tokenizer import item_texts, train_tokenizer
 from reolm.eval.contract import read_metrics
 from reolm.finetune.reolm_recommender import (ITEM_VECTORS, ReoLMRecommender, domain_image_table, load_reolm)
@@ -46,9 +45,7 @@ TRAIN_OVERRIDES = ["train.progress=false", "train.seed=0", "train.device=cpu", "
 def assets(tmp_path_factory) -> dict[str, Path]:
     """The tiny preset's downstream domain, a tokenizer trained on it and a tiny random BERT."""
     root = tmp_path_factory.mktemp("reolm_ft")
-    cfg = preset_config("tiny", images=False)
-    cfg = dataclasses.replace(cfg, domains=tuple(d for d in cfg.domains if d.role == "downstream"))
-    (domain_dir,) = generate_corpus(cfg, root / "data", seed=0, progress=False)
+    domain_dir = tiny_downstream_domain(root)
     # A vocabulary large enough to keep every word whole: with digit pieces, items of one topic
     # are nearly indistinguishable by text and popularity beats any text model.  `words` is
     # exactly reproducible, so the thresholds below see the same tokens on every run.
@@ -212,6 +209,15 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     assert micro["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
     stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None)([([1, 2], 3)])
     assert stage2["micro"][0]["labels"].tolist() == [3] and "pools" not in stage2
+    # A pool of trained items: negatives come only from it, stage-2 labels are positions in it.
+    pool = np.array([0, 3, 5, 6, 11, 12, 13, 20])
+    batch = PrefixCollate(collator, rec.num_items, negatives=30, train_items=pool)([([1, 2], 3), ([4], 11)])
+    items = batch["pools"][0]
+    pieces = split_sequences(items["input_ids"], items)
+    candidates = [int(i) for i in pool if any(p[1:-1].tolist() == rec.tokens.item(int(i))[0].tolist() for p in pieces)]
+    assert len(pieces) == len(pool) and candidates == pool.tolist()
+    stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None, train_items=pool)([([1, 2], 3), ([4], 20)])
+    assert stage2["micro"][0]["labels"].tolist() == [1, 7]
 
 
 def _tiny_rec(assets) -> ReoLMRecommender:

@@ -70,6 +70,11 @@ class SequentialBaseline(nn.Module):
     """Base class: subclasses define ``encode_histories``, ``training_loss`` and ``train_window``.
 
     Scores are dot products between user vectors and the (tied) item embedding rows.
+
+    :meth:`set_training_items` restricts the training losses (softmax and sampled negatives)
+    to the items that occur in the training data, so the rows of the others are never
+    trained: an item unseen in training is scored by its initial row, as a newly added item
+    would be, not by a row the loss has pushed down because the item was known to be absent.
     """
 
     similarity = "dot"
@@ -82,6 +87,40 @@ class SequentialBaseline(nn.Module):
         self.num_items = int(num_items)
         self.pad_index = self.num_items
         self.max_len = int(max_len)
+        # Trained items and each item's position among them (-1 = unseen); None = all items.
+        self.register_buffer("train_items", None, persistent=False)
+        self.register_buffer("train_position", None, persistent=False)
+
+    def set_training_items(self, seen: torch.Tensor | None) -> None:
+        """Train only on the items where ``seen`` (bool [num_items]) is true; None = all items."""
+        if seen is None or bool(seen.all()):
+            self.train_items = self.train_position = None
+            return
+        if seen.shape != (self.num_items,):
+            raise ValueError(f"seen must have shape ({self.num_items},), got {tuple(seen.shape)}")
+        items = torch.nonzero(seen.to(torch.bool)).squeeze(1)
+        if items.numel() < 2:
+            raise ValueError(f"only {items.numel()} item(s) occur in training; a baseline needs at least 2")
+        position = torch.full((self.num_items,), -1, dtype=torch.long)
+        position[items] = torch.arange(items.numel())
+        self.train_items, self.train_position = items.to(self.device), position.to(self.device)
+
+    def candidate_ce(self, states: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax cross-entropy over the trained items (all items unless restricted)."""
+        if self.train_items is None:
+            return full_softmax_ce(states, table, targets, bias)
+        keep = self.train_items
+        return full_softmax_ce(states, table[keep], self.train_position[targets],
+                               None if bias is None else bias[keep])
+
+    def sample_negatives(self, positives: torch.Tensor) -> torch.Tensor:
+        """One negative per positive, uniform over the trained items other than the positive."""
+        pool = self.num_items if self.train_items is None else self.train_items.numel()
+        rank = positives if self.train_items is None else self.train_position[positives]
+        draw = torch.randint(0, pool - 1, positives.shape, device=positives.device)
+        draw = draw + (draw >= rank).long()  # skip the positive itself
+        return draw if self.train_items is None else self.train_items[draw]
 
     # -- Recommender interface ----------------------------------------------------------
     @property
@@ -148,9 +187,8 @@ class NextItemBaseline(SequentialBaseline):
         states = self.sequence_states(inputs, (lengths - 1).clamp(min=1))[valid]   # [M, H]
         positives = targets[valid]
         if self.loss_kind == "ce":
-            return full_softmax_ce(states, self.item_vectors(), positives)
-        negatives = torch.randint(0, self.num_items - 1, positives.shape, device=positives.device)
-        negatives = negatives + (negatives >= positives).long()  # uniform over items != positive
+            return self.candidate_ce(states, self.item_vectors(), positives)
+        negatives = self.sample_negatives(positives)
         table = self.item_embedding
         pos_logit = (states * table(positives)).sum(-1)
         neg_logit = (states * table(negatives)).sum(-1)

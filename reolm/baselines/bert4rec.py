@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from reolm.baselines.base import SequentialBaseline, full_softmax_ce, gather_last, pad_right
+from reolm.baselines.base import SequentialBaseline, gather_last, pad_right
 from reolm.baselines.config import BERT4RecConfig
 from reolm.baselines.transformer import TransformerEncoder
 
@@ -75,4 +75,4 @@ class BERT4Rec(SequentialBaseline):
         masked[torch.arange(ids.shape[0], device=ids.device), forced] = True
         inputs = ids.masked_fill(masked, self.mask_index)
         states = self._states(inputs, lengths)[masked]                       # [M, H]
-        return full_softmax_ce(states, self.item_embedding.weight[:self.num_items], ids[masked], self.output_bias)
+        return self.candidate_ce(states, self.item_embedding.weight[:self.num_items], ids[masked], self.output_bias)

@@ -447,11 +447,16 @@ def resolve_domain_dirs(paths: Iterable[str | os.PathLike], warn: Any = None) ->
 # ----------------------------------------------------------------------------- statistics
 
 def domain_stats(domain: Domain) -> dict[str, Any]:
-    """The paper's dataset table row: users, items, image coverage, interactions, avg length."""
+    """The paper's dataset table row: users, items, image coverage, interactions, avg length,
+    plus cold items (val/test items that never occur in train.json) and the test users whose
+    target is one of them."""
     n_inter = domain.num_interactions()
     n_img = domain.image_coverage()
     n_users = max(domain.num_users, 1)
-    return {
+    trained = {item for seq in domain.train.values() for item in seq}
+    held_out = [items[0] for split in (domain.val, domain.test) for items in split.values()]
+    cold_test = sum(1 for items in domain.test.values() if items[0] not in trained)
+    row = {
         "domain": domain.name,
         "users": domain.num_users,
         "items": domain.num_items,
@@ -459,15 +464,23 @@ def domain_stats(domain: Domain) -> dict[str, Any]:
         "image_coverage": n_img / max(domain.num_items, 1),
         "interactions": n_inter,
         "avg_seq_len": n_inter / n_users,
+        "cold_items": len(set(held_out) - trained),
+        "cold_test_users": cold_test,
+        "cold_test_share": cold_test / max(len(domain.test), 1),
     }
+    splits = domain.extra.get("splits")
+    if splits:
+        row["splits"] = [s.get("kind") for s in splits]
+    return row
 
 
 def format_stats_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    """Markdown table in the layout of the paper's dataset statistics."""
-    lines = ["| Dataset | #Users | #Items | #Img (Cover./%) | #Inters | Avg.SL |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """Markdown table in the layout of the paper's dataset statistics (+ cold items)."""
+    lines = ["| Dataset | #Users | #Items | #Img (Cover./%) | #Inters | Avg.SL | #Cold items (test users/%) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['domain']} | {r['users']:,} | {r['items']:,} | "
+        name = r["domain"] + (f" ({'+'.join(r['splits'])})" if r.get("splits") else "")
+        lines.append(f"| {name} | {r['users']:,} | {r['items']:,} | "
                      f"{r['images']:,} ({100 * r['image_coverage']:.1f}%) | {r['interactions']:,} | "
-                     f"{r['avg_seq_len']:.2f} |")
+                     f"{r['avg_seq_len']:.2f} | {r['cold_items']:,} ({100 * r['cold_test_share']:.1f}%) |")
     return "\n".join(lines)

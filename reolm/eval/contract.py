@@ -9,7 +9,13 @@
      "ties": "optimistic",         # how "metrics" ranks ties (target wins ties)
      "metrics": {"NDCG@10": ..., "Recall@10": ..., "MRR": ..., "NDCG@5": ..., "AUC": ...},
      "metrics_pessimistic": {...same keys, ties counted against the target...},
-     "best_val": {...validation metrics of the kept (best) weights...}}
+     "best_val": {...validation metrics of the kept (best) weights...},
+     "by_item_frequency": [        # the same ranks grouped by the target's number of training occurrences
+         {"bucket": "0", "min": 0, "max": 0, "users": 130, "metrics": {...}, "metrics_pessimistic": {...}},
+         {"bucket": "1-4", "min": 1, "max": 4, ...}, {"bucket": "5-19", ...},
+         {"bucket": "20+", "min": 20, "max": null, ...}],   # metrics null when users = 0
+     "setting": "warm" | "cold-items" | "few-shot" | ...,   # from the domain's split provenance
+     "domain_splits": [...]}       # that provenance (reolm.data.splits), absent for an unsplit domain
 
 Extra keys (``best_epoch``, ``evaluated_at``, ...) are allowed.  ``launch/evaluate.py``
 writes the same document for any split, without ``best_val``.
@@ -91,6 +97,33 @@ def validate_metrics(doc: Any, run: bool = True, where: str = "metrics.json") ->
             raise ContractError(f"{where}: metrics_pessimistic.{name} ({worse}) exceeds metrics.{name} ({value})")
     if run:
         _check_metric_block(doc, "best_val", where)
+    if "by_item_frequency" in doc:  # absent in documents written before it existed
+        _check_buckets(doc, where)
+
+
+def _check_buckets(doc: Mapping[str, Any], where: str) -> None:
+    buckets = doc["by_item_frequency"]
+    if not isinstance(buckets, list) or not buckets:
+        raise ContractError(f"{where}: by_item_frequency must be a non-empty list of buckets")
+    total = 0
+    for i, bucket in enumerate(buckets):
+        at = f"{where}: by_item_frequency[{i}]"
+        if not isinstance(bucket, Mapping) or not isinstance(bucket.get("bucket"), str):
+            raise ContractError(f"{at} must be an object with a string 'bucket'")
+        users = bucket.get("users")
+        if isinstance(users, bool) or not isinstance(users, int) or users < 0:
+            raise ContractError(f"{at}.users must be a non-negative integer, got {users!r}")
+        low, high = bucket.get("min"), bucket.get("max")
+        if not isinstance(low, int) or not (high is None or (isinstance(high, int) and high >= low)):
+            raise ContractError(f"{at}: min must be an integer and max an integer >= min or null")
+        total += users
+        if users == 0:
+            continue
+        _check_metric_block(bucket, "metrics", at)
+        if "metrics_pessimistic" in bucket:
+            _check_metric_block(bucket, "metrics_pessimistic", at)
+    if total != doc["num_users"]:
+        raise ContractError(f"{where}: by_item_frequency counts {total} users but num_users is {doc['num_users']}")
 
 
 def write_metrics(path: str | Path, doc: Mapping[str, Any], run: bool = True) -> Path:

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from reolm.data.domain import Domain
-from reolm.eval.metrics import DEFAULT_KS, MetricAccumulator
+from reolm.eval.frequency import DEFAULT_FREQUENCY_BUCKETS, FrequencyBuckets, bucket_documents, item_train_counts
+from reolm.eval.metrics import DEFAULT_KS, GroupedMetricAccumulator, MetricAccumulator
 from reolm.eval.ranking import Similarity, rank_targets
 
 __all__ = ["Recommender", "SplitExamples", "split_examples", "sample_users", "EvalResult", "evaluate_recommender"]
@@ -93,19 +94,23 @@ class EvalResult:
     num_items: int
     metrics: dict[str, float]
     metrics_pessimistic: dict[str, float]
+    #: the same metrics per bucket of the target item's training frequency (reolm.eval.frequency)
+    by_item_frequency: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"split": self.split, "num_users": self.num_users, "num_items": self.num_items,
-                "ties": "optimistic", "metrics": self.metrics, "metrics_pessimistic": self.metrics_pessimistic}
+                "ties": "optimistic", "metrics": self.metrics, "metrics_pessimistic": self.metrics_pessimistic,
+                "by_item_frequency": self.by_item_frequency}
 
 
 @torch.no_grad()
 def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val", *,
                          max_history: int | None = None, batch_size: int = 256, item_chunk: int = 65536,
-                         ks: Sequence[int] = DEFAULT_KS, progress: bool = True, max_users: int = 0,
-                         seed: int = 0) -> EvalResult:
-    """Full-ranking metrics of ``model`` on ``split`` of ``domain`` (averaged over users).
+                         ks: Sequence[int] = DEFAULT_KS, frequency_buckets: Sequence[int] = DEFAULT_FREQUENCY_BUCKETS,
+                         progress: bool = True, max_users: int = 0, seed: int = 0) -> EvalResult:
+    """Full-ranking metrics of ``model`` on ``split`` of ``domain`` (averaged over users), overall
+    and per bucket of how often each target occurs in training (lower bounds ``frequency_buckets``).
 
     ``max_users > 0`` evaluates a reproducible random subset of that many users
     (:func:`sample_users`); the result's ``extra["user_subset"]`` then records it.
@@ -113,6 +118,8 @@ def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val
     examples = split_examples(domain, split)
     all_users = len(examples)
     examples = sample_users(examples, max_users, seed)
+    buckets = FrequencyBuckets(tuple(frequency_buckets))
+    item_bucket = buckets.assign(item_train_counts(domain))
     keep = max_history or model.default_max_history
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -123,6 +130,8 @@ def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val
             raise ValueError(f"model scores {items.shape[0]} items but domain {domain.name!r} has "
                              f"{domain.num_items}")
         acc = MetricAccumulator(domain.num_items, ks)
+        by_bucket = GroupedMetricAccumulator(domain.num_items, len(buckets), ks)
+        target_bucket = item_bucket.to(items.device)
         starts = range(0, len(examples), batch_size)
         for start in tqdm(starts, desc=f"eval {split}", unit="batch", disable=not progress, leave=False):
             histories = [h[-keep:] for h in examples.histories[start:start + batch_size]]
@@ -131,6 +140,7 @@ def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val
             opt, pess = rank_targets(users, items, targets, similarity=model.similarity,
                                      temperature=model.temperature, item_chunk=item_chunk)
             acc.add(opt, pess)
+            by_bucket.add(opt, pess, target_bucket[targets.to(target_bucket.device)])
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
@@ -138,4 +148,5 @@ def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val
     extra = {}
     if len(examples) < all_users:
         extra["user_subset"] = {"max_users": int(max_users), "seed": int(seed), "of_users": all_users}
-    return EvalResult(split, acc.count, domain.num_items, metrics, pessimistic, extra)
+    return EvalResult(split, acc.count, domain.num_items, metrics, pessimistic,
+                      by_item_frequency=bucket_documents(buckets, by_bucket), extra=extra)

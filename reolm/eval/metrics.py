@@ -18,7 +18,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_KS", "metric_names", "metric_sums", "MetricAccumulator"]
+__all__ = ["DEFAULT_KS", "metric_names", "metric_values", "metric_sums", "MetricAccumulator",
+           "GroupedMetricAccumulator"]
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20, 50)
 
@@ -28,20 +29,25 @@ def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
     return [f"NDCG@{k}" for k in ks] + [f"Recall@{k}" for k in ks] + ["MRR", "AUC"]
 
 
-def metric_sums(ranks: torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, torch.Tensor]:
-    """Per-metric sums over a batch of 0-based ranks (a float64 0-d tensor each, no host sync)."""
+def metric_values(ranks: torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, torch.Tensor]:
+    """Per-user metric values [B] (float64) of a batch of 0-based ranks, in report order."""
     if num_items < 2:
         raise ValueError(f"ranking needs at least 2 items, got num_items={num_items}")
     r = ranks.to(torch.float64)
     gain = 1.0 / torch.log2(r + 2.0)
-    sums: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
     for k in ks:
-        sums[f"NDCG@{k}"] = torch.where(r < k, gain, torch.zeros_like(gain)).sum()
+        values[f"NDCG@{k}"] = torch.where(r < k, gain, torch.zeros_like(gain))
     for k in ks:
-        sums[f"Recall@{k}"] = (r < k).to(torch.float64).sum()
-    sums["MRR"] = (1.0 / (r + 1.0)).sum()
-    sums["AUC"] = (1.0 - r / (num_items - 1)).sum()
-    return sums
+        values[f"Recall@{k}"] = (r < k).to(torch.float64)
+    values["MRR"] = 1.0 / (r + 1.0)
+    values["AUC"] = 1.0 - r / (num_items - 1)
+    return values
+
+
+def metric_sums(ranks: torch.Tensor, num_items: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, torch.Tensor]:
+    """Per-metric sums over a batch of 0-based ranks (a float64 0-d tensor each, no host sync)."""
+    return {name: value.sum() for name, value in metric_values(ranks, num_items, ks).items()}
 
 
 class MetricAccumulator:
@@ -90,3 +96,52 @@ class MetricAccumulator:
     def result(self) -> tuple[dict[str, float], dict[str, float]]:
         """(optimistic metrics, pessimistic metrics), each averaged over all users."""
         return self._means("optimistic"), self._means("pessimistic")
+
+
+class GroupedMetricAccumulator:
+    """Metric sums per group of users (e.g. by how often the target item was trained on).
+
+    ``add(optimistic, pessimistic, groups)`` takes the rank tensors of one batch and each
+    user's group index in ``[0, num_groups)``; sums are scattered into per-group tensors
+    (``index_add_``, no host sync).  ``result()`` returns ``(count, metrics, pessimistic)``
+    per group, the metrics ``None`` for an empty group.
+    """
+
+    def __init__(self, num_items: int, num_groups: int, ks: Iterable[int] = DEFAULT_KS) -> None:
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        self.num_items = int(num_items)
+        self.num_groups = int(num_groups)
+        self.ks = tuple(int(k) for k in ks)
+        self._counts: torch.Tensor | None = None
+        self._sums: dict[str, dict[str, torch.Tensor]] = {"optimistic": {}, "pessimistic": {}}
+
+    def _add(self, which: str, ranks: torch.Tensor, groups: torch.Tensor) -> None:
+        bucket = self._sums[which]
+        for name, value in metric_values(ranks, self.num_items, self.ks).items():
+            if name not in bucket:
+                bucket[name] = torch.zeros(self.num_groups, dtype=torch.float64, device=value.device)
+            bucket[name].index_add_(0, groups.to(value.device), value)
+
+    def add(self, optimistic: torch.Tensor, pessimistic: torch.Tensor, groups: torch.Tensor) -> None:
+        if optimistic.shape != groups.shape or optimistic.ndim != 1:
+            raise ValueError(f"ranks {tuple(optimistic.shape)} and groups {tuple(groups.shape)} must be equal 1-d")
+        groups = groups.to(optimistic.device, torch.long)
+        self._add("optimistic", optimistic, groups)
+        self._add("pessimistic", pessimistic, groups)
+        counts = torch.bincount(groups, minlength=self.num_groups)
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def result(self) -> list[tuple[int, dict[str, float] | None, dict[str, float] | None]]:
+        counts = [0] * self.num_groups if self._counts is None else self._counts.cpu().tolist()
+        sums = {which: {name: value.cpu().tolist() for name, value in block.items()}
+                for which, block in self._sums.items()}
+        out: list[tuple[int, dict[str, float] | None, dict[str, float] | None]] = []
+        for g, count in enumerate(counts):
+            if count == 0:
+                out.append((0, None, None))
+                continue
+            means = [{name: sums[which][name][g] / count for name in metric_names(self.ks)}
+                     for which in ("optimistic", "pessimistic")]
+            out.append((int(count), means[0], means[1]))
+        return out

@@ -12,6 +12,7 @@ from reolm.baselines.registry import build_baseline, section_dict
 from reolm.config import save_resolved
 from reolm.data.domain import Domain
 from reolm.eval.evaluate import EvalResult
+from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import save_recommender
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.runner import (RunLog, evaluate_split, finish_run, resolve_device, seed_everything,
@@ -40,6 +41,8 @@ def train_baseline(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: 
     device = resolve_device(cfg.train.device)
     section = getattr(cfg, cfg.model, None)
     model = build_baseline(cfg.model, domain.num_items, section).to(device)
+    if hasattr(model, "set_training_items"):  # rows of items unseen in training stay untrained
+        model.set_training_items(item_train_counts(domain) > 0)
     train_cfg = cfg.train
     if cfg.model == "pop":
         model.fit(domain.train.values())

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from reolm.baselines.config import BERT4RecConfig, GRU4RecConfig, SASRecConfig
 from reolm.config import ConfigError, param
+from reolm.eval.frequency import DEFAULT_FREQUENCY_BUCKETS, FrequencyBuckets
 from reolm.eval.metrics import DEFAULT_KS, metric_names
 from reolm.finetune.reolm_config import ReoLMSection
 
@@ -52,8 +53,16 @@ class EvalSection:
     max_users: int = param(0, "Evaluate a random subset of this many users of the split (the same users "
                               "for every model, given subset_seed); 0 = all. Recorded in metrics.json.", ge=0)
     subset_seed: int = param(0, "Seed of the max_users subset.")
+    frequency_buckets: list[int] = param(list(DEFAULT_FREQUENCY_BUCKETS),
+                                         "Lower bounds of the by_item_frequency buckets: users grouped by how "
+                                         "often their target occurs in train.json (default 0, 1-4, 5-19, 20+).",
+                                         ge=0)
 
     def check(self) -> None:
+        try:
+            FrequencyBuckets(tuple(self.frequency_buckets))
+        except ValueError as err:
+            raise ConfigError(f"frequency_buckets: {err}") from None
         if self.max_history is not None and self.max_history < 1:
             raise ConfigError(f"max_history: must be >= 1 or null, got {self.max_history}")
         if self.metric not in metric_names(self.ks):

@@ -179,6 +179,8 @@ class ReoLMRecommender(nn.Module):
         self.section = section or ReoLMSection()
         self.progress = progress
         self.register_buffer("item_table", None, persistent=False)  # frozen item vectors (stage 2)
+        # items that occur in training (fine-tuning losses only); None = all items
+        self.register_buffer("train_items", None, persistent=False)
         self.tokens: ItemTokenTable | None = None
         self.images: ImageFeatureTable | None = None
         self.eval_collate: PackedCollator | None = None

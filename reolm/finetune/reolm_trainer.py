@@ -36,6 +36,7 @@ from reolm.config import save_resolved
 from reolm.data.collate import PackedCollator, SequenceExample, move_batch
 from reolm.data.domain import Domain
 from reolm.eval.evaluate import EvalResult
+from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMStageSection
@@ -129,13 +130,16 @@ class PrefixCollate:
     each micro-batch names its ``pool`` and its ``labels`` are its targets' rows in it: one
     pool per micro-batch (``shared=False``, the reference), or one pool of every target of the
     step plus the negatives (``shared=True``).  Stage 2 (``negatives=None``): ``labels`` are
-    the target item indices.
+    the target item indices, or their positions in ``train_items`` when given.
+
+    ``train_items`` (sorted item indices) restricts negatives and the stage-2 softmax to the
+    items that occur in training: an unseen item must not be learnt about, even as a negative.
     """
 
     def __init__(self, collator: PackedCollator, num_items: int, negatives: int | None,
-                 micro_batch: int | None = None, shared: bool = False):
+                 micro_batch: int | None = None, shared: bool = False, train_items: np.ndarray | None = None):
         self.collator, self.num_items, self.negatives = collator, num_items, negatives
-        self.micro_batch, self.shared = micro_batch, shared
+        self.micro_batch, self.shared, self.train_items = micro_batch, shared, train_items
 
     def __call__(self, examples: list[tuple[list[int], int]]) -> dict[str, Any]:
         size = self.micro_batch or len(examples)
@@ -144,7 +148,8 @@ class PrefixCollate:
         micro = [{"history": self.collator([SequenceExample(h) for h, _ in part])["history"]} for part in parts]
         if self.negatives is None:
             for m, t in zip(micro, targets):
-                m["labels"] = torch.from_numpy(t)
+                labels = t if self.train_items is None else np.searchsorted(self.train_items, t)
+                m["labels"] = torch.from_numpy(labels.astype(np.int64))
             return {"micro": micro}
         groups = [np.concatenate(targets)] if self.shared else targets
         pools = [self._candidates(g) for g in groups]
@@ -154,8 +159,10 @@ class PrefixCollate:
         return {"micro": micro, "pools": [self.collator.collate_items(c.tolist()) for c in pools]}
 
     def _candidates(self, targets: np.ndarray) -> np.ndarray:
-        """Sorted unique ids of ``targets`` plus ``negatives`` fresh uniform items."""
-        sampled = self.collator.rng.choice(self.num_items, size=min(self.negatives, self.num_items), replace=False)
+        """Sorted unique ids of ``targets`` plus ``negatives`` fresh uniform (trained) items."""
+        population = self.num_items if self.train_items is None else self.train_items
+        size = self.num_items if self.train_items is None else len(self.train_items)
+        sampled = self.collator.rng.choice(population, size=min(self.negatives, size), replace=False)
         return np.unique(np.concatenate([targets, sampled]))
 
 
@@ -258,9 +265,12 @@ def train_step(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float, 
     with autocast_for(rec.device):
         pools = [model.encode_items(p) for p in batch.get("pools", [])]
     copies = [p.detach().requires_grad_() for p in pools]
+    table = None
+    if not copies:  # stage 2: the frozen table, restricted to the items seen in training
+        table = rec.item_table if rec.train_items is None else rec.item_table[rec.train_items]
     loss_sum = torch.zeros((), device=rec.device)
     for m in micro:
-        candidates = copies[m["pool"]] if copies else rec.item_table
+        candidates = copies[m["pool"]] if copies else table
         loss = history_loss(rec, m, candidates, mlm_weight) * (m["labels"].shape[0] / total)
         loss.backward()
         loss_sum += loss.detach()
@@ -297,10 +307,11 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
     mlm_probability = rec.model.config.mlm_probability if stage.mlm_weight > 0 else 0.0
     negatives = cfg.reolm.negatives if number == 1 else None
     shared = cfg.reolm.negative_pool == "step"
+    train_items = None if rec.train_items is None else rec.train_items.cpu().numpy()
 
     def make_collate(round_seed: int) -> PrefixCollate:
         return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives,
-                             micro_batch=stage.batch_size, shared=shared)
+                             micro_batch=stage.batch_size, shared=shared, train_items=train_items)
     cost = TrainCost()
     optimizer = torch.optim.AdamW(rec.model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = warmup_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
@@ -337,6 +348,9 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
     rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
     rec.bind_domain(domain)
+    seen = item_train_counts(domain) > 0
+    if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax
+        rec.train_items = torch.nonzero(seen).squeeze(1).to(device)
     sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
     dataset = PrefixDataset(sequences, cfg.reolm.max_history)
     if len(dataset) == 0 and (cfg.reolm.stage1.epochs or cfg.reolm.stage2.epochs):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from reolm.config import save_resolved
 from reolm.data.domain import Domain, read_domain
+from reolm.data.splits import domain_provenance
 from reolm.eval.contract import metrics_document, write_metrics
 from reolm.eval.evaluate import EvalResult, Recommender, evaluate_recommender
 from reolm.eval.saved import state_on_cpu
@@ -88,8 +89,8 @@ def evaluate_split(model: Recommender, domain: Domain, split: str, eval_cfg: Eva
     """Full-ranking metrics with the run's evaluation settings."""
     return evaluate_recommender(model, domain, split, max_history=eval_cfg.max_history,
                                 batch_size=eval_cfg.batch_size, item_chunk=eval_cfg.item_chunk,
-                                ks=tuple(eval_cfg.ks), progress=progress, max_users=eval_cfg.max_users,
-                                seed=eval_cfg.subset_seed)
+                                ks=tuple(eval_cfg.ks), frequency_buckets=tuple(eval_cfg.frequency_buckets),
+                                progress=progress, max_users=eval_cfg.max_users, seed=eval_cfg.subset_seed)
 
 
 @dataclass
@@ -195,7 +196,9 @@ def finish_run(run_dir: Path, *, model_name: str, model: Recommender, domain: Do
                            num_items=test.num_items, metrics=test.metrics,
                            metrics_pessimistic=test.metrics_pessimistic, best_val=best.val,
                            best_val_pessimistic=best.val_pessimistic, best_epoch=best.epoch,
-                           epochs_run=best.epochs_run, stopped_early=best.stopped_early, **test.extra, **extra)
+                           epochs_run=best.epochs_run, stopped_early=best.stopped_early,
+                           by_item_frequency=test.by_item_frequency, **domain_provenance(domain), **test.extra,
+                           **extra)
     write_metrics(run_dir / "metrics.json", doc)
     return doc
 
@@ -247,4 +250,5 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     result = evaluate_split(model, domain, split, cfg.eval, progress=progress)
     return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
                             num_items=result.num_items, metrics=result.metrics,
-                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder), **result.extra)
+                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder),
+                            by_item_frequency=result.by_item_frequency, **domain_provenance(domain), **result.extra)
