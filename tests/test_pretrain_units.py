@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from reolm.config import ConfigError
-from reolm.train.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume, step_tag
+from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
+                                    resolve_resume, step_tag, write_manifest)
 from reolm.train.config import OptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
                               decode_example, default_num_workers, expand_shards)
@@ -167,13 +168,21 @@ def test_lr_schedule_warms_up_then_decays(schedule):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def fake_checkpoint(folder, step: int, world_size: int = 1) -> None:
+    """A checkpoint folder with our files for ``world_size`` ranks and its manifest (no DeepSpeed files)."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world_size}))
+    for rank in range(world_size):
+        (folder / f"rank-{rank:05d}.json").write_text("{}")
+        np.savez(folder / f"rank-{rank:05d}.npz", x=np.zeros(1))
+    write_manifest(folder, step, world_size, 2)
+
+
 def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=2)
     for step in (10, 20, 30):
-        folder = tmp_path / step_tag(step)
-        folder.mkdir()
-        (folder / "trainer_state.json").write_text("{}")
-    # A save that died half-way (no rename) and a folder without the state marker.
+        fake_checkpoint(tmp_path / step_tag(step), step)
+    # A save that died half-way (no rename) and a folder without a manifest.
     (tmp_path / (step_tag(40) + ".tmp")).mkdir()
     (tmp_path / step_tag(50)).mkdir()
     assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (10, 20, 30)]
@@ -183,7 +192,7 @@ def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(20), step_tag(30)]
     assert resolve_resume("", tmp_path) is None
     assert resolve_resume("latest", tmp_path / "nothing") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint.*no manifest.json"):
         resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
 
 
@@ -216,9 +225,12 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     engine.backward(engine(x).pow(2).sum())
     engine.step()
     ckpt = CheckpointManager(tmp_path / "ckpt", keep_last=1)
-    path = ckpt.save(engine, 1, {"step": 1}, {"data": {"positions": {0: {"draw": 3, "offset": 7}}}},
+    path = ckpt.save(engine, 1, {"step": 1}, {"data": {"streams": {"0": {"draw": 3, "offset": 7}}}},
                      write_extra=lambda folder: (folder / "extra.txt").write_text("x"))
-    assert (path / "extra.txt").is_file() and (path / "rank-00000.pt").is_file()
+    assert (path / "extra.txt").is_file() and (path / "rank-00000.json").is_file()
+    assert not list(path.glob("rank-*.pt"))  # our state is JSON + arrays, no pickle
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert "sha256" in manifest["files"]["extra.txt"] and manifest["world_size"] == 1 and manifest["step"] == 1
     assert (tmp_path / "ckpt" / "latest").read_text() == path.name
     expected = engine.module.weight.detach().clone()
     engine.backward(engine(x).pow(2).sum())
@@ -229,8 +241,9 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     after_two = engine.module.weight.detach().clone()
     engine.backward(engine(x).pow(2).sum())
     engine.step()
-    shared, per_rank = ckpt.load(engine, tmp_path / "ckpt" / step_tag(2))
-    assert shared["step"] == 2 and shared["world_size"] == 1
+    shared, per_rank = ckpt.load(engine, ResumePlan(tmp_path / "ckpt" / step_tag(2), universal=False,
+                                                    same_layout=True))
+    assert shared["step"] == 2 and shared["world_size"] == 1 and per_rank == {"streams": {}, "bad": {}}
     assert torch.equal(engine.module.weight, after_two)  # weights restored
     assert engine.lr_scheduler.last_epoch == 2  # scheduler state restored
 
