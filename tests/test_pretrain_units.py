@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from launch_helpers import free_port
 
 from reolm.config import ConfigError
 from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
@@ -56,17 +56,11 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gathered_infonce_equals_single_process_on_concatenated_batch():
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_gathered_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+        mp.spawn(_gathered_worker, args=(world, free_port(), out), nprocs=world, join=True)
         results = dict(out)
     hist, tgt, logits, labels = _loss_inputs()
     h, t, lg = (x.clone().requires_grad_(True) for x in (hist, tgt, logits))
@@ -194,22 +188,6 @@ def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
     assert resolve_resume("latest", tmp_path / "nothing") is None
     with pytest.raises(CheckpointError, match="not a complete checkpoint.*no manifest.json"):
         resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A real (gloo) process group of one rank for DeepSpeed engines in this process.
-
-    It stays up for the rest of the session: DeepSpeed caches its groups, so a destroyed and
-    re-created group would break the next engine.
-    """
-    from reolm.train import distributed as D
-    with pytest.MonkeyPatch.context() as mp_env:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
-            mp_env.setenv(key, value)
-        D.init()
-        yield
 
 
 def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):

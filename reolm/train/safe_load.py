@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -92,8 +93,10 @@ def weights_only_loads() -> Iterator[None]:
         with torch.serialization.safe_globals(allowed_globals()):
             yield
     except pickle.UnpicklingError as err:  # a file swapped after check_files, or a new DeepSpeed global
-        first = next((line for line in str(err).splitlines() if "Unsupported global" in line), str(err)[:300])
-        raise UnsafeCheckpointError(f"checkpoint refused by the weights-only loader: {first.strip()}") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it needs {found.group(1)}" if found else str(err).splitlines()[0][:300]
+        raise UnsafeCheckpointError(f"checkpoint refused by the weights-only loader: {what}, which is not "
+                                    f"allow-listed; loading it could run arbitrary code") from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_ENV, None)
