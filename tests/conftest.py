@@ -48,3 +48,11 @@ def world_of_one():
             mp_env.setenv(key, value)
         D.init()
         yield
+
+
+@pytest.fixture(scope="session")
+def pretrain_inputs(tmp_path_factory):
+    """Synthetic corpus, tokenizer, token table and random tiny backbone for pre-training runs (built once)."""
+    from reolm.train.backbone import prepare_synthetic_inputs
+    return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
+                                    backbone_size="tiny")

@@ -42,10 +42,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from reolm.train.backbone import prepare_synthetic_inputs
-    return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
-                                    backbone_size="tiny")
+def inputs(pretrain_inputs):
+    return pretrain_inputs  # built once per session (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------- ZeRO-2 + kill/resume

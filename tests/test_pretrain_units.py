@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from launch_helpers import free_port
 
 from reolm.config import ConfigError
 from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
@@ -21,6 +20,8 @@ from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPo
 from reolm.train.distributed import slurm_env
 from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
 from reolm.train.losses import PretrainLoss, info_nce, masked_lm_loss
+
+from launch_helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
