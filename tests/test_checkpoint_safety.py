@@ -16,16 +16,15 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, merge_stream_states,
-                                    plan_resume, resolve_resume, rng_state, run_layout, set_rng_state, step_tag,
-                                    write_manifest)
+from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
+                                    merge_stream_states, plan_resume, resolve_resume, rng_state, run_layout,
+                                    set_rng_state, step_tag, write_manifest)
 from reolm.train.safe_load import UnsafeCheckpointError, weights_only_loads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +147,23 @@ def _fake(folder: Path, step: int, world: int = 2) -> None:
         (folder / f"rank-{rank:05d}.json").write_text(json.dumps({"rank": rank}))
         np.savez(folder / f"rank-{rank:05d}.npz", x=np.zeros(1))
     write_manifest(folder, step, world, 2)
+
+
+def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
+    ckpt = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        _fake(tmp_path / step_tag(step), step)
+    # A save that died half-way (no rename) and a folder without a manifest.
+    (tmp_path / (step_tag(40) + ".tmp")).mkdir()
+    (tmp_path / step_tag(50)).mkdir()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (10, 20, 30)]
+    assert resolve_resume("latest", tmp_path).name == step_tag(30)
+    assert [p.name for p in ckpt.rotate()] == [step_tag(10)]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(20), step_tag(30)]
+    assert resolve_resume("", tmp_path) is None
+    assert resolve_resume("latest", tmp_path / "nothing") is None
+    with pytest.raises(CheckpointError, match="not a complete checkpoint.*no manifest.json"):
+        resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
 
 
 def test_an_incomplete_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):

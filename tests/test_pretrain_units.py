@@ -12,8 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from reolm.config import ConfigError
-from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
-                                    resolve_resume, step_tag, write_manifest)
+from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, step_tag
 from reolm.train.config import OptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
                               decode_example, default_num_workers, expand_shards)
@@ -162,34 +161,6 @@ def test_lr_schedule_warms_up_then_decays(schedule):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def fake_checkpoint(folder, step: int, world_size: int = 1) -> None:
-    """A checkpoint folder with our files for ``world_size`` ranks and its manifest (no DeepSpeed files)."""
-    folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world_size}))
-    for rank in range(world_size):
-        (folder / f"rank-{rank:05d}.json").write_text("{}")
-        np.savez(folder / f"rank-{rank:05d}.npz", x=np.zeros(1))
-    write_manifest(folder, step, world_size, 2)
-
-
-def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
-    ckpt = CheckpointManager(tmp_path, keep_last=2)
-    for step in (10, 20, 30):
-        fake_checkpoint(tmp_path / step_tag(step), step)
-    # A save that died half-way (no rename) and a folder without a manifest.
-    (tmp_path / (step_tag(40) + ".tmp")).mkdir()
-    (tmp_path / step_tag(50)).mkdir()
-    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (10, 20, 30)]
-    assert resolve_resume("latest", tmp_path).name == step_tag(30)
-    removed = ckpt.rotate()
-    assert [p.name for p in removed] == [step_tag(10)]
-    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(20), step_tag(30)]
-    assert resolve_resume("", tmp_path) is None
-    assert resolve_resume("latest", tmp_path / "nothing") is None
-    with pytest.raises(CheckpointError, match="not a complete checkpoint.*no manifest.json"):
-        resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
-
 
 def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     import deepspeed
