@@ -132,6 +132,8 @@ def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int) ->
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
+        if rel.startswith((MANIFEST, UNIVERSAL + "/")):  # itself, and the conversion made at resume
+            continue
         entry: dict[str, Any] = {"size": path.stat().st_size}
         if _is_ours(rel):
             entry["sha256"] = _sha256(path)
