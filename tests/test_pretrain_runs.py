@@ -107,7 +107,9 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     # The data-stream state of every rank at step 20 (rotation deletes the folder later).
     stream_states = [json.loads((marker.parent / f"rank-{rank:05d}.json").read_text())["data"]
                      for rank in range(2)]
-    lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    # Rows run 1 logged after its step-20 checkpoint are moved aside by the resume (steps stay monotonic).
+    run1_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines_before = sum(1 for r in run1_rows if r["step"] <= 20)
 
     # Run 2: --resume latest picks step 20 and runs to 40.
     _run(_deepspeed(2, overrides + ["--resume", "latest"]), log)
@@ -115,6 +117,12 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     train2 = [r for r in resumed if r["kind"] == "train"]
     val2 = [r for r in resumed if r["kind"] == "val"]
     assert [r["step"] for r in train2] == [25, 30, 35, 40]  # the step counter continues
+    all_train = [r["step"] for r in _metrics(run_dir)]
+    assert all_train == sorted(set(all_train)), all_train
+    aside = run_dir / "metrics.after-resume.jsonl"
+    late = [r for r in run1_rows if r["step"] > 20]
+    moved = [json.loads(line)["step"] for line in aside.read_text().splitlines()] if aside.exists() else []
+    assert moved == [r["step"] for r in late]
     loss_at = {r["step"]: r["loss"] for r in first}
     # The loss continues from where it was, far below the start.
     assert train2[0]["loss"] < 0.9 * loss_at[5]
