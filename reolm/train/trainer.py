@@ -189,9 +189,10 @@ class _Setup:
     micro: int
     precision: str
     num_workers: int
-    ckpt: CheckpointManager
-    layout: dict[str, Any]
-    plan: ResumePlan | None  # the checkpoint to resume and how; None = a fresh start
+    # Checkpointing (None where a _Setup is only used to validate a model, e.g. after export).
+    ckpt: CheckpointManager | None = None
+    layout: dict[str, Any] | None = None
+    plan: ResumePlan | None = None  # the checkpoint to resume and how; None = a fresh start
 
 
 def _load_ds(cfg: PretrainConfig) -> dict[str, Any]:
