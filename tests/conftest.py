@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from launch_helpers import free_port
+
 from reolm.data.domain import Domain
 
 
@@ -42,3 +44,27 @@ def tiny_downstream_domain(root: Path) -> Path:
 @pytest.fixture
 def tiny_domain() -> Domain:
     return make_domain()
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A real (gloo) process group of one rank for DeepSpeed engines in this process.
+
+    It stays up for the rest of the session: DeepSpeed caches its groups, so a destroyed and
+    re-created group would break the next engine.
+    """
+    from reolm.train import distributed as D
+    with pytest.MonkeyPatch.context() as mp_env:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+            mp_env.setenv(key, value)
+        D.init()
+        yield
+
+
+@pytest.fixture(scope="session")
+def pretrain_inputs(tmp_path_factory):
+    """Synthetic corpus, tokenizer, token table and random tiny backbone for pre-training runs (built once)."""
+    from reolm.train.backbone import prepare_synthetic_inputs
+    return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
+                                    backbone_size="tiny")

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,46 +29,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+from launch_helpers import BIN, REPO, TINY
+from launch_helpers import base_overrides as _base
+from launch_helpers import consumed as _consumed
+from launch_helpers import deepspeed_cmd as _deepspeed
+from launch_helpers import free_port as _port
+from launch_helpers import metrics as _metrics
+from launch_helpers import run_env as _env
+from launch_helpers import run_logged as _run
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = REPO / "launch" / "configs" / "pretrain" / "tiny.yaml"
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from reolm.train.backbone import prepare_synthetic_inputs
-    return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
-                                    backbone_size="tiny")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _deepspeed(ranks: int, overrides: list[str]) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_port()),
-            str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), *overrides]
-
-
-# A loaded machine (several suites side by side) may need more: REOLM_TEST_LAUNCH_TIMEOUT=seconds.
-LAUNCH_TIMEOUT = float(os.environ.get("REOLM_TEST_LAUNCH_TIMEOUT", "400"))
-
-
-def _run(cmd: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT) -> None:
-    with open(log, "ab") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}"
+def inputs(pretrain_inputs):
+    return pretrain_inputs  # built once per session (tests/conftest.py)
 
 
 def _assert_beats_random(val: dict, sigmas: float = 3.0) -> None:
@@ -78,17 +52,6 @@ def _assert_beats_random(val: dict, sigmas: float = 3.0) -> None:
     chance, users = val["val_random_recall@10"], val["val_users"]
     threshold = chance + sigmas * (chance * (1 - chance) / users) ** 0.5
     assert val["val_recall@10"] > threshold, (val, threshold)
-
-
-def _metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == kind]
-
-
-def _base(inputs, run_dir: Path, **extra) -> list[str]:
-    values = {"data.corpus": inputs["corpus"], "model.backbone": inputs["backbone"], "run_dir": run_dir}
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
 
 
 # ----------------------------------------------------------------------------- ZeRO-2 + kill/resume
@@ -121,12 +84,6 @@ def _read_before(shards: list[str], seed: int, stream_id: int, num_streams: int,
     return seen
 
 
-def _consumed(path: Path, start: int = 0) -> list[tuple[int, str]]:
-    with open(path) as f:
-        f.seek(start)
-        return [(int(step), key) for step, key in (line.rstrip("\n").split("\t") for line in f if line.strip())]
-
-
 def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_exports(inputs, tmp_path):
     from reolm.train.data import corpus_shards
 
@@ -156,9 +113,11 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     consumed_files = sorted((run_dir / "consumed").glob("rank-*.tsv"))
     offsets = {p.name: p.stat().st_size for p in consumed_files}
     # The data-stream state of every rank at step 20 (rotation deletes the folder later).
-    stream_states = [torch.load(marker.parent / f"rank-{rank:05d}.pt", weights_only=False)["data"]
+    stream_states = [json.loads((marker.parent / f"rank-{rank:05d}.json").read_text())["data"]
                      for rank in range(2)]
-    lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    # Rows run 1 logged after its step-20 checkpoint are moved aside by the resume (steps stay monotonic).
+    run1_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines_before = sum(1 for r in run1_rows if r["step"] <= 20)
 
     # Run 2: --resume latest picks step 20 and runs to 40.
     _run(_deepspeed(2, overrides + ["--resume", "latest"]), log)
@@ -166,6 +125,12 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     train2 = [r for r in resumed if r["kind"] == "train"]
     val2 = [r for r in resumed if r["kind"] == "val"]
     assert [r["step"] for r in train2] == [25, 30, 35, 40]  # the step counter continues
+    all_train = [r["step"] for r in _metrics(run_dir)]
+    assert all_train == sorted(set(all_train)), all_train
+    aside = run_dir / "metrics.after-resume.jsonl"
+    late = [r for r in run1_rows if r["step"] > 20]
+    moved = [json.loads(line)["step"] for line in aside.read_text().splitlines()] if aside.exists() else []
+    assert moved == [r["step"] for r in late]
     loss_at = {r["step"]: r["loss"] for r in first}
     # The loss continues from where it was, far below the start.
     assert train2[0]["loss"] < 0.9 * loss_at[5]
@@ -188,8 +153,9 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
         pre = {k for step, k in _consumed(path) if step <= 20}
         post = {k for _, k in _consumed(path, offsets[path.name])}
         assert all(step > 20 for step, _ in _consumed(path, offsets[path.name]))
-        for worker, position in state["positions"].items():
-            stream_id = rank * num_workers + int(worker)
+        assert sorted(int(s) for s in state["streams"]) == [rank * num_workers + w for w in range(num_workers)]
+        for sid, position in state["streams"].items():
+            stream_id = int(sid)
             read = _read_before(shards, cfg.seed, stream_id, 2 * num_workers, position)
             mine = {k for k in pre if k.startswith(f"s{stream_id}/")}
             assert mine and {k for k in post if k.startswith(f"s{stream_id}/")}
@@ -204,7 +170,7 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     assert export_checkpoint.run(SimpleNamespace(checkpoint=str(run_dir), out=str(out))) == 0
     exported = ReoLM.from_pretrained(out).eval()
     module_state = torch.load(run_dir / "checkpoints" / "step-00000040" / "mp_rank_00_model_states.pt",
-                              weights_only=False)["module"]
+                              weights_only=True)["module"]
     reference = ReoLM.from_pretrained(out).eval()
     reference.load_state_dict(module_state, strict=False)
     batch = _probe_batch(exported, inputs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,13 +12,15 @@ import torch
 import torch.multiprocessing as mp
 
 from reolm.config import ConfigError
-from reolm.train.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume, step_tag
+from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, step_tag
 from reolm.train.config import OptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
                               decode_example, default_num_workers, expand_shards)
 from reolm.train.distributed import slurm_env
 from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
 from reolm.train.losses import PretrainLoss, info_nce, masked_lm_loss
+
+from launch_helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,17 +56,11 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gathered_infonce_equals_single_process_on_concatenated_batch():
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_gathered_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+        mp.spawn(_gathered_worker, args=(world, free_port(), out), nprocs=world, join=True)
         results = dict(out)
     hist, tgt, logits, labels = _loss_inputs()
     h, t, lg = (x.clone().requires_grad_(True) for x in (hist, tgt, logits))
@@ -167,42 +162,6 @@ def test_lr_schedule_warms_up_then_decays(schedule):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def test_checkpoint_rotation_and_incomplete_checkpoints_are_ignored(tmp_path):
-    ckpt = CheckpointManager(tmp_path, keep_last=2)
-    for step in (10, 20, 30):
-        folder = tmp_path / step_tag(step)
-        folder.mkdir()
-        (folder / "trainer_state.json").write_text("{}")
-    # A save that died half-way (no rename) and a folder without the state marker.
-    (tmp_path / (step_tag(40) + ".tmp")).mkdir()
-    (tmp_path / step_tag(50)).mkdir()
-    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(s) for s in (10, 20, 30)]
-    assert resolve_resume("latest", tmp_path).name == step_tag(30)
-    removed = ckpt.rotate()
-    assert [p.name for p in removed] == [step_tag(10)]
-    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_tag(20), step_tag(30)]
-    assert resolve_resume("", tmp_path) is None
-    assert resolve_resume("latest", tmp_path / "nothing") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        resolve_resume(str(tmp_path / step_tag(50)), tmp_path)
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A real (gloo) process group of one rank for DeepSpeed engines in this process.
-
-    It stays up for the rest of the session: DeepSpeed caches its groups, so a destroyed and
-    re-created group would break the next engine.
-    """
-    from reolm.train import distributed as D
-    with pytest.MonkeyPatch.context() as mp_env:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
-            mp_env.setenv(key, value)
-        D.init()
-        yield
-
-
 def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     import deepspeed
 
@@ -216,9 +175,12 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     engine.backward(engine(x).pow(2).sum())
     engine.step()
     ckpt = CheckpointManager(tmp_path / "ckpt", keep_last=1)
-    path = ckpt.save(engine, 1, {"step": 1}, {"data": {"positions": {0: {"draw": 3, "offset": 7}}}},
+    path = ckpt.save(engine, 1, {"step": 1}, {"data": {"streams": {"0": {"draw": 3, "offset": 7}}}},
                      write_extra=lambda folder: (folder / "extra.txt").write_text("x"))
-    assert (path / "extra.txt").is_file() and (path / "rank-00000.pt").is_file()
+    assert (path / "extra.txt").is_file() and (path / "rank-00000.json").is_file()
+    assert not list(path.glob("rank-*.pt"))  # our state is JSON + arrays, no pickle
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert "sha256" in manifest["files"]["extra.txt"] and manifest["world_size"] == 1 and manifest["step"] == 1
     assert (tmp_path / "ckpt" / "latest").read_text() == path.name
     expected = engine.module.weight.detach().clone()
     engine.backward(engine(x).pow(2).sum())
@@ -229,8 +191,9 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     after_two = engine.module.weight.detach().clone()
     engine.backward(engine(x).pow(2).sum())
     engine.step()
-    shared, per_rank = ckpt.load(engine, tmp_path / "ckpt" / step_tag(2))
-    assert shared["step"] == 2 and shared["world_size"] == 1
+    shared, per_rank = ckpt.load(engine, ResumePlan(tmp_path / "ckpt" / step_tag(2), universal=False,
+                                                    same_layout=True))
+    assert shared["step"] == 2 and shared["world_size"] == 1 and per_rank == {"streams": {}, "bad": {}}
     assert torch.equal(engine.module.weight, after_two)  # weights restored
     assert engine.lr_scheduler.last_epoch == 2  # scheduler state restored
 

@@ -18,6 +18,7 @@ missing, raises :class:`CheckpointError` naming the directory and the keys.
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import re
 from dataclasses import dataclass, fields
@@ -118,11 +119,26 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(str(safetensors_path))
     if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        return _load_bin(bin_path)
     if (directory / "model.safetensors.index.json").is_file() or (directory / "pytorch_model.bin.index.json").is_file():
         raise CheckpointError(f"{directory}: sharded checkpoints are not supported; re-save the model "
                               f"as one file (save_pretrained(..., max_shard_size='100GB'))")
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` read weights-only; a pickle that needs more is refused in plain words."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            needs = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except (ValueError, RuntimeError, pickle.UnpicklingError):
+            needs = []
+        what = f"it needs {needs[0]}" if needs else "it is not a plain tensor archive"
+        raise CheckpointError(f"{path}: refused: {what}, and loading it could run arbitrary code (only "
+                              f"tensors are loaded from .bin files). Convert it to model.safetensors "
+                              f"with a tool you trust.") from None
 
 
 def has_untied_decoder(state: Mapping[str, torch.Tensor]) -> bool:

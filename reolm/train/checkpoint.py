@@ -1,81 +1,302 @@
-"""Checkpoints: DeepSpeed engine state + our trainer state, atomic, rotated, resumable.
+"""Checkpoints: DeepSpeed engine state + our trainer state; atomic, complete, data-only, elastic.
 
 Layout of ``CKPT_DIR`` (a filesystem every rank sees)::
 
     step-00000500/            one complete checkpoint (DeepSpeed files + ours)
         mp_rank_00_model_states.pt, *optim_states.pt ...   engine.save_checkpoint(...)
-        trainer_state.json    step, samples seen, tokens seen, resolved config, world size
-        rank-00000.pt         per-rank: RNG states (python, numpy, torch, cuda), data stream state
+        rank-00000.json       per-rank: data-stream positions (by global stream id), bad-sample
+                              counts, the non-array parts of the RNG states
+        rank-00000.npz        per-rank RNG state arrays (python, numpy, torch, cuda)
+        tokenizer/            the tokenizer files (export needs nothing else)
+        trainer_state.json    step, samples/tokens seen, resolved config, architecture, layout
+        manifest.json         written LAST: every file with its size, sha256 of our own files,
+                              world size, step, ZeRO stage
+        universal/            (only after an elastic resume) DeepSpeed's universal checkpoint
     step-00000500.tmp/        a save in progress (never read; removed by the next save)
-    latest                    the tag of the newest complete checkpoint (written by rename)
+    latest                    the tag of the newest saved checkpoint (written by rename)
 
-A save writes everything under ``<tag>.tmp``, waits for every rank, then rank 0 renames the
-folder to ``<tag>``, points ``latest`` at it and deletes all but the newest ``keep_last``.  A
-crash at any point leaves either the previous checkpoints or the new complete one.
+A save writes everything under ``<tag>.tmp``, waits for every rank, then rank 0 writes the
+manifest, renames the folder to ``<tag>``, points ``latest`` at it and deletes all but the
+newest ``keep_last``.  Resume verifies the manifest (every file present with its size, our
+own files' sha256, one rank file per rank of the saving world): the newest checkpoint that
+verifies is used and every newer one that does not is reported by name.
+
+Nothing here unpickles: our files are JSON and ``.npz`` (``allow_pickle=False``); DeepSpeed's
+``.pt`` files are checked and loaded weights-only (:mod:`reolm.train.safe_load`).
+
+Elastic resume: a checkpoint saved on N ranks loads on M ranks through DeepSpeed's universal
+checkpoint (``ds_to_universal``, converted once by rank 0 into ``<tag>/universal``, then
+``checkpoint.load_universal``); the data streams are re-split by global stream id
+(:func:`merge_stream_states`).  :func:`plan_resume` decides before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from reolm.train import distributed as D
+from reolm.train.safe_load import check_folder, weights_only_loads
 
-__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "step_tag", "complete_checkpoints",
-           "resolve_resume"]
+__all__ = ["CheckpointManager", "CheckpointError", "ResumePlan", "rng_state", "set_rng_state", "step_tag",
+           "complete_checkpoints", "checkpoint_folders", "verify_checkpoint", "resolve_resume", "plan_resume",
+           "read_rank_state", "merge_stream_states", "STATE_FILE", "MANIFEST"]
+
+log = logging.getLogger("reolm.train.checkpoint")
 
 TAG_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+UNIVERSAL = "universal"
+MANIFEST_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, refused, or cannot be resumed with this configuration."""
 
 
 def step_tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rank_names(rank: int) -> tuple[str, str]:
+    return f"rank-{rank:05d}.json", f"rank-{rank:05d}.npz"
+
+
+# ----------------------------------------------------------------------------- RNG as data
+
+def rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """This process' RNG states as (JSON-able scalars, arrays): nothing that needs a pickle."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": {"version": version, "gauss": gauss},
+            "numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    arrays = {"python_mt": np.asarray(mt, dtype=np.int64), "numpy_keys": np.asarray(keys, dtype=np.uint32),
+              "torch": torch.get_rng_state().numpy()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        arrays["cuda"] = torch.cuda.get_rng_state().numpy()
+    return meta, arrays
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def set_rng_state(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    py = meta["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in arrays["python_mt"]), py["gauss"]))
+    npm = meta["numpy"]
+    np.random.set_state(("MT19937", np.asarray(arrays["numpy_keys"], dtype=np.uint32), int(npm["pos"]),
+                         int(npm["has_gauss"]), float(npm["cached_gaussian"])))
+    torch.set_rng_state(torch.from_numpy(np.asarray(arrays["torch"], dtype=np.uint8).copy()))
+    if "cuda" in arrays and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(np.asarray(arrays["cuda"], dtype=np.uint8).copy()))
 
 
-def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders, oldest first (a folder is complete once renamed from .tmp)."""
+def read_rank_state(folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(JSON part, RNG arrays) of one rank's saved state; a malformed file is a CheckpointError."""
+    json_name, npz_name = _rank_names(rank)
+    try:
+        meta = json.loads((folder / json_name).read_text())
+        with np.load(folder / npz_name, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}: rank {rank} state unreadable ({type(err).__name__}: {err})") from None
+    return meta, arrays
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_ours(relpath: str) -> bool:
+    # DeepSpeed's own files are large .pt pickles (checked weights-only at load); ours are small.
+    return not relpath.endswith(".pt")
+
+
+def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int) -> dict[str, Any]:
+    """List every file of ``folder`` (sizes; sha256 of ours) in ``manifest.json``, written last."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith((MANIFEST, UNIVERSAL + "/")):  # itself, and the conversion made at resume
+            continue
+        entry: dict[str, Any] = {"size": path.stat().st_size}
+        if _is_ours(rel):
+            entry["sha256"] = _sha256(path)
+        files[rel] = entry
+    manifest = {"format_version": MANIFEST_VERSION, "step": step, "world_size": world_size,
+                "zero_stage": zero_stage, "files": files}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None when its manifest verifies."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return f"no {MANIFEST} (the save did not finish, or an older reolm wrote it)"
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        world = int(manifest["world_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is malformed ({type(err).__name__}: {err})"
+    if manifest.get("format_version", 0) > MANIFEST_VERSION:
+        return f"{MANIFEST} format_version {manifest['format_version']} is newer than this reolm"
+    required = [STATE_FILE] + [name for rank in range(world) for name in _rank_names(rank)]
+    for name in required:
+        if name not in files:
+            return f"{name} is not listed in its {MANIFEST}"
+    for rel, entry in files.items():
+        file = folder / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        if file.stat().st_size != entry.get("size"):
+            return f"{rel} has {file.stat().st_size} bytes, the manifest says {entry.get('size')}"
+        if "sha256" in entry and _sha256(file) != entry["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+def checkpoint_folders(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Every ``step-XXXXXXXX`` folder (complete or not, never a .tmp), oldest first."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
     return sorted(found, key=lambda p: int(TAG_RE.match(p.name).group(1)))
 
 
+def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders whose manifest verifies, oldest first."""
+    return [p for p in checkpoint_folders(ckpt_dir) if verify_checkpoint(p) is None]
+
+
+def newest_complete(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is reported by name.
+
+    No checkpoint folder at all -> None (a fresh start); folders but none complete -> an error
+    (silently starting over would throw away a run).
+    """
+    folders = checkpoint_folders(ckpt_dir)
+    problems = []
+    for folder in reversed(folders):
+        reason = verify_checkpoint(folder)
+        if reason is None:
+            for bad, why in problems:
+                log.warning("checkpoint %s is incomplete (%s); resuming from %s instead", bad, why, folder.name)
+            return folder
+        problems.append((folder, reason))
+    if problems:
+        listing = "; ".join(f"{p.name}: {why}" for p, why in problems)
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({listing}). Pass "
+                              f"ckpt.resume=PATH of a complete one, or remove them to start afresh.")
+    return None
+
+
 def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder ``resume`` names ('' -> None, 'latest' -> newest or None, or a path)."""
+    """The checkpoint folder ``resume`` names ('' -> None, 'latest' -> newest complete or None, or a path)."""
     if not resume:
         return None
     if resume == "latest":
-        done = complete_checkpoints(ckpt_dir)
-        return done[-1] if done else None
+        return newest_complete(ckpt_dir)
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"ckpt.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
+    reason = verify_checkpoint(path) if path.is_dir() else "not a directory"
+    if reason:
+        raise CheckpointError(f"ckpt.resume={resume}: not a complete checkpoint ({reason})")
     return path
 
+
+# ----------------------------------------------------------------------------- resume plan
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What resuming ``path`` takes: ``universal`` when the ZeRO partitioning changes with the world."""
+
+    path: Path
+    universal: bool
+    same_layout: bool  # same ranks and readers: every rank restores exactly its own state
+
+
+def run_layout(world_size: int, zero_stage: int, offload: bool, num_workers: int, replicate: bool,
+               resample: bool) -> dict[str, Any]:
+    """The facts of a run's layout that decide whether (and how) a checkpoint can be resumed."""
+    return {"world_size": world_size, "zero_stage": zero_stage, "offload": offload,
+            "num_workers": max(num_workers, 1), "replicate": replicate, "resample": resample}
+
+
+def readers(layout: Mapping[str, Any]) -> int:
+    return int(layout["num_workers"]) * (1 if layout["replicate"] else int(layout["world_size"]))
+
+
+def plan_resume(path: Path, now: Mapping[str, Any]) -> ResumePlan:
+    """How to resume ``path`` with the layout ``now``; a CheckpointError when it cannot work.
+
+    Called on rank 0 before anything in the run directory is written.
+    """
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())["layout"]
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path / STATE_FILE}: no run layout recorded ({err})") from None
+    where = f"checkpoint {path}"
+    if saved["zero_stage"] != now["zero_stage"]:
+        raise CheckpointError(f"{where} was saved with ZeRO stage {saved['zero_stage']}, this run uses stage "
+                              f"{now['zero_stage']}: resume with dist.zero_stage={saved['zero_stage']} (changing "
+                              f"the stage of a run is not supported)")
+    world_changed = saved["world_size"] != now["world_size"]
+    if world_changed and (saved.get("offload") or now["offload"]):
+        raise CheckpointError(f"{where}: resuming on {now['world_size']} ranks instead of {saved['world_size']} "
+                              f"is not supported with ZeRO optimizer offload (DeepSpeedCPUAdam); resume on "
+                              f"{saved['world_size']} ranks or without offload")
+    if not now["resample"] and (not saved.get("resample", True) or world_changed) and readers(saved) != readers(now):
+        raise CheckpointError(
+            f"{where}: data.resample=false splits the shards among the {readers(saved)} readers (ranks x "
+            f"workers) of the saved run, this run has {readers(now)}; re-splitting mid-pass would re-read "
+            f"shards. Resume with {saved['world_size']} ranks x {saved['num_workers']} workers, or use "
+            f"data.resample=true")
+    universal = world_changed and int(saved["zero_stage"]) > 0
+    same = not world_changed and readers(saved) == readers(now) and saved["num_workers"] == now["num_workers"]
+    return ResumePlan(path, universal, same)
+
+
+# ----------------------------------------------------------------------------- data streams
+
+def merge_stream_states(states: list[Mapping[str, Any]]) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+    """Positions by global stream id and summed bad-sample counts over the saved ranks' states.
+
+    A stream saved by several ranks (a replicated stream) keeps its furthest position, so no
+    reader goes back over samples one of them already consumed.
+    """
+    positions: dict[int, dict[str, int]] = {}
+    bad: dict[str, int] = {}
+    for state in states:
+        for sid, pos in state.get("streams", {}).items():
+            pos = {"draw": int(pos["draw"]), "offset": int(pos["offset"])}
+            old = positions.get(int(sid))
+            if old is None or (pos["draw"], pos["offset"]) > (old["draw"], old["offset"]):
+                positions[int(sid)] = pos
+        for kind, n in state.get("bad", {}).items():
+            bad[str(kind)] = bad.get(str(kind), 0) + int(n)
+    return positions, bad
+
+
+# ----------------------------------------------------------------------------- manager
 
 class CheckpointManager:
     """Save and restore engine + trainer state; rank 0 owns renames, rotation and ``latest``."""
@@ -87,11 +308,13 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, engine: Any, step: int, shared: dict[str, Any], per_rank: dict[str, Any],
              write_extra: Callable[[Path], None] | None = None) -> Path:
-        """Collective: every rank calls it with its own ``per_rank`` state.
+        """Collective: every rank calls it with its own JSON-able ``per_rank`` state.
 
-        ``write_extra(folder)`` runs on rank 0 inside the temporary folder before the rename
-        (e.g. tokenizer files), so it is part of the atomic checkpoint.
+        ``write_extra(folder)`` runs on rank 0 inside the temporary folder before the manifest
+        (e.g. tokenizer files), so it is part of the atomic, verified checkpoint.
         """
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
         info = D.info()
         tag = step_tag(step)
         tmp_tag = tag + ".tmp"
@@ -100,21 +323,26 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob("*.tmp"):  # an earlier save that died half-way
                 shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # re-saving the same step (e.g. end of a resumed run)
-                shutil.rmtree(final)
         D.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"trainer": shared},
-                               save_latest=False)
+        # The universal-checkpoint marker lets ds_to_universal convert this checkpoint later.
+        client = {"trainer": shared,
+                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client, save_latest=False)
         tmp = self.dir / tmp_tag
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": info.rank, "world_size": info.world_size, "rng": rng_state(), **per_rank},
-                   tmp / f"rank-{info.rank:05d}.pt")
+        meta, arrays = rng_state()
+        json_name, npz_name = _rank_names(info.rank)
+        np.savez(tmp / npz_name, **arrays)
+        (tmp / json_name).write_text(json.dumps({"rank": info.rank, "world_size": info.world_size, "rng": meta,
+                                                 **per_rank}))
         D.barrier()
         if info.rank == 0:
             if write_extra is not None:
                 write_extra(tmp)
-            # trainer_state.json marks a complete checkpoint: written last, then the folder renamed.
             (tmp / STATE_FILE).write_text(json.dumps({**shared, "world_size": info.world_size}, indent=2))
+            write_manifest(tmp, step, info.world_size, int(shared.get("layout", {}).get("zero_stage", 0)))
+            if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
+                shutil.rmtree(final)
             os.replace(tmp, final)
             latest_tmp = self.dir / "latest.tmp"
             latest_tmp.write_text(tag)
@@ -124,34 +352,78 @@ class CheckpointManager:
         return final
 
     def rotate(self) -> list[Path]:
-        """Delete all but the newest ``keep_last`` complete checkpoints; returns what was removed."""
-        done = complete_checkpoints(self.dir)
+        """Delete all but the newest ``keep_last`` checkpoints; returns what was removed."""
+        done = [p for p in checkpoint_folders(self.dir) if (p / MANIFEST).is_file()]
         removed = done[:-self.keep_last] if len(done) > self.keep_last else []
         for path in removed:
             shutil.rmtree(path, ignore_errors=True)
         return removed
 
     # ------------------------------------------------------------------ load
-    def find(self, resume: str) -> Path | None:
-        """Rank 0 resolves ``resume`` and broadcasts it, so every rank loads the same tag."""
-        choice = None
+    def plan(self, resume: str, layout: Mapping[str, Any]) -> ResumePlan | None:
+        """Rank 0 picks and checks the checkpoint, every rank gets its plan or its error."""
+        choice: Any = None
         if D.info().rank == 0:
-            found = resolve_resume(resume, self.dir)
-            choice = str(found) if found else None
+            try:
+                found = resolve_resume(resume, self.dir)
+                choice = plan_resume(found, layout) if found else None
+            except CheckpointError as err:
+                choice = err.args[0]
         choice = D.broadcast_object(choice)
-        return Path(choice) if choice else None
+        if isinstance(choice, str):
+            raise CheckpointError(choice)
+        return choice
 
-    def load(self, engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Load engine state; returns (shared trainer state, this rank's state or None)."""
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+    def universal_folder(self, path: Path) -> Path:
+        """``path/universal``: DeepSpeed's universal checkpoint of ``path``, converted once by rank 0."""
+        out = path / UNIVERSAL
+        if D.info().rank == 0 and not out.is_dir():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+            from types import SimpleNamespace
+            tmp = path / (UNIVERSAL + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("converting %s to a universal checkpoint (the number of ranks changed)", path)
+            with weights_only_loads():
+                # One extraction process: the conversion runs inside a rank that holds a process group.
+                ds_to_universal(SimpleNamespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                                                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                                inject_missing_state=True))
+            os.replace(tmp, out)
+        D.barrier()
+        return out
+
+    def load(self, engine: Any, plan: ResumePlan) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load engine state; returns (shared trainer state, this rank's restored per-rank state)."""
+        path = plan.path
+        check_folder(path)  # every .pt: only tensors, containers and allow-listed DeepSpeed classes
+        load_dir, tag = (path, UNIVERSAL) if plan.universal else (path.parent, path.name)
+        if plan.universal:
+            self.universal_folder(path)
+        with weights_only_loads():
+            load_path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
         shared = json.loads((path / STATE_FILE).read_text())
         shared.update((client or {}).get("trainer", {}))
-        rank_file = path / f"rank-{D.info().rank:05d}.pt"
-        per_rank = None
-        if rank_file.is_file() and shared.get("world_size") == D.info().world_size:
-            per_rank = torch.load(rank_file, map_location="cpu", weights_only=False)
-            set_rng_state(per_rank["rng"])
-        return shared, per_rank
+        return shared, self._restore_rank(path, int(shared["world_size"]), plan.same_layout)
+
+    @staticmethod
+    def _restore_rank(path: Path, saved_world: int, same_layout: bool) -> dict[str, Any]:
+        """This rank's RNG states and the data-stream positions it continues from.
+
+        Same layout: its own file.  Otherwise every saved rank's streams are merged (global
+        stream ids), rank r < saved world restores old rank r's RNG (the others keep their
+        fresh seeds), and only rank 0 carries the old bad-sample totals (they are summed).
+        """
+        rank = D.info().rank
+        if same_layout:
+            meta, arrays = read_rank_state(path, rank)
+            set_rng_state(meta["rng"], arrays)
+            positions, bad = merge_stream_states([meta.get("data", {})])
+            return {"streams": positions, "bad": bad}
+        states = [read_rank_state(path, r) for r in range(saved_world)]
+        if rank < saved_world:
+            set_rng_state(states[rank][0]["rng"], states[rank][1])
+        positions, bad = merge_stream_states([meta.get("data", {}) for meta, _ in states])
+        return {"streams": positions, "bad": bad if rank == 0 else {}}

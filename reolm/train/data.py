@@ -56,6 +56,7 @@ __all__ = [
     "build_train_loader",
     "read_examples",
     "StreamTracker",
+    "stream_id",
 ]
 
 log = logging.getLogger("reolm.train.data")
@@ -304,6 +305,15 @@ def _decode_stage(num_items: int, max_history: int, counter: BadSampleCounter) -
 
 # ----------------------------------------------------------------------------- pipeline
 
+def stream_id(rank: int, worker: int, num_workers: int, replicate: bool) -> int:
+    """The global id of the shard stream a (rank, worker) reads: readers are numbered rank-major.
+
+    Replicated streams ignore the rank (every rank reads the same samples).  Checkpoints key
+    reading positions by this id, which is what lets a resume on another layout re-split them.
+    """
+    return (0 if replicate else rank) * max(num_workers, 1) + worker
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """The per-rank dataset; each DataLoader worker builds its own pipeline in ``__iter__``."""
 
@@ -329,16 +339,14 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        # Replicated streams ignore the rank: every rank reads the same samples.
-        reader_rank = 0 if self.replicate else self.rank
-        stream_id = reader_rank * self.num_workers + worker
+        sid = stream_id(self.rank, worker, self.num_workers, self.replicate)
         num_streams = self.num_workers * (1 if self.replicate else self.world_size)
         counter = BadSampleCounter(self.max_bad_logs, where=f" [rank {self.rank} worker {worker}]")
-        reader = ShardStream(self.shards, self.seed, stream_id, num_streams, self.resample, counter,
+        reader = ShardStream(self.shards, self.seed, sid, num_streams, self.resample, counter,
                              self.start.get(worker), self.expected_counts)
         # The shuffle buffer's RNG also depends on the resume generation: after a resume the
         # buffer restarts empty, so reusing the old sequence would not reproduce the order anyway.
-        shuffle_rng = random.Random(_seed(self.seed, stream_id, self.generation, 11))
+        shuffle_rng = random.Random(_seed(self.seed, sid, self.generation, 11))
         pipeline = wds.DataPipeline(
             lambda: iter(reader),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)
@@ -347,7 +355,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             wds.batched(self.micro_batch, collation_fn=list, partial=False),
         )
         for index, examples in enumerate(pipeline):
-            batch_seed = _seed(self.seed, stream_id, self.generation, index, 13)
+            batch_seed = _seed(self.seed, sid, self.generation, index, 13)
             batch = self.collate(examples, batch_seed)
             batch["stream"] = {"worker": worker, "draw": reader.position.draw,
                                "offset": reader.position.offset, "bad": dict(counter.counts)}
@@ -380,23 +388,11 @@ class StreamTracker:
                 total[kind] = total.get(kind, 0) + n
         return total
 
-    def state(self) -> dict[str, Any]:
+    def state(self, stream_ids: Mapping[int, int]) -> dict[str, Any]:
+        """Positions keyed by global stream id (``stream_ids``: worker -> id) and bad-sample totals."""
         return {"num_workers": self.num_workers,
-                "positions": {w: vars(p) for w, p in self.positions.items()},
+                "streams": {str(stream_ids[w]): vars(p) for w, p in self.positions.items()},
                 "bad": self.bad_counts()}
-
-    @classmethod
-    def restore(cls, state: dict[str, Any] | None, num_workers: int) -> "StreamTracker":
-        """The tracker to continue from; fresh positions when the worker layout changed."""
-        if not state:
-            return cls(num_workers)
-        bad = {str(k): int(v) for k, v in state.get("bad", {}).items()}
-        if int(state.get("num_workers", -1)) != num_workers:
-            log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart "
-                        "from fresh positions", state.get("num_workers"), num_workers)
-            return cls(num_workers, base_bad=bad)
-        positions = {int(w): StreamPosition(**p) for w, p in state["positions"].items()}
-        return cls(num_workers, positions, bad)
 
 
 def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: int,

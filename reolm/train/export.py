@@ -7,6 +7,9 @@ themselves are sharded), rebuilds the model from the architecture recorded in th
 (``trainer_state.json``: backbone + model config), and writes ``config.json`` +
 ``model.safetensors`` + the tokenizer files via ``ReoLM.save_pretrained`` (temp folder, then
 rename).  It runs on one CPU process; the training world size does not matter.
+
+Only a checkpoint whose manifest verifies is exported, and nothing is unpickled: every ``.pt``
+file is checked against the allow-list first and read weights-only (:mod:`reolm.train.safe_load`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reolm.train.checkpoint import STATE_FILE, complete_checkpoints
+from reolm.train.checkpoint import STATE_FILE, TAG_RE, CheckpointError, newest_complete, verify_checkpoint
+from reolm.train.safe_load import check_folder, weights_only_loads
 
 __all__ = ["ExportError", "find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
 
@@ -28,16 +32,22 @@ class ExportError(ValueError):
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder, a checkpoints/ folder (-> newest) or a run directory (-> its newest)."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        done = complete_checkpoints(root)
-        if done:
-            return done[-1]
     if path.name.endswith(".tmp"):
         raise ExportError(f"{path} is an unfinished checkpoint save (its .tmp name was never renamed)")
-    raise ExportError(f"{path}: no complete checkpoint (expected a folder with {STATE_FILE}, or a "
-                      f"run/checkpoints directory holding step-* checkpoints)")
+    if TAG_RE.match(path.name):
+        reason = verify_checkpoint(path)
+        if reason:
+            raise ExportError(f"{path}: not a complete checkpoint ({reason})")
+        return path
+    for root in (path, path / "checkpoints"):
+        try:
+            found = newest_complete(root)  # reports newer incomplete ones by name
+        except CheckpointError as err:
+            raise ExportError(str(err)) from None
+        if found is not None:
+            return found
+    raise ExportError(f"{path}: no complete checkpoint (expected a step-XXXXXXXX checkpoint folder, or a "
+                      f"run/checkpoints directory holding them)")
 
 
 def load_checkpoint_model(path: str | os.PathLike) -> Any:
@@ -54,7 +64,9 @@ def load_checkpoint_model(path: str | os.PathLike) -> Any:
     if "backbone" not in state or "model" not in state:
         raise ExportError(f"{ckpt / STATE_FILE}: no backbone/model architecture recorded")
     model = ReoLM(BackboneConfig.from_dict(state["backbone"]), from_dict(ModelConfig, state["model"]))
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    check_folder(ckpt)
+    with weights_only_loads():
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     weights.pop(TIED_KEY, None)  # the decoder weight IS the word embedding table
     result = model.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if k != TIED_KEY]

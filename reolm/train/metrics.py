@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["DeviceAccumulator", "MetricsWriter", "peak_device_tflops", "peak_memory_gib", "GPU_PEAK_TFLOPS"]
+__all__ = ["DeviceAccumulator", "MetricsWriter", "move_rows_after", "peak_device_tflops", "peak_memory_gib", "GPU_PEAK_TFLOPS"]
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' datasheets.
 # Matched as substrings of torch.cuda.get_device_name(), most specific first.
@@ -79,6 +79,35 @@ class DeviceAccumulator:
         values = stacked.tolist()
         self.sums, self.count = {}, 0
         return dict(zip(keys, values))
+
+
+def move_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Move the rows of ``path`` (metrics.jsonl) logged after ``step`` to ``<name>.after-resume.jsonl``.
+
+    A run killed after its last checkpoint logged steps that the resumed run takes again; they
+    are kept aside (appended, nothing is lost) so the file's steps stay monotonic.  A line that
+    is not JSON (a write cut by the kill) goes aside too.  Returns the number of rows moved.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, aside = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+            (keep if isinstance(row_step, int) and row_step <= step else aside).append(line)
+        except (ValueError, KeyError, TypeError):
+            aside.append(line)
+    if not aside:
+        return 0
+    with open(path.with_name(path.stem + ".after-resume.jsonl"), "a") as out:
+        out.write("".join(line + "\n" for line in aside))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(aside)
 
 
 class MetricsWriter:

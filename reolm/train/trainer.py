@@ -27,15 +27,15 @@ import torch
 
 from reolm.config import ConfigError, save_resolved, to_dict
 from reolm.train import distributed as D
-from reolm.train.checkpoint import CheckpointManager
+from reolm.train.checkpoint import CheckpointManager, ResumePlan, readers, run_layout
 from reolm.train.config import PretrainConfig
-from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamTracker, TrainStream,
-                              build_train_loader, corpus_shards, default_num_workers, expand_shards, manifest_counts,
-                              read_examples)
+from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamPosition, StreamTracker,
+                              TrainStream, build_train_loader, corpus_shards, default_num_workers, expand_shards,
+                              manifest_counts, read_examples, stream_id)
 from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision,
                                    write_ds_config)
 from reolm.train.losses import PretrainLoss
-from reolm.train.metrics import DeviceAccumulator, MetricsWriter, peak_device_tflops, peak_memory_gib
+from reolm.train.metrics import DeviceAccumulator, MetricsWriter, move_rows_after, peak_device_tflops, peak_memory_gib
 
 __all__ = ["run", "TrainingAborted", "NonFiniteGuard", "resolve_tables", "build_model", "weight_decay_groups"]
 
@@ -189,6 +189,10 @@ class _Setup:
     micro: int
     precision: str
     num_workers: int
+    # Checkpointing (None where a _Setup is only used to validate a model, e.g. after export).
+    ckpt: CheckpointManager | None = None
+    layout: dict[str, Any] | None = None
+    plan: ResumePlan | None = None  # the checkpoint to resume and how; None = a fresh start
 
 
 def _load_ds(cfg: PretrainConfig) -> dict[str, Any]:
@@ -214,6 +218,14 @@ def _setup(cfg: PretrainConfig) -> _Setup:
     precision = resolve_precision(cfg.optim.precision, device.type)
     ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, device.type, cfg.dist.zero_stage,
                             hidden_size=model.backbone_config.hidden_size)
+    num_workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(info.local_world_size)
+    layout = _layout(cfg, info, ds_cfg, num_workers)
+    # The checkpoint to resume is picked and checked against this run's layout BEFORE anything
+    # in the run directory is written: a resume that cannot work changes nothing.
+    ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
+    plan = ckpt.plan(cfg.ckpt.resume, layout) if cfg.ckpt.resume else None
+    if plan is not None and plan.universal:
+        ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     if info.rank == 0:
         write_ds_config(ds_cfg, cfg.run_dir)
         save_resolved(cfg, cfg.run_dir)
@@ -222,10 +234,18 @@ def _setup(cfg: PretrainConfig) -> _Setup:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(
         model, cfg.optim.weight_decay), config=ds_cfg, lr_scheduler=scheduler)
     collator = PackedCollator.from_config(tokens, images, model.tokenizer, cfg.model, seed=cfg.seed)
-    num_workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(info.local_world_size)
     return _Setup(cfg, info, device, engine, collator, tokens, images, len(tokens),
                   ds_cfg["gradient_accumulation_steps"], ds_cfg["train_micro_batch_size_per_gpu"], precision,
-                  num_workers)
+                  num_workers, ckpt, layout, plan)
+
+
+def _layout(cfg: PretrainConfig, info: D.DistInfo, ds_cfg: dict[str, Any], num_workers: int) -> dict[str, Any]:
+    """What a checkpoint of this run records about its layout (and what a resume checks)."""
+    zero = ds_cfg.get("zero_optimization", {})
+    offload = any((zero.get(key) or {}).get("device", "none") not in ("none", None)
+                  for key in ("offload_optimizer", "offload_param"))
+    return run_layout(info.world_size, int(zero.get("stage", 0)), offload, num_workers,
+                      cfg.data.replicate_stream, cfg.data.resample)
 
 
 class _SeededCollate:
@@ -435,21 +455,46 @@ def _batches(loader: Any, tracker: StreamTracker, replicate: bool, info: D.DistI
         yield batch
 
 
-def _resume(cfg: PretrainConfig, engine: Any, ckpt: CheckpointManager) -> tuple[dict[str, int], Any]:
-    """(trainer counters, this rank's data-stream state or None) after loading ``ckpt.resume``."""
+def _resume(setup: _Setup) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """(trainer counters, the restored stream positions and bad counts or None) after loading the plan."""
+    cfg = setup.cfg
     state = {"step": 0, "samples": 0, "tokens": 0, "generation": 0, "skipped_steps": 0}
-    path = ckpt.find(cfg.ckpt.resume) if cfg.ckpt.resume else None
-    if path is None:
+    if setup.plan is None:
         if cfg.ckpt.resume and D.is_main():
             log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", cfg.ckpt.resume, cfg.checkpoint_dir())
         return state, None
-    shared, per_rank = ckpt.load(engine, path)
+    shared, restored = setup.ckpt.load(setup.engine, setup.plan)
     state.update({k: shared[k] for k in ("step", "samples", "tokens", "skipped_steps") if k in shared})
     # A new generation re-seeds the shuffle buffers (they restart empty after a resume).
     state["generation"] = int(shared.get("generation", 0)) + 1
     if D.is_main():
-        log.info("resumed from %s at step %d", path, state["step"])
-    return state, per_rank.get("data") if per_rank else None
+        saved_world = shared.get("world_size")
+        how = "" if saved_world == setup.info.world_size else f" (saved on {saved_world} ranks, universal checkpoint)"
+        log.info("resumed from %s at step %d%s", setup.plan.path, state["step"], how)
+    return state, restored
+
+
+def _stream_ids(setup: _Setup) -> dict[int, int]:
+    """worker -> global stream id of this rank's readers."""
+    workers = max(setup.num_workers, 1)
+    return {w: stream_id(setup.info.rank, w, workers, setup.cfg.data.replicate_stream) for w in range(workers)}
+
+
+def _restore_streams(setup: _Setup, restored: dict[str, Any] | None) -> tuple[StreamTracker, dict[str, Any]]:
+    """The tracker this rank continues from, and the dormant streams rank 0 keeps saving.
+
+    Streams are re-split by global id: a stream some reader of this layout owns continues at
+    its saved position; ids beyond this layout's readers (the run shrank) stay dormant, their
+    positions carried in rank 0's checkpoints until a larger layout reads them again; ids new
+    to this layout (the run grew) start at their first draw, which nobody has read.
+    """
+    workers = max(setup.num_workers, 1)
+    if not restored:
+        return StreamTracker(workers), {}
+    saved = restored["streams"]
+    mine = {w: StreamPosition(**saved[sid]) for w, sid in _stream_ids(setup).items() if sid in saved}
+    dormant = {str(sid): pos for sid, pos in saved.items() if sid >= readers(setup.layout)}
+    return StreamTracker(workers, mine, restored["bad"]), dormant if setup.info.rank == 0 else {}
 
 
 def _train_batches(setup: _Setup, tracker: StreamTracker, generation: int) -> Iterator[dict[str, Any]]:
@@ -516,9 +561,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     setup = _setup(cfg)
     engine, info = setup.engine, setup.info
     main = info.rank == 0
-    ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
-    state, stream_state = _resume(cfg, engine, ckpt)
-    tracker = StreamTracker.restore(stream_state, setup.num_workers)
+    ckpt = setup.ckpt
+    state, restored = _resume(setup)
+    tracker, dormant = _restore_streams(setup, restored)
+    if main:
+        # Rows the interrupted run logged after the checkpoint would repeat steps: move them aside.
+        move_rows_after(Path(cfg.run_dir) / "metrics.jsonl", state["step"])
     batches = _train_batches(setup, tracker, state["generation"])
     val_set = _validation_set(setup)
 
@@ -540,8 +588,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         shared = {"step": step, "samples": state["samples"], "tokens": state["tokens"],
                   "skipped_steps": state["skipped_steps"], "generation": state["generation"],
                   "config": to_dict(cfg), "backbone": engine.module.backbone_config.to_dict(),
-                  "model": to_dict(engine.module.config)}
-        ckpt.save(engine, step, shared, {"data": tracker.state()},
+                  "model": to_dict(engine.module.config), "layout": setup.layout}
+        data = tracker.state(_stream_ids(setup))
+        data["streams"].update(dormant)
+        ckpt.save(engine, step, shared, {"data": data},
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
 
     step = state["step"]
