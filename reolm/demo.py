@@ -10,18 +10,15 @@ last.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+
+from reolm.pipeline import Stage, deepspeed_launcher, reolm_command, run_stages
 
 __all__ = ["Stage", "demo_stages", "run_demo", "main"]
 
@@ -29,35 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_PRESET = "demo"
 
 
-@dataclass
-class Stage:
-    """One step of the demo: a command and the path (may hold ``*``) whose existence marks it done."""
-
-    name: str
-    argv: list[str]
-    done_marker: Path
-    env: dict[str, str] = field(default_factory=dict)
-    check: Callable[[], None] | None = None
-
-
-def _reolm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "reolm", *args]
-
-
 def _world_size() -> int:
     """All GPUs when there are some; otherwise two CPU ranks (gloo), as CI does."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
-
-
-def _pretrain_launcher(nproc: int) -> list[str]:
-    """The real DeepSpeed launcher, next to this interpreter (the venv's bin/)."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        found = shutil.which("deepspeed")
-        if found is None:
-            raise FileNotFoundError("the `deepspeed` launcher is not installed in this environment")
-        launcher = Path(found)
-    return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
 
 
 def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_size: int = 8192) -> list[Stage]:
@@ -74,33 +45,33 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
           "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
     runs = run_dir / "runs"
     return [
-        Stage("synthesise corpus", _reolm("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
+        Stage("synthesise corpus", reolm_command("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
               downstream / "domain.json"),
-        Stage("write shards", _reolm("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
+        Stage("write shards", reolm_command("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
               shards / "manifest.json"),
-        Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
+        Stage("train tokenizer", reolm_command("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
                                         "--vocab-size", str(vocab_size), "--quiet", "--domain", *map(str, sources + [downstream])),
               tok / "tokenizer.json"),
-        Stage("init backbone", _reolm("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
+        Stage("init backbone", reolm_command("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
                                       "--size", "mini", "--max-positions", "512"),
               backbone / "config.json"),
-        Stage("init vision model", _reolm("init", "vision", "--out", str(vision)), vision / "config.json"),
-        Stage("token table (corpus)", _reolm("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
+        Stage("init vision model", reolm_command("init", "vision", "--out", str(vision)), vision / "config.json"),
+        Stage("token table (corpus)", reolm_command("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
               shards / "tables" / "tokens-*" / "table.json"),
-        Stage("token table (downstream)", _reolm("tables", "tokens", "--tokenizer", str(backbone),
+        Stage("token table (downstream)", reolm_command("tables", "tokens", "--tokenizer", str(backbone),
                                                  "--domain", str(downstream)),
               downstream / "tables" / "tokens-*" / "table.json"),
-        Stage("image features (corpus)", _reolm("tables", "images", "--vision", str(vision), "--corpus", str(shards)),
+        Stage("image features (corpus)", reolm_command("tables", "images", "--vision", str(vision), "--corpus", str(shards)),
               shards / "tables" / "images-*" / "table.json"),
-        Stage("image features (downstream)", _reolm("tables", "images", "--vision", str(vision),
+        Stage("image features (downstream)", reolm_command("tables", "images", "--vision", str(vision),
                                                     "--domain", str(downstream)),
               downstream / "image_features.npy"),
         Stage("pre-train (DeepSpeed)",
-              [*_pretrain_launcher(nproc), str(REPO_ROOT / "launch" / "pretrain.py"),
+              [*deepspeed_launcher(nproc), str(REPO_ROOT / "launch" / "pretrain.py"),
                "--config", str(REPO_ROOT / "launch" / "configs" / "pretrain" / "demo.yaml"),
                f"data.corpus={shards}", f"model.backbone={backbone}", f"run_dir={pretrain_dir}", "ckpt.resume=latest"],
               export_dir / "model.safetensors"),  # resumes from its last checkpoint if interrupted
-        Stage("export pre-trained model", _reolm("export", "checkpoint", str(pretrain_dir), str(export_dir)),
+        Stage("export pre-trained model", reolm_command("export", "checkpoint", str(pretrain_dir), str(export_dir)),
               export_dir / "model.safetensors"),
         Stage("fine-tune Reo-LM", [*ft, "--model", "reolm", "--init", str(export_dir), "--out", str(runs / "reolm")],
               runs / "reolm" / "metrics.json"),
@@ -109,34 +80,17 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
               runs / "reolm-nopretrain" / "metrics.json"),
         Stage("SASRec", [*ft, "--model", "sasrec", "--out", str(runs / "sasrec")], runs / "sasrec" / "metrics.json"),
         Stage("popularity", [*ft, "--model", "pop", "--out", str(runs / "pop")], runs / "pop" / "metrics.json"),
-        Stage("report", _reolm("report", *(str(runs / m) for m in ("reolm", "reolm-nopretrain", "sasrec", "pop")),
+        Stage("report", reolm_command("report", *(str(runs / m) for m in ("reolm", "reolm-nopretrain", "sasrec", "pop")),
                                "--out", str(run_dir / "results.md"), "--plot", str(run_dir / "results.png"),
                                "--json", str(run_dir / "results.json")),
               run_dir / "results.md"),
     ]
 
 
-def run_demo(run_dir: Path, stages: Sequence[Stage], fresh: bool = False) -> dict[str, float]:
+def run_demo(run_dir: Path, stages: Sequence[Stage], fresh: bool = False) -> dict[str, dict[str, float]]:
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    timings_path = run_dir / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    total = len(stages)
-    for i, stage in enumerate(stages, start=1):
-        if glob.glob(str(stage.done_marker)):
-            print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
-            continue
-        print(f"[{i}/{total}] {stage.name}: {' '.join(stage.argv)}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, **stage.env}
-        result = subprocess.run(stage.argv, env=env, cwd=REPO_ROOT)
-        if result.returncode != 0:
-            raise SystemExit(f"demo stage {stage.name!r} failed with exit code {result.returncode}; "
-                             f"fix the cause and run `make demo` again to resume from this stage")
-        timings[stage.name] = round(time.perf_counter() - start, 2)
-        timings_path.write_text(json.dumps(timings, indent=2))
-    return timings
+    return run_stages(run_dir, stages, resume_hint="fix the cause and run `make demo` again to resume from this stage")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
     timings = run_demo(run_dir, demo_stages(run_dir, args.seed, args.nproc, args.vocab_size), fresh=args.fresh)
-    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("\nstage timings (s): " + ", ".join(f"{k} {v['wall_s'] if isinstance(v, dict) else v:.0f}"
+                                            for k, v in timings.items()))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {run_dir}\n")
     print((run_dir / "results.md").read_text())
     return 0

@@ -36,7 +36,7 @@ from reolm.model.config import TOP_ROUTINGS, ModelConfig
 from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
                                        read_backbone_config, read_state_dict)
 
-__all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION"]
+__all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION", "training_flops"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -252,6 +252,22 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(layers)
 
+
+
+def training_flops(backbone_config: Any, config: ModelConfig, num_real_tokens: int, num_attention_pairs: int,
+                   num_mlm_positions: int = 0) -> float:
+    """Model FLOPs of one forward + backward (3x forward) of Reo-LM over the given token counts.
+
+    ``backbone_config`` is the HF config (hidden_size, intermediate_size, num_hidden_layers,
+    vocab_size); ``num_attention_pairs`` is the sum over sequences of (tokens of the sequence)^2.
+    Matmuls only: linear layers, adapters, attention scores and mixing, the MLM head at the masked
+    positions.  A function of plain numbers, so a run's cost can be estimated before any data exists.
+    """
+    h = backbone_config.hidden_size
+    per_token = 4 * h * h + 2 * h * backbone_config.intermediate_size + 2 * h * config.num_adapters * config.adapter_rank
+    forward = backbone_config.num_hidden_layers * (2 * per_token * num_real_tokens + 4 * h * num_attention_pairs)
+    forward += 2 * num_mlm_positions * (h * h + h * backbone_config.vocab_size)
+    return 3.0 * forward
 
 class ReoLM(nn.Module):
     """Reo-LM encoder over packed batches (see ``docs/model.md`` for the batch fields).
@@ -505,14 +521,8 @@ class ReoLM(nn.Module):
         the masked positions), from Python ints of the batch: no host sync, usable for MFU on
         every step.  Padding is never counted, so MFU compares layouts fairly.
         """
-        bb, cfg = self.backbone_config, self.config
-        h = bb.hidden_size
-        per_token = 4 * h * h + 2 * h * bb.intermediate_size + 2 * h * cfg.num_adapters * cfg.adapter_rank
-        forward = bb.num_hidden_layers * (2 * per_token * batch["num_real_tokens"]
-                                          + 4 * h * batch["num_attention_pairs"])
-        if include_mlm:
-            forward += 2 * batch["mlm_positions"].shape[0] * (h * h + h * bb.vocab_size)
-        return 3.0 * forward
+        return training_flops(self.backbone_config, self.config, batch["num_real_tokens"],
+                              batch["num_attention_pairs"], batch["mlm_positions"].shape[0] if include_mlm else 0)
 
     def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled vectors [B, H] of history sequences."""
