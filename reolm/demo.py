@@ -26,9 +26,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_PRESET = "demo"
 
 
+_reolm = reolm_command
+
+
 def _world_size() -> int:
     """All GPUs when there are some; otherwise two CPU ranks (gloo), as CI does."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+_pretrain_launcher = deepspeed_launcher
 
 
 def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_size: int = 8192) -> list[Stage]:
@@ -45,33 +51,33 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
           "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
     runs = run_dir / "runs"
     return [
-        Stage("synthesise corpus", reolm_command("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
+        Stage("synthesise corpus", _reolm("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
               downstream / "domain.json"),
-        Stage("write shards", reolm_command("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
+        Stage("write shards", _reolm("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
               shards / "manifest.json"),
-        Stage("train tokenizer", reolm_command("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
+        Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
                                         "--vocab-size", str(vocab_size), "--quiet", "--domain", *map(str, sources + [downstream])),
               tok / "tokenizer.json"),
-        Stage("init backbone", reolm_command("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
+        Stage("init backbone", _reolm("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),
                                       "--size", "mini", "--max-positions", "512"),
               backbone / "config.json"),
-        Stage("init vision model", reolm_command("init", "vision", "--out", str(vision)), vision / "config.json"),
-        Stage("token table (corpus)", reolm_command("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
+        Stage("init vision model", _reolm("init", "vision", "--out", str(vision)), vision / "config.json"),
+        Stage("token table (corpus)", _reolm("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
               shards / "tables" / "tokens-*" / "table.json"),
-        Stage("token table (downstream)", reolm_command("tables", "tokens", "--tokenizer", str(backbone),
+        Stage("token table (downstream)", _reolm("tables", "tokens", "--tokenizer", str(backbone),
                                                  "--domain", str(downstream)),
               downstream / "tables" / "tokens-*" / "table.json"),
-        Stage("image features (corpus)", reolm_command("tables", "images", "--vision", str(vision), "--corpus", str(shards)),
+        Stage("image features (corpus)", _reolm("tables", "images", "--vision", str(vision), "--corpus", str(shards)),
               shards / "tables" / "images-*" / "table.json"),
-        Stage("image features (downstream)", reolm_command("tables", "images", "--vision", str(vision),
+        Stage("image features (downstream)", _reolm("tables", "images", "--vision", str(vision),
                                                     "--domain", str(downstream)),
               downstream / "image_features.npy"),
         Stage("pre-train (DeepSpeed)",
-              [*deepspeed_launcher(nproc), str(REPO_ROOT / "launch" / "pretrain.py"),
+              [*_pretrain_launcher(nproc), str(REPO_ROOT / "launch" / "pretrain.py"),
                "--config", str(REPO_ROOT / "launch" / "configs" / "pretrain" / "demo.yaml"),
                f"data.corpus={shards}", f"model.backbone={backbone}", f"run_dir={pretrain_dir}", "ckpt.resume=latest"],
               export_dir / "model.safetensors"),  # resumes from its last checkpoint if interrupted
-        Stage("export pre-trained model", reolm_command("export", "checkpoint", str(pretrain_dir), str(export_dir)),
+        Stage("export pre-trained model", _reolm("export", "checkpoint", str(pretrain_dir), str(export_dir)),
               export_dir / "model.safetensors"),
         Stage("fine-tune Reo-LM", [*ft, "--model", "reolm", "--init", str(export_dir), "--out", str(runs / "reolm")],
               runs / "reolm" / "metrics.json"),
@@ -80,7 +86,7 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
               runs / "reolm-nopretrain" / "metrics.json"),
         Stage("SASRec", [*ft, "--model", "sasrec", "--out", str(runs / "sasrec")], runs / "sasrec" / "metrics.json"),
         Stage("popularity", [*ft, "--model", "pop", "--out", str(runs / "pop")], runs / "pop" / "metrics.json"),
-        Stage("report", reolm_command("report", *(str(runs / m) for m in ("reolm", "reolm-nopretrain", "sasrec", "pop")),
+        Stage("report", _reolm("report", *(str(runs / m) for m in ("reolm", "reolm-nopretrain", "sasrec", "pop")),
                                "--out", str(run_dir / "results.md"), "--plot", str(run_dir / "results.png"),
                                "--json", str(run_dir / "results.json")),
               run_dir / "results.md"),

@@ -87,6 +87,8 @@ def display_command(stage: Stage) -> str:
         argv = ["reolm", *argv[3:]]
     elif argv and argv[0] == sys.executable:
         argv = ["python", *argv[1:]]
+    elif argv and Path(argv[0]).parent == Path(sys.executable).parent:
+        argv = [Path(argv[0]).name, *argv[1:]]  # a console script of this environment (deepspeed, torchrun)
     env = [f"{k}={_short(v)}" for k, v in stage.env.items()]
     return shlex.join([*env, *(_short(a) for a in argv)])
 
