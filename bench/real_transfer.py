@@ -60,7 +60,7 @@ class TransferBudget:
 BUDGETS = {
     "cpu-small": TransferBudget(
         "cpu-small", "launch/configs/pretrain/transfer-cpu-small.yaml",
-        "launch/configs/finetune/transfer-cpu-small.yaml", eval_users=500, nproc=2, record="real_transfer_cpu",
+        "launch/configs/finetune/transfer-cpu-small.yaml", eval_users=300, nproc=2, record="real_transfer_cpu",
         notes=["about 40 minutes on 2 shared CPU cores, under 6 GB RSS; a smoke-sized experiment: the "
                "Reo-LM runs see ~1% of an epoch, so their numbers are a floor, not the method's"]),
     "gpu": TransferBudget(
@@ -77,8 +77,9 @@ def _world_size(budget: TransferBudget) -> int:
     return torch.cuda.device_count() or 2
 
 
-def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path,
-                    budget: TransferBudget) -> tuple[list[Stage], dict[str, Path]]:
+def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path, budget: TransferBudget,
+                    pretrain_overrides: list[str] = (), finetune_overrides: list[str] = ()
+                    ) -> tuple[list[Stage], dict[str, Path]]:
     """Every stage of the experiment, and the run directory of each compared model."""
     domains, shards = run_dir / "domains", run_dir / "shards"
     pretrain_dir, export_dir, runs = run_dir / "pretrain", run_dir / "pretrained", run_dir / "runs"
@@ -111,7 +112,7 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
         Stage("pre-train on the sources (DeepSpeed)",
               [*deepspeed_launcher(_world_size(budget)), str(REPO / "launch" / "pretrain.py"),
                "--config", str(REPO / budget.pretrain_config), f"data.corpus={shards}", f"model.backbone={backbone}",
-               f"run_dir={pretrain_dir}", "ckpt.resume=latest"],
+               f"run_dir={pretrain_dir}", "ckpt.resume=latest", *pretrain_overrides],
               export_dir / "model.safetensors",  # resumes from its last checkpoint if interrupted
               inputs=[backbone, shards / "tables"], outputs=[pretrain_dir]),
         Stage("export the pre-trained model", reolm_command("export", "checkpoint", str(pretrain_dir),
@@ -128,15 +129,15 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
                         models["zero-shot"] / "metrics.json", inputs=[evaluated, backbone]))
     stages.append(Stage("fine-tune Reo-LM from the pre-trained export",
                         python_command("launch/finetune.py", *ft, "--model", "reolm", "--init", str(export_dir),
-                                       "--out", str(models["reolm"])),
+                                       "--out", str(models["reolm"]), *finetune_overrides),
                         models["reolm"] / "metrics.json", inputs=[evaluated, export_dir]))
     stages.append(Stage("fine-tune Reo-LM from the backbone alone",
                         python_command("launch/finetune.py", *ft, "--model", "reolm", "--backbone", str(backbone),
-                                       "--out", str(models["reolm-nopretrain"])),
+                                       "--out", str(models["reolm-nopretrain"]), *finetune_overrides),
                         models["reolm-nopretrain"] / "metrics.json", inputs=[evaluated, backbone]))
     for model in budget.baselines:
         stages.append(Stage(f"baseline {model}", python_command("launch/finetune.py", *ft, "--model", model,
-                                                                "--out", str(models[model])),
+                                                                "--out", str(models[model]), *finetune_overrides),
                             models[model] / "metrics.json", inputs=[evaluated]))
     stages.append(Stage("report", reolm_command("report", *(str(d) for d in models.values()),
                                                 "--out", str(run_dir / "results.md"), "--plot",
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", required=True, metavar="HF_DIR", help="local HF checkpoint (BERT/RoBERTa)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu-small")
     parser.add_argument("--run-dir", default="runs/real_transfer", help="where everything is written")
+    parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra launch/pretrain.py override on top of the budget's config (repeatable)")
+    parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra launch/finetune.py override for every model on the target (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print every command with its inputs; run nothing")
     parser.add_argument("--record", action="store_true",
                         help="write bench/results/real_transfer_<cpu|gpu>.{json,md,png} when the run finishes")
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         parser.error(f"domain folder names must differ (they name the domains): {names}")
     run_dir = Path(args.run_dir).resolve()
-    stages, models = transfer_stages(run_dir, sources, target, backbone, budget)
+    stages, models = transfer_stages(run_dir, sources, target, backbone, budget, args.pretrain_override,
+                                     args.finetune_override)
     if args.dry_run:
         print(f"budget {budget.name}: {'; '.join(budget.notes)}")
         print_plan(stages)
