@@ -156,7 +156,8 @@ def _run_one(stage: Stage) -> tuple[int, float]:
     """Run the stage's command; returns (exit code, peak RSS in GiB of the largest process of its tree)."""
     proc = subprocess.Popen(stage.argv, env={**os.environ, **stage.env}, cwd=REPO_ROOT)
     # wait4 reports the child's usage including its waited-for descendants (the DeepSpeed
-    # launcher's ranks): ru_maxrss is then the largest process of the tree, in KiB on Linux.
+    # launcher's ranks): ru_maxrss is then the largest process of the tree, in KiB on Linux. It is
+    # never below this process's own RSS (the child is forked before it execs): keep the runner small.
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     scale = 2**30 if sys.platform == "darwin" else 2**20
