@@ -19,7 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tables": ("tables", "build derived item tables: token table (per tokenizer), image features (per vision model)"),
     "prepare": ("prepare", "turn raw Amazon Reviews 2018 files into a processed domain folder"),
     "import": ("import_", "import Recformer / UniSRec data or precomputed image features"),
-    "export": ("export", "export a training checkpoint to an HF-style directory, or a domain to UniSRec files"),
+    "export": ("export", "export a training checkpoint or an HF backbone as a Reo-LM directory, or a domain "
+                         "to UniSRec files"),
     "report": ("report", "build the results table and plots from run directories"),
 }
 

@@ -1,4 +1,4 @@
-"""reolm export {checkpoint,unisrec} : write our models or data in other projects' formats."""
+"""reolm export {checkpoint,backbone,unisrec} : write our models or data in other projects' formats."""
 
 from __future__ import annotations
 
@@ -6,19 +6,24 @@ import argparse
 
 from reolm.data.interop import export_unisrec
 
-HELP = "export a training checkpoint to an HF-style directory, or a domain to UniSRec files"
+HELP = "export a training checkpoint or an HF backbone as a Reo-LM directory, or a domain to UniSRec files"
 DESCRIPTION = """Export in other projects' formats.
 
   reolm export checkpoint CKPT OUT     a pre-training checkpoint as an HF-style directory (config.json,
   reolm export CKPT OUT                model.safetensors, tokenizer) that fine-tuning loads with --init;
                                        ZeRO-3 shards are consolidated through DeepSpeed
 
+  reolm export backbone HF_DIR OUT     a plain BERT/RoBERTa/MiniLM checkpoint as a Reo-LM export without
+     [KEY=VALUE ...]                   pre-training (model settings as KEY=VALUE, e.g. max_tokens=512):
+                                       evaluates zero-shot as plm-zeroshot, exactly like
+                                       `launch/evaluate.py --model HF_DIR`, and fine-tunes with --init
+
   reolm export unisrec DIR --out D     a processed domain as RecBole atomic files (UniSRec/MISSRec layout),
                                        same users, items and leave-one-out splits, so baselines run on our splits
 """
 
 
-KINDS = ("checkpoint", "unisrec")
+KINDS = ("checkpoint", "backbone", "unisrec")
 
 
 def normalize_args(argv: list[str]) -> list[str]:
@@ -36,6 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     export_checkpoint.add_arguments(ckpt)
     ckpt.set_defaults(handler=export_checkpoint.run)
+    bb = sub.add_parser("backbone", help="a plain HF checkpoint as a Reo-LM export (no pre-training)",
+                        description="Write the fresh Reo-LM that zero-shot evaluation builds on HF_DIR "
+                                    "(PLM weights, zero adapters, the image token's parameters drawn "
+                                    "from a fixed seed) as an export: config.json records origin "
+                                    "'backbone', so launch/evaluate.py names it plm-zeroshot.")
+    bb.add_argument("backbone", metavar="HF_DIR", help="local HF BERT/RoBERTa checkpoint directory")
+    bb.add_argument("out", metavar="OUT", help="output directory (replaced if it exists)")
+    bb.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="ModelConfig settings, e.g. max_tokens=512 image_feature_dim=768")
+    bb.add_argument("--debug", action="store_true", help="show tracebacks")
+    bb.set_defaults(handler=_run_backbone)
     uni = sub.add_parser("unisrec", help="a processed domain as UniSRec/RecBole atomic files",
                          description="Write NAME.train.inter (UniSRec's augmented prefixes), NAME.valid.inter, "
                                      "NAME.test.inter, NAME.text, NAME.item2index, NAME.user2index and, when the "
@@ -47,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     uni.add_argument("--max-history", type=int, default=50, help="history items per row (UniSRec uses 50)")
     uni.add_argument("--debug", action="store_true", help="show tracebacks")
     uni.set_defaults(handler=_run_unisrec)
+
+
+def _run_backbone(args: argparse.Namespace) -> int:
+    from reolm.config import load_config
+    from reolm.finetune.registry import BACKBONE_ORIGIN
+    from reolm.finetune.reolm_recommender import fresh_plm
+    from reolm.model import ModelConfig
+
+    model = fresh_plm(args.backbone, load_config(ModelConfig, [], args.overrides))
+    out = model.save_pretrained(args.out, extra_config={"origin": BACKBONE_ORIGIN, "origin_dir": args.backbone})
+    print(f"exported {args.backbone} -> {out} (no pre-training; evaluates as plm-zeroshot)")
+    return 0
 
 
 def _run_unisrec(args: argparse.Namespace) -> int:

@@ -39,6 +39,8 @@ __all__ = [
     "ImageFeatureTable",
     "TableError",
     "tokenizer_key",
+    "tokenizer_identity",
+    "identity_difference",
     "tokenize_item",
     "build_token_table",
 ]
@@ -63,16 +65,52 @@ def _write_table_folder(directory: Path, arrays: Mapping[str, np.ndarray], info:
     return directory
 
 
-def tokenizer_key(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> str:
-    """Stable identity of (tokenizer vocabulary + rendering settings), 12 hex chars."""
-    h = hashlib.sha1()
+# The parts of a serialised fast tokenizer that decide the token ids of a text.  Left out on
+# purpose: "truncation" and "padding" (call-time state that transformers switches off on the
+# first call, so a tokenizer.json that configures them would change key after one use; our
+# tables never truncate or pad), "decoder" (ids -> text only) and "version".
+_ID_DETERMINING_PARTS = ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")
+# Bumped when the identity recipe changes, so tables keyed the old way are rebuilt, not misread.
+IDENTITY_VERSION = 2
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def tokenizer_identity(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> dict[str, str]:
+    """Digest per part that determines a token table's content, for ``tokenizer_key`` and for
+    saying which part changed when a table is not found.
+
+    Fast tokenizers: vocabulary/merges (``model``), normaliser, pre-tokeniser, post-processor
+    and added tokens from the backend serialisation, plus transformers' special-token map;
+    slow ones: their class and vocabulary.  ``rendering`` covers the attribute order, the
+    per-attribute cap and the table format.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts: dict[str, str] = {}
     if backend is not None:
-        h.update(backend.to_str().encode())
-    else:  # slow tokenizer: its vocabulary identifies it
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([list(attributes), max_attr_tokens, TOKEN_TABLE_VERSION]).encode())
-    return h.hexdigest()[:12]
+        serialised = json.loads(backend.to_str())
+        parts.update({name: _digest(serialised.get(name)) for name in _ID_DETERMINING_PARTS})
+    else:
+        parts["model"] = _digest([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    parts["special_tokens"] = _digest(dict(getattr(tokenizer, "special_tokens_map", {}) or {}))
+    parts["rendering"] = _digest([list(attributes), int(max_attr_tokens), TOKEN_TABLE_VERSION, IDENTITY_VERSION])
+    return parts
+
+
+def tokenizer_key(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> str:
+    """Stable identity of (what decides the token ids + rendering settings), 12 hex chars."""
+    return key_of_identity(tokenizer_identity(tokenizer, attributes, max_attr_tokens))
+
+
+def key_of_identity(identity: Mapping[str, str]) -> str:
+    return _digest(dict(identity))
+
+
+def identity_difference(expected: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
+    """Names of the identity parts that differ (a table from before identities were recorded: all)."""
+    return sorted(name for name in set(expected) | set(found) if expected.get(name) != found.get(name))
 
 
 def _encode_words(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
@@ -120,6 +158,7 @@ class ItemTokenTable:
     offsets: np.ndarray      # int64 [N + 1]
     attributes: tuple[str, ...] = ()
     key: str = ""
+    identity: Mapping[str, str] | None = None  # tokenizer_identity parts behind ``key``
 
     def __post_init__(self) -> None:
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0:
@@ -146,7 +185,8 @@ class ItemTokenTable:
 
     @classmethod
     def from_lists(cls, rows: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]],
-                   attributes: Sequence[str] = (), key: str = "") -> "ItemTokenTable":
+                   attributes: Sequence[str] = (), key: str = "",
+                   identity: Mapping[str, str] | None = None) -> "ItemTokenTable":
         """Build in memory from per-item (ids, types, word_starts) rows."""
         ids: list[int] = []
         types: list[int] = []
@@ -159,7 +199,7 @@ class ItemTokenTable:
             offsets.append(len(ids))
         return cls(np.asarray(ids, dtype=np.int32), np.asarray(types, dtype=np.int8),
                    np.asarray(starts, dtype=np.uint8), np.asarray(offsets, dtype=np.int64),
-                   tuple(attributes), key)
+                   tuple(attributes), key, identity)
 
     def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the table folder atomically (temp folder, then rename)."""
@@ -168,7 +208,7 @@ class ItemTokenTable:
                   "offsets": np.asarray(self.offsets, dtype=np.int64)}
         info = {"kind": "token_table", "version": TOKEN_TABLE_VERSION, "num_items": len(self),
                 "num_tokens": int(self.offsets[-1]), "attributes": list(self.attributes),
-                "key": self.key, **(extra or {})}
+                "key": self.key, "identity": dict(self.identity or {}), **(extra or {})}
         return _write_table_folder(Path(directory), arrays, info)
 
     @classmethod
@@ -184,20 +224,20 @@ class ItemTokenTable:
                    np.load(directory / "types.npy", mmap_mode=mode),
                    np.load(directory / "word_starts.npy", mmap_mode=mode),
                    np.load(directory / "offsets.npy"),
-                   tuple(info.get("attributes", ())), info.get("key", ""))
+                   tuple(info.get("attributes", ())), info.get("key", ""), info.get("identity") or None)
 
 
 def build_token_table(items: Iterable[Mapping[str, str]], tokenizer: Any, attributes: Sequence[str],
                       max_attr_tokens: int = 32, progress: bool = False,
                       total: int | None = None) -> ItemTokenTable:
     """Tokenise every item (attribute dicts in item-index order) into a table."""
-    key = tokenizer_key(tokenizer, attributes, max_attr_tokens)
+    identity = tokenizer_identity(tokenizer, attributes, max_attr_tokens)
     iterator: Iterable[Mapping[str, str]] = items
     if progress:
         from tqdm.auto import tqdm
         iterator = tqdm(items, total=total, desc="tokenising items", unit="item")
     rows = (tokenize_item(tokenizer, attrs, attributes, max_attr_tokens) for attrs in iterator)
-    return ItemTokenTable.from_lists(rows, attributes, key)
+    return ItemTokenTable.from_lists(rows, attributes, key_of_identity(identity), identity)
 
 
 @dataclass

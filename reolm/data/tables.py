@@ -9,8 +9,11 @@ is tokenised in minutes and without Python lists of every token.
 
 Where tables live (``shards/README.md``): ``CORPUS/tables/tokens-<key>/`` with rows
 = global item index, and ``DOMAIN/tables/tokens-<key>/`` with rows = item index.
-``<key>`` is :func:`~reolm.data.item_table.tokenizer_key` (tokenizer vocabulary +
-attribute order + per-attribute token cap), so several tokenizers share a corpus.
+``<key>`` is :func:`~reolm.data.item_table.tokenizer_key` (what decides the token ids:
+vocabulary, normaliser, pre-tokeniser, post-processor, special and added tokens; plus the
+attribute order and per-attribute token cap), so several tokenizers share a corpus.  Each
+``table.json`` records the parts of that identity, so a table that is not found for a
+tokenizer is explained ("tokens-… differs in: normalizer").
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from reolm.data.item_table import (VOID_VALUE, ItemTokenTable, TableError, _encode_words, tokenize_item,
-                                   tokenizer_key)
+from reolm.data.item_table import (VOID_VALUE, ItemTokenTable, TableError, _encode_words, identity_difference,
+                                   key_of_identity, tokenize_item, tokenizer_identity)
 
 __all__ = [
     "tokenize_items_batched",
@@ -31,12 +34,15 @@ __all__ = [
     "build_source_token_table",
     "token_table_dir",
     "find_token_table",
+    "why_no_token_table",
+    "MissingTokenTable",
     "source_attributes",
     "iter_source_items",
     "load_tokenizer",
 ]
 
 DEFAULT_BATCH = 4096
+NO_TABLES_YET = "no token table has been built there yet"
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -136,9 +142,10 @@ def build_token_table_batched(items: Iterable[Mapping[str, str]], tokenizer: Any
         chunks = [(np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.uint8), np.zeros(0, np.int64))]
     offsets = np.zeros(sum(len(c[3]) for c in chunks) + 1, dtype=np.int64)
     np.cumsum(np.concatenate([c[3] for c in chunks]), out=offsets[1:])
+    identity = tokenizer_identity(tokenizer, attributes, max_attr_tokens)
     return ItemTokenTable(np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]),
                           np.concatenate([c[2] for c in chunks]), offsets, tuple(attributes),
-                          tokenizer_key(tokenizer, attributes, max_attr_tokens))
+                          key_of_identity(identity), identity)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -202,12 +209,45 @@ def build_source_token_table(root: str | os.PathLike, tokenizer: Any, max_attr_t
                              "max_attr_tokens": max_attr_tokens, "source": str(root)})
 
 
+class MissingTokenTable(TableError):
+    """No token table for this tokenizer; ``reason`` says why, ``others`` whether tables of other
+    identities exist (then building one is a rebuild, worth a warning)."""
+
+    def __init__(self, message: str, reason: str, others: bool):
+        super().__init__(message)
+        self.reason = reason
+        self.others = others
+
+
+def why_no_token_table(root: str | os.PathLike, identity: dict[str, str]) -> str:
+    """Why ``root`` holds no token table for ``identity``: none at all, or which parts of each
+    existing table's identity differ (so a rebuild says what changed)."""
+    tables = sorted(p for p in (Path(root) / "tables").glob("tokens-*") if (p / "table.json").is_file())
+    if not tables:
+        return NO_TABLES_YET
+    reasons = []
+    for directory in tables:
+        try:
+            recorded = json.loads((directory / "table.json").read_text()).get("identity") or {}
+        except (OSError, ValueError) as err:
+            reasons.append(f"{directory.name} is unreadable ({err})")
+            continue
+        if not recorded:
+            reasons.append(f"{directory.name} predates recorded tokenizer identities")
+        else:
+            reasons.append(f"{directory.name} differs in: {', '.join(identity_difference(identity, recorded))}")
+    return "; ".join(reasons)
+
+
 def find_token_table(root: str | os.PathLike, tokenizer: Any, max_attr_tokens: int = 32,
                      mmap: bool = True) -> ItemTokenTable:
     """Load the token table of ``tokenizer`` under a corpus or domain folder (memory-mapped)."""
-    key = tokenizer_key(tokenizer, source_attributes(root), max_attr_tokens)
-    directory = token_table_dir(root, key)
+    identity = tokenizer_identity(tokenizer, source_attributes(root), max_attr_tokens)
+    directory = token_table_dir(root, key_of_identity(identity))
     if not (directory / "table.json").is_file():
-        raise TableError(f"no token table for this tokenizer under {root} (expected {directory}); build it "
-                         f"with `reolm tables tokens --tokenizer DIR --{'corpus' if _is_corpus(Path(root)) else 'domain'} {root}`")
+        flag = "corpus" if _is_corpus(Path(root)) else "domain"
+        reason = why_no_token_table(root, identity)
+        raise MissingTokenTable(f"no token table for this tokenizer under {root} (expected {directory}: "
+                                f"{reason}); build it with `reolm tables tokens --tokenizer DIR --{flag} {root}`",
+                                reason, others=reason != NO_TABLES_YET)
     return ItemTokenTable.load(directory, mmap=mmap)

@@ -28,7 +28,8 @@ from reolm.data.domain import write_json_atomic
 __all__ = ["MODEL_NAMES", "REQUIRED_METRICS", "ContractError", "metrics_document", "validate_metrics",
            "write_metrics", "read_metrics"]
 
-MODEL_NAMES = ("reolm", "reolm-nopretrain", "reolm-zeroshot", "sasrec", "gru4rec", "bert4rec", "pop")
+MODEL_NAMES = ("reolm", "reolm-nopretrain", "reolm-zeroshot", "plm-zeroshot", "sasrec", "gru4rec", "bert4rec",
+               "pop")
 REQUIRED_METRICS = ("NDCG@10", "Recall@10", "MRR", "NDCG@5", "AUC")
 
 

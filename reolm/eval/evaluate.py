@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -25,7 +26,7 @@ from reolm.data.domain import Domain
 from reolm.eval.metrics import DEFAULT_KS, MetricAccumulator
 from reolm.eval.ranking import Similarity, rank_targets
 
-__all__ = ["Recommender", "SplitExamples", "split_examples", "EvalResult", "evaluate_recommender"]
+__all__ = ["Recommender", "SplitExamples", "split_examples", "sample_users", "EvalResult", "evaluate_recommender"]
 
 Split = Literal["val", "test"]
 
@@ -75,6 +76,16 @@ def split_examples(domain: Domain, split: Split) -> SplitExamples:
     return SplitExamples(users, histories, targets)
 
 
+def sample_users(examples: SplitExamples, max_users: int, seed: int) -> SplitExamples:
+    """A random subset of ``max_users`` examples, the same for every model of a domain and seed
+    (drawn from the split's users in user order, kept in that order); all when there are fewer."""
+    if max_users <= 0 or max_users >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), size=max_users, replace=False))
+    return SplitExamples([examples.users[i] for i in keep], [examples.histories[i] for i in keep],
+                         [examples.targets[i] for i in keep])
+
+
 @dataclass
 class EvalResult:
     split: str
@@ -92,9 +103,16 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val", *,
                          max_history: int | None = None, batch_size: int = 256, item_chunk: int = 65536,
-                         ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> EvalResult:
-    """Full-ranking metrics of ``model`` on ``split`` of ``domain`` (averaged over users)."""
+                         ks: Sequence[int] = DEFAULT_KS, progress: bool = True, max_users: int = 0,
+                         seed: int = 0) -> EvalResult:
+    """Full-ranking metrics of ``model`` on ``split`` of ``domain`` (averaged over users).
+
+    ``max_users > 0`` evaluates a reproducible random subset of that many users
+    (:func:`sample_users`); the result's ``extra["user_subset"]`` then records it.
+    """
     examples = split_examples(domain, split)
+    all_users = len(examples)
+    examples = sample_users(examples, max_users, seed)
     keep = max_history or model.default_max_history
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -117,4 +135,7 @@ def evaluate_recommender(model: Recommender, domain: Domain, split: Split = "val
         if was_training and hasattr(model, "train"):
             model.train()
     metrics, pessimistic = acc.result()
-    return EvalResult(split, acc.count, domain.num_items, metrics, pessimistic)
+    extra = {}
+    if len(examples) < all_users:
+        extra["user_subset"] = {"max_users": int(max_users), "seed": int(seed), "of_users": all_users}
+    return EvalResult(split, acc.count, domain.num_items, metrics, pessimistic, extra)

@@ -18,10 +18,11 @@ __all__ = ["TABLE_METRICS", "MODEL_ORDER", "BASELINE_MODELS", "MODEL_LABELS", "R
            "build_table", "format_markdown", "plot_bars", "plot_curves", "read_log"]
 
 TABLE_METRICS: dict[str, str] = {"NDCG@10": "N@10", "Recall@10": "R@10", "MRR": "MRR"}
-MODEL_ORDER = ("pop", "gru4rec", "sasrec", "bert4rec", "reolm-zeroshot", "reolm-nopretrain", "reolm")
+MODEL_ORDER = ("pop", "gru4rec", "sasrec", "bert4rec", "plm-zeroshot", "reolm-zeroshot", "reolm-nopretrain",
+               "reolm")
 BASELINE_MODELS = frozenset({"pop", "gru4rec", "sasrec", "bert4rec"})
 MODEL_LABELS = {"pop": "Pop", "gru4rec": "GRU4Rec", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
-                "reolm-zeroshot": "Reo-LM (zero-shot)", "reolm-nopretrain": "Reo-LM (no pre-train)",
+                "plm-zeroshot": "PLM (zero-shot)", "reolm-zeroshot": "Reo-LM (zero-shot)", "reolm-nopretrain": "Reo-LM (no pre-train)",
                 "reolm": "Reo-LM"}
 assert set(MODEL_ORDER) == set(MODEL_NAMES)
 DECIMALS = 4

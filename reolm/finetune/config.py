@@ -49,6 +49,9 @@ class EvalSection:
     item_chunk: int = param(65536, "Items scored at a time (bounds memory: batch_size x item_chunk scores).", ge=1)
     ks: list[int] = param(list(DEFAULT_KS), "Cut-offs K of NDCG@K and Recall@K.", ge=1)
     metric: str = param("NDCG@10", "Validation metric for early stopping and best-weight selection.")
+    max_users: int = param(0, "Evaluate a random subset of this many users of the split (the same users "
+                              "for every model, given subset_seed); 0 = all. Recorded in metrics.json.", ge=0)
+    subset_seed: int = param(0, "Seed of the max_users subset.")
 
     def check(self) -> None:
         if self.max_history is not None and self.max_history < 1:

@@ -18,12 +18,16 @@ as a starting point for anything else) plus::
     recommender.json           descriptor (written last: its presence marks a complete folder)
 
 A bare export (no ``recommender.json``) loads as ``reolm-zeroshot``: no fine-tuning, the top
-adapters averaged (see :func:`route_top_layers_by_mean`).
+adapters averaged (see :func:`route_top_layers_by_mean`).  A plain HF checkpoint loads as
+``plm-zeroshot`` (:func:`load_plm`): a fresh Reo-LM on it, which computes the PLM's text
+encoding (zero adapters, zero item positions) plus each item's image token, whose untrained
+embedding is drawn from a fixed seed so every run, and ``reolm export backbone``, has the same one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -45,10 +49,12 @@ from reolm.finetune.reolm_config import ReoLMSection
 from reolm.model import ModelConfig, ReoLM
 
 __all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "route_top_layers_by_mean",
-           "save_reolm_folder", "load_reolm", "ITEM_VECTORS", "autocast_for"]
+           "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
+           "autocast_for"]
 
 log = logging.getLogger(__name__)
 ITEM_VECTORS = "item_vectors.safetensors"
+PLM_SEED = 0  # draws the untrained image-token parameters of a zero-shot PLM
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -62,7 +68,8 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progress: bool = True) -> ItemTokenTable:
     """The domain's token table for ``tokenizer``; built into ``DIR/tables/`` when missing."""
-    from reolm.data.tables import build_source_token_table, build_token_table_batched, find_token_table
+    from reolm.data.tables import (MissingTokenTable, build_source_token_table, build_token_table_batched,
+                                   find_token_table)
 
     def in_memory() -> ItemTokenTable:
         ids = domain.item_ids()
@@ -74,8 +81,10 @@ def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progres
         return in_memory()
     try:
         table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
-    except TableError:
-        log.info("no token table for this tokenizer under %s: building it", domain.path)
+    except MissingTokenTable as missing:
+        # A first build is routine; one next to tables of other identities deserves a reason.
+        (log.warning if missing.others else log.info)(
+            "building the token table under %s for this tokenizer: %s", domain.path, missing.reason)
         try:
             build_source_token_table(domain.path, tokenizer, cfg.max_attr_tokens, progress=progress)
         except OSError as err:  # a read-only dataset folder: tokenise for this process only
@@ -116,6 +125,44 @@ def route_top_layers_by_mean(model: ReoLM) -> None:
     routing that uses what pre-training learned without guessing a domain.
     """
     model.set_routing("mean")
+
+
+def sized_for_domain(model_cfg: ModelConfig, domain: Domain | None) -> ModelConfig:
+    """``model_cfg`` with a fresh image MLP sized to the domain's image features, instead of failing
+    on a width that only matters once the MLP is trained."""
+    if domain is None or domain.image_features is None:
+        return model_cfg
+    width = int(domain.image_features.shape[1])
+    if width != model_cfg.image_feature_dim:
+        log.info("image_feature_dim %d -> %d (the domain's image_features.npy)", model_cfg.image_feature_dim, width)
+        model_cfg = dataclasses.replace(model_cfg, image_feature_dim=width)
+    return model_cfg
+
+
+def fresh_plm(hf_dir: str | os.PathLike, model_cfg: ModelConfig) -> ReoLM:
+    """A fresh Reo-LM on a plain HF checkpoint for zero-shot use: top adapters averaged, and the new
+    parameters drawn from :data:`PLM_SEED` (the global RNG untouched), so the weights are the same
+    on every call; ``reolm export backbone`` saves exactly these."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PLM_SEED)
+        model = ReoLM.from_backbone(hf_dir, dataclasses.replace(model_cfg, top_routing="mean"))
+    route_top_layers_by_mean(model)
+    return model
+
+
+def load_plm(folder: str | os.PathLike, section: ReoLMSection | None = None,
+             domain: Domain | None = None) -> ReoLMRecommender:
+    """Loader of ``plm-zeroshot``: a plain HF checkpoint (model settings from ``section.model``, the
+    image MLP sized to ``domain``) or the export ``reolm export backbone`` wrote of one."""
+    from reolm.finetune.registry import is_reolm_export
+
+    section = section or ReoLMSection()
+    if is_reolm_export(folder):
+        model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
+        route_top_layers_by_mean(model)
+    else:
+        model = fresh_plm(folder, sized_for_domain(section.model, domain))
+    return ReoLMRecommender(model, section)
 
 
 # ----------------------------------------------------------------------------- recommender

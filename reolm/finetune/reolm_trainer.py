@@ -38,7 +38,9 @@ from reolm.eval.evaluate import EvalResult
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMStageSection
-from reolm.finetune.reolm_recommender import ReoLMRecommender, autocast_for, save_reolm_folder
+from reolm.finetune.reolm_recommender import (ReoLMRecommender, autocast_for, save_reolm_folder,
+                                              sized_for_domain)
+from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
 from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
                                    seed_everything, train_with_early_stopping)
 from reolm.model import ReoLM
@@ -69,15 +71,11 @@ def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path |
         overrides.update({k: getattr(m, k) for k in ("hidden_dropout", "attention_dropout")
                           if getattr(m, k) is not None})
         model = ReoLM.from_pretrained(init, overrides=overrides)
-        name = "reolm"
+        # An export of a plain checkpoint (`reolm export backbone`) carries no pre-training.
+        name = "reolm-nopretrain" if export_origin(init) == BACKBONE_ORIGIN else "reolm"
     else:
-        model_cfg = dataclasses.replace(m, top_routing="gate")
-        if domain.image_features is not None and domain.image_features.shape[1] != m.image_feature_dim:
-            # A fresh image MLP: size it to the domain's features instead of failing.
-            log.info("image_feature_dim %d -> %d (the domain's image_features.npy)", m.image_feature_dim,
-                     domain.image_features.shape[1])
-            model_cfg = dataclasses.replace(model_cfg, image_feature_dim=int(domain.image_features.shape[1]))
-        model = ReoLM.from_backbone(backbone, model_cfg)
+        model = ReoLM.from_backbone(backbone, sized_for_domain(dataclasses.replace(m, top_routing="gate"),
+                                                                domain))
         name = "reolm-nopretrain"
     model.set_routing("gate")
     # Record where the weights came from in the resolved config of the run.

@@ -88,7 +88,8 @@ def evaluate_split(model: Recommender, domain: Domain, split: str, eval_cfg: Eva
     """Full-ranking metrics with the run's evaluation settings."""
     return evaluate_recommender(model, domain, split, max_history=eval_cfg.max_history,
                                 batch_size=eval_cfg.batch_size, item_chunk=eval_cfg.item_chunk,
-                                ks=tuple(eval_cfg.ks), progress=progress)
+                                ks=tuple(eval_cfg.ks), progress=progress, max_users=eval_cfg.max_users,
+                                seed=eval_cfg.subset_seed)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def finish_run(run_dir: Path, *, model_name: str, model: Recommender, domain: Do
                            num_items=test.num_items, metrics=test.metrics,
                            metrics_pessimistic=test.metrics_pessimistic, best_val=best.val,
                            best_val_pessimistic=best.val_pessimistic, best_epoch=best.epoch,
-                           epochs_run=best.epochs_run, stopped_early=best.stopped_early, **extra)
+                           epochs_run=best.epochs_run, stopped_early=best.stopped_early, **test.extra, **extra)
     write_metrics(run_dir / "metrics.json", doc)
     return doc
 
@@ -206,23 +207,31 @@ def run_finetune(cfg: FinetuneConfig, domain_dir: str | Path, run_dir: str | Pat
 
 def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",
                    overrides: Iterable[str] = (), device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Evaluate a saved model (run dir or best/) on ``split``; returns a metrics document.
+    """Evaluate a saved model (run dir or best/), a Reo-LM export or a plain HF checkpoint (both
+    zero-shot) on ``split``; returns a metrics document.
 
     The evaluation settings are those the run used (``best/config.yaml``), then ``overrides``
-    (``eval.*`` keys), so the test metrics of a run are reproduced exactly by default.
+    (``eval.*`` keys; for an HF checkpoint also ``reolm.model.*``), so the test metrics of a
+    run are reproduced exactly by default.
     """
     from reolm.config import load_config
     from reolm.eval.saved import DESCRIPTOR
-    from reolm.finetune.registry import get_loader, resolve_saved_model
+    from reolm.finetune.registry import PLM_ZEROSHOT, get_loader, resolve_saved_model
 
-    folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, or a Reo-LM export (zero-shot)
+    folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, an export or an HF checkpoint
     saved_cfg = folder / "config.yaml"
     run_cfg = [saved_cfg] if saved_cfg.is_file() and (folder / DESCRIPTOR).is_file() else []
     cfg = load_config(FinetuneConfig, run_cfg, overrides)
-    model = get_loader(desc["model"])(folder)
+    domain = read_domain(domain_dir)
+    if desc["model"] == PLM_ZEROSHOT:  # built, not loaded: its settings come from the config
+        from reolm.finetune.reolm_recommender import load_plm
+        model = load_plm(folder, cfg.reolm, domain)
+    else:
+        model = get_loader(desc["model"])(folder)
+    if hasattr(model, "progress"):
+        model.progress = progress  # item encoding's progress bar (Reo-LM)
     if isinstance(model, nn.Module):
         model.to(resolve_device(device))
-    domain = read_domain(domain_dir)
     if "num_items" in desc and int(desc["num_items"]) != domain.num_items:
         raise ValueError(f"{folder} was trained on {desc['num_items']} items but {domain_dir} has "
                          f"{domain.num_items}: wrong domain?")
@@ -232,4 +241,4 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     result = evaluate_split(model, domain, split, cfg.eval, progress=progress)
     return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
                             num_items=result.num_items, metrics=result.metrics,
-                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder))
+                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder), **result.extra)

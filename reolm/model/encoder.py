@@ -403,8 +403,11 @@ class ReoLM(nn.Module):
         return torch.cat([table[:offset], learned.repeat(reps, 1)[: rows - offset]])
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (temp folder, then rename)."""
+    def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping[str, Any] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (temp folder, then rename).
+
+        ``extra_config`` adds top-level entries to config.json (e.g. ``origin``: where the weights
+        came from), which :meth:`from_pretrained` ignores."""
         from safetensors.torch import save_file
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
@@ -412,7 +415,8 @@ class ReoLM(nn.Module):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         config = {"model_type": "reolm", "format_version": FORMAT_VERSION, "architectures": ["ReoLM"],
-                  "backbone": self.backbone_config.to_dict(), "reolm": to_dict(self.config)}
+                  "backbone": self.backbone_config.to_dict(), "reolm": to_dict(self.config),
+                  **dict(extra_config or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(self.state_dict_to_save(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if self.tokenizer is not None:
