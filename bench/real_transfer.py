@@ -8,8 +8,7 @@ Inputs are Recformer-layout folders (train/val/test/smap/umap/meta_data.json) an
 checkpoint. Every stage is an ordinary user command, run in order and skipped once done (so the
 same command resumes):
 
-  reolm import recformer (each domain) -> bench/eval_users.py (the target's evaluation users)
-  -> reolm shard (sources) -> reolm tables tokens -> deepspeed launch/pretrain.py (source domains)
+  reolm import recformer (each domain) -> reolm shard (sources) -> reolm tables tokens -> deepspeed launch/pretrain.py (source domains)
   -> reolm export checkpoint -> on the target: launch/evaluate.py zero-shot of the backbone,
   launch/finetune.py Reo-LM from the pre-trained export and from the backbone alone, and the ID
   baselines (SASRec, GRU4Rec, BERT4Rec, popularity) -> reolm report (table + PNG).
@@ -49,7 +48,7 @@ class TransferBudget:
     name: str
     pretrain_config: str       # PretrainConfig YAML (paths are filled in by this script)
     finetune_config: str       # FinetuneConfig YAML shared by every model on the target
-    eval_users: int            # target users validated and tested (seeded sample); 0 = all
+    eval_users: int            # target users validated and tested (eval.max_users, a seeded sample); 0 = all
     eval_seed: int = 0
     nproc: int = 0             # pre-training ranks; 0 = every GPU, or 2 gloo ranks on CPU
     baselines: tuple[str, ...] = BASELINES
@@ -91,14 +90,11 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
                                                                "--out", str(out)),
                             out / "domain.json", inputs=[src]))
         imported.append(out)
-    source_dirs, full_target = imported[:-1], imported[-1]
-    evaluated = full_target
-    if budget.eval_users:
-        evaluated = domains / f"{target.name}-eval{budget.eval_users}"
-        stages.append(Stage(f"{target.name}: {budget.eval_users} evaluation users (seed {budget.eval_seed})",
-                            python_command("bench/eval_users.py", str(full_target), "--users", str(budget.eval_users),
-                                           "--seed", str(budget.eval_seed), "--out", str(evaluated)),
-                            evaluated / "domain.json", inputs=[full_target]))
+    source_dirs, evaluated = imported[:-1], imported[-1]
+    # Every model on the target is validated and tested on the same users: the budget's seeded
+    # sample (eval.max_users / subset_seed) or all of them.
+    subset = [f"eval.max_users={budget.eval_users}", f"eval.subset_seed={budget.eval_seed}"]
+    finetune_overrides = [*subset, *finetune_overrides]
     stages += [
         Stage("shard the source domains", reolm_command("shard", "--out", str(shards), "--quiet",
                                                         *map(str, source_dirs)),
@@ -125,7 +121,7 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
     stages.append(Stage("zero-shot: the backbone alone",
                         python_command("launch/evaluate.py", "--domain", str(evaluated), "--model", str(backbone),
                                        "--split", "test", "--no-progress", "--out",
-                                       str(models["zero-shot"] / "metrics.json")),
+                                       str(models["zero-shot"] / "metrics.json"), *subset),
                         models["zero-shot"] / "metrics.json", inputs=[evaluated, backbone]))
     stages.append(Stage("fine-tune Reo-LM from the pre-trained export",
                         python_command("launch/finetune.py", *ft, "--model", "reolm", "--init", str(export_dir),
