@@ -18,6 +18,7 @@ evaluation on the held-out pre-training category, fine-tuning of every downstrea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 from reolm.config import ConfigError, load_config, param
 from reolm.model.encoder import training_flops
 from reolm.model.hf_checkpoint import BackboneConfig
-from reolm.pipeline import Stage, python_command, reolm_command
+from reolm.pipeline import REPO_ROOT, Stage, python_command, reolm_command
 from reolm.train.checkpoint import step_tag
 
 __all__ = ["RecipeConfig", "PrepareFilters", "CostModel", "recipe_stages", "pretraining_cost", "RECFORMER_PRETRAIN",
@@ -116,6 +117,19 @@ class RecipeConfig:
             raise ConfigError("downstream: at least one domain is needed")
 
 
+def _repo_path(path: str) -> Path:
+    """Config files named relative to the repository (as the stages run from its root)."""
+    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+
+
+def _absolute(cfg: RecipeConfig) -> RecipeConfig:
+    """Data and model paths resolved against the current directory, where the user typed them."""
+    def resolve(path: str) -> str:
+        return str(Path(path).resolve()) if path else path
+    return dataclasses.replace(cfg, raw_dir=resolve(cfg.raw_dir), work_dir=resolve(cfg.work_dir),
+                               backbone=resolve(cfg.backbone), vision=resolve(cfg.vision))
+
+
 def _raw(cfg: RecipeConfig, category: str) -> tuple[Path, Path]:
     raw = Path(cfg.raw_dir)
     return raw / f"{category}_5.json.gz", raw / f"meta_{category}.json.gz"
@@ -153,7 +167,7 @@ def pretraining_cost(cfg: RecipeConfig) -> dict[str, float]:
     """Expected pre-training FLOPs and GPU-hours from the config and :class:`CostModel`'s assumptions."""
     from reolm.train.config import PretrainConfig
 
-    pre = load_config(PretrainConfig, [cfg.pretrain_config], cfg.pretrain_overrides)
+    pre = load_config(PretrainConfig, [_repo_path(cfg.pretrain_config)], cfg.pretrain_overrides)
     config_json = Path(cfg.backbone) / "config.json"
     if config_json.is_file():
         backbone = BackboneConfig.from_dict(json.loads(config_json.read_text()))
@@ -179,6 +193,7 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
     if not cfg.backbone:
         raise ConfigError("backbone: set the local HF checkpoint directory of the backbone "
                           "(e.g. backbone=/models/MiniLM-L12-H384)")
+    cfg = _absolute(cfg)
     work = Path(cfg.work_dir)
     data, shards = work / "data", work / "shards" / "pretrain"
     runs, export = work / "runs", work / "exports" / "reolm-pretrained"
