@@ -165,13 +165,17 @@ def record_run(budget: TransferBudget, run_dir: Path, models: dict[str, Path], t
         "wall_s": round(sum(t["wall_s"] for t in timings.values() if isinstance(t, dict)), 1),
         "peak_rss_gib": max((t["peak_rss_gib"] for t in timings.values() if isinstance(t, dict)), default=None),
         "stages": timings,
-        "runs": {name: _metrics_summary(d / "metrics.json") for name, d in models.items()},
-        "table": json.loads((run_dir / "results.json").read_text()),
-        "table_markdown": (run_dir / "results.md").read_text(),
+        # A run that has not finished (yet) is recorded as null rather than left out.
+        "runs": {name: _metrics_summary(d / "metrics.json") if (d / "metrics.json").is_file() else None
+                 for name, d in models.items()},
     }
+    if (run_dir / "results.json").is_file():
+        result["table"] = json.loads((run_dir / "results.json").read_text())
+        result["table_markdown"] = (run_dir / "results.md").read_text()
     path = write_result(f"{budget.record}.json", result)
-    shutil.copyfile(run_dir / "results.md", RESULTS / f"{budget.record}.md")
-    shutil.copyfile(run_dir / "results.png", RESULTS / f"{budget.record}.png")
+    for suffix in ("md", "png"):
+        if (run_dir / f"results.{suffix}").is_file():
+            shutil.copyfile(run_dir / f"results.{suffix}", RESULTS / f"{budget.record}.{suffix}")
     return path
 
 
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print every command with its inputs; run nothing")
     parser.add_argument("--record", action="store_true",
                         help="write bench/results/real_transfer_<cpu|gpu>.{json,md,png} when the run finishes")
+    parser.add_argument("--record-only", action="store_true",
+                        help="run nothing: record what RUN_DIR holds now (unfinished runs as null)")
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
     sources = [Path(p).resolve() for p in args.pretrain]
@@ -203,13 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"budget {budget.name}: {'; '.join(budget.notes)}")
         print_plan(stages)
         return 0
+    inputs = {**{f"pretrain:{p.name}": p for p in sources}, "target": target, "backbone": backbone}
+    if args.record_only:
+        timings = json.loads((run_dir / "timings.json").read_text())
+        print(f"recorded {record_run(budget, run_dir, models, timings, inputs)}")
+        return 0
     start = time.perf_counter()
     timings = run_stages(run_dir, stages, resume_hint="fix the cause and run the same command again to resume")
     wall = time.perf_counter() - start
     print(f"\nfinished in {wall / 60:.1f} min; results in {run_dir}\n")
     print((run_dir / "results.md").read_text())
     if args.record:
-        inputs = {**{f"pretrain:{p.name}": p for p in sources}, "target": target, "backbone": backbone}
         print(f"recorded {record_run(budget, run_dir, models, timings, inputs)}")
     return 0
 
