@@ -10,18 +10,15 @@ last.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+
+from reolm.pipeline import Stage, deepspeed_launcher, reolm_command, run_stages
 
 __all__ = ["Stage", "demo_stages", "run_demo", "main"]
 
@@ -31,19 +28,7 @@ DEMO_PRESET = "demo"
 COLD_FRACTION = 0.2
 
 
-@dataclass
-class Stage:
-    """One step of the demo: a command and the path (may hold ``*``) whose existence marks it done."""
-
-    name: str
-    argv: list[str]
-    done_marker: Path
-    env: dict[str, str] = field(default_factory=dict)
-    check: Callable[[], None] | None = None
-
-
-def _reolm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "reolm", *args]
+_reolm = reolm_command
 
 
 def _world_size() -> int:
@@ -51,15 +36,7 @@ def _world_size() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def _pretrain_launcher(nproc: int) -> list[str]:
-    """The real DeepSpeed launcher, next to this interpreter (the venv's bin/)."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        found = shutil.which("deepspeed")
-        if found is None:
-            raise FileNotFoundError("the `deepspeed` launcher is not installed in this environment")
-        launcher = Path(found)
-    return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
+_pretrain_launcher = deepspeed_launcher
 
 
 def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_size: int = 8192) -> list[Stage]:
@@ -146,27 +123,10 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
     ]
 
 
-def run_demo(run_dir: Path, stages: Sequence[Stage], fresh: bool = False) -> dict[str, float]:
+def run_demo(run_dir: Path, stages: Sequence[Stage], fresh: bool = False) -> dict[str, dict[str, float]]:
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    timings_path = run_dir / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    total = len(stages)
-    for i, stage in enumerate(stages, start=1):
-        if glob.glob(str(stage.done_marker)):
-            print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
-            continue
-        print(f"[{i}/{total}] {stage.name}: {' '.join(stage.argv)}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, **stage.env}
-        result = subprocess.run(stage.argv, env=env, cwd=REPO_ROOT)
-        if result.returncode != 0:
-            raise SystemExit(f"demo stage {stage.name!r} failed with exit code {result.returncode}; "
-                             f"fix the cause and run `make demo` again to resume from this stage")
-        timings[stage.name] = round(time.perf_counter() - start, 2)
-        timings_path.write_text(json.dumps(timings, indent=2))
-    return timings
+    return run_stages(run_dir, stages, resume_hint="fix the cause and run `make demo` again to resume from this stage")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
     timings = run_demo(run_dir, demo_stages(run_dir, args.seed, args.nproc, args.vocab_size), fresh=args.fresh)
-    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("\nstage timings (s): " + ", ".join(f"{k} {v['wall_s'] if isinstance(v, dict) else v:.0f}"
+                                            for k, v in timings.items()))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; results in {run_dir}\n")
     print((run_dir / "results.md").read_text())
     return 0

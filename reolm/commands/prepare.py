@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
 
 from reolm.commands._ingest_common import (add_image_arguments, add_output_arguments, add_unescape_argument,
                                            attach_images, check_output, write_and_summarise)
@@ -56,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     filters.add_argument("--allow-truncated", action="store_true",
                          help="keep the lines read before a truncated/corrupt gzip stream instead of failing")
     add_image_arguments(amazon, shards=True)
+    amazon.add_argument("--write-image-urls", metavar="FILE",
+                        help="write the image URLs of the kept items to FILE, one per line (img2dataset "
+                             "--input_format txt); the shards it downloads join back through --image-shards")
     amazon.add_argument("--debug", action="store_true", help="show tracebacks")
     amazon.set_defaults(handler=run_amazon)
 
@@ -65,14 +71,30 @@ def run_amazon(args: argparse.Namespace) -> int:
     options = AmazonOptions(require_title=args.require_title, unescape_html=args.unescape_html,
                             user_k=args.user_k, item_k=args.item_k, duplicates=args.duplicates,
                             category=args.category, allow_truncated=args.allow_truncated,
-                            keep_image_urls=bool(args.image_shards))
+                            keep_image_urls=bool(args.image_shards or args.write_image_urls))
     domain, items, report = build_amazon_domain(args.name, args.reviews, args.meta, options)
     url_to_items: dict[str, list[int]] = defaultdict(list)
     for index, urls in items.image_urls.items():
         for url in urls:
             url_to_items[url].append(index)
+    if args.write_image_urls:
+        write_url_list(args.write_image_urls, items.image_urls)
     attach_images(domain, out, args, report, url_to_items)
     return write_and_summarise(domain, out, report)
+
+
+def write_url_list(path: str | Path, image_urls: Mapping[int, Sequence[str]]) -> None:
+    """Each kept item's first URL (high resolution first), once, in item order; temp name then rename.
+
+    One URL per item is enough: --image-shards joins a downloaded image back through any of the item's URLs.
+    """
+    urls = dict.fromkeys(image_urls[i][0] for i in sorted(image_urls) if image_urls[i])
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("".join(url + "\n" for url in urls))
+    os.replace(tmp, target)
+    print(f"wrote {len(urls):,} image URLs to {target}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from reolm.model.config import TOP_ROUTINGS, ModelConfig
 from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
                                        read_backbone_config, read_state_dict)
 
-__all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION"]
+__all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION", "training_flops"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -272,6 +272,31 @@ class Encoder(nn.Module):
     def __init__(self, layers: list[Layer]):
         super().__init__()
         self.layer = nn.ModuleList(layers)
+
+
+
+def training_flops(backbone_config: Any, config: ModelConfig, num_real_tokens: int, num_attention_pairs: int,
+                   num_mlm_positions: int = 0, cls_only_sequences: int | None = None) -> float:
+    """Model FLOPs of one forward + backward (3x forward) of Reo-LM over the given token counts.
+
+    ``backbone_config`` is the HF config (hidden_size, intermediate_size, num_hidden_layers,
+    vocab_size); ``num_attention_pairs`` is the sum over sequences of (tokens of the sequence)^2.
+    Matmuls only: linear layers, adapters, attention scores and mixing, the MLM head at the masked
+    positions.  ``cls_only_sequences`` counts a last layer run for the [CLS] rows of that many
+    sequences only (keys and values still projected for every token), as ``forward(batch,
+    pooled_only=True)`` does.  A function of plain numbers, so a run's cost can be estimated
+    before any data exists.
+    """
+    h = backbone_config.hidden_size
+    rest = 2 * h * h + 2 * h * backbone_config.intermediate_size + 2 * h * config.num_adapters * config.adapter_rank
+    per_token = 2 * h * h + rest                                     # q, k, v, output, FFN, adapters
+    tokens, pairs = num_real_tokens, num_attention_pairs
+    forward = backbone_config.num_hidden_layers * (2 * per_token * tokens + 4 * h * pairs)
+    if cls_only_sequences is not None:
+        forward -= 2 * per_token * tokens + 4 * h * pairs            # the full last layer, replaced by
+        forward += 2 * (2 * h * h * tokens + rest * cls_only_sequences) + 4 * h * tokens  # its [CLS] rows
+    forward += 2 * num_mlm_positions * (h * h + h * backbone_config.vocab_size)
+    return 3.0 * forward
 
 
 class ReoLM(nn.Module):
@@ -560,20 +585,10 @@ class ReoLM(nn.Module):
         counts ``forward(batch, pooled_only=True)``: with :attr:`cls_only_last_layer` the last
         layer projects keys and values for every token but the rest for the [CLS] rows only.
         """
-        bb, cfg = self.backbone_config, self.config
-        h = bb.hidden_size
-        tokens, pairs = batch["num_real_tokens"], batch["num_attention_pairs"]
-        rest = 2 * h * h + 2 * h * bb.intermediate_size + 2 * h * cfg.num_adapters * cfg.adapter_rank
-        per_token = 2 * h * h + rest                            # q, k, v, output, FFN, adapters
-        layers = bb.num_hidden_layers
-        forward = layers * (2 * per_token * tokens + 4 * h * pairs)
-        if pooled_only and self.cls_only_last_layer:
-            sequences = len(batch["seq_lengths"])
-            forward -= 2 * per_token * tokens + 4 * h * pairs   # the full last layer, replaced by
-            forward += 2 * (2 * h * h * tokens + rest * sequences) + 4 * h * tokens  # its [CLS] rows
-        if include_mlm:
-            forward += 2 * batch["mlm_positions"].shape[0] * (h * h + h * bb.vocab_size)
-        return 3.0 * forward
+        cls_rows = len(batch["seq_lengths"]) if pooled_only and self.cls_only_last_layer else None
+        return training_flops(self.backbone_config, self.config, batch["num_real_tokens"],
+                              batch["num_attention_pairs"], batch["mlm_positions"].shape[0] if include_mlm else 0,
+                              cls_only_sequences=cls_rows)
 
     def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled vectors [B, H] of history sequences."""

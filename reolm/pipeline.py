@@ -1,0 +1,189 @@
+"""Multi-stage pipelines of ordinary user commands: the demo, the real-data transfer benchmark, the paper recipe.
+
+A :class:`Stage` is one command line (run as a subprocess with an argument list, never through a
+shell), the files it reads and the path whose existence marks it done.  :func:`run_stages` runs
+the stages in order and skips finished ones, so an interrupted pipeline resumes where it stopped;
+it records each stage's wall time and peak memory (the largest process of the stage's process
+tree).  :func:`print_plan` is the ``--dry-run``: every command with its inputs, and for each
+input whether it exists already or which earlier stage makes it, so a wiring mistake in a
+pipeline shows before hours of compute are spent.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+__all__ = ["Stage", "reolm_command", "deepspeed_launcher", "python_command", "run_stages", "plan_lines", "print_plan", "display_command",
+           "missing_inputs"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stage:
+    """One step: a command, what it reads, and the path (may hold ``*``) whose existence marks it done."""
+
+    name: str
+    argv: list[str]
+    done_marker: Path
+    env: dict[str, str] = field(default_factory=dict)
+    check: Callable[[], None] | None = None
+    inputs: list[Path] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # besides done_marker: what later stages may read
+    note: str = ""  # one line shown by the dry run (e.g. an estimate of the stage's cost)
+
+    def made_paths(self) -> list[Path]:
+        return [self.done_marker, *self.outputs]
+
+
+def reolm_command(*args: str) -> list[str]:
+    """``reolm ARGS`` with this interpreter (works without the console script on PATH)."""
+    return [sys.executable, "-m", "reolm", *args]
+
+
+def python_command(script: str | Path, *args: str) -> list[str]:
+    """``python SCRIPT ARGS`` with this interpreter; a relative script is taken from the repository."""
+    path = Path(script)
+    return [sys.executable, str(path if path.is_absolute() else REPO_ROOT / path), *args]
+
+
+def deepspeed_launcher(nproc: int) -> list[str]:
+    """The real DeepSpeed launcher next to this interpreter (the venv's bin/), ``nproc`` local ranks."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        found = shutil.which("deepspeed")
+        if found is None:
+            raise FileNotFoundError("the `deepspeed` launcher is not installed in this environment")
+        launcher = Path(found)
+    # A port per process, so pipelines started side by side do not meet at one rendezvous.
+    return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
+
+
+def _short(arg: str) -> str:
+    """Repository paths shown relative to the repository (what a user types from its root)."""
+    if arg.startswith(str(REPO_ROOT) + os.sep):
+        return os.path.relpath(arg, REPO_ROOT)
+    for prefix in ("=", ":"):  # key=value overrides and KEY=path env assignments
+        head, sep, tail = arg.partition(prefix)
+        if sep and tail.startswith(str(REPO_ROOT) + os.sep):
+            return head + sep + os.path.relpath(tail, REPO_ROOT)
+    return arg
+
+
+def display_command(stage: Stage) -> str:
+    """The stage's command as a user would type it (``reolm ...``, ``python launch/...``)."""
+    argv = list(stage.argv)
+    if argv[:3] == [sys.executable, "-m", "reolm"]:
+        argv = ["reolm", *argv[3:]]
+    elif argv and argv[0] == sys.executable:
+        argv = ["python", *argv[1:]]
+    elif argv and Path(argv[0]).parent == Path(sys.executable).parent:
+        argv = [Path(argv[0]).name, *argv[1:]]  # a console script of this environment (deepspeed, torchrun)
+    env = [f"{k}={_short(v)}" for k, v in stage.env.items()]
+    return shlex.join([*env, *(_short(a) for a in argv)])
+
+
+def _produces(earlier: Path, wanted: Path) -> bool:
+    """Does a stage that makes ``earlier`` provide ``wanted`` (same path, or one inside the other)?"""
+    a, b = str(earlier), str(wanted)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
+def _exists(path: Path) -> bool:
+    return bool(glob.glob(str(path)))
+
+
+def _input_status(path: Path, stages: Sequence[Stage], index: int) -> str:
+    for j in range(index - 1, -1, -1):
+        if any(_produces(made, path) for made in stages[j].made_paths()):
+            return f"from [{j + 1}] {stages[j].name}"
+    return "present" if _exists(path) else "MISSING"
+
+
+def missing_inputs(stages: Sequence[Stage]) -> dict[Path, str]:
+    """Inputs that neither exist nor come from an earlier stage -> the first stage that reads each."""
+    missing: dict[Path, str] = {}
+    for i, stage in enumerate(stages):
+        for path in stage.inputs:
+            if path not in missing and _input_status(path, stages, i) == "MISSING":
+                missing[path] = stage.name
+    return missing
+
+
+def plan_lines(stages: Sequence[Stage]) -> list[str]:
+    """The dry run's text: numbered stages, each with its inputs (and where they come from) and command."""
+    lines: list[str] = []
+    total = len(stages)
+    for i, stage in enumerate(stages):
+        state = "done" if _exists(stage.done_marker) else "to do"
+        lines.append(f"[{i + 1}/{total}] {stage.name} ({state})")
+        for path in stage.inputs:
+            lines.append(f"    input  {_short(str(path))}  ({_input_status(path, stages, i)})")
+        for path in stage.outputs:
+            lines.append(f"    output {_short(str(path))}")
+        lines.append(f"    done when {_short(str(stage.done_marker))} exists")
+        if stage.note:
+            lines.append(f"    note   {stage.note}")
+        lines.append(f"    $ {display_command(stage)}")
+    return lines
+
+
+def print_plan(stages: Sequence[Stage], out: TextIO | None = None) -> int:
+    """Print the plan; returns the number of inputs that are missing (neither present nor made earlier)."""
+    out = out or sys.stdout
+    for line in plan_lines(stages):
+        print(line, file=out)
+    missing = missing_inputs(stages)
+    if missing:
+        print(f"\n{len(missing)} input(s) are made by no stage and missing here (provide them before running):",
+              file=out)
+        for path, name in missing.items():
+            print(f"    {_short(str(path))}  (first read by: {name})", file=out)
+    return len(missing)
+
+
+def _run_one(stage: Stage) -> tuple[int, float]:
+    """Run the stage's command; returns (exit code, peak RSS in GiB of the largest process of its tree)."""
+    proc = subprocess.Popen(stage.argv, env={**os.environ, **stage.env}, cwd=REPO_ROOT)
+    # wait4 reports the child's usage including its waited-for descendants (the DeepSpeed
+    # launcher's ranks): ru_maxrss is then the largest process of the tree, in KiB on Linux. It is
+    # never below this process's own RSS (the child is forked before it execs): keep the runner small.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    scale = 2**30 if sys.platform == "darwin" else 2**20
+    return proc.returncode, usage.ru_maxrss / scale
+
+
+def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict[str, dict[str, float]]:
+    """Run the stages not done yet; returns {stage: {"wall_s", "peak_rss_gib"}} (also in RUN_DIR/timings.json).
+
+    A failing stage stops the pipeline with ``resume_hint`` (how to continue after fixing it).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, dict[str, float]] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    total = len(stages)
+    for i, stage in enumerate(stages, start=1):
+        if _exists(stage.done_marker):
+            print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
+            continue
+        print(f"[{i}/{total}] {stage.name}: {display_command(stage)}", flush=True)
+        start = time.perf_counter()
+        code, peak_gib = _run_one(stage)
+        if code != 0:
+            raise SystemExit(f"stage {stage.name!r} failed with exit code {code}; {resume_hint}")
+        if stage.check is not None:
+            stage.check()
+        timings[stage.name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_gib": round(peak_gib, 3)}
+        timings_path.write_text(json.dumps(timings, indent=2))
+    return timings

@@ -1,0 +1,144 @@
+"""The paper's recipe (launch/reproduce.py --dry-run), the stage runner and the image URL list."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from reolm.config import load_config
+from reolm.data.domain import read_domain
+from reolm.model.encoder import training_flops
+from reolm.model.hf_checkpoint import BackboneConfig
+from reolm.pipeline import Stage, missing_inputs, plan_lines, run_stages
+from reolm.recipe import PAPER_DOWNSTREAM, RECFORMER_DEV, RECFORMER_PRETRAIN, RecipeConfig, pretraining_cost
+from reolm.train.config import PretrainConfig
+
+from test_amazon import META, REVIEWS, write_gz
+from test_images import image_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "launch" / "configs" / "reproduce" / "paper.yaml"
+sys.path.insert(0, str(REPO / "launch"))
+
+
+def dry_run(tmp_path: Path, *overrides: str) -> tuple[int, str]:
+    import reproduce
+    backbone, vision = tmp_path / "minilm", tmp_path / "clip"
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = reproduce.main(["--config", str(PAPER), f"backbone={backbone}", f"vision={vision}",
+                               f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}", *overrides, "--dry-run"])
+    return code, out.getvalue()
+
+
+def test_dry_run_prints_every_stage_wired_to_raw_files_only(tmp_path):
+    code, text = dry_run(tmp_path)
+    assert code == 0
+    from reolm.recipe import load_recipe, recipe_stages
+    cfg = load_recipe([str(PAPER)], [f"backbone={tmp_path / 'minilm'}", f"vision={tmp_path / 'clip'}",
+                                     f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}"])
+    stages = recipe_stages(cfg)
+    # 8 categories + 6 domains x (text pass, img2dataset, final pass); shard; 2 tables; Slurm; export;
+    # CDs features + zero-shot; 6 x (features + 2 Reo-LM + 4 baselines); report.
+    assert len(stages) == 14 * 3 + 1 + 2 + 1 + 1 + 2 + 6 * 7 + 1
+    assert text.count("\n    $ ") == len(stages)
+    # Nothing a stage reads is missing except what the user brings: the raw files and the two models.
+    raw = {tmp_path / "raw" / f"{c}_5.json.gz" for c in [*RECFORMER_PRETRAIN, RECFORMER_DEV, *PAPER_DOWNSTREAM.values()]}
+    raw |= {tmp_path / "raw" / f"meta_{c}.json.gz" for c in [*RECFORMER_PRETRAIN, RECFORMER_DEV,
+                                                             *PAPER_DOWNSTREAM.values()]}
+    assert set(missing_inputs(stages)) == raw | {tmp_path / "minilm", tmp_path / "clip"}
+    for category in RECFORMER_PRETRAIN:  # sharded for pre-training; CDs only evaluated zero-shot
+        assert f"data/pretrain/{category}" in text.split("reolm shard", 1)[1].split("\n", 1)[0]
+    assert "CDs_and_Vinyl" not in text.split("reolm shard", 1)[1].split("\n", 1)[0]
+    assert "sbatch --wait --nodes 2 --gpus-per-node 8 launch/slurm/pretrain.sbatch" in text
+    for name in PAPER_DOWNSTREAM:
+        assert f"runs/{name}/reolm/metrics.json" in text and f"runs/{name}/bert4rec" in text
+    assert "--write-image-urls" in text and "img2dataset --url_list" in text and "--image-shards" in text
+
+
+def test_dry_run_states_gpu_hours_from_the_flops_counter(tmp_path):
+    _, text = dry_run(tmp_path, "nodes=4")
+    note = next(line for line in text.splitlines() if "GPU-hours" in line)
+    cfg = load_config(RecipeConfig, [PAPER], [f"backbone={tmp_path}", "nodes=4"])
+    cost = pretraining_cost(cfg)
+    assert f"~{int(-(-cost['gpu_hours'] // 1))} GPU-hours" in note and "4 x 8 GPUs" in note
+    # The estimate is the FLOPs counter applied to the stated sequence shape, times steps x batch.
+    pre = load_config(PretrainConfig, [REPO / "launch/configs/pretrain/paper.yaml"])
+    paper_backbone = BackboneConfig(model_type="roberta", vocab_size=50265, hidden_size=384, num_hidden_layers=12,
+                                    num_attention_heads=12, intermediate_size=1536)
+    history, target = 1 + (9.3 - 3) * 40, 41
+    per_seq = training_flops(paper_backbone, pre.model, int(history + target), int(history ** 2 + target ** 2),
+                             int(0.15 * history))
+    assert cost["flops"] == pytest.approx(per_seq * 2048 * 35240)
+    doubled = pretraining_cost(load_config(RecipeConfig, [PAPER], [f"backbone={tmp_path}", "nodes=4",
+                                                                   "pretrain_overrides=[optim.steps=70480]"]))
+    assert doubled["gpu_hours"] == pytest.approx(2 * cost["gpu_hours"])
+    assert cost["wall_hours"] == pytest.approx(cost["gpu_hours"] / 32)
+
+
+def test_text_only_recipe_has_no_image_stages(tmp_path):
+    code, text = dry_run(tmp_path, "vision=", "downstream={Scientific: Industrial_and_Scientific}",
+                         "baselines=[pop]", "no_pretrain_ablation=false")
+    assert code == 0 and "img2dataset" not in text and "tables images" not in text
+    assert text.count("launch/finetune.py") == 2  # Reo-LM + pop on the one domain
+
+
+def test_stage_runner_skips_done_stages_and_records_time_and_memory(tmp_path):
+    marker = tmp_path / "a.txt"
+    py = sys.executable
+    stages = [Stage("write a", [py, "-c", f"open({str(marker)!r}, 'w').write('x' * 10)"], marker),
+              Stage("grow memory", [py, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                                              f"open({str(tmp_path / 'b.txt')!r}, 'w')"], tmp_path / "b.txt",
+                    inputs=[marker])]
+    # Run the stages from a small process: a child's peak RSS is never below its parent's (fork, then exec).
+    runner = ("import json, pickle, sys; from pathlib import Path; from reolm.pipeline import run_stages; "
+              "print(json.dumps(run_stages(Path(sys.argv[1]), pickle.loads(bytes.fromhex(sys.argv[2])), 'rerun')))")
+    import pickle
+
+    def run(stage_list: list[Stage]) -> subprocess.CompletedProcess:
+        return subprocess.run([py, "-c", runner, str(tmp_path / "run"), pickle.dumps(stage_list).hex()],
+                              capture_output=True, text=True, cwd=REPO)
+    result = run(stages)
+    assert result.returncode == 0, result.stderr
+    timings = json.loads(result.stdout.splitlines()[-1])
+    assert set(timings) == {"write a", "grow memory"}
+    assert timings["grow memory"]["peak_rss_gib"] > 0.19 > 0.1 > timings["write a"]["peak_rss_gib"]
+    assert json.loads((tmp_path / "run" / "timings.json").read_text()) == timings
+    marker.write_text("kept")  # a done stage is not run again
+    assert run(stages).returncode == 0 and marker.read_text() == "kept"
+    assert "    input  " + str(marker) + "  (from [1] write a)" in plan_lines(stages)
+    failing = [Stage("fail", [py, "-c", "raise SystemExit(3)"], tmp_path / "never")]
+    with pytest.raises(SystemExit, match="exit code 3; rerun"):
+        run_stages(tmp_path / "run", failing, resume_hint="rerun")
+
+
+def test_prepare_writes_image_urls_that_join_back(tmp_path):
+    reviews = write_gz(tmp_path / "r.json.gz", REVIEWS)
+    meta = write_gz(tmp_path / "m.json.gz", META)
+    urls, text_dir = tmp_path / "urls.txt", tmp_path / "text"
+    common = [sys.executable, "-m", "reolm", "prepare", "amazon", "--reviews", str(reviews), "--meta", str(meta),
+              "--name", "Toys", "--user-k", "3", "--item-k", "0"]
+    result = subprocess.run([*common, "--out", str(text_dir), "--write-image-urls", str(urls)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # One URL per kept item that has one (I3 has none; I6, I7, I9 are not kept), in item order.
+    assert urls.read_text().splitlines() == ["https://img/I1.jpg", "https://img/I2.jpg", "https://img/I4.jpg",
+                                             "https://img/I5.jpg"]
+    shard_dir = tmp_path / "img2dataset"
+    shard_dir.mkdir()
+    with wds.TarWriter(str(shard_dir / "00000.tar")) as sink:  # what img2dataset writes for that list
+        for k, url in enumerate(urls.read_text().splitlines()[:2]):
+            sink.write({"__key__": f"{k:09d}", "jpg": image_bytes((64, 64)), "json": {"url": url}})
+    final = tmp_path / "Toys"
+    result = subprocess.run([*common, "--out", str(final), "--image-shards", str(shard_dir / "*.tar")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert read_domain(final).has_image.tolist() == [True, True, False, False, False]
+    assert read_domain(final).smap == read_domain(text_dir).smap
