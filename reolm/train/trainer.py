@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 
 from reolm.config import ConfigError, save_resolved, to_dict
 from reolm.train import distributed as D
-from reolm.train.checkpoint import CheckpointManager
+from reolm.train.checkpoint import CheckpointManager, complete_checkpoints
 from reolm.train.config import PretrainConfig
 from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamTracker, TrainStream,
                               build_train_loader, corpus_shards, default_num_workers, expand_shards, manifest_counts,
@@ -36,6 +35,7 @@ from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_
                                    write_ds_config)
 from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import DeviceAccumulator, MetricsWriter, peak_device_tflops, peak_memory_gib
+from reolm.train.runstate import claim_run_dir, mark_running, write_status
 
 __all__ = ["run", "TrainingAborted", "NonFiniteGuard", "resolve_tables", "build_model", "weight_decay_groups"]
 
@@ -498,6 +498,9 @@ def _micro_step(setup: _Setup, batches: Iterator[dict[str, Any]], loss_fn: Pretr
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train as configured; returns the last logged metrics (every rank)."""
+    # First of all, so that a stop signal during the (long) setup is remembered, not fatal.
+    stop = D.StopFlag() if cfg.ckpt.save_on_signal else None
+    cfg = claim_run_dir(cfg, complete_checkpoints(cfg.checkpoint_dir()))
     setup = _setup(cfg)
     engine, info = setup.engine, setup.info
     main = info.rank == 0
@@ -516,7 +519,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.log.peak_tflops or None)
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
     consumed = _consumed_log(cfg, info) if cfg.data.record_keys else None
-    stop = D.StopFlag((signal.SIGTERM, signal.SIGUSR1)) if cfg.ckpt.save_on_signal else None
     window = _Window()
     last: dict[str, Any] = {}
     engine.train()
@@ -529,7 +531,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         ckpt.save(engine, step, shared, {"data": tracker.state()},
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
 
-    step = state["step"]
+    step = start_step = state["step"]
+    if main:
+        mark_running(cfg, start_step)
     try:
         while step < cfg.optim.steps:
             for _ in range(setup.accum):
@@ -555,16 +559,20 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 last.update(metrics)
                 window.excluded += time.perf_counter() - t0
             if save_now:
+                if main and (final or stopping):  # before the save: a launcher may kill us right after it
+                    write_status(cfg.run_dir, "finished" if final else "stopped", step, start_step,
+                                 stop.reason if stopping and stop else "")
                 t0 = time.perf_counter()
                 save(step)
                 window.excluded += time.perf_counter() - t0
             if stopping and not final:
                 if main:
-                    log.warning("stopped by a signal after step %d; checkpoint saved, continue with "
-                                "--resume latest", step)
+                    log.warning("stopped after step %d (%s); checkpoint saved, continue with "
+                                "--resume latest", step, stop.reason)
                 last["stopped_at"] = step
                 break
     finally:
+        batches.close()  # shut the DataLoader workers down now (they ignore stop signals)
         progress.close()
         writer.close()
         if consumed is not None:
