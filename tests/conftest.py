@@ -30,3 +30,7 @@ def make_domain(name: str = "tiny", num_users: int = 30, num_items: int = 40, se
 @pytest.fixture
 def tiny_domain() -> Domain:
     return make_domain()
+
+
+# The local 2-node Slurm cluster (session scope) for the tests marked `slurm`.
+from slurm_cluster import slurm_cluster  # noqa: E402,F401

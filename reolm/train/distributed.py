@@ -22,6 +22,9 @@ from typing import Any, Mapping, MutableMapping
 import torch
 import torch.distributed as dist
 
+from reolm.train import stopsignal
+from reolm.train.stopsignal import STOP_SIGNALS
+
 __all__ = [
     "DistInfo",
     "setup_env",
@@ -212,10 +215,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# Signals that ask a run to checkpoint and stop: Slurm's time-limit warning and preemption,
-# torchrun/deepspeed launchers shutting down, `kill PID`.
-STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
-
 # Command-line fragments of the launchers that start ranks (parent processes we watch).
 _LAUNCHER_MARKERS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run",
                      "/bin/deepspeed", "/bin/torchrun")
@@ -295,38 +294,35 @@ class LauncherWatch:
 class StopFlag:
     """A stop request (signal or vanished launcher) that all ranks agree on at step boundaries.
 
-    Create it as early as possible (before the engine is built), so that a signal during setup
-    is remembered instead of killing the rank.  The handler only sets a local flag;
+    Stop signals are caught by :mod:`reolm.train.stopsignal` from the rank's first lines, so one
+    received during setup is remembered instead of killing the rank.  The handler only records it;
     :meth:`agreed` all-reduces it (MAX) over a gloo group on CPU tensors, so the per-step check
     costs no accelerator synchronisation, and every rank stops after the same step even if the
     signal reaches the ranks at different times.  Every rank must call :meth:`agreed` at the same
     points (the gloo group for a non-gloo backend is created by the first call, collectively).
     """
 
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, watch_launcher: bool = True) -> None:
+    def __init__(self, watch_launcher: bool = True) -> None:
         self.reason: str | None = None
         self._group: Any = None
         self._group_ready = False
         self._watch = LauncherWatch() if watch_launcher else None
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        stopsignal.catch_stop_signals()  # (launch/pretrain.py already did, before its imports)
 
     @property
     def raised(self) -> bool:
         return self.reason is not None
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def _poll(self) -> None:
         if self.reason is None:
-            self.reason = signal.Signals(signum).name
-
-    def _poll_launcher(self) -> None:
+            self.reason = stopsignal.received()
         if self.reason is None and self._watch is not None:
             gone = self._watch.gone()
             if gone:
                 self.reason = f"launcher {gone} exited"
 
     def agreed(self) -> bool:
-        self._poll_launcher()
+        self._poll()
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.raised
         if not self._group_ready:

@@ -36,6 +36,7 @@ from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_
 from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import DeviceAccumulator, MetricsWriter, peak_device_tflops, peak_memory_gib
 from reolm.train.runstate import claim_run_dir, mark_running, write_status
+from reolm.train.stopsignal import restore_default_action
 
 __all__ = ["run", "TrainingAborted", "NonFiniteGuard", "resolve_tables", "build_model", "weight_decay_groups"]
 
@@ -159,6 +160,10 @@ def _write_run_info(run_dir: str, info: D.DistInfo, device: torch.device, precis
               "backend": dist.get_backend() if dist.is_initialized() else "none", "device": device.type,
               "precision": precision, "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
               "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if "SLURM_JOB_ID" in os.environ:  # which start of a (requeued) Slurm job this is
+        record["slurm"] = {"job_id": os.environ["SLURM_JOB_ID"],
+                           "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                           "nodelist": os.environ.get("SLURM_JOB_NODELIST", "")}
     path = Path(run_dir) / "run_info.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -498,8 +503,10 @@ def _micro_step(setup: _Setup, batches: Iterator[dict[str, Any]], loss_fn: Pretr
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train as configured; returns the last logged metrics (every rank)."""
-    # First of all, so that a stop signal during the (long) setup is remembered, not fatal.
+    # Before the (long) setup, so that a stop signal during it is remembered, not fatal.
     stop = D.StopFlag() if cfg.ckpt.save_on_signal else None
+    if stop is None:
+        restore_default_action()
     cfg = claim_run_dir(cfg, complete_checkpoints(cfg.checkpoint_dir()))
     setup = _setup(cfg)
     engine, info = setup.engine, setup.info
