@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher passes --local_rank=N; torchrun and srun use the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    # Intermixed: overrides may follow --resume (the Slurm script appends run_dir=... after the user's args).
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

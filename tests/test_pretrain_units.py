@@ -385,3 +385,13 @@ def test_slurm_script_builds_the_rendezvous_from_the_allocation(tmp_path):
     env["REOLM_SLURM_MODE"] = "tasks"
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
     assert "--ntasks-per-node=8" in out and "launch/pretrain.py" in out and "torch.distributed.run" not in out
+
+
+def test_pretrain_overrides_may_follow_resume():
+    """The Slurm script appends run_dir=... after the user's own `--resume latest`."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_entry", os.path.join(REPO, "launch", "pretrain.py"))
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    args = entry.parse_args(["--config", "c.yaml", "optim.lr=1e-4", "--resume", "latest", "run_dir=r", "ckpt.run_id=x"])
+    assert args.resume == "latest" and args.overrides == ["optim.lr=1e-4", "run_dir=r", "ckpt.run_id=x"]
