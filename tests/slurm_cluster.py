@@ -187,11 +187,16 @@ class LocalSlurm:
         (Slurm holds a requeued job for two minutes before it is eligible again)."""
         deadline = time.time() + timeout
         info: dict[str, str] = {}
+        held_since = None
         while time.time() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            held = info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+            held_since = (held_since or time.time()) if held else None
+            # Not at once: until the nodes have cleaned up the previous run, slurmd refuses the
+            # restart ("Job credential revoked") and the job fails.
+            if release and held and time.time() - held_since > 5 and self._nodes_idle():
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {info}")
