@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def main() -> int:
                                       shard_size=500)
     prep_s = time.perf_counter() - t0
     run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start refuses a folder with checkpoints
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
            str(free_port()), str(REPO / "launch" / "pretrain.py"),
            "--config", str(REPO / "launch" / "configs" / "pretrain" / "demo.yaml"),

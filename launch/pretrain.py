@@ -22,6 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from reolm.train.stopsignal import catch_stop_signals  # noqa: E402
+
+# First: a time-limit warning or preemption during the (long) start-up is kept for the trainer,
+# which checkpoints at its first step boundary, instead of killing this rank.
+catch_stop_signals()
+
 from reolm.config import ConfigError, config_help_epilog, load_config  # noqa: E402
 from reolm.train.config import PretrainConfig  # noqa: E402
 
@@ -37,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher passes --local_rank=N; torchrun and srun use the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    # Intermixed: overrides may follow --resume (the Slurm script appends run_dir=... after the user's args).
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,3 +68,7 @@ def pretrain_inputs(tmp_path_factory):
     from reolm.train.backbone import prepare_synthetic_inputs
     return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
                                     backbone_size="tiny")
+
+
+# The local 2-node Slurm cluster (session scope) for the tests marked `slurm`.
+from slurm_cluster import slurm_cluster  # noqa: E402,F401

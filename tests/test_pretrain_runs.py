@@ -11,11 +11,14 @@ each launch asserts several things.
   reproduces the run's own final validation metrics.
 * 1 rank x 2 accumulation steps == 2 ranks x 1 (the 2 ranks being two simulated nodes: two
   torchrun processes with a c10d rendezvous on 127.0.0.1) in loss trajectory.
-* SIGTERM (Slurm time limit / preemption) makes a run checkpoint its last step and exit 0.
+* SIGTERM to the torchrun agent, the deepspeed launcher's process group or the deepspeed runner alone,
+  with DataLoader workers: the ranks checkpoint the same step, exit 0, nothing is orphaned, and
+  --resume latest continues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -265,26 +268,83 @@ def test_one_rank_two_accumulation_equals_two_nodes_one_step(inputs, tmp_path):
 
 # ----------------------------------------------------------------------------- graceful stop
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(inputs, tmp_path):
+def _torchrun(ranks: int, overrides: list[str]) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{_port()}", str(REPO / "launch" / "pretrain.py"), "--config", str(TINY),
+            *overrides]
+
+
+def _wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {steps} steps in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+# What each launcher's users (and Slurm, torchrun, `kill -TERM -PGID`) send, and whether the
+# test also resumes the run.  The runner's own session holds every process of the run.
+STOP_CASES = {
+    "torchrun agent": (_torchrun, lambda pid: os.kill(pid, signal.SIGTERM), True),
+    "deepspeed launcher process group": (_deepspeed, lambda pid: os.killpg(pid, signal.SIGTERM), True),
+    "deepspeed runner alone": (_deepspeed, lambda pid: os.kill(pid, signal.SIGTERM), False),
+}
+
+
+@pytest.mark.parametrize("case", list(STOP_CASES))
+def test_sigterm_with_data_workers_checkpoints_exits_and_resumes(inputs, tmp_path, case):
+    """SIGTERM to the launcher (2 ranks, one DataLoader worker each): the workers ignore it, the
+    ranks agree, save a complete checkpoint of the same step and exit 0, every process of the run
+    exits, and --resume latest continues from that step."""
+    import psutil
+
+    launch, send, resume = STOP_CASES[case]
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY),
-           *_base(inputs, run_dir, **{"optim.steps": 10000, "log.every": 1, "val.every": 0, "ckpt.every": 0,
-                                      "data.num_workers": 0})]
+    overrides = _base(inputs, run_dir, **{"optim.steps": 1000, "log.every": 1, "val.every": 0, "ckpt.every": 0,
+                                          "data.num_workers": 1})
     log = tmp_path / "log.txt"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)  # what Slurm / torchrun send before killing
-    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    last_step = _metrics(run_dir)[-1]["step"]
-    assert 3 <= last_step < 10000
+        proc = subprocess.Popen(launch(2, overrides), stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+                                start_new_session=True)
+    tree: list = []
+    try:
+        _wait_for_steps(run_dir, 3, proc, log)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len([p for p in tree if p.name() == "pt_data_worker"]) == 2, [p.name() for p in tree]
+        send(proc.pid)
+        proc.wait(timeout=300)
+        _, alive = psutil.wait_procs(tree, timeout=120)
+        assert not alive, f"orphaned after the launcher exited: {alive}"
+    finally:  # a failed test leaves nothing running
+        if proc.poll() is None:
+            proc.kill()
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    text = log.read_text()
+    assert "killed by signal" not in text and "pretrain.py: error" not in text, text[-3000:]
+    assert "stopped after step" in text, text[-3000:]
+    first = _metrics(run_dir)
+    last_step = first[-1]["step"]
+    assert 3 <= last_step < 1000
     tag = f"step-{last_step:08d}"
+    ckpt = run_dir / "checkpoints" / tag
     assert (run_dir / "checkpoints" / "latest").read_text() == tag
-    saved = json.loads((run_dir / "checkpoints" / tag / "trainer_state.json").read_text())
-    assert saved["step"] == last_step
-    assert "stopped by a signal" in log.read_text()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == last_step
+    assert sorted(p.name for p in ckpt.glob("rank-*")) == ["rank-00000.pt", "rank-00001.pt"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == last_step
+    if not resume:
+        return
+
+    lines_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    steps = {**dict(o.split("=", 1) for o in overrides), "optim.steps": str(last_step + 2)}
+    _run(launch(2, [f"{k}={v}" for k, v in steps.items()] + ["--resume", "latest"]), tmp_path / "resume.txt")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [last_step + 1, last_step + 2]
+    per_step = first[-1]["samples_seen"] // last_step
+    assert rows[-1]["samples_seen"] == (last_step + 2) * per_step
+    assert "resumed from" in (tmp_path / "resume.txt").read_text()

@@ -336,7 +336,25 @@ def test_slurm_script_builds_the_rendezvous_from_the_allocation(tmp_path):
                          text=True, check=True).stdout
     assert "--nnodes 2 --nproc-per-node 8" in out
     assert f"--rdzv-endpoint gpu07:{15000 + 4242}" in out and "--rdzv-id 4242" in out
-    assert "run_dir=runs/pretrain-4242 --resume latest" in out and "optim.lr=1e-4" in out
+    # A first start is fresh and claims the run dir; a requeued start resumes only its own run.
+    assert out.rstrip().endswith("optim.lr=1e-4 run_dir=runs/pretrain-4242 ckpt.run_id=slurm:cluster:4242")
+    assert "--shutdown-timeout 600" in out
+    again = subprocess.run(["bash", script, "--config", "c.yaml"], env={**env, "SLURM_RESTART_COUNT": "1"},
+                           capture_output=True, text=True, check=True).stdout
+    assert again.rstrip().endswith("ckpt.run_id=slurm:cluster:4242 --resume auto")
+    asked = subprocess.run(["bash", script, "--resume", "latest"], env={**env, "SLURM_RESTART_COUNT": "1"},
+                           capture_output=True, text=True, check=True).stdout
+    assert "--resume auto" not in asked and "--resume latest" in asked
     env["REOLM_SLURM_MODE"] = "tasks"
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout
     assert "--ntasks-per-node=8" in out and "launch/pretrain.py" in out and "torch.distributed.run" not in out
+
+
+def test_pretrain_overrides_may_follow_resume():
+    """The Slurm script appends run_dir=... after the user's own `--resume latest`."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pretrain_entry", os.path.join(REPO, "launch", "pretrain.py"))
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    args = entry.parse_args(["--config", "c.yaml", "optim.lr=1e-4", "--resume", "latest", "run_dir=r", "ckpt.run_id=x"])
+    assert args.resume == "latest" and args.overrides == ["optim.lr=1e-4", "run_dir=r", "ckpt.run_id=x"]

@@ -101,11 +101,17 @@ class CheckpointConfig:
     every: int = param(500, "Save every N optimizer steps (and at the end); 0 = only at the end.", ge=0)
     keep_last: int = param(3, "Checkpoints kept (older ones deleted after a new one is complete).", ge=1)
     dir: str = param("", "Checkpoint folder; '' = RUN_DIR/checkpoints.")
-    resume: str = param("", "'' = start fresh; 'latest' = newest complete checkpoint in dir (fresh start "
-                            "when there is none); or a checkpoint folder path.")
-    save_on_signal: bool = param(True, "On SIGTERM or SIGUSR1 (Slurm preemption / time limit, torchrun "
-                                       "shutting down), every rank finishes its step, a checkpoint is saved "
-                                       "and the run exits cleanly (resume with --resume latest).")
+    resume: str = param("", "'' = start fresh (refused when the checkpoint folder already holds checkpoints); "
+                            "'latest' = newest complete checkpoint in dir (fresh start when there is none); "
+                            "'auto' = like latest, but only this run's own checkpoints (RUN_DIR/owner.json names "
+                            "the same ckpt.run_id and config; anything else is refused); or a checkpoint "
+                            "folder path.")
+    run_id: str = param("", "Who this run is, recorded in RUN_DIR/owner.json and checked by ckpt.resume=auto "
+                            "(the Slurm script passes slurm:CLUSTER:JOBID).")
+    save_on_signal: bool = param(True, "On SIGTERM or SIGUSR1 (Slurm preemption / time limit, torchrun or "
+                                       "deepspeed shutting down), or when the launcher above the rank exits, "
+                                       "every rank finishes its step, a checkpoint is saved and the run exits "
+                                       "0 (resume with --resume latest).")
 
 
 @dataclass

@@ -41,6 +41,8 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from reolm.train.distributed import ignore_stop_signals_in_worker
+
 __all__ = [
     "DataError",
     "Example",
@@ -399,8 +401,10 @@ def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: 
                        pin_memory: bool) -> torch.utils.data.DataLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
+        # Workers ignore stop signals: the rank decides when to stop (and checkpoints first).
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=True,
-                      multiprocessing_context="fork" if os.name == "posix" else None)
+                      multiprocessing_context="fork" if os.name == "posix" else None,
+                      worker_init_fn=ignore_stop_signals_in_worker)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        pin_memory=pin_memory, **kwargs)
 

@@ -11,13 +11,19 @@ accelerator's backend (NCCL on GPUs, gloo on the CPU accelerator).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
-from typing import Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
+
+from reolm.train import stopsignal
+from reolm.train.stopsignal import STOP_SIGNALS
 
 __all__ = [
     "DistInfo",
@@ -31,6 +37,10 @@ __all__ = [
     "all_gather_no_grad",
     "broadcast_object",
     "StopFlag",
+    "STOP_SIGNALS",
+    "LauncherWatch",
+    "launcher_ancestors",
+    "ignore_stop_signals_in_worker",
     "all_reduce_sum",
 ]
 
@@ -205,33 +215,125 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class StopFlag:
-    """A signal-set flag that all ranks agree on at step boundaries.
+# Command-line fragments of the launchers that start ranks (parent processes we watch).
+_LAUNCHER_MARKERS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run",
+                     "/bin/deepspeed", "/bin/torchrun")
 
-    The handler only sets a local flag; :meth:`agreed` all-reduces it (MAX) over a gloo group
-    on CPU tensors, so the per-step check costs no accelerator synchronisation, and every rank
-    stops after the same step even if the signal reaches the ranks at different times.
+
+def ignore_stop_signals_in_worker(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: stop signals are the training process's business.
+
+    A SIGTERM to the whole process group (torchrun's and deepspeed's shutdown, ``kill -TERM
+    -PGID``, Slurm's step signals) would otherwise kill the workers first, and the rank would die
+    with "DataLoader worker is killed by signal" before it could checkpoint.  torch installs its
+    own worker handlers before calling ``worker_init_fn``, so ignoring the signals here wins.
+    An ignoring worker must still never outlive its rank: on Linux the kernel kills it when its
+    parent dies (``PR_SET_PDEATHSIG``); elsewhere torch's parent watchdog ends it within seconds.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
+def launcher_ancestors(pid: int | None = None) -> list[tuple[int, float, str]]:
+    """(pid, start time, name) of the launcher processes above this rank, nearest first.
+
+    Under ``deepspeed`` that is the per-node ``deepspeed.launcher.launch`` and the ``deepspeed``
+    runner above it; under torchrun the agent; under srun or plain python nothing.
+    """
+    import psutil
+
+    found = []
+    try:
+        for proc in psutil.Process(pid).parents():
+            cmdline = " ".join(proc.cmdline())
+            if not any(marker in cmdline for marker in _LAUNCHER_MARKERS):
+                break
+            found.append((proc.pid, proc.create_time(), proc.name()))
+    except psutil.Error:
+        pass
+    return found
+
+
+class LauncherWatch:
+    """Notices that a launcher above this rank has exited (checked at most once per ``period`` s).
+
+    SIGTERM to the ``deepspeed`` runner alone kills it without telling the per-node launcher,
+    and a killed torchrun agent leaves its ranks running in their own sessions: either way the
+    ranks would train on, orphaned.  A rank that sees its launcher gone stops as if signalled.
     """
 
-    def __init__(self, signals: tuple[int, ...]) -> None:
-        import signal as _signal
+    def __init__(self, period: float = 1.0) -> None:
+        self.launchers = launcher_ancestors()
+        self.period = period
+        self._next = 0.0
 
-        self.raised: int | None = None
-        self._group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        for sig in signals:
-            _signal.signal(sig, self._handle)
+    def gone(self) -> str | None:
+        """The name and pid of the first launcher that has exited, or None."""
+        import psutil
 
-    def _handle(self, signum: int, frame: object) -> None:
-        self.raised = signum
+        now = time.monotonic()
+        if not self.launchers or now < self._next:
+            return None
+        self._next = now + self.period
+        for pid, started, name in self.launchers:
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                pass
+            return f"{name} (pid {pid})"
+        return None
+
+
+class StopFlag:
+    """A stop request (signal or vanished launcher) that all ranks agree on at step boundaries.
+
+    Stop signals are caught by :mod:`reolm.train.stopsignal` from the rank's first lines, so one
+    received during setup is remembered instead of killing the rank.  The handler only records it;
+    :meth:`agreed` all-reduces it (MAX) over a gloo group on CPU tensors, so the per-step check
+    costs no accelerator synchronisation, and every rank stops after the same step even if the
+    signal reaches the ranks at different times.  Every rank must call :meth:`agreed` at the same
+    points (the gloo group for a non-gloo backend is created by the first call, collectively).
+    """
+
+    def __init__(self, watch_launcher: bool = True) -> None:
+        self.reason: str | None = None
+        self._group: Any = None
+        self._group_ready = False
+        self._watch = LauncherWatch() if watch_launcher else None
+        stopsignal.catch_stop_signals()  # (launch/pretrain.py already did, before its imports)
+
+    @property
+    def raised(self) -> bool:
+        return self.reason is not None
+
+    def _poll(self) -> None:
+        if self.reason is None:
+            self.reason = stopsignal.received()
+        if self.reason is None and self._watch is not None:
+            gone = self._watch.gone()
+            if gone:
+                self.reason = f"launcher {gone} exited"
 
     def agreed(self) -> bool:
+        self._poll()
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.raised is not None
-        flag = torch.tensor([1 if self.raised is not None else 0], dtype=torch.int32)
+            return self.raised
+        if not self._group_ready:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+            self._group_ready = True
+        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        stop = bool(flag.item())  # a CPU tensor: no device synchronisation
+        if stop and self.reason is None:
+            self.reason = "another rank was asked to stop"
+        return stop
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

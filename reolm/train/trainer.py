@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 
 from reolm.config import ConfigError, save_resolved, to_dict
 from reolm.train import distributed as D
-from reolm.train.checkpoint import CheckpointManager, ResumePlan, readers, run_layout
+from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, readers, run_layout
 from reolm.train.config import PretrainConfig
 from reolm.train.data import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, StreamPosition, StreamTracker,
                               TrainStream, build_train_loader, corpus_shards, default_num_workers, expand_shards,
@@ -36,6 +35,8 @@ from reolm.train.ds_config import (fill_ds_config, load_ds_config, lr_scheduler_
                                    write_ds_config)
 from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import DeviceAccumulator, MetricsWriter, move_rows_after, peak_device_tflops, peak_memory_gib
+from reolm.train.runstate import claim_run_dir, mark_running, write_status
+from reolm.train.stopsignal import restore_default_action
 
 __all__ = ["run", "TrainingAborted", "NonFiniteGuard", "resolve_tables", "build_model", "weight_decay_groups"]
 
@@ -159,6 +160,10 @@ def _write_run_info(run_dir: str, info: D.DistInfo, device: torch.device, precis
               "backend": dist.get_backend() if dist.is_initialized() else "none", "device": device.type,
               "precision": precision, "torch": torch.__version__, "threads_per_rank": torch.get_num_threads(),
               "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if "SLURM_JOB_ID" in os.environ:  # which start of a (requeued) Slurm job this is
+        record["slurm"] = {"job_id": os.environ["SLURM_JOB_ID"],
+                           "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                           "nodelist": os.environ.get("SLURM_JOB_NODELIST", "")}
     path = Path(run_dir) / "run_info.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -558,6 +563,11 @@ def _micro_step(setup: _Setup, batches: Iterator[dict[str, Any]], loss_fn: Pretr
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train as configured; returns the last logged metrics (every rank)."""
+    # Before the (long) setup, so that a stop signal during it is remembered, not fatal.
+    stop = D.StopFlag() if cfg.ckpt.save_on_signal else None
+    if stop is None:
+        restore_default_action()
+    cfg = claim_run_dir(cfg, complete_checkpoints(cfg.checkpoint_dir()))
     setup = _setup(cfg)
     engine, info = setup.engine, setup.info
     main = info.rank == 0
@@ -579,7 +589,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.log.peak_tflops or None)
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
     consumed = _consumed_log(cfg, info) if cfg.data.record_keys else None
-    stop = D.StopFlag((signal.SIGTERM, signal.SIGUSR1)) if cfg.ckpt.save_on_signal else None
     window = _Window()
     last: dict[str, Any] = {}
     engine.train()
@@ -594,7 +603,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         ckpt.save(engine, step, shared, {"data": data},
                   write_extra=lambda folder: _save_tokenizer(engine.module.tokenizer, folder))
 
-    step = state["step"]
+    step = start_step = state["step"]
+    if main:
+        mark_running(cfg, start_step)
     try:
         while step < cfg.optim.steps:
             for _ in range(setup.accum):
@@ -620,16 +631,20 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 last.update(metrics)
                 window.excluded += time.perf_counter() - t0
             if save_now:
+                if main and (final or stopping):  # before the save: a launcher may kill us right after it
+                    write_status(cfg.run_dir, "finished" if final else "stopped", step, start_step,
+                                 stop.reason if stopping and stop else "")
                 t0 = time.perf_counter()
                 save(step)
                 window.excluded += time.perf_counter() - t0
             if stopping and not final:
                 if main:
-                    log.warning("stopped by a signal after step %d; checkpoint saved, continue with "
-                                "--resume latest", step)
+                    log.warning("stopped after step %d (%s); checkpoint saved, continue with "
+                                "--resume latest", step, stop.reason)
                 last["stopped_at"] = step
                 break
     finally:
+        batches.close()  # shut the DataLoader workers down now (they ignore stop signals)
         progress.close()
         writer.close()
         if consumed is not None:
