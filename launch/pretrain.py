@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from reolm.train.stopsignal import catch_stop_signals  # noqa: E402
+from reolm.cli import debug_requested  # noqa: E402
 
 # First: a time-limit warning or preemption during the (long) start-up is kept for the trainer,
 # which checkpoints at its first step boundary, instead of killing this rank.
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TrainingAborted) as err:
         # Our error classes (ConfigError, DataError, TableError, CheckpointError, ...) are
         # ValueErrors whose message is written for the user; REOLM_DEBUG=1 shows the traceback.
-        if os.environ.get("REOLM_DEBUG"):
+        if debug_requested():
             raise
         print(f"pretrain.py: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr)
         return 1
