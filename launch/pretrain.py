@@ -23,11 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from reolm.train.stopsignal import catch_stop_signals  # noqa: E402
-from reolm.cli import debug_requested  # noqa: E402
 
 # First: a time-limit warning or preemption during the (long) start-up is kept for the trainer,
 # which checkpoints at its first step boundary, instead of killing this rank.
 catch_stop_signals()
+
+from reolm.cli import debug_requested  # noqa: E402
 
 from reolm.config import ConfigError, config_help_epilog, load_config  # noqa: E402
 from reolm.train.config import PretrainConfig  # noqa: E402
