@@ -7,6 +7,7 @@ the frozen stage-2 item table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 

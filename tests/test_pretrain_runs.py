@@ -334,7 +334,12 @@ def test_sigterm_with_data_workers_checkpoints_exits_and_resumes(inputs, tmp_pat
     ckpt = run_dir / "checkpoints" / tag
     assert (run_dir / "checkpoints" / "latest").read_text() == tag
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == last_step
-    assert sorted(p.name for p in ckpt.glob("rank-*")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.name for p in ckpt.glob("rank-*")) == ["rank-00000.json", "rank-00000.npz",
+                                                           "rank-00001.json", "rank-00001.npz"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # written last: the save completed
+    assert manifest["step"] == last_step and manifest["world_size"] == 2
+    from reolm.train.checkpoint import verify_checkpoint
+    assert verify_checkpoint(ckpt) is None  # every listed file present, sizes and sha256 match
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == last_step
     if not resume:

@@ -18,6 +18,7 @@ tokenizer is explained ("tokens-… differs in: normalizer").
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence

@@ -268,19 +268,19 @@ def train_step(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float, 
     table = None
     if not copies:  # stage 2: the frozen table, restricted to the items seen in training
         table = rec.item_table if rec.train_items is None else rec.item_table[rec.train_items]
-    loss_sum = torch.zeros((), device=rec.device)
+    losses = []
     for m in micro:
         candidates = copies[m["pool"]] if copies else table
         loss = history_loss(rec, m, candidates, mlm_weight) * (m["labels"].shape[0] / total)
         loss.backward()
-        loss_sum += loss.detach()
+        losses.append(loss.detach())
         cost.flops += model.training_flops(m["history"], include_mlm=mlm_weight > 0, pooled_only=True)
     used = [(p, c.grad) for p, c in zip(pools, copies) if c.grad is not None]
     if used:
         torch.autograd.backward([p for p, _ in used], [g for _, g in used])
     cost.flops += sum(model.training_flops(p, include_mlm=False, pooled_only=True) for p in batch.get("pools", []))
     cost.examples += total
-    return loss_sum
+    return torch.stack(losses).sum()  # in the loss's own dtype (fp64 in the parity tests)
 
 
 # ----------------------------------------------------------------------------- stages
