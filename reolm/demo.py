@@ -68,7 +68,7 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
               downstream / "domain.json"),
         Stage("write shards", _reolm("shard", "--out", str(shards), "--seed", str(seed), *map(str, sources)),
               shards / "manifest.json"),
-        Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "wordpiece",
+        Stage("train tokenizer", _reolm("tokenizer", "train", "--out", str(tok), "--kind", "words",
                                         "--vocab-size", str(vocab_size), "--quiet", "--domain", *map(str, sources + [downstream])),
               tok / "tokenizer.json"),
         Stage("init backbone", _reolm("init", "backbone", "--tokenizer", str(tok), "--out", str(backbone),

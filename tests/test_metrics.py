@@ -10,6 +10,7 @@ import torch
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.eval.metrics import MetricAccumulator, metric_names, metric_sums
+from reolm.eval import ranking
 from reolm.eval.ranking import evaluate_vectors, rank_targets, rank_with_score_fn
 from reolm.eval.evaluate import evaluate_recommender, split_examples
 from reolm.baselines.popularity import Popularity
@@ -169,3 +170,24 @@ def test_cuda_ranking_equals_cpu():
     gpu = evaluate_vectors(users, items, targets, item_chunk=999, device="cuda").result()
     for a, b in zip(cpu, gpu):
         assert a == pytest.approx(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_cpu_counter_ranks_exactly_like_dense_brute_force(dtype):
+    from reolm.eval import rank_kernel
+
+    assert rank_kernel.kernel_available()  # numba is a dependency: the fast path must be the one tested
+    gen = torch.Generator().manual_seed(3)
+    # Integer-valued vectors: many exact ties, so > and >= differ; one NaN item never counts above.
+    users = torch.randint(-2, 3, (300, 4), generator=gen).to(dtype)
+    items = torch.randint(-2, 3, (5000, 4), generator=gen).to(dtype)
+    items[17] = float("nan")
+    targets = torch.randint(0, 5000, (300,), generator=gen)
+    targets[targets == 17] = 18
+    block_users, block_items = ranking._block_shape(300, 65536, users.device)
+    assert min(block_users, 300) * block_items >= rank_kernel.MIN_KERNEL_BLOCK  # the kernel is used
+    opt, pess = rank_targets(users, items, targets)
+    dense = users @ items.T
+    t = dense[torch.arange(300), targets][:, None]
+    assert torch.equal(opt, (dense > t).sum(1)) and torch.equal(pess, (dense >= t).sum(1) - 1)
+    assert (pess > opt).any()

@@ -3,10 +3,10 @@
 Nothing of size ``num_users x num_items`` is ever materialised.  :func:`rank_targets`
 (and :func:`evaluate_vectors`, which calls it per user chunk) scores a block of users
 against a block of items into one reused buffer, counts in that block, and moves on.  On
-CPU the block is sized to stay in a core's L2 cache (:data:`CPU_BLOCK_BYTES`), so the
-counting passes read the scores from cache right after the matrix product wrote them
-instead of streaming a large score matrix through memory three times; on CUDA the block is
-``item_chunk`` items wide (one kernel launch per block matters more there than cache).
+CPU the block is sized to stay in a core's L2 cache (:data:`CPU_BLOCK_BYTES`) and counted by
+one compiled pass (:mod:`reolm.eval.rank_kernel`) that reads each score once, right after the
+matrix product wrote it; on CUDA (or without numba) the block is counted with torch operations,
+and is ``item_chunk`` items wide there (one kernel launch per block matters more than cache).
 Memory is ``O(block)`` plus the item vectors themselves, whatever the catalogue size
 (10M items is fine).
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from reolm.eval.metrics import DEFAULT_KS, MetricAccumulator
+from reolm.eval.rank_kernel import count_above
 
 __all__ = ["Similarity", "score_items", "rank_targets", "rank_with_score_fn", "evaluate_vectors",
            "ChunkScoreFn", "TargetScoreFn", "CPU_BLOCK_BYTES", "CPU_USER_BLOCK"]
@@ -41,7 +42,7 @@ ChunkScoreFn = Callable[[int, int], torch.Tensor]
 TargetScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 #: fp32 scores one CPU block holds: about half of a core's L2, so the product's output is
-#: still cached when the two counting passes read it.
+#: still cached when the counting pass reads it.
 CPU_BLOCK_BYTES = 1 << 20
 #: users per CPU block; more users per block would shrink its item width below what the
 #: matrix product runs efficiently at.
@@ -80,45 +81,57 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 class _RankCounter:
     """Per-user counts of items scoring ``>`` and ``>=`` the target, block after block.
 
-    Both comparisons of a block are written as 0/1 floats into one reused ``[2, B, n]``
-    buffer and summed by one matrix-vector product: comparisons with a float output and a
-    BLAS reduction are several times faster on CPU than bool masks summed by ``sum`` (which
-    also widens to int64).  Per-block sums are exact integers in fp32 (n < 2**24) and are
-    accumulated in fp64 (exact up to 2**53 items).  The target's own column is taken back
+    On CPU the counts come from :mod:`reolm.eval.rank_kernel`, one compiled pass that reads each
+    score once. Elsewhere (CUDA, or without numba) both comparisons of a block are written as 0/1
+    floats into one reused ``[2, B, n]`` buffer and summed by one matrix-vector product: on CPU
+    that is several times faster than bool masks summed by ``sum`` (which also widens to int64).
+    Per-block sums are exact integers in fp32 (n < 2**24). The target's own column is taken back
     at the end: ``own`` keeps the score at that column, gathered from the block holding it
     (every block starts at a multiple of ``block``, so the column is the same in each).
     """
 
     def __init__(self, target_scores: torch.Tensor, targets: torch.Tensor, block: int):
         device = target_scores.device
+        target_scores = target_scores.contiguous()
         self.target_scores, self.t = target_scores, target_scores.unsqueeze(1)
         targets = targets.to(device)
         rows = targets.shape[0]
         self.block = block
+        self.targets = targets.long().contiguous()
         self.target_block = torch.div(targets, block, rounding_mode="floor")
         self.target_column = (targets - self.target_block * block).unsqueeze(1)
-        self.counts = torch.zeros(2 * rows, dtype=torch.float64, device=device)  # >, then >=
+        self.above = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.at_or_above = torch.zeros(rows, dtype=torch.int64, device=device)
         self.own = torch.full_like(target_scores, float("nan"))  # NaN: never counted, never taken back
-        dtype = torch.promote_types(target_scores.dtype, torch.float32)
-        self._flags = torch.empty(2 * rows * block, dtype=dtype, device=device)
-        self._ones = torch.ones(block, dtype=dtype, device=device)
+        self._dtype = torch.promote_types(target_scores.dtype, torch.float32)
+        self._flags: torch.Tensor | None = None  # allocated on the first block the kernel cannot count
+
+    def _count_with_torch(self, scores: torch.Tensor) -> None:
+        rows, n = scores.shape
+        if self._flags is None:
+            self._flags = torch.empty(2 * rows * self.block, dtype=self._dtype, device=scores.device)
+            self._ones = torch.ones(self.block, dtype=self._dtype, device=scores.device)
+        flags = self._flags[:2 * rows * n].view(2, rows, n)
+        torch.gt(scores, self.t, out=flags[0])
+        torch.ge(scores, self.t, out=flags[1])
+        above, at_or_above = (flags.view(2 * rows, n) @ self._ones[:n]).view(2, rows).long()
+        self.above += above
+        self.at_or_above += at_or_above
 
     def add(self, scores: torch.Tensor, start: int) -> None:
         """Count one block: ``scores`` [B, n] against items [start, start + n); ``start`` is a
         multiple of ``block`` and ``n <= block``."""
-        rows, n = scores.shape
-        flags = self._flags[:2 * rows * n].view(2, rows, n)
-        torch.gt(scores, self.t, out=flags[0])
-        torch.ge(scores, self.t, out=flags[1])
-        self.counts += flags.view(2 * rows, n) @ self._ones[:n]
+        n = scores.shape[1]
+        if count_above(scores, self.target_scores, self.above, self.at_or_above, self.targets, start, self.own):
+            return  # the kernel also picked up the target's own score
+        self._count_with_torch(scores)
         own = scores.gather(1, self.target_column.clamp(max=n - 1)).squeeze(1)
         self.own = torch.where(self.target_block == start // self.block, own, self.own)
 
     def ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(optimistic, pessimistic) int64 ranks, the target's own column excluded."""
-        higher, higher_or_equal = self.counts.long().view(2, -1)
-        return (higher - (self.own > self.target_scores).long(),
-                higher_or_equal - (self.own >= self.target_scores).long())
+        return (self.above - (self.own > self.target_scores).long(),
+                self.at_or_above - (self.own >= self.target_scores).long())
 
 
 def rank_with_score_fn(score_chunk: ChunkScoreFn, score_targets: TargetScoreFn, targets: torch.Tensor,

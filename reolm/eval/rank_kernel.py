@@ -1,0 +1,114 @@
+"""The CPU counting kernel of full ranking: per row, how many scores are ``>`` and ``>=`` a threshold.
+
+Why a compiled loop: at the hidden sizes of recommendation models (H = 64) the matrix product
+costs about 2H = 128 flops per score, so any extra pass over the score block is a large share of
+the work. Counting with torch operations takes three passes that each write or read a full block
+(two comparisons into float flags, then a matrix-vector sum), which on CPU costs about as much as
+the product itself. This loop reads each score once, keeps both counts in registers and writes
+nothing but two integers per row; numba compiles it once and caches the machine code on disk
+(``cache=True``), so a later process only loads it.
+
+NaN scores compare false, as in torch: a NaN item is never counted above the target, and a NaN
+threshold counts nothing. If numba is missing or cannot compile, :func:`count_above` returns
+``False`` and the caller keeps its torch path (the results are identical, only slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["count_above", "kernel_available"]
+
+#: blocks smaller than this are counted with torch: waking the kernel's threads costs more there
+MIN_KERNEL_BLOCK = 1 << 14
+
+_KERNEL: Callable[..., None] | None = None
+_TRIED = False
+
+
+def _compile() -> Callable[..., None] | None:
+    if os.environ.get("REOLM_RANK_KERNEL", "1") in ("0", "", "off"):
+        return None
+    try:
+        import numba
+    except ImportError:
+        log.warning("numba is not installed: full ranking counts with torch operations (correct, ~2x slower)")
+        return None
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def count_rows(scores, thresholds, above, at_or_above, targets, start, own):  # pragma: no cover - compiled
+        rows, cols = scores.shape
+        for i in numba.prange(rows):
+            column = targets[i] - start
+            if 0 <= column < cols:
+                own[i] = scores[i, column]
+            threshold = thresholds[i]
+            strictly = np.int64(0)
+            inclusive = np.int64(0)
+            for j in range(cols):
+                value = scores[i, j]
+                strictly += value > threshold
+                inclusive += value >= threshold
+            above[i] += strictly
+            at_or_above[i] += inclusive
+
+    return count_rows
+
+
+def _kernel() -> Callable[..., None] | None:
+    global _KERNEL, _TRIED
+    if not _TRIED:
+        _TRIED = True
+        _KERNEL = _compile()
+    return _KERNEL
+
+
+def _match_torch_threads() -> None:
+    # numba starts one thread per core; a rank told to use fewer (OMP_NUM_THREADS, torch's
+    # set_num_threads) must not oversubscribe the cores its neighbours use.
+    import numba
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+
+
+def kernel_available() -> bool:
+    """Whether the compiled counter can be used in this process."""
+    return _kernel() is not None
+
+
+def count_above(scores: torch.Tensor, thresholds: torch.Tensor, above: torch.Tensor, at_or_above: torch.Tensor,
+                targets: torch.Tensor, start: int, own: torch.Tensor) -> bool:
+    """Count one score block of items [start, start + n); returns ``False`` (and changes nothing)
+    where the kernel does not apply.
+
+    Adds to ``above[i]`` / ``at_or_above[i]`` the number of ``scores[i, :]`` that are ``>`` / ``>=``
+    ``thresholds[i]``, and sets ``own[i]`` to the score at the column of item ``targets[i]`` when
+    that item lies in this block. Applies to contiguous CPU float32/float64 ``scores`` [B, n] of at
+    least :data:`MIN_KERNEL_BLOCK` elements, with ``thresholds`` and ``own`` [B] of the same dtype,
+    int64 ``above``/``at_or_above``/``targets`` [B], all contiguous.
+    """
+    if (scores.device.type != "cpu" or scores.numel() < MIN_KERNEL_BLOCK
+            or scores.dtype not in (torch.float32, torch.float64) or not scores.is_contiguous()
+            or thresholds.dtype != scores.dtype or own.dtype != scores.dtype):
+        return False
+    kernel = _kernel()
+    if kernel is None:
+        return False
+    try:
+        _match_torch_threads()
+        kernel(scores.numpy(), thresholds.numpy(), above.numpy(), at_or_above.numpy(), targets.numpy(), start,
+               own.numpy())
+    except Exception as err:  # a numba/LLVM failure must not stop an evaluation: fall back
+        global _KERNEL
+        log.warning("compiled rank counter failed (%s); counting with torch operations", err)
+        _KERNEL = None
+        return False
+    return True
