@@ -90,7 +90,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 def training_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
     out = model(batch["history"])
-    items = model.encode_items(batch["target"])
+    items = model.encode(batch["target"])
     logits = model.score(out.pooled, items)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return torch.nn.functional.cross_entropy(logits, labels) + 0.1 * model.mlm_loss(out, batch["history"])
