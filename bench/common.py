@@ -19,6 +19,7 @@ import torch
 from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
 from reolm.model import ModelConfig
+from reolm.model.objectives import info_nce
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,7 +91,5 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 def training_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
     out = model(batch["history"])
-    items = model.encode_items(batch["target"])
-    logits = model.score(out.pooled, items)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return torch.nn.functional.cross_entropy(logits, labels) + 0.1 * model.mlm_loss(out, batch["history"])
+    items = model.encode(batch["target"])
+    return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch["history"])

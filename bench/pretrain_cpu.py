@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pretrain_cpu.json"))
     args = parser.parse_args()
 
-    from reolm.train.backbone import prepare_synthetic_inputs
+    from reolm.random_init import prepare_synthetic_inputs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="reolm_bench_"))
     info = machine()

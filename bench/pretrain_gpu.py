@@ -41,7 +41,7 @@ def main() -> int:
     import torch
 
     from common import machine, write_result
-    from reolm.train.backbone import prepare_synthetic_inputs
+    from reolm.random_init import prepare_synthetic_inputs
 
     if not torch.cuda.is_available():
         print("pretrain_gpu.py: no CUDA device", file=sys.stderr)

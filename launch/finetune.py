@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from reolm.config import config_help_epilog, load_config  # noqa: E402
 from reolm.finetune.config import MODEL_CHOICES, FinetuneConfig  # noqa: E402
-from reolm.finetune.registry import NotImplementedModel  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(FinetuneConfig, args.config, overrides)
         from reolm.finetune.runner import run_finetune
         doc = run_finetune(cfg, args.domain, args.out, init=args.init, backbone=args.backbone)
-    except NotImplementedModel as err:
-        print(f"finetune: {err}", file=sys.stderr)
-        return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@ hand (the demo, CI, a user who wants to pre-train from scratch) these functions
 write ordinary Hugging Face checkpoint directories with random weights: a
 BERT/RoBERTa masked-LM backbone sized to a local tokenizer, and a small ViT
 image encoder with its image processor. Everything downstream loads them
-exactly as it would load a real checkpoint.
+exactly as it would load a real checkpoint. :func:`prepare_synthetic_inputs`
+builds everything a pre-training run needs from nothing (tests, benchmarks, demos):
+a synthetic corpus, its tokenizer and token table, and a random backbone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["BACKBONE_SIZES", "init_backbone", "init_vision"]
+__all__ = ["BACKBONE_SIZES", "init_backbone", "init_vision", "prepare_synthetic_inputs"]
 
 # name -> (layers, hidden, heads, intermediate)
 BACKBONE_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -69,3 +71,34 @@ def init_vision(out: str | os.PathLike, image_size: int = 32, patch_size: int = 
     ViTModel(config).save_pretrained(out)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
     return out
+
+
+def prepare_synthetic_inputs(out: str | os.PathLike, preset: str = "tiny", *, vocab_size: int = 1000,
+                             backbone_size: str = "tiny", shard_size: int = 50, seed: int = 0,
+                             progress: bool = False) -> dict[str, Path]:
+    """Everything a pre-training run needs, from nothing: synthetic domains (`reolm synth`), a
+    shard corpus of the pre-training domains (`reolm shard`), a WordPiece tokenizer trained on
+    it (`reolm tokenizer train --kind words`, exactly reproducible, so runs built on it are too),
+    its item token table (`reolm tables tokens`) and a random backbone with that vocabulary
+    (`reolm init backbone --size BACKBONE_SIZE`).  Returns the paths (corpus, backbone,
+    tokenizer, domains)."""
+    import json
+
+    from reolm.data.shards import ShardOptions, write_corpus
+    from reolm.data.synth import generate_corpus, preset_config
+    from reolm.data.tables import build_source_token_table, load_tokenizer
+    from reolm.data.tokenizer import item_texts, train_tokenizer
+
+    out = Path(out)
+    domains_dir = out / "domains"
+    generate_corpus(preset_config(preset, images=False), domains_dir, seed=seed, progress=progress)
+    info = json.loads((domains_dir / "corpus.json").read_text())
+    pretrain = [domains_dir / d["name"] for d in info["domains"] if d.get("role") == "pretrain"]
+    corpus = out / "corpus"
+    write_corpus(pretrain, corpus, ShardOptions(max_count=shard_size, seed=seed, progress=progress),
+                 overwrite=True)
+    tokenizer = train_tokenizer(item_texts([corpus]), out / "tokenizer", "words", vocab_size,
+                                progress=progress)
+    build_source_token_table(corpus, load_tokenizer(tokenizer), progress=progress)
+    backbone = init_backbone(tokenizer, out / "backbone", size=backbone_size, seed=seed)
+    return {"corpus": corpus, "backbone": backbone, "tokenizer": tokenizer, "domains": domains_dir}

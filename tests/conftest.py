@@ -65,7 +65,7 @@ def world_of_one():
 @pytest.fixture(scope="session")
 def pretrain_inputs(tmp_path_factory):
     """Synthetic corpus, tokenizer, token table and random tiny backbone for pre-training runs (built once)."""
-    from reolm.train.backbone import prepare_synthetic_inputs
+    from reolm.random_init import prepare_synthetic_inputs
     return prepare_synthetic_inputs(tmp_path_factory.mktemp("pretrain_inputs"), "tiny", vocab_size=300,
                                     backbone_size="tiny")
 

@@ -278,7 +278,7 @@ def test_catalogue_encoding_is_length_sorted_reused_and_refreshed(assets):
     rec.section = dataclasses.replace(rec.section, item_batch_size=7)
     vectors = rec.encode_all_items()
     with torch.no_grad():  # item i's own [CLS] item sequence, one at a time, in item order
-        alone = torch.cat([rec.model.encode_items(rec.eval_collate.collate_items([i])) for i in (0, 5, 17)])
+        alone = torch.cat([rec.model.encode(rec.eval_collate.collate_items([i])) for i in (0, 5, 17)])
     assert torch.allclose(vectors[[0, 5, 17]], alone.float(), atol=1e-9, rtol=0)
     assert rec.last_encoding["items"] == rec.num_items and rec.last_encoding["tokens_per_s"] > 0
     assert rec.encode_all_items() is vectors  # unchanged weights: reused

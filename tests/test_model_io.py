@@ -85,7 +85,7 @@ def test_mlm_loss_and_scores(tmp_path):
     loss.backward()
     assert model.lm_head.dense.weight.grad.abs().sum() > 0
     assert model.encoder.layer[-1].attention.self.query.weight.grad is None  # head reads the bottom half
-    seq, items = model.encode_sequences(batch["history"]), model.encode_items(batch["target"])
+    seq, items = model.encode(batch["history"]), model.encode(batch["target"])
     scores = model.score(seq, items)
     assert scores.shape == (2, 2) and scores.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(seq[0], items[1], dim=0)

@@ -12,13 +12,14 @@ import torch
 import torch.multiprocessing as mp
 
 from reolm.config import ConfigError
+from reolm.model.objectives import info_nce, masked_lm_loss
 from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, step_tag
 from reolm.train.config import OptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
                               decode_example, default_num_workers, expand_shards)
 from reolm.train.distributed import slurm_env
 from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
-from reolm.train.losses import PretrainLoss, info_nce, masked_lm_loss
+from reolm.train.losses import PretrainLoss
 
 from launch_helpers import free_port
 
@@ -89,7 +90,7 @@ def test_infonce_is_low_for_aligned_pairs_and_masks_duplicates():
     t[1] = t[0]
     ids = torch.tensor([5, 5, 1, 2, 3, 4])
     unmasked, _ = info_nce(v, t, 0.05, gather=False)
-    masked, _ = info_nce(v, t, 0.05, gather=False, target_ids=ids)
+    masked, _ = info_nce(v, t, 0.05, gather=False, key_ids=ids)
     assert masked.item() < unmasked.item()
 
 

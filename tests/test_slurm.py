@@ -37,7 +37,7 @@ LONG = 60  # steps of the jobs that are stopped after step 3 (long enough to be 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from reolm.train.backbone import prepare_synthetic_inputs
+    from reolm.random_init import prepare_synthetic_inputs
     return prepare_synthetic_inputs(tmp_path_factory.mktemp("slurm_inputs"), "tiny", vocab_size=300,
                                     backbone_size="tiny")
 

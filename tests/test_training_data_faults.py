@@ -31,7 +31,7 @@ def _cut_half(path: Path) -> int:
 
 
 def test_run_skips_missing_dev_shard_and_counts_short_shards_once(tmp_path):
-    from reolm.train.backbone import prepare_synthetic_inputs
+    from reolm.random_init import prepare_synthetic_inputs
 
     inputs = prepare_synthetic_inputs(tmp_path / "inputs", "tiny", vocab_size=300, backbone_size="tiny")
     corpus = inputs["corpus"]

@@ -24,18 +24,18 @@ kernels).  Items whose score is NaN never count as ranked above the target.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from reolm.eval.metrics import DEFAULT_KS, MetricAccumulator
 from reolm.eval.rank_kernel import count_above
+from reolm.model.objectives import (Similarity, check_similarity, paired_scores, prepare_vectors, product_scores,
+                                    score_dtype)
 
-__all__ = ["Similarity", "score_items", "rank_targets", "rank_with_score_fn", "evaluate_vectors",
+__all__ = ["Similarity", "rank_targets", "rank_with_score_fn", "evaluate_vectors",
            "ChunkScoreFn", "TargetScoreFn", "CPU_BLOCK_BYTES", "CPU_USER_BLOCK"]
 
-Similarity = Literal["dot", "cosine"]
 #: scores of the current user batch against items [start, end): returns [B, end - start]
 ChunkScoreFn = Callable[[int, int], torch.Tensor]
 #: scores of the current user batch against one item per user: targets [B] -> [B]
@@ -47,30 +47,6 @@ CPU_BLOCK_BYTES = 1 << 20
 #: users per CPU block; more users per block would shrink its item width below what the
 #: matrix product runs efficiently at.
 CPU_USER_BLOCK = 256
-
-
-def _check_similarity(similarity: str) -> None:
-    if similarity not in ("dot", "cosine"):
-        raise ValueError(f"unknown similarity {similarity!r} (expected 'dot' or 'cosine')")
-
-
-def score_items(users: torch.Tensor, items: torch.Tensor, similarity: Similarity = "dot",
-                temperature: float = 1.0) -> torch.Tensor:
-    """Score matrix [B, C] of user vectors [B, H] against item vectors [C, H]."""
-    _check_similarity(similarity)
-    if similarity == "cosine":
-        users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
-    scores = users @ items.T
-    return scores / temperature if temperature != 1.0 else scores
-
-
-def _paired_scores(users: torch.Tensor, items: torch.Tensor, similarity: Similarity,
-                   temperature: float) -> torch.Tensor:
-    """Row-wise scores [B] of users [B, H] against their own items [B, H]."""
-    if similarity == "cosine":
-        users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
-    scores = (users * items).sum(-1)
-    return scores / temperature if temperature != 1.0 else scores
 
 
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -170,10 +146,8 @@ def _rank_block_rows(users: torch.Tensor, items: torch.Tensor, targets: torch.Te
                          device=users.device)
     counter = _RankCounter(target_scores, targets, width)
     for start, end in _chunks(num_items, width):
-        scores = torch.matmul(users, items[start:end].T, out=buffer[:users.shape[0] * (end - start)]
-                              .view(users.shape[0], end - start))
-        if temperature != 1.0:
-            scores.div_(temperature)
+        scores = product_scores(users, items[start:end], temperature,
+                                out=buffer[:users.shape[0] * (end - start)].view(users.shape[0], end - start))
         counter.add(scores, start)
     return counter.ranks()
 
@@ -183,17 +157,18 @@ def rank_targets(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor
                  item_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """(optimistic, pessimistic) ranks of ``targets`` [B] for user vectors [B, H] vs items [N, H].
 
-    The scores are those of :func:`score_items` (cosine vectors normalised row by row, then the
-    product, then the division by ``temperature``), computed block by block.
+    The scores are those of :func:`reolm.model.objectives.similarity_scores` (vectors prepared
+    once: fp32 or wider, normalised row by row for cosine; then the product and the division by
+    ``temperature``), computed block by block.
     """
     if item_chunk < 1:
         raise ValueError(f"item_chunk must be >= 1, got {item_chunk}")
-    _check_similarity(similarity)
+    check_similarity(similarity)
     items = items.to(users.device)
     targets = targets.to(users.device)
-    target_scores = _paired_scores(users, items[targets], similarity, temperature)
-    if similarity == "cosine":
-        users, items = F.normalize(users, dim=-1), F.normalize(items, dim=-1)
+    target_scores = paired_scores(users, items[targets], similarity, temperature)
+    dtype = score_dtype(users, items)
+    users, items = prepare_vectors(users, similarity, dtype), prepare_vectors(items, similarity, dtype)
     user_block, item_block = _block_shape(users.shape[0], item_chunk, users.device)
     parts = [_rank_block_rows(users[lo:hi], items, targets[lo:hi], target_scores[lo:hi], temperature, item_block)
              for lo, hi in _chunks(users.shape[0], user_block)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-__all__ = ["TRAINERS", "LOADERS", "NotImplementedModel", "get_trainer", "get_loader", "load_recommender",
+__all__ = ["TRAINERS", "LOADERS", "get_trainer", "get_loader", "load_recommender",
            "resolve_saved_model", "is_reolm_export", "is_hf_backbone", "export_origin", "PLM_ZEROSHOT",
            "BACKBONE_ORIGIN"]
 
@@ -27,7 +27,7 @@ _BASELINE_TRAINER = "reolm.finetune.baseline_trainer:train_baseline"
 _BASELINE_LOADER = "reolm.baselines.registry:load_baseline"
 _REOLM_LOADER = "reolm.finetune.reolm_recommender:load_reolm"
 
-TRAINERS: dict[str, str | None] = {
+TRAINERS: dict[str, str] = {
     "pop": _BASELINE_TRAINER,
     "sasrec": _BASELINE_TRAINER,
     "gru4rec": _BASELINE_TRAINER,
@@ -35,7 +35,7 @@ TRAINERS: dict[str, str | None] = {
     "reolm": "reolm.finetune.reolm_trainer:train_reolm",
 }
 
-LOADERS: dict[str, str | None] = {
+LOADERS: dict[str, str] = {
     "pop": _BASELINE_LOADER,
     "sasrec": _BASELINE_LOADER,
     "gru4rec": _BASELINE_LOADER,
@@ -47,27 +47,19 @@ LOADERS: dict[str, str | None] = {
 }
 
 
-class NotImplementedModel(ValueError):
-    """The model kind is registered but its implementation is not there yet."""
-
-
-def _resolve(table: dict[str, str | None], kind: str, what: str) -> Callable[..., Any]:
+def _resolve(table: dict[str, str], kind: str) -> Callable[..., Any]:
     if kind not in table:
         raise ValueError(f"unknown model {kind!r}; known: {', '.join(table)}")
-    target = table[kind]
-    if target is None:
-        raise NotImplementedModel(f"model {kind!r}: {what} is not implemented yet "
-                                  f"(register it in reolm.finetune.registry)")
-    module, _, func = target.partition(":")
+    module, _, func = table[kind].partition(":")
     return getattr(importlib.import_module(module), func)
 
 
 def get_trainer(kind: str) -> Callable[..., dict]:
-    return _resolve(TRAINERS, kind, "fine-tuning")
+    return _resolve(TRAINERS, kind)
 
 
 def get_loader(kind: str) -> Callable[..., Any]:
-    return _resolve(LOADERS, kind, "loading a saved model")
+    return _resolve(LOADERS, kind)
 
 
 def _config_json(path: Any) -> dict[str, Any]:

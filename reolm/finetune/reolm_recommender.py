@@ -18,7 +18,7 @@ as a starting point for anything else) plus::
     recommender.json           descriptor (written last: its presence marks a complete folder)
 
 A bare export (no ``recommender.json``) loads as ``reolm-zeroshot``: no fine-tuning, the top
-adapters averaged (see :func:`route_top_layers_by_mean`).  A plain HF checkpoint loads as
+adapters averaged (``top_routing: mean``).  A plain HF checkpoint loads as
 ``plm-zeroshot`` (:func:`load_plm`): a fresh Reo-LM on it, which computes the PLM's text
 encoding (zero adapters, zero item positions) plus each item's image token, whose untrained
 embedding is drawn from a fixed seed so every run, and ``reolm export backbone``, has the same one.
@@ -49,7 +49,7 @@ from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
 from reolm.model import ModelConfig, ReoLM
 
-__all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "route_top_layers_by_mean",
+__all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table",
            "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
            "autocast_for"]
 
@@ -118,16 +118,6 @@ def domain_image_table(domain: Domain, cfg: ModelConfig) -> ImageFeatureTable:
     return ImageFeatureTable(features, np.asarray(has_image, dtype=bool))
 
 
-def route_top_layers_by_mean(model: ReoLM) -> None:
-    """Zero-shot routing: the top layers average all adapters, like the bottom ones.
-
-    A pre-trained export's gate was never trained (pre-training routes by domain) and the
-    downstream domain has no adapter of its own, so the mean of the adapters is the one
-    routing that uses what pre-training learned without guessing a domain.
-    """
-    model.set_routing("mean")
-
-
 def sized_for_domain(model_cfg: ModelConfig, domain: Domain | None) -> ModelConfig:
     """``model_cfg`` with a fresh image MLP sized to the domain's image features, instead of failing
     on a width that only matters once the MLP is trained."""
@@ -146,9 +136,7 @@ def fresh_plm(hf_dir: str | os.PathLike, model_cfg: ModelConfig) -> ReoLM:
     on every call; ``reolm export backbone`` saves exactly these."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PLM_SEED)
-        model = ReoLM.from_backbone(hf_dir, dataclasses.replace(model_cfg, top_routing="mean"))
-    route_top_layers_by_mean(model)
-    return model
+        return ReoLM.from_backbone(hf_dir, dataclasses.replace(model_cfg, top_routing="mean"))
 
 
 def load_plm(folder: str | os.PathLike, section: ReoLMSection | None = None,
@@ -160,7 +148,6 @@ def load_plm(folder: str | os.PathLike, section: ReoLMSection | None = None,
     section = section or ReoLMSection()
     if is_reolm_export(folder):
         model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
-        route_top_layers_by_mean(model)
     else:
         model = fresh_plm(folder, sized_for_domain(section.model, domain))
     return ReoLMRecommender(model, section)
@@ -277,12 +264,12 @@ class ReoLMRecommender(nn.Module):
     def _encode_item_chunk(self, items: list[int]) -> torch.Tensor:
         batch = move_batch(self.eval_collate.collate_items(items), self.device)
         with autocast_for(self.device):
-            return self.model.encode_items(batch).float()
+            return self.model.encode(batch).float()
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         batch = self.eval_collate([SequenceExample(list(h)) for h in histories])["history"]
         with autocast_for(self.device):
-            return self.model.encode_sequences(move_batch(batch, self.device)).float()
+            return self.model.encode(move_batch(batch, self.device)).float()
 
 
 # ----------------------------------------------------------------------------- saved folder
@@ -312,9 +299,9 @@ def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
     ``reolm-zeroshot`` (a bare pre-trained export); bind it to a domain before use."""
     folder = Path(folder)
     if not (folder / DESCRIPTOR).is_file():  # a pre-trained export: zero-shot
-        model = ReoLM.from_pretrained(folder)
-        route_top_layers_by_mean(model)
-        return ReoLMRecommender(model, ReoLMSection())
+        # Its gate was never trained (pre-training routes by domain) and the new domain has no
+        # adapter of its own: the mean of the adapters uses what pre-training learned, guessing nothing.
+        return ReoLMRecommender(ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"}), ReoLMSection())
     desc = read_descriptor(folder)
     model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
     rec = ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {}))

@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -46,6 +45,7 @@ from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
 from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
                                    seed_everything, train_with_early_stopping)
 from reolm.model import ReoLM
+from reolm.model.objectives import info_nce
 
 __all__ = ["train_reolm", "build_finetune_model", "PrefixDataset", "PrefixCollate", "stage_rounds", "train_step",
            "TrainCost"]
@@ -246,7 +246,7 @@ def history_loss(rec: ReoLMRecommender, micro: dict[str, Any], candidates: torch
     with autocast_for(rec.device):
         out = model(micro["history"], pooled_only=True)
         mlm = model.mlm_loss(out, micro["history"]) if mlm_weight > 0 else None
-    loss = F.cross_entropy(model.score(out.pooled, candidates), micro["labels"])
+    loss = info_nce(out.pooled, candidates, model.config.temperature, labels=micro["labels"]).loss
     return loss + mlm_weight * mlm if mlm is not None else loss
 
 
@@ -263,7 +263,7 @@ def train_step(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float, 
     micro = batch["micro"]
     total = sum(m["labels"].shape[0] for m in micro)
     with autocast_for(rec.device):
-        pools = [model.encode_items(p) for p in batch.get("pools", [])]
+        pools = [model.encode(p) for p in batch.get("pools", [])]
     copies = [p.detach().requires_grad_() for p in pools]
     table = None
     if not copies:  # stage 2: the frozen table, restricted to the items seen in training

@@ -1,10 +1,11 @@
 """The Reo-LM encoder (see docs/model.md).
 
 Public API: :class:`ReoLM` (``from_backbone``, ``from_pretrained``, ``save_pretrained``,
-``encode_sequences``, ``encode_items``, ``score``, ``mlm_loss``, ``set_routing``),
-:class:`ModelConfig`, :class:`EncoderOutput`, the attention interface
-(:func:`attention`, :class:`AttentionLayout`, :func:`resolve_backend`) and
-:class:`CheckpointError`.
+``encode``, ``score``, ``mlm_loss``, ``set_routing``), :class:`ModelConfig`,
+:class:`EncoderOutput`, the attention interface (:func:`attention`, :class:`AttentionLayout`,
+:func:`resolve_backend`) and :class:`CheckpointError`.  The scores and losses every stage shares
+are in :mod:`reolm.model.objectives`; loading, saving and the strict key check of checkpoints in
+:mod:`reolm.model.hf_checkpoint`.
 """
 
 from reolm.model.attention import AttentionLayout, attention, resolve_backend

@@ -56,6 +56,11 @@ class AttentionLayout:
     def num_sequences(self) -> int:
         return self.cu_seqlens.shape[0] - 1
 
+    @property
+    def cls_rows(self) -> torch.Tensor:
+        """int64 [B]: the stream row of every sequence's first token ([CLS]), in stream order."""
+        return self.cu_seqlens[:-1].long()
+
     @classmethod
     def from_batch(cls, batch: Mapping[str, object]) -> "AttentionLayout":
         return cls(batch["cu_seqlens"], int(batch["max_seqlen"]), batch["attn_grid_index"],

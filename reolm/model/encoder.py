@@ -16,31 +16,27 @@ training moves those parameters.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reolm.config import from_dict, to_dict
+from reolm.config import from_dict
+from reolm.model import hf_checkpoint as hf
+from reolm.model import objectives
 from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
 from reolm.model.config import TOP_ROUTINGS, ModelConfig
-from reolm.model.hf_checkpoint import (BackboneConfig, CheckpointError, has_untied_decoder, normalise_hf_keys,
-                                       read_backbone_config, read_state_dict)
+from reolm.model.hf_checkpoint import BackboneConfig, CheckpointError
 
-__all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "FORMAT_VERSION", "training_flops"]
+__all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "training_flops"]
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-TIED_KEY = "lm_head.decoder.weight"  # shares the word embedding table; never stored
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -145,11 +141,26 @@ class MixtureOfAdapters(nn.Module):
 # ----------------------------------------------------------------------------- transformer layer
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden: int):
+    """Multi-head attention over the packed stream, through the backend the model resolved."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
+        self.heads = heads
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout, backend: str, cls: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Context vectors [T, H] of every token, or with ``cls`` (the [CLS] rows of ``x``, [B, H]) of
+        those rows only, their keys and values still from every token."""
+        queries = x if cls is None else cls
+        # Separate module calls (not one fused matmul): ZeRO-3 gathers weights per module forward.
+        q = self.query(queries).view(queries.shape[0], self.heads, -1)
+        k, v = (p(x).view(x.shape[0], self.heads, -1) for p in (self.key, self.value))
+        ctx = BACKENDS[backend](q, k, v, layout, self.dropout, self.training, cls_only=cls is not None)
+        return ctx.reshape(queries.shape)
 
 
 class DenseResidualNorm(nn.Module):
@@ -170,11 +181,17 @@ class DenseResidualNorm(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, eps: float, dropout: float):
+    """Self-attention, then the post-LN output sub-layer around it."""
+
+    def __init__(self, hidden: int, heads: int, eps: float, dropout: float, attn_dropout: float):
         super().__init__()
-        self.self = SelfAttention(hidden)
+        self.self = SelfAttention(hidden, heads, attn_dropout)
         self.output = DenseResidualNorm(hidden, hidden, eps, dropout)
-        self.heads = heads
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout, backend: str, cls: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """[T, H], or [B, H] at the ``cls`` rows (see :meth:`SelfAttention.forward`)."""
+        return self.output(self.self(x, layout, backend, cls), x if cls is None else cls)
 
 
 class Intermediate(nn.Module):
@@ -194,23 +211,16 @@ class Layer(nn.Module):
                  routing: str):
         super().__init__()
         h = bb.hidden_size
-        self.attention = AttentionBlock(h, bb.num_attention_heads, bb.layer_norm_eps, hidden_dropout)
+        self.attention = AttentionBlock(h, bb.num_attention_heads, bb.layer_norm_eps, hidden_dropout, attn_dropout)
         self.intermediate = Intermediate(h, bb.intermediate_size, bb.hidden_act)
         self.output = DenseResidualNorm(bb.intermediate_size, h, bb.layer_norm_eps, hidden_dropout)
         self.adapter = MixtureOfAdapters(h, cfg.num_adapters, cfg.adapter_rank, cfg.adapter_scale,
                                          cfg.adapter_activation)
         self.routing = routing
-        self.attn_dropout = attn_dropout
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout, backend: str,
                 token_domains: torch.Tensor | None) -> torch.Tensor:
-        proj = self.attention.self
-        heads = self.attention.heads
-        shape = (x.shape[0], heads, x.shape[1] // heads)
-        # Separate module calls (not one fused matmul): ZeRO-3 gathers weights per module forward.
-        q, k, v = (p(x).view(shape) for p in (proj.query, proj.key, proj.value))
-        ctx = BACKENDS[backend](q, k, v, layout, self.attn_dropout, self.training)
-        return self._feed_forward(self.attention.output(ctx.reshape(x.shape), x), token_domains)
+        return self._feed_forward(self.attention(x, layout, backend), token_domains)
 
     def forward_cls(self, x: torch.Tensor, layout: AttentionLayout, backend: str,
                     token_domains: torch.Tensor | None) -> torch.Tensor:
@@ -220,15 +230,10 @@ class Layer(nn.Module):
         adapter and the feed-forward run on the B [CLS] rows alone.  Equal to
         ``forward(...)[cls rows]`` up to float summation order.
         """
-        proj = self.attention.self
-        heads = self.attention.heads
-        rows = layout.cu_seqlens[:-1].long()
-        cls = x.index_select(0, rows)
-        q = proj.query(cls).view(cls.shape[0], heads, -1)
-        k, v = (p(x).view(x.shape[0], heads, -1) for p in (proj.key, proj.value))
-        ctx = BACKENDS[backend](q, k, v, layout, self.attn_dropout, self.training, cls_only=True)
+        rows = layout.cls_rows
+        h = self.attention(x, layout, backend, cls=x.index_select(0, rows))
         domains = token_domains.index_select(0, rows) if token_domains is not None else None
-        return self._feed_forward(self.attention.output(ctx.reshape(cls.shape), cls), domains)
+        return self._feed_forward(h, domains)
 
     def _feed_forward(self, h: torch.Tensor, token_domains: torch.Tensor | None) -> torch.Tensor:
         adapter = self.adapter(h, self.routing, token_domains)
@@ -269,10 +274,36 @@ class EncoderOutput:
 
 
 class Encoder(nn.Module):
-    def __init__(self, layers: list[Layer]):
+    """The layer stack; the MLM head reads the output of its bottom half."""
+
+    def __init__(self, layers: list[Layer], num_bottom_layers: int):
         super().__init__()
         self.layer = nn.ModuleList(layers)
+        self.num_bottom_layers = num_bottom_layers
 
+    def forward(self, x: torch.Tensor, layout: AttentionLayout, backend: str, token_domains: torch.Tensor | None,
+                cls_only_last: bool = False, checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last layer's output, the bottom half's output [T, H]).
+
+        The last layer's output is [T, H], or with ``cls_only_last`` [B, H] at the [CLS] rows in
+        stream order (:meth:`Layer.forward_cls`).  ``checkpointing`` recomputes each layer in the
+        backward pass."""
+        layers = self.layer
+        mlm_hidden = x
+        for i, layer in enumerate(layers[:-1] if cls_only_last else layers):
+            x = _run_layer(layer.forward, x, layout, backend, token_domains, checkpointing)
+            if i == self.num_bottom_layers - 1:
+                mlm_hidden = x
+        if cls_only_last:
+            x = _run_layer(layers[-1].forward_cls, x, layout, backend, token_domains, checkpointing)
+        return x, mlm_hidden
+
+
+def _run_layer(fn: Callable[..., torch.Tensor], x: torch.Tensor, layout: AttentionLayout, backend: str,
+               token_domains: torch.Tensor | None, checkpointing: bool) -> torch.Tensor:
+    if checkpointing:
+        return checkpoint(fn, x, layout, backend, token_domains, use_reentrant=False)
+    return fn(x, layout, backend, token_domains)
 
 
 def training_flops(backbone_config: Any, config: ModelConfig, num_real_tokens: int, num_attention_pairs: int,
@@ -316,10 +347,9 @@ class ReoLM(nn.Module):
                         else cfg.attention_dropout)
         self.embeddings = Embeddings(backbone, cfg, self.num_position_rows(backbone, cfg), hidden_dropout)
         n = backbone.num_hidden_layers
-        self.num_bottom_layers = n // 2
         layers = [Layer(backbone, cfg, hidden_dropout, attn_dropout,
-                        "mean" if i < self.num_bottom_layers else cfg.top_routing) for i in range(n)]
-        self.encoder = Encoder(layers)
+                        "mean" if i < n // 2 else cfg.top_routing) for i in range(n)]
+        self.encoder = Encoder(layers, num_bottom_layers=n // 2)
         self.lm_head = LMHead(backbone, self.embeddings.word_embeddings)
         self.gradient_checkpointing = bool(cfg.gradient_checkpointing)  # null (automatic) = off until resolved
         self._backend_cache: dict[str, str] = {}
@@ -327,6 +357,11 @@ class ReoLM(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
+    @property
+    def num_bottom_layers(self) -> int:
+        """Layers of the bottom half: always mean-routed; the MLM head reads their output."""
+        return self.encoder.num_bottom_layers
+
     @staticmethod
     def num_position_rows(bb: BackboneConfig, cfg: ModelConfig) -> int:
         needed = cfg.max_position_embeddings or cfg.max_tokens
@@ -361,108 +396,21 @@ class ReoLM(nn.Module):
     @classmethod
     def from_backbone(cls, hf_dir: str | os.PathLike, cfg: ModelConfig | None = None,
                       load_tokenizer: bool = True) -> "ReoLM":
-        """A fresh Reo-LM on top of a plain HF BERT/RoBERTa checkpoint directory (strict key check)."""
+        """A fresh Reo-LM on top of a plain HF BERT/RoBERTa checkpoint directory (strict key check,
+        :func:`~reolm.model.hf_checkpoint.load_backbone_weights`)."""
         cfg = dataclasses.replace(cfg or ModelConfig(), backbone=str(hf_dir))
-        bb = read_backbone_config(hf_dir)
-        model = cls(bb, cfg)
-        state = read_state_dict(hf_dir)
-        if has_untied_decoder(state):
-            log.warning("%s: the MLM decoder weight differs from the word embeddings; Reo-LM ties them, "
-                        "so the checkpoint's decoder weight is not used", hf_dir)
-        model.load_backbone_state(normalise_hf_keys(state), source=str(hf_dir))
+        model = cls(hf.read_backbone_config(hf_dir), cfg)
+        hf.load_backbone_weights(model, hf.read_state_dict(hf_dir), source=str(hf_dir))
         if load_tokenizer:
-            model.tokenizer = _load_tokenizer(hf_dir)
+            model.tokenizer = hf.load_tokenizer(hf_dir)
         return model
 
-    def _backbone_keys(self) -> set[str]:
-        """Parameters every HF checkpoint must provide (ours minus the Reo-LM additions)."""
-        ours = ("embeddings.item_position_embeddings.", "embeddings.image_mlp.", "embeddings.void_image",
-                ".adapter.", "lm_head.")
-        return {k for k in self.state_dict() if not any(tag in k for tag in ours)}
-
-    def state_dict_to_save(self) -> dict[str, torch.Tensor]:
-        """All weights once (the tied decoder weight is the word embedding table), on CPU."""
-        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != TIED_KEY}
-
-    def load_backbone_state(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load normalised HF weights; every backbone key must be present and nothing unknown."""
-        own = self.state_dict()
-        required = self._backbone_keys()
-        head_keys = {k for k in own if k.startswith("lm_head.") and k != TIED_KEY}
-        missing = sorted(required - state.keys())
-        unexpected = sorted(state.keys() - required - head_keys)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
-            if unexpected:
-                parts.append(f"unexpected keys: {', '.join(unexpected[:10])}"
-                             + (" ..." if len(unexpected) > 10 else ""))
-            raise CheckpointError(f"{source}: weights do not match a {self.backbone_config.model_type} encoder "
-                                  f"({'; '.join(parts)})")
-        head_present = head_keys & state.keys()
-        if head_present and head_present != head_keys:
-            raise CheckpointError(f"{source}: incomplete LM head; has {sorted(head_present)}, "
-                                  f"needs {sorted(head_keys)}")
-        with torch.no_grad():
-            for key, value in state.items():
-                target = own[key]
-                if key == "embeddings.position_embeddings.weight":
-                    value = self._extend_positions(value, target.shape[0], source)
-                elif key == "embeddings.token_type_embeddings.weight":
-                    # The checkpoint has 1-2 types; ours start as its type-0 row so the PLM is unchanged.
-                    value = value[:1].expand_as(target)
-                if value.shape != target.shape:
-                    raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, "
-                                          f"expected {tuple(target.shape)}")
-                target.copy_(value.to(target.dtype))
-        if not head_present:
-            # Plain encoders (sentence-transformers, *Model checkpoints) ship no MLM head: the MLM loss
-            # of pre-training and stage 1 then starts from a random transform; say so loudly.
-            log.warning("%s has no MLM head: the LM head starts fresh (random transform, zero bias; it "
-                        "only matters for the MLM loss of training)", source)
-
-    def _extend_positions(self, table: torch.Tensor, rows: int, source: str) -> torch.Tensor:
-        """Tile the checkpoint's learned position rows (after the RoBERTa offset) up to ``rows``."""
-        if table.shape[0] >= rows:
-            return table[:rows]
-        offset = self.backbone_config.position_offset
-        learned = table[offset:]
-        if learned.shape[0] == 0:
-            raise CheckpointError(f"{source}: position table has no learned rows to extend")
-        reps = math.ceil((rows - offset) / learned.shape[0])
-        # Positions past the checkpoint's were never trained: copies only give them a start.
-        log.warning("%s: model.max_tokens=%d needs %d position rows but the checkpoint has %d; rows past "
-                    "them are copies of its learned rows (set model.max_tokens=%d to stay within the "
-                    "trained positions, see docs/model.md)", source, self.config.max_tokens, rows,
-                    table.shape[0], table.shape[0] - offset)
-        return torch.cat([table[:offset], learned.repeat(reps, 1)[: rows - offset]])
-
-    # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping[str, Any] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (temp folder, then rename).
+        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (one folder, swapped in atomically).
 
         ``extra_config`` adds top-level entries to config.json (e.g. ``origin``: where the weights
         came from), which :meth:`from_pretrained` ignores."""
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        config = {"model_type": "reolm", "format_version": FORMAT_VERSION, "architectures": ["ReoLM"],
-                  "backbone": self.backbone_config.to_dict(), "reolm": to_dict(self.config),
-                  **dict(extra_config or {})}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(self.state_dict_to_save(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(tmp))
-        else:
-            log.warning("no tokenizer attached; %s will hold no tokenizer files", directory)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        return hf.save_export(self, directory, extra_config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
@@ -472,31 +420,13 @@ class ReoLM(nn.Module):
         ``overrides`` replaces run-time settings such as ``attention``, ``top_routing`` or
         ``gradient_checkpointing``; shape-changing settings come from the directory.
         """
-        directory = Path(directory)
-        path = directory / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no config.json")
-        data = json.loads(path.read_text())
-        if data.get("model_type") != "reolm":
-            raise CheckpointError(f"{path}: not a Reo-LM export (model_type={data.get('model_type')!r}); "
-                                  f"use ReoLM.from_backbone for a plain HF checkpoint")
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {data['format_version']} is newer than this code "
-                                  f"({FORMAT_VERSION})")
+        data = hf.read_export_config(directory)
         cfg = from_dict(ModelConfig, {**data["reolm"], **dict(overrides or {})})
         model = cls(BackboneConfig.from_dict(data["backbone"]), cfg)
-        state = read_state_dict(directory)
-        own = model.state_dict()
-        own.pop(TIED_KEY)
-        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            raise CheckpointError(f"{directory}: weights do not match its config.json (missing keys: "
-                                  f"{missing[:10]}; unexpected keys: {unexpected[:10]}; wrong shapes: "
-                                  f"{wrong[:10]})")
-        model.load_state_dict(state, strict=False)  # keys verified above; the tied key is implied
+        hf.load_complete_state(model, hf.read_state_dict(directory),
+                               f"{directory}: weights do not match its config.json")
         if load_tokenizer:
-            model.tokenizer = _load_tokenizer(directory)
+            model.tokenizer = hf.load_tokenizer(directory)
         return model
 
     # ------------------------------------------------------------------ routing / backend
@@ -541,24 +471,12 @@ class ReoLM(nn.Module):
         if self.config.top_routing == "domain":
             token_domains = batch["seq_domains"].index_select(0, batch["token_seq_index"])
         cls_last = pooled_only and self.cls_only_last_layer
-        layers = self.encoder.layer
-        x = self.embeddings(batch)
-        mlm_hidden = x
-        for i, layer in enumerate(layers[:-1] if cls_last else layers):
-            x = self._run_layer(layer.forward, x, layout, backend, token_domains)
-            if i == self.num_bottom_layers - 1:
-                mlm_hidden = x
+        top, mlm_hidden = self.encoder(self.embeddings(batch), layout, backend, token_domains, cls_only_last=cls_last,
+                                       checkpointing=self.gradient_checkpointing and self.training)
         if not cls_last:
-            return EncoderOutput(hidden=x, pooled=self.pool(x, batch, layout), mlm_hidden=mlm_hidden)
-        cls = self._run_layer(layers[-1].forward_cls, x, layout, backend, token_domains)   # stream order
-        stream_rank = torch.searchsorted(layout.cu_seqlens[:-1].long(), batch["seq_cls_index"])
-        return EncoderOutput(hidden=None, pooled=cls.index_select(0, stream_rank), mlm_hidden=mlm_hidden)
-
-    def _run_layer(self, fn: Any, x: torch.Tensor, layout: AttentionLayout, backend: str,
-                   token_domains: torch.Tensor | None) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training:
-            return checkpoint(fn, x, layout, backend, token_domains, use_reentrant=False)
-        return fn(x, layout, backend, token_domains)
+            return EncoderOutput(hidden=top, pooled=self.pool(top, batch, layout), mlm_hidden=mlm_hidden)
+        stream_rank = torch.searchsorted(layout.cls_rows, batch["seq_cls_index"])  # top is in stream order
+        return EncoderOutput(hidden=None, pooled=top.index_select(0, stream_rank), mlm_hidden=mlm_hidden)
 
     @property
     def cls_only_last_layer(self) -> bool:
@@ -590,45 +508,24 @@ class ReoLM(nn.Module):
                               batch["num_attention_pairs"], batch["mlm_positions"].shape[0] if include_mlm else 0,
                               cls_only_sequences=cls_rows)
 
-    def encode_sequences(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Pooled vectors [B, H] of history sequences."""
-        return self(batch, pooled_only=True).pooled
-
-    def encode_items(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Pooled vectors [N, H] of ``[CLS] item`` sequences (from ``PackedCollator.collate_items``)."""
+    def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Pooled vectors [B, H] of a batch's sequences: histories, or ``[CLS] item`` sequences (from
+        ``PackedCollator.collate_items``); the last layer runs on the [CLS] rows only when it can."""
         return self(batch, pooled_only=True).pooled
 
     def score(self, seq_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity / temperature, [B, N], computed in fp32 (fp64 for fp64 vectors)."""
-        wide = torch.promote_types(torch.promote_types(seq_vecs.dtype, item_vecs.dtype), torch.float32)
-        s = F.normalize(seq_vecs.to(wide), dim=-1)
-        i = F.normalize(item_vecs.to(wide), dim=-1)
-        return s @ i.T / self.config.temperature
+        """Cosine similarity / temperature, [B, N], in fp32 (fp64 for fp64 vectors):
+        :func:`reolm.model.objectives.similarity_scores`."""
+        return objectives.similarity_scores(seq_vecs, item_vecs, "cosine", self.config.temperature)
 
     def mlm_logits(self, mlm_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at the given stream positions, read from the last bottom layer."""
         return self.lm_head(mlm_hidden.index_select(0, positions))
 
     def mlm_loss(self, output: EncoderOutput, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Mean cross-entropy (fp32) over the masked tokens; 0 (still in the graph) when none."""
-        positions = batch["mlm_positions"]
-        if positions.shape[0] == 0:
+        """Mean cross-entropy (fp32) over the masked tokens (:func:`~reolm.model.objectives.masked_lm_loss`);
+        0 (still in the graph) when none."""
+        if batch["mlm_positions"].shape[0] == 0:
+            # The head does not run: its parameters keep no gradient (an optimiser then skips them).
             return output.mlm_hidden.sum().float() * 0.0
-        logits = self.mlm_logits(output.mlm_hidden, positions)
-        return F.cross_entropy(logits.float(), batch["mlm_labels"].index_select(0, positions))
-
-
-def _load_tokenizer(directory: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # An export's config.json says model_type "reolm", which transformers does not know; it warns
-    # on every load although only the tokenizer files are read. Silence that one call.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{directory}: cannot load its tokenizer with AutoTokenizer: {err}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        return objectives.masked_lm_loss(*objectives.mlm_predictions(self, output, batch)).loss

@@ -13,24 +13,44 @@ checkpoint maps onto the encoder after three normalisations:
 Keys that carry nothing we use (the pooler, the next-sentence head, position
 id buffers) are dropped.  Anything else unexpected, or any backbone weight
 missing, raises :class:`CheckpointError` naming the directory and the keys.
+
+This module also owns Reo-LM's own exports (``ReoLM.save_pretrained`` / ``from_pretrained``:
+``config.json`` with ``model_type: reolm`` + ``model.safetensors`` + tokenizer files, written as
+one folder swapped in atomically) and the one strict key check, :func:`key_mismatch`, that
+backbone loading, export loading and ``reolm export checkpoint`` share.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
+import logging
+import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import AbstractSet, Any, Mapping
 
 import torch
+from torch import nn
+
+from reolm.config import to_dict
+from reolm.io import atomic_dir
 
 __all__ = ["BackboneConfig", "CheckpointError", "read_backbone_config", "read_state_dict",
-           "normalise_hf_keys", "has_untied_decoder", "SUPPORTED_MODEL_TYPES"]
+           "normalise_hf_keys", "has_untied_decoder", "SUPPORTED_MODEL_TYPES", "TIED_KEY", "FORMAT_VERSION",
+           "key_mismatch", "backbone_keys", "load_backbone_weights", "load_complete_state", "weights_to_save",
+           "save_export", "read_export_config", "load_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+FORMAT_VERSION = 1  # of Reo-LM exports (config.json "format_version")
+TIED_KEY = "lm_head.decoder.weight"  # shares the word embedding table; never stored
+# Name fragments of the parameters Reo-LM adds to a BERT/RoBERTa encoder (no HF checkpoint has them).
+REOLM_ADDITIONS = ("embeddings.item_position_embeddings.", "embeddings.image_mlp.", "embeddings.void_image",
+                   ".adapter.", "lm_head.")
 
 # Keys of HF checkpoints that hold nothing the Reo-LM encoder uses.
 _IGNORED = (
@@ -167,3 +187,168 @@ def normalise_hf_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             continue
         out[name] = value
     return out
+
+
+# ----------------------------------------------------------------------------- the strict key check
+
+def _names(keys: list[str], most: int = 10) -> str:
+    return ", ".join(keys[:most]) + (" ..." if len(keys) > most else "")
+
+
+def key_mismatch(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor] | AbstractSet[str],
+                 optional: AbstractSet[str] = frozenset()) -> str:
+    """Why the weights ``found`` are not ``expected`` (plus any of ``optional``); '' when they are.
+
+    Names the missing and the unexpected keys and, when ``expected`` maps names to tensors, the
+    keys whose shapes differ (the first ten of each)."""
+    names = expected.keys() if isinstance(expected, Mapping) else expected
+    parts = []
+    missing = sorted(names - found.keys())
+    unexpected = sorted(found.keys() - names - optional)
+    if missing:
+        parts.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_names(unexpected)}")
+    if isinstance(expected, Mapping):
+        wrong = sorted(k for k in names & found.keys() if found[k].shape != expected[k].shape)
+        if wrong:
+            parts.append("wrong shapes: " + _names([f"{k} {tuple(found[k].shape)} (model "
+                                                    f"{tuple(expected[k].shape)})" for k in wrong]))
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- HF backbones
+
+def backbone_keys(model: nn.Module) -> set[str]:
+    """Parameters every HF checkpoint must provide: the model's minus the Reo-LM additions."""
+    return {k for k in model.state_dict() if not any(tag in k for tag in REOLM_ADDITIONS)}
+
+
+def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load the raw weights of an HF BERT/RoBERTa checkpoint into a fresh Reo-LM ``model``.
+
+    Keys are normalised (:func:`normalise_hf_keys`); every backbone key must be present and
+    nothing unknown; the LM head is all there or absent (then it starts fresh).  The position
+    table is extended when the model needs more rows, and every token-type row starts as the
+    checkpoint's type-0 row, so the fresh model computes the checkpoint's encoder.
+    """
+    if has_untied_decoder(state):
+        log.warning("%s: the MLM decoder weight differs from the word embeddings; Reo-LM ties them, "
+                    "so the checkpoint's decoder weight is not used", source)
+    state = normalise_hf_keys(state)
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith("lm_head.") and k != TIED_KEY}
+    problem = key_mismatch(state, backbone_keys(model), optional=head_keys)
+    if problem:
+        raise CheckpointError(f"{source}: weights do not match a {model.backbone_config.model_type} encoder "
+                              f"({problem})")
+    head_present = head_keys & state.keys()
+    if head_present and head_present != head_keys:
+        raise CheckpointError(f"{source}: incomplete LM head; has {sorted(head_present)}, "
+                              f"needs {sorted(head_keys)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = own[key]
+            if key == "embeddings.position_embeddings.weight":
+                value = _extend_positions(value, target.shape[0], model, source)
+            elif key == "embeddings.token_type_embeddings.weight":
+                # The checkpoint has 1-2 types; ours start as its type-0 row so the PLM is unchanged.
+                value = value[:1].expand_as(target)
+            if value.shape != target.shape:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                                      f"expected {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+    if not head_present:
+        # Plain encoders (sentence-transformers, *Model checkpoints) ship no MLM head: the MLM loss
+        # of pre-training and stage 1 then starts from a random transform; say so loudly.
+        log.warning("%s has no MLM head: the LM head starts fresh (random transform, zero bias; it "
+                    "only matters for the MLM loss of training)", source)
+
+
+def _extend_positions(table: torch.Tensor, rows: int, model: nn.Module, source: str) -> torch.Tensor:
+    """Tile the checkpoint's learned position rows (after the RoBERTa offset) up to ``rows``."""
+    if table.shape[0] >= rows:
+        return table[:rows]
+    offset = model.backbone_config.position_offset
+    learned = table[offset:]
+    if learned.shape[0] == 0:
+        raise CheckpointError(f"{source}: position table has no learned rows to extend")
+    reps = math.ceil((rows - offset) / learned.shape[0])
+    # Positions past the checkpoint's were never trained: copies only give them a start.
+    log.warning("%s: model.max_tokens=%d needs %d position rows but the checkpoint has %d; rows past "
+                "them are copies of its learned rows (set model.max_tokens=%d to stay within the "
+                "trained positions, see docs/model.md)", source, model.config.max_tokens, rows,
+                table.shape[0], table.shape[0] - offset)
+    return torch.cat([table[:offset], learned.repeat(reps, 1)[: rows - offset]])
+
+
+# ----------------------------------------------------------------------------- Reo-LM exports
+
+def load_complete_state(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
+                        error: type[Exception] = CheckpointError) -> None:
+    """Load ``state`` into ``model`` when it holds exactly the model's weights (the tied decoder
+    weight excepted) with their shapes; otherwise raise ``error`` saying ``where`` and what differs."""
+    expected = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    problem = key_mismatch(state, expected)
+    if problem:
+        raise error(f"{where} ({problem})")
+    model.load_state_dict(state, strict=False)  # keys verified above; the tied key is implied
+
+
+def weights_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All weights once (the tied decoder weight is the word embedding table), on CPU."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
+
+
+def save_export(model: nn.Module, directory: str | os.PathLike,
+                extra_config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` + tokenizer files as one folder swapped in
+    atomically; ``extra_config`` adds top-level config.json entries that loading ignores."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config = {"model_type": "reolm", "format_version": FORMAT_VERSION, "architectures": ["ReoLM"],
+              "backbone": model.backbone_config.to_dict(), "reolm": to_dict(model.config),
+              **dict(extra_config or {})}
+    with atomic_dir(directory) as tmp:
+        # Inside the temporary folder: the folder's rename makes every file appear at once.
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(weights_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+        else:
+            log.warning("no tokenizer attached; %s will hold no tokenizer files", directory)
+    return directory
+
+
+def read_export_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a Reo-LM export (``backbone`` and ``reolm`` sections), checked."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    data = json.loads(path.read_text())
+    if data.get("model_type") != "reolm":
+        raise CheckpointError(f"{path}: not a Reo-LM export (model_type={data.get('model_type')!r}); "
+                              f"use ReoLM.from_backbone for a plain HF checkpoint")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {data['format_version']} is newer than this code "
+                              f"({FORMAT_VERSION})")
+    return data
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """``AutoTokenizer`` of a checkpoint or export directory."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # An export's config.json says model_type "reolm", which transformers does not know; it warns
+    # on every load although only the tokenizer files are read. Silence that one call.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory}: cannot load its tokenizer with AutoTokenizer: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)

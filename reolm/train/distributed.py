@@ -1,4 +1,4 @@
-"""Process-group setup for every launcher, and the collectives training needs.
+"""Process-group setup for every launcher (the collectives live in :mod:`reolm.collectives`).
 
 The same entry point runs under ``deepspeed`` (``--local_rank`` + env), ``torchrun`` (env),
 Slurm's ``srun`` (``SLURM_*`` only) and plain ``python`` (one process).  :func:`setup_env`
@@ -22,6 +22,7 @@ from typing import Any, Mapping, MutableMapping
 import torch
 import torch.distributed as dist
 
+from reolm.collectives import all_gather_no_grad, all_gather_with_grad, all_reduce_sum
 from reolm.train import stopsignal
 from reolm.train.stopsignal import STOP_SIGNALS
 
@@ -168,51 +169,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward returns this rank's slice of the summed gradient.
-
-    Every rank computes a loss over the SAME gathered tensor, and each rank's loss depends on
-    every rank's rows, so the gradient of a row is the sum over ranks of d(loss_r)/d(row):
-    backward all-reduces the incoming gradient and keeps the local slice.  (DeepSpeed then
-    averages parameter gradients over ranks, see ``losses.py`` for the normalisation.)
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` (same shape on every rank) over ranks along dim 0, differentiably."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    return _AllGatherWithGrad.apply(tensor)
-
-
-def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 # Command-line fragments of the launchers that start ranks (parent processes we watch).

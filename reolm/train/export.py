@@ -56,8 +56,7 @@ def load_checkpoint_model(path: str | os.PathLike) -> Any:
 
     from reolm.config import from_dict
     from reolm.model import ModelConfig, ReoLM
-    from reolm.model.encoder import TIED_KEY
-    from reolm.model.hf_checkpoint import BackboneConfig
+    from reolm.model.hf_checkpoint import TIED_KEY, BackboneConfig, load_complete_state
 
     ckpt = find_checkpoint(path)
     state = json.loads((ckpt / STATE_FILE).read_text())
@@ -68,11 +67,8 @@ def load_checkpoint_model(path: str | os.PathLike) -> Any:
     with weights_only_loads():
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     weights.pop(TIED_KEY, None)  # the decoder weight IS the word embedding table
-    result = model.load_state_dict(weights, strict=False)
-    missing = [k for k in result.missing_keys if k != TIED_KEY]
-    if missing or result.unexpected_keys:
-        raise ExportError(f"{ckpt}: consolidated weights do not match the recorded architecture "
-                          f"(missing {missing[:10]}, unexpected {result.unexpected_keys[:10]})")
+    load_complete_state(model, weights, f"{ckpt}: consolidated weights do not match the recorded architecture",
+                        error=ExportError)
     tokenizer_dir = ckpt / "tokenizer"
     if tokenizer_dir.is_dir():
         from transformers import AutoTokenizer
