@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, MutableMapping
 
@@ -150,9 +151,30 @@ def init(timeout_minutes: float = 30.0) -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        unlink_shm_allreduce_buffer(info_)
     if torch.cuda.is_available():
         torch.cuda.set_device(info_.local_rank)
     return info_
+
+
+def shm_allreduce_buffer(rank: int, env: Mapping[str, str] | None = None) -> Path:
+    """The /dev/shm file DeepSpeed's CPU shared-memory allreduce creates for ``rank`` (its naming)."""
+    env = os.environ if env is None else env
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                               f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def unlink_shm_allreduce_buffer(info_: DistInfo) -> None:
+    """Remove this rank's DeepSpeed shared-memory allreduce file once every rank has mapped it.
+
+    On CPU, DeepSpeed's ``init_distributed`` creates a 66 MiB file per rank in /dev/shm, maps its
+    peers' files and never deletes them, so every run (and every test) left them behind until
+    the machine's memory filled up (/dev/shm is RAM). Each rank opens all peer files inside
+    ``init_distributed``; after the barrier every mapping exists, and unlinking the names frees
+    the memory when the processes exit, however they exit (SIGKILL included).
+    """
+    barrier()  # on every rank alike, whether or not DeepSpeed made the file (no rank may skip it)
+    shm_allreduce_buffer(info_.rank).unlink(missing_ok=True)
 
 
 def info() -> DistInfo:
