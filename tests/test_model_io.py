@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 
 from reolm.data.collate import SequenceExample
 from reolm.model import CheckpointError, ReoLM
-from tiny_models import save_tiny_checkpoint, tiny_collator, tiny_model_config, tiny_tables
+from reolm.model.encoder import training_flops
+from tiny_models import save_tiny_checkpoint, tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
 
 
 def _batch(cfg):
@@ -102,6 +105,53 @@ def test_mlm_loss_without_masked_tokens_is_zero_and_connected(tmp_path):
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+def _counted_forward_flops(model: ReoLM, batch, pooled_only: bool) -> int:
+    """FLOPs torch's own counter sees in one forward, less the image MLP (which the model's figure
+    leaves out: an image token's MLP is ~0.1 % of a real model's per-token cost)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(batch, pooled_only=pooled_only)
+    image_mlp = counter.get_flop_counts().get(f"{type(model).__name__}.embeddings.image_mlp", {})
+    return counter.get_total_flops() - sum(image_mlp.values())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_training_flops_equals_torch_flop_counter_on_each_sequence_alone(tmp_path, pooling):
+    """The model's figure for a packed batch (with masked tokens) is 3x what torch's FlopCounterMode
+    counts when the forward runs on each sequence alone (so attention is counted within each
+    sequence, never over padding), plus the MLM head at the masked positions.  With [CLS] pooling
+    the last layer runs on the [CLS] rows only (``pooled_only``)."""
+    save_tiny_checkpoint(tmp_path, "bert", masked_lm=True)
+    cfg = tiny_model_config(pooling=pooling)
+    model = ReoLM.from_backbone(tmp_path, cfg).eval()
+    pooled_only = pooling == "cls"
+    assert model.cls_only_last_layer == pooled_only
+    tokens, images = tiny_tables(num_items=20)
+    examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1),
+                SequenceExample([5, 6, 7, 8, 9], None, 2)]
+    packed = tiny_collator(tokens, images, cfg, mlm_probability=0.3, seed=0)(examples)["history"]
+    masked = packed["mlm_positions"].shape[0]
+    assert masked > 0
+    layers, adapters, hidden = 2, 4, 32
+    reference = 0
+    for example, length in zip(examples, packed["seq_lengths"].tolist()):
+        alone = tiny_collator(tokens, images, cfg, mlm_probability=0.0)([example])["history"]
+        assert alone["seq_lengths"].tolist() == [length]
+        # The counter also sees the adapters' bias mixing (routing weights [rows, 4] @ biases [4, 32]:
+        # 2*4*32 = 256 FLOPs a row), which the model's figure counts as a bias, i.e. not at all.
+        # Rows through the adapters: every token in every layer; a [CLS]-only last layer has one row.
+        adapter_rows = (layers - 1) * length + 1 if pooled_only else layers * length
+        reference += _counted_forward_flops(model, alone, pooled_only) - 2 * adapters * hidden * adapter_rows
+    with torch.no_grad():
+        mlm_hidden = model(packed).mlm_hidden
+        with FlopCounterMode(display=False) as head:
+            model.mlm_logits(mlm_hidden, packed["mlm_positions"])
+    assert head.get_total_flops() == masked * 2 * (32 * 32 + 32 * 120)  # dense, then the tied decoder
+    reference += head.get_total_flops()
+    assert model.training_flops(packed, pooled_only=pooled_only) == 3 * reference  # backward = 2x forward
+    assert model.training_flops(packed, include_mlm=False, pooled_only=pooled_only) == 3 * (
+        reference - head.get_total_flops())
+
+
 def test_training_flops_counts_real_tokens_only(tmp_path):
     save_tiny_checkpoint(tmp_path, "bert")
     cfg = tiny_model_config()
@@ -110,9 +160,30 @@ def test_training_flops_counts_real_tokens_only(tmp_path):
     examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1)]
     packed = tiny_collator(tokens, images, cfg, mlm_probability=0.0)(examples)["history"]
     padded = tiny_collator(tokens, images, cfg, mlm_probability=0.0, layout="padded")(examples)["history"]
+    assert padded["input_ids"].shape[0] > packed["input_ids"].shape[0]  # the padded stream holds padding
     assert model.training_flops(packed) == model.training_flops(padded)
-    lengths = packed["seq_lengths"].tolist()
-    h, inner, layers = 32, 64, 2
-    per_token = 4 * h * h + 2 * h * inner + 2 * h * 4 * 4
-    expected = 3 * layers * (2 * per_token * sum(lengths) + 4 * h * sum(n * n for n in lengths))
-    assert model.training_flops(packed) == expected
+
+
+def test_training_flops_grow_linearly_in_tokens_and_quadratically_in_attention(tmp_path):
+    """Counted on paper for the tiny model (hidden 32, FFN 64, 4 adapters of rank 4, 2 layers), in
+    matmul FLOPs (2 per multiply-add):
+      per token per layer: q, k, v, output 4 * 2*32*32 = 8192; FFN 2 * 2*32*64 = 8192;
+      adapters' down + up 2 * 2*32*16 = 2048; total 18432;
+      per (query, key) pair per layer: score 2*32 + mixing 2*32 = 128;
+      forward + backward = 3 x forward, 2 layers: 110592 a token, 768 a pair.
+    One sequence of 10 tokens: 110592*10 + 768*100 = 1182720; doubled to 20 tokens:
+    110592*20 + 768*400 = 2519040 (2.13x: the attention quadruples)."""
+    model = tiny_reolm(tmp_path)
+    flops = functools.partial(training_flops, model.backbone_config, model.config)
+    assert flops(10, 10 * 10) == 1182720
+    assert flops(20, 20 * 20) == 2519040
+    # Doubling one sequence of a batch (10 -> 20 tokens, beside one of 4) adds the same amount.
+    assert flops(20 + 4, 20 * 20 + 4 * 4) - flops(10 + 4, 10 * 10 + 4 * 4) == 2519040 - 1182720
+    # Through the model's batch interface: a batch's figure is its sequences' figures summed.
+    tokens, images = tiny_tables(num_items=20)
+    examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1)]
+    collate = tiny_collator(tokens, images, model.config, mlm_probability=0.0)
+    both = model.training_flops(collate(examples)["history"])
+    alone = [model.training_flops(collate([e])["history"]) for e in examples]
+    lengths = collate(examples)["history"]["seq_lengths"].tolist()
+    assert both == sum(alone) == sum(110592 * n + 768 * n * n for n in lengths)
