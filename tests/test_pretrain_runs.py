@@ -3,7 +3,8 @@
 each launch asserts several things.
 
 * ZeRO-2, 2 ranks (deepspeed launcher), a corrupt tar among the train shards, killed with
-  SIGKILL after a checkpoint and resumed with --resume latest: the loss decreases, validation
+  SIGKILL after a checkpoint and resumed with --resume latest (one run, in the module-scoped
+  fixture ``zero2_run``; one test per property of its outputs): the loss decreases, validation
   Recall@10 beats random, the corrupt shard is skipped and counted, the step counter and the
   loss continue, no sample is replayed and at most one shuffle buffer is skipped; the export
   reproduces the engine's weights and outputs.
@@ -32,7 +33,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launch_helpers import BIN, REPO, TINY
+from launch_helpers import BIN, LAUNCH_TIMEOUT, REPO, TINY
 from launch_helpers import base_overrides as _base
 from launch_helpers import consumed as _consumed
 from launch_helpers import deepspeed_cmd as _deepspeed
@@ -87,9 +88,28 @@ def _read_before(shards: list[str], seed: int, stream_id: int, num_streams: int,
     return seen
 
 
-def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_exports(inputs, tmp_path):
+@contextlib.contextmanager
+def _log_on_error(log: Path):
+    """A fixture's error that is not already an assertion carrying the log (a launch timeout, a
+    missing file) is raised again with the launcher's log, so every test that depends on the
+    fixture shows why the run failed."""
+    try:
+        yield
+    except AssertionError:
+        raise
+    except Exception as exc:
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log written)"
+        raise AssertionError(f"{type(exc).__name__}: {exc}\nlauncher log ({log}):\n{tail}") from exc
+
+
+@pytest.fixture(scope="module")
+def zero2_run(inputs, tmp_path_factory):
+    """ZeRO-2 on 2 ranks (deepspeed launcher) over a corpus with one corrupt train shard, killed
+    with SIGKILL once the step-20 checkpoint is complete, then resumed with --resume latest to step
+    40.  The one expensive run of the tests below, which each check one thing of its outputs."""
     from reolm.train.data import corpus_shards
 
+    tmp_path = tmp_path_factory.mktemp("zero2_run")
     corpus = tmp_path / "corpus"  # a copy with one corrupt train shard
     shutil.copytree(inputs["corpus"], corpus)
     shards = corpus_shards(corpus, "train")
@@ -99,86 +119,131 @@ def test_zero2_two_ranks_learns_survives_sigkill_resume_corrupt_shard_and_export
     overrides = _base(inputs, run_dir, **{"data.corpus": corpus, "optim.steps": 40,
                                           "ckpt.every": 10, "val.every": 40, "data.record_keys": "true",
                                           "dist.ds_config": "ds_configs/zero2.json"})
+    with _log_on_error(log):
+        # Run 1: SIGKILL the whole launcher process group once the step-20 checkpoint is complete.
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(_deepspeed(2, overrides), stdout=out, stderr=subprocess.STDOUT, env=_env(),
+                                    cwd=REPO, start_new_session=True)
+        marker = run_dir / "checkpoints" / "step-00000020" / "trainer_state.json"
+        try:
+            deadline = time.time() + LAUNCH_TIMEOUT
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert marker.exists(), log.read_text()[-4000:]
+        first = _metrics(run_dir)
+        assert all(r["step"] < 40 for r in first), "run 1 must die before the end"
+        consumed_files = sorted((run_dir / "consumed").glob("rank-*.tsv"))
+        offsets = {p.name: p.stat().st_size for p in consumed_files}
+        # The data-stream state of every rank at step 20 (rotation deletes the folder later).
+        stream_states = [json.loads((marker.parent / f"rank-{rank:05d}.json").read_text())["data"]
+                         for rank in range(2)]
+        # Rows run 1 logged after its step-20 checkpoint are moved aside by the resume (steps stay monotonic).
+        run1_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines_before = sum(1 for r in run1_rows if r["step"] <= 20)
 
-    # Run 1: SIGKILL the whole launcher process group once the step-20 checkpoint is complete.
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(_deepspeed(2, overrides), stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                                cwd=REPO, start_new_session=True)
-    marker = run_dir / "checkpoints" / "step-00000020" / "trainer_state.json"
-    deadline = time.time() + 400
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), log.read_text()[-4000:]
-    first = _metrics(run_dir)
-    assert all(r["step"] < 40 for r in first), "run 1 must die before the end"
-    consumed_files = sorted((run_dir / "consumed").glob("rank-*.tsv"))
-    offsets = {p.name: p.stat().st_size for p in consumed_files}
-    # The data-stream state of every rank at step 20 (rotation deletes the folder later).
-    stream_states = [json.loads((marker.parent / f"rank-{rank:05d}.json").read_text())["data"]
-                     for rank in range(2)]
-    # Rows run 1 logged after its step-20 checkpoint are moved aside by the resume (steps stay monotonic).
-    run1_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lines_before = sum(1 for r in run1_rows if r["step"] <= 20)
+        # Run 2: --resume latest picks step 20 and runs to 40.
+        _run(_deepspeed(2, overrides + ["--resume", "latest"]), log)
+        resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]]
+    return SimpleNamespace(
+        tmp_path=tmp_path, run_dir=run_dir, log=log, shards=shards, first=first, run1_rows=run1_rows,
+        train2=[r for r in resumed if r["kind"] == "train"], val2=[r for r in resumed if r["kind"] == "val"],
+        consumed_files=consumed_files, offsets=offsets, stream_states=stream_states)
 
-    # Run 2: --resume latest picks step 20 and runs to 40.
-    _run(_deepspeed(2, overrides + ["--resume", "latest"]), log)
-    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]]
-    train2 = [r for r in resumed if r["kind"] == "train"]
-    val2 = [r for r in resumed if r["kind"] == "val"]
+
+def test_zero2_resume_continues_the_step_and_sample_counters(zero2_run):
+    train2, run_dir = zero2_run.train2, zero2_run.run_dir
     assert [r["step"] for r in train2] == [25, 30, 35, 40]  # the step counter continues
     all_train = [r["step"] for r in _metrics(run_dir)]
     assert all_train == sorted(set(all_train)), all_train
-    aside = run_dir / "metrics.after-resume.jsonl"
-    late = [r for r in run1_rows if r["step"] > 20]
+    assert train2[-1]["samples_seen"] == 40 * 2 * 16
+
+
+def test_zero2_resume_moves_rows_logged_after_the_checkpoint_aside(zero2_run):
+    aside = zero2_run.run_dir / "metrics.after-resume.jsonl"
+    late = [r for r in zero2_run.run1_rows if r["step"] > 20]
     moved = [json.loads(line)["step"] for line in aside.read_text().splitlines()] if aside.exists() else []
     assert moved == [r["step"] for r in late]
-    loss_at = {r["step"]: r["loss"] for r in first}
+
+
+def test_zero2_resume_continues_the_loss_and_the_run_learns(zero2_run):
+    train2 = zero2_run.train2
+    loss_at = {r["step"]: r["loss"] for r in zero2_run.first}
     # The loss continues from where it was, far below the start.
     assert train2[0]["loss"] < 0.9 * loss_at[5]
     assert train2[0]["loss"] < 1.15 * loss_at[20]
     assert train2[-1]["loss"] < 0.8 * loss_at[5]  # learned over the whole run
-    assert train2[-1]["samples_seen"] == 40 * 2 * 16
-    # Validation beats random retrieval by a clear margin.
+
+
+def test_zero2_validation_recall_beats_random_retrieval(zero2_run):
+    val2 = zero2_run.val2
     assert val2 and val2[-1]["step"] == 40
     _assert_beats_random(val2[-1])
-    # The corrupt shard was skipped and counted, and the run completed.
-    assert max(r["skipped_samples"] for r in first + train2) > 0
-    assert max(r.get("skipped_samples_truncated", 0) for r in first + train2) > 0
-    assert "skipping bad sample (truncated)" in log.read_text()
 
-    # No sample replayed, at most one shuffle buffer skipped, per rank's reader.
+
+def test_zero2_corrupt_shard_is_skipped_counted_and_logged(zero2_run):
+    rows = zero2_run.first + zero2_run.train2
+    assert max(r["skipped_samples"] for r in rows) > 0
+    assert max(r.get("skipped_samples_truncated", 0) for r in rows) > 0
+    assert "skipping bad sample (truncated)" in zero2_run.log.read_text()
+
+
+def test_zero2_resume_replays_no_sample_and_skips_at_most_one_shuffle_buffer(zero2_run):
+    """Per rank's reader: every sample trained on before the checkpoint had been read by then,
+    nothing read by then is trained on again, and what was read but not trained on (lost with the
+    shuffle buffer) is at most one buffer."""
     cfg = SimpleNamespace(seed=0, shuffle_buffer=64)
-    for rank, path in enumerate(consumed_files):
-        state = stream_states[rank]
+    assert len(zero2_run.consumed_files) == 2
+    for rank, path in enumerate(zero2_run.consumed_files):
+        state = zero2_run.stream_states[rank]
         num_workers = state["num_workers"]
+        offset = zero2_run.offsets[path.name]
         pre = {k for step, k in _consumed(path) if step <= 20}
-        post = {k for _, k in _consumed(path, offsets[path.name])}
-        assert all(step > 20 for step, _ in _consumed(path, offsets[path.name]))
+        post = {k for _, k in _consumed(path, offset)}
+        assert all(step > 20 for step, _ in _consumed(path, offset))
         assert sorted(int(s) for s in state["streams"]) == [rank * num_workers + w for w in range(num_workers)]
         for sid, position in state["streams"].items():
             stream_id = int(sid)
-            read = _read_before(shards, cfg.seed, stream_id, 2 * num_workers, position)
+            read = _read_before(zero2_run.shards, cfg.seed, stream_id, 2 * num_workers, position)
             mine = {k for k in pre if k.startswith(f"s{stream_id}/")}
             assert mine and {k for k in post if k.startswith(f"s{stream_id}/")}
             assert mine <= read
             assert not (post & read), "samples read before the checkpoint were trained on again"
             assert len(read - mine) <= cfg.shuffle_buffer
 
-    # Export: the consolidated weights are the engine's (ZeRO-2 saves the full module too).
+
+@pytest.fixture(scope="module")
+def zero2_export(zero2_run) -> Path:
+    """``reolm export checkpoint`` of the resumed run's last checkpoint."""
     from reolm.commands import export_checkpoint
+
+    out = zero2_run.tmp_path / "export"
+    assert export_checkpoint.run(SimpleNamespace(checkpoint=str(zero2_run.run_dir), out=str(out))) == 0
+    return out
+
+
+def test_zero2_export_reproduces_the_engine_weights_and_outputs(zero2_export, zero2_run, inputs):
+    """The consolidated weights are the engine's (ZeRO-2 saves the full module too)."""
     from reolm.model import ReoLM
-    out = tmp_path / "export"
-    assert export_checkpoint.run(SimpleNamespace(checkpoint=str(run_dir), out=str(out))) == 0
-    exported = ReoLM.from_pretrained(out).eval()
-    module_state = torch.load(run_dir / "checkpoints" / "step-00000040" / "mp_rank_00_model_states.pt",
+
+    exported = ReoLM.from_pretrained(zero2_export).eval()
+    module_state = torch.load(zero2_run.run_dir / "checkpoints" / "step-00000040" / "mp_rank_00_model_states.pt",
                               weights_only=True)["module"]
-    reference = ReoLM.from_pretrained(out).eval()
-    reference.load_state_dict(module_state, strict=False)
+    reference = ReoLM.from_pretrained(zero2_export).eval()
+    loaded = reference.load_state_dict(module_state, strict=False)
+    assert not loaded.missing_keys  # every weight of the reference is the engine's
     batch = _probe_batch(exported, inputs)
     torch.testing.assert_close(exported(batch).pooled, reference(batch).pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_zero2_export_carries_the_run_tokenizer(zero2_export, inputs):
     from transformers import AutoTokenizer
+
+    from reolm.model import ReoLM
+
+    exported = ReoLM.from_pretrained(zero2_export)
     assert len(exported.tokenizer) == len(AutoTokenizer.from_pretrained(str(inputs["tokenizer"])))
 
 
