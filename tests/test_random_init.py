@@ -46,9 +46,13 @@ def test_same_seed_same_weights(tmp_path):
     b = load_file(init_backbone(tmp_path / "tok", tmp_path / "b", size="tiny") / "model.safetensors")
     other = load_file(init_backbone(tmp_path / "tok", tmp_path / "c", size="tiny", seed=1) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # ...and the weights are random draws of that seed, not constants
-    word = "bert.embeddings.word_embeddings.weight"
-    assert a[word].std() > 0.01 and not torch.equal(a[word], other[word])
+    # ...and every weight matrix (embeddings, attention, FFN, head) is a random draw of that seed, not
+    # a constant: BERT's init has std 0.02 (LayerNorm weights are ones and biases zeros by design).
+    matrices = [k for k in a if a[k].dim() == 2]
+    assert len(matrices) >= 2 * 6 + 3, matrices  # 6 per layer (q, k, v, output, FFN in/out), 2 layers
+    for name in matrices:
+        assert a[name].std() > 0.01, name
+        assert not torch.equal(a[name], other[name]), name
 
 
 def test_vision_checkpoint_encodes_images(tmp_path):
