@@ -72,9 +72,15 @@ def test_save_resolved_round_trips(tmp_path):
 
 
 def test_describe_lists_every_key_with_docs():
-    text = describe(Run)
-    for key in ("steps", "optim.lr", "optim.schedule", "Peak learning rate.", "['cosine', 'linear']"):
-        assert key in text
+    lines = describe(Run).splitlines()
+    docs = {"name": "Run name.", "steps": "Optimizer steps.", "bf16": "Use bf16.", "note": "Free text.",
+            "optim.lr": "Peak learning rate.", "optim.schedule": "Decay shape.", "optim.betas": "Adam betas."}
+    assert {line.split(" (")[0].strip() for line in lines if line.startswith("  ")} == docs.keys()
+    for key, doc in docs.items():  # every key of Run, each on its own line with its doc
+        (line,) = [line for line in lines if line.strip().startswith(f"{key} (")]
+        assert doc in line, line
+    assert "one of ['cosine', 'linear']" in next(line for line in lines if "optim.schedule (" in line)
+    assert any(line.startswith("[optim] Optimiser settings.") for line in lines)
 
 
 def test_help_shows_the_defaults_of_nested_sections():

@@ -266,7 +266,8 @@ def test_accumulated_shared_pool_step_equals_one_large_batch(assets):
         assert (g_a[name] - g_b[name]).norm() <= 1e-9 * scale, name
     assert g_a["model.embeddings.word_embeddings.weight"].abs().sum() > 0
     assert cost_step.examples == cost_whole.examples == 6
-    assert cost_step.flops == pytest.approx(cost_whole.flops, rel=0.2)  # same tokens, packed differently
+    # Same sequences, split into micro-batches differently: FLOPs are a sum over sequences, so equal.
+    assert cost_step.flops == cost_whole.flops > 0
     # the reference (a fresh pool per micro-batch) encodes three pools for the same six histories
     reference = TrainCost()
     grads(PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2)(EXAMPLES), reference)
