@@ -315,9 +315,13 @@ def test_one_rank_two_accumulation_equals_two_nodes_one_step(inputs, tmp_path):
     logs = [open(tmp_path / f"node{rank}.txt", "wb") for rank in range(2)]
     procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
              for cmd, log in zip(cmds, logs)]
-    codes = [p.wait(timeout=400) for p in procs]
-    for log in logs:
-        log.close()
+    try:
+        codes = [p.wait(timeout=LAUNCH_TIMEOUT) for p in procs]
+    finally:  # a failed test leaves nothing running
+        for p in procs:
+            _kill_tree(p)
+        for log in logs:
+            log.close()
     assert codes == [0, 0], (tmp_path / "node0.txt").read_text()[-3000:]
     layout = json.loads((nodes / "run_info.json").read_text())
     assert layout["world_size"] == 2 and layout["nodes"] == 2 and layout["local_world_size"] == 1
@@ -339,7 +343,26 @@ def _torchrun(ranks: int, overrides: list[str]) -> list[str]:
             *overrides]
 
 
-def _wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a launcher still running and every process below it (found before the launcher dies:
+    its orphans would be re-parented out of reach)."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    proc.kill()
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+
+
+def _wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path,
+                    timeout: float = LAUNCH_TIMEOUT) -> None:
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -384,8 +407,7 @@ def test_sigterm_with_data_workers_checkpoints_exits_and_resumes(inputs, tmp_pat
         _, alive = psutil.wait_procs(tree, timeout=120)
         assert not alive, f"orphaned after the launcher exited: {alive}"
     finally:  # a failed test leaves nothing running
-        if proc.poll() is None:
-            proc.kill()
+        _kill_tree(proc)
         for p in tree:
             with contextlib.suppress(psutil.Error):
                 p.kill()
