@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from reolm.data.collate import PackedCollator, SequenceExample
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.model import ModelConfig
 from reolm.model.objectives import info_nce
 

@@ -86,7 +86,8 @@ def prepare_synthetic_inputs(out: str | os.PathLike, preset: str = "tiny", *, vo
 
     from reolm.data.shards import ShardOptions, write_corpus
     from reolm.data.synth import generate_corpus, preset_config
-    from reolm.data.tables import build_source_token_table, load_tokenizer
+    from reolm.data.corpus import build_source_token_table
+    from reolm.data.tables import load_tokenizer
     from reolm.data.tokenizer import item_texts, train_tokenizer
 
     out = Path(out)

@@ -20,7 +20,7 @@ from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.data.collate import PackedCollator, split_sequences
 from reolm.data.domain import read_domain, write_domain
-from reolm.data.item_table import TableError
+from reolm.data.tables import TableError
 from reolm.data.tokenizer import item_texts, train_tokenizer
 from reolm.eval.contract import read_metrics
 from reolm.finetune.reolm_recommender import (ITEM_VECTORS, ReoLMRecommender, domain_image_table, load_reolm)

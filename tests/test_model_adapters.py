@@ -144,7 +144,7 @@ def test_mean_routing_averages_top_adapters_and_ignores_domains(tmp_path):
 
 def test_collator_without_image_table_uses_the_void_image(tmp_path):
     """No image table at all is the same as a table where no item has an image."""
-    from reolm.data.item_table import ImageFeatureTable
+    from reolm.data.tables import ImageFeatureTable
 
     model = tiny_reolm(tmp_path)
     tokens, _ = tiny_tables()

@@ -249,8 +249,8 @@ def test_zero2_export_carries_the_run_tokenizer(zero2_export, inputs):
 
 def _probe_batch(model, inputs) -> dict:
     from reolm.data.collate import PackedCollator, SequenceExample
-    from reolm.data.item_table import ImageFeatureTable
-    from reolm.data.tables import find_token_table
+    from reolm.data.corpus import find_token_table
+    from reolm.data.tables import ImageFeatureTable
 
     tokens = find_token_table(inputs["corpus"], model.tokenizer, model.config.max_attr_tokens)
     images = ImageFeatureTable.empty(len(tokens), model.config.image_feature_dim)
@@ -281,7 +281,8 @@ def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_pat
     from reolm.train.config import PretrainConfig
     from reolm.train.export import export_checkpoint
     from reolm.model import ReoLM
-    from reolm.train.trainer import _Setup, _validation_set, resolve_tables, validate
+    from reolm.train.setup import TrainSetup as _Setup, resolve_tables
+    from reolm.train.validation import validate, validation_set as _validation_set
 
     out = export_checkpoint(run_dir / "checkpoints", tmp_path / "export")
     model = ReoLM.from_pretrained(out).eval()

@@ -7,10 +7,10 @@ import pytest
 
 from reolm.cli import main
 from reolm.data.domain import read_domain
-from reolm.data.item_table import ItemTokenTable, TableError, tokenize_item
+from reolm.data.corpus import find_token_table
 from reolm.data.shards import ShardOptions, load_manifest, write_corpus
 from reolm.data.synth import generate_corpus, preset_config
-from reolm.data.tables import find_token_table, load_tokenizer, tokenize_items_batched
+from reolm.data.tables import ItemTokenTable, TableError, load_tokenizer, tokenize_item, tokenize_items_batched
 from reolm.data.tokenizer import item_texts, train_tokenizer
 
 DOMAINS = ("Books", "Toys", "Scientific")

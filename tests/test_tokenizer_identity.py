@@ -14,8 +14,8 @@ import pytest
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.cli import main as reolm_main
-from reolm.data.item_table import tokenizer_identity, tokenizer_key
-from reolm.data.tables import MissingTokenTable, find_token_table, load_tokenizer, source_attributes
+from reolm.data.corpus import MissingTokenTable, find_token_table, source_attributes
+from reolm.data.tables import load_tokenizer, tokenizer_identity, tokenizer_key
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "launch" / "configs" / "pretrain" / "tiny.yaml"
@@ -89,7 +89,7 @@ def test_pretraining_uses_the_cli_table(assets):
     table; the DeepSpeed run around it is covered by test_pretrain_runs."""
     from reolm.config import load_config
     from reolm.train.config import PretrainConfig
-    from reolm.train.trainer import build_model, resolve_tables
+    from reolm.train.setup import build_model, resolve_tables
 
     before = _tables(assets["corpus"])
     cfg = load_config(PretrainConfig, [str(TINY)], [f"data.corpus={assets['corpus']}",

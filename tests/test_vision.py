@@ -12,10 +12,11 @@ import torch
 
 from reolm.cli import main
 from reolm.data.domain import read_domain
-from reolm.data.item_table import ImageFeatureTable
 from reolm.data.shards import ShardOptions, iter_items, load_manifest, write_corpus
 from reolm.data.synth import generate_corpus, preset_config
-from reolm.vision.features import VisionEncoder, decode_image, find_image_table, vision_model_key
+from reolm.data.corpus import find_image_table
+from reolm.data.tables import ImageFeatureTable, vision_model_key
+from reolm.vision.features import VisionEncoder, decode_image
 
 DOMAINS = ("Garden", "Scientific")
 

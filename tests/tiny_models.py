@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from reolm.data.collate import PackedCollator
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.model import ModelConfig, ReoLM
 
 VOCAB = 120

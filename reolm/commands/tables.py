@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     root = args.corpus or args.domain
     if args.table == "tokens":
-        from reolm.data.tables import build_source_token_table, load_tokenizer
+        from reolm.data.corpus import build_source_token_table
+        from reolm.data.tables import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
         out = build_source_token_table(root, tokenizer, args.max_attr_tokens, args.batch_size,

@@ -27,7 +27,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 
 __all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "split_sequences",
            "attention_groups", "IGNORE_INDEX"]

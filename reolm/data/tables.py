@@ -1,48 +1,320 @@
-"""Builders for the derived token table: from a shard corpus or from a processed domain folder.
+"""Derived item tables: every item tokenised once, image features computed once.
 
-The table layout and the per-item rendering are defined in
-:mod:`reolm.data.item_table`; this module adds a **batched** tokeniser that is
-identical to :func:`~reolm.data.item_table.tokenize_item` item for item (tested)
-but sends whole batches of attribute values through the fast tokenizer at once
-and builds the ragged arrays chunk by chunk in numpy, so a million-item corpus
-is tokenised in minutes and without Python lists of every token.
+Tokenising a million items once is far cheaper than tokenising 33M item
+occurrences every epoch, so training memory-maps these tables instead.
 
-Where tables live (``shards/README.md``): ``CORPUS/tables/tokens-<key>/`` with rows
-= global item index, and ``DOMAIN/tables/tokens-<key>/`` with rows = item index.
-``<key>`` is :func:`~reolm.data.item_table.tokenizer_key` (what decides the token ids:
-vocabulary, normaliser, pre-tokeniser, post-processor, special and added tokens; plus the
-attribute order and per-attribute token cap), so several tokenizers share a corpus.  Each
-``table.json`` records the parts of that identity, so a table that is not found for a
-tokenizer is explained ("tokens-… differs in: normalizer").
+**Token table** (``ItemTokenTable``): for item ``i`` its text tokens are
+``ids[offsets[i]:offsets[i+1]]`` with the matching ``types`` (1..K: the
+attribute's position in the attribute order; key and value share it) and
+``word_starts`` (1 where a token begins a word, for whole-word masking).  Each
+attribute is rendered as its key tokens then its value tokens (an empty value
+is the word ``void``), cut to ``max_attr_tokens``.  No special tokens: the
+collator adds ``[CLS]`` and the image token.  :func:`tokenize_item` is the
+per-item reference; :func:`build_token_table_batched` sends whole batches of
+attribute values through the fast tokenizer at once and builds the ragged arrays
+chunk by chunk in numpy (identical item for item, tested), so a million-item
+corpus is tokenised in minutes and without Python lists of every token.
+
+**Image feature table** (``ImageFeatureTable``): float16 ``features[N, d]`` and
+``has_image[N]``; rows of items without an image are zero.
+
+On disk each table is a folder of ``.npy`` files plus ``table.json``; the
+folder name carries the identity key of what made it (:func:`tokenizer_key`:
+what decides the token ids plus the rendering settings; :func:`vision_model_key`:
+the vision checkpoint), so several tokenizers and vision models can share one
+corpus.  Where the tables of a corpus or domain folder live and how they are
+found is :mod:`reolm.data.corpus`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from reolm.data.item_table import (VOID_VALUE, ItemTokenTable, TableError, _encode_words, identity_difference,
-                                   key_of_identity, tokenize_item, tokenizer_identity)
+from reolm.io import atomic_dir
+
+TOKEN_TABLE_VERSION = 1
+VOID_VALUE = "void"
 
 __all__ = [
+    "ItemTokenTable",
+    "ImageFeatureTable",
+    "TableError",
+    "tokenizer_key",
+    "tokenizer_identity",
+    "key_of_identity",
+    "identity_difference",
+    "vision_model_key",
+    "tokenize_item",
+    "build_token_table",
     "tokenize_items_batched",
     "build_token_table_batched",
-    "build_source_token_table",
-    "token_table_dir",
-    "find_token_table",
-    "why_no_token_table",
-    "MissingTokenTable",
-    "source_attributes",
-    "iter_source_items",
     "load_tokenizer",
 ]
 
+
+class TableError(ValueError):
+    """A derived table is missing, stale or inconsistent."""
+
+
+def _write_table_folder(directory: Path, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> Path:
+    """Write ``NAME.npy`` per array plus ``table.json`` into a temp folder, then swap it into place."""
+    with atomic_dir(directory) as tmp:
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr)
+        (tmp / "table.json").write_text(json.dumps(dict(info), indent=2))
+    return directory
+
+
+# The parts of a serialised fast tokenizer that decide the token ids of a text.  Left out on
+# purpose: "truncation" and "padding" (call-time state that transformers switches off on the
+# first call, so a tokenizer.json that configures them would change key after one use; our
+# tables never truncate or pad), "decoder" (ids -> text only) and "version".
+_ID_DETERMINING_PARTS = ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")
+# Bumped when the identity recipe changes, so tables keyed the old way are rebuilt, not misread.
+IDENTITY_VERSION = 2
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def tokenizer_identity(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> dict[str, str]:
+    """Digest per part that determines a token table's content, for ``tokenizer_key`` and for
+    saying which part changed when a table is not found.
+
+    Fast tokenizers: vocabulary/merges (``model``), normaliser, pre-tokeniser, post-processor
+    and added tokens from the backend serialisation, plus transformers' special-token map;
+    slow ones: their class and vocabulary.  ``rendering`` covers the attribute order, the
+    per-attribute cap and the table format.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts: dict[str, str] = {}
+    if backend is not None:
+        serialised = json.loads(backend.to_str())
+        parts.update({name: _digest(serialised.get(name)) for name in _ID_DETERMINING_PARTS})
+    else:
+        parts["model"] = _digest([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    parts["special_tokens"] = _digest(dict(getattr(tokenizer, "special_tokens_map", {}) or {}))
+    parts["rendering"] = _digest([list(attributes), int(max_attr_tokens), TOKEN_TABLE_VERSION, IDENTITY_VERSION])
+    return parts
+
+
+def tokenizer_key(tokenizer: Any, attributes: Sequence[str], max_attr_tokens: int) -> str:
+    """Stable identity of (what decides the token ids + rendering settings), 12 hex chars."""
+    return key_of_identity(tokenizer_identity(tokenizer, attributes, max_attr_tokens))
+
+
+def key_of_identity(identity: Mapping[str, str]) -> str:
+    return _digest(dict(identity))
+
+
+def identity_difference(expected: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
+    """Names of the identity parts that differ (a table from before identities were recorded: all)."""
+    return sorted(name for name in set(expected) | set(found) if expected.get(name) != found.get(name))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def vision_model_key(vision_dir: str | os.PathLike) -> str:
+    """12-hex identity of a vision checkpoint: its config, processor config and weight files."""
+    vision_dir = Path(vision_dir)
+    h = hashlib.sha1()
+    for p in sorted(vision_dir.iterdir()):
+        if p.suffix == ".json":
+            h.update(p.name.encode() + p.read_bytes())
+        elif p.suffix in WEIGHT_SUFFIXES:
+            # size + first and last MiB: cheap for multi-GB weights, still changes with any retraining
+            with open(p, "rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(0, p.stat().st_size - (1 << 20)))
+                tail = fh.read()
+            h.update(p.name.encode() + str(p.stat().st_size).encode() + head + tail)
+    return h.hexdigest()[:12]
+
+
+def _encode_words(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and a 0/1 flag per token marking word starts."""
+    enc = tokenizer(text, add_special_tokens=False)
+    ids = list(enc["input_ids"])
+    try:
+        word_ids = enc.word_ids()
+    except (AttributeError, ValueError):  # slow tokenizers have no word ids
+        word_ids = list(range(len(ids)))
+    starts = [1 if i == 0 or w is None or w != word_ids[i - 1] else 0 for i, w in enumerate(word_ids)]
+    return ids, starts
+
+
+def tokenize_item(tokenizer: Any, attrs: Mapping[str, str], attributes: Sequence[str],
+                  max_attr_tokens: int = 32) -> tuple[list[int], list[int], list[int]]:
+    """Render one item: per attribute, key then value tokens, cut to ``max_attr_tokens``.
+
+    Returns (ids, types, word_starts); types are 1..K in attribute order.
+    """
+    ids: list[int] = []
+    types: list[int] = []
+    starts: list[int] = []
+    for k, name in enumerate(attributes, start=1):
+        value = str(attrs.get(name, "") or "").strip() or VOID_VALUE
+        key_ids, key_starts = _encode_words(tokenizer, name)
+        val_ids, val_starts = _encode_words(tokenizer, " " + value)
+        a_ids = (key_ids + val_ids)[:max_attr_tokens]
+        a_starts = (key_starts + val_starts)[:max_attr_tokens]
+        if a_starts:
+            a_starts[0] = 1
+        ids += a_ids
+        starts += a_starts
+        types += [k] * len(a_ids)
+    return ids, types, starts
+
+
+@dataclass
+class ItemTokenTable:
+    """Ragged per-item token ids, token types and word starts (possibly memory-mapped)."""
+
+    ids: np.ndarray          # int32 [T]
+    types: np.ndarray        # int8  [T]
+    word_starts: np.ndarray  # uint8 [T]
+    offsets: np.ndarray      # int64 [N + 1]
+    attributes: tuple[str, ...] = ()
+    key: str = ""
+    identity: Mapping[str, str] | None = None  # tokenizer_identity parts behind ``key``
+
+    def __post_init__(self) -> None:
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0:
+            raise TableError("offsets must be a 1-D array starting at 0")
+        total = int(self.offsets[-1])
+        if not (len(self.ids) == len(self.types) == len(self.word_starts) == total):
+            raise TableError(f"token arrays hold {len(self.ids)}/{len(self.types)}/{len(self.word_starts)} "
+                             f"entries but offsets end at {total}")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attributes)
+
+    def item(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, types, word_starts) of one item."""
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.ids[lo:hi], self.types[lo:hi], self.word_starts[lo:hi]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lists(cls, rows: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                   attributes: Sequence[str] = (), key: str = "",
+                   identity: Mapping[str, str] | None = None) -> "ItemTokenTable":
+        """Build in memory from per-item (ids, types, word_starts) rows."""
+        ids: list[int] = []
+        types: list[int] = []
+        starts: list[int] = []
+        offsets = [0]
+        for r_ids, r_types, r_starts in rows:
+            ids += list(r_ids)
+            types += list(r_types)
+            starts += list(r_starts)
+            offsets.append(len(ids))
+        return cls(np.asarray(ids, dtype=np.int32), np.asarray(types, dtype=np.int8),
+                   np.asarray(starts, dtype=np.uint8), np.asarray(offsets, dtype=np.int64),
+                   tuple(attributes), key, identity)
+
+    def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the table folder atomically (temp folder, then rename)."""
+        arrays = {"ids": np.asarray(self.ids, dtype=np.int32), "types": np.asarray(self.types, dtype=np.int8),
+                  "word_starts": np.asarray(self.word_starts, dtype=np.uint8),
+                  "offsets": np.asarray(self.offsets, dtype=np.int64)}
+        info = {"kind": "token_table", "version": TOKEN_TABLE_VERSION, "num_items": len(self),
+                "num_tokens": int(self.offsets[-1]), "attributes": list(self.attributes),
+                "key": self.key, "identity": dict(self.identity or {}), **(extra or {})}
+        return _write_table_folder(Path(directory), arrays, info)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "ItemTokenTable":
+        directory = Path(directory)
+        info_path = directory / "table.json"
+        if not info_path.is_file():
+            raise TableError(f"no token table at {directory} (missing table.json); build it with "
+                             f"`reolm tables tokens`")
+        info = json.loads(info_path.read_text())
+        mode = "r" if mmap else None
+        return cls(np.load(directory / "ids.npy", mmap_mode=mode),
+                   np.load(directory / "types.npy", mmap_mode=mode),
+                   np.load(directory / "word_starts.npy", mmap_mode=mode),
+                   np.load(directory / "offsets.npy"),
+                   tuple(info.get("attributes", ())), info.get("key", ""), info.get("identity") or None)
+
+
+def build_token_table(items: Iterable[Mapping[str, str]], tokenizer: Any, attributes: Sequence[str],
+                      max_attr_tokens: int = 32, progress: bool = False,
+                      total: int | None = None) -> ItemTokenTable:
+    """Tokenise every item (attribute dicts in item-index order) into a table."""
+    identity = tokenizer_identity(tokenizer, attributes, max_attr_tokens)
+    iterator: Iterable[Mapping[str, str]] = items
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(items, total=total, desc="tokenising items", unit="item")
+    rows = (tokenize_item(tokenizer, attrs, attributes, max_attr_tokens) for attrs in iterator)
+    return ItemTokenTable.from_lists(rows, attributes, key_of_identity(identity), identity)
+
+
+@dataclass
+class ImageFeatureTable:
+    """Per-item image features (float16) and a has-image mask."""
+
+    features: np.ndarray   # float16 [N, d]
+    has_image: np.ndarray  # bool [N]
+    key: str = ""     # vision_model_key of the checkpoint that computed the features ('' = unknown)
+    vision: str = ""  # where that checkpoint was (informative: the key is what identifies it)
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise TableError(f"image features must be 2-D [items, dim], got shape {self.features.shape}")
+        if len(self.has_image) != len(self.features):
+            raise TableError(f"has_image has {len(self.has_image)} rows for {len(self.features)} feature rows")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+        arrays = {"features": np.asarray(self.features, dtype=np.float16),
+                  "has_image": np.asarray(self.has_image, dtype=bool)}
+        info = {"kind": "image_table", "num_items": len(self), "dim": self.dim, "key": self.key,
+                "vision": self.vision, "num_with_image": int(np.asarray(self.has_image).sum()), **(extra or {})}
+        return _write_table_folder(Path(directory), arrays, info)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "ImageFeatureTable":
+        directory = Path(directory)
+        if not (directory / "table.json").is_file():
+            raise TableError(f"no image feature table at {directory} (missing table.json); build it with "
+                             f"`reolm tables images`")
+        info = json.loads((directory / "table.json").read_text())
+        return cls(np.load(directory / "features.npy", mmap_mode="r" if mmap else None),
+                   np.load(directory / "has_image.npy"), info.get("key", ""), str(info.get("vision", "")))
+
+    @classmethod
+    def empty(cls, num_items: int, dim: int) -> "ImageFeatureTable":
+        """A table where no item has an image (every item uses the void image)."""
+        return cls(np.zeros((num_items, dim), dtype=np.float16), np.zeros(num_items, dtype=bool))
+
+
+# ----------------------------------------------------------------------------- batched builder
+
 DEFAULT_BATCH = 4096
-NO_TABLES_YET = "no token table has been built there yet"
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -147,107 +419,3 @@ def build_token_table_batched(items: Iterable[Mapping[str, str]], tokenizer: Any
                           np.concatenate([c[2] for c in chunks]), offsets, tuple(attributes),
                           key_of_identity(identity), identity)
 
-
-# ----------------------------------------------------------------------------- sources
-
-def _is_corpus(root: Path) -> bool:
-    return (root / "manifest.json").is_file()
-
-
-def source_attributes(root: str | os.PathLike) -> list[str]:
-    """Attribute order of a corpus (manifest) or a processed domain folder (domain.json)."""
-    from reolm.data.domain import DEFAULT_ATTRIBUTES, read_domain_info
-    from reolm.data.shards import load_manifest
-
-    root = Path(root)
-    if _is_corpus(root):
-        return list(load_manifest(root)["attributes"])
-    if (root / "domain.json").is_file():
-        return list(read_domain_info(root).get("attributes", DEFAULT_ATTRIBUTES))
-    if (root / "smap.json").is_file():
-        return list(DEFAULT_ATTRIBUTES)
-    raise TableError(f"{root} is neither a shard corpus (manifest.json) nor a processed domain folder")
-
-
-def iter_source_items(root: str | os.PathLike) -> tuple[int, Iterator[dict[str, str]]]:
-    """(number of items, attribute dicts in row order) of a corpus or a domain folder."""
-    from reolm.data.domain import read_domain
-    from reolm.data.shards import iter_items, load_manifest
-
-    root = Path(root)
-    attributes = source_attributes(root)
-    if _is_corpus(root):
-        total = int(load_manifest(root)["num_items"])
-
-        def corpus_rows() -> Iterator[dict[str, str]]:
-            for expected, record in enumerate(iter_items(root)):
-                if record["index"] != expected:
-                    raise TableError(f"{root}: items shards out of order at item {expected} "
-                                     f"(found {record['index']}); run `reolm verify {root}`")
-                attrs = record.get("attributes", {})
-                yield {a: str(attrs.get(a, "") or "") for a in attributes}
-        return total, corpus_rows()
-    domain = read_domain(root, load_features=False)
-    ids = domain.item_ids()
-    return domain.num_items, (domain.item_attributes(i, ids) for i in range(domain.num_items))
-
-
-def token_table_dir(root: str | os.PathLike, key: str) -> Path:
-    return Path(root) / "tables" / f"tokens-{key}"
-
-
-def build_source_token_table(root: str | os.PathLike, tokenizer: Any, max_attr_tokens: int = 32,
-                             batch_size: int = DEFAULT_BATCH, progress: bool = True) -> Path:
-    """Tokenise every item of a corpus or domain folder into ``ROOT/tables/tokens-<key>/``."""
-    attributes = source_attributes(root)
-    total, rows = iter_source_items(root)
-    table = build_token_table_batched(rows, tokenizer, attributes, max_attr_tokens, batch_size, progress, total)
-    if len(table) != total:
-        raise TableError(f"{root}: read {len(table)} items, expected {total}")
-    return table.save(token_table_dir(root, table.key),
-                      extra={"tokenizer": str(getattr(tokenizer, "name_or_path", "")),
-                             "max_attr_tokens": max_attr_tokens, "source": str(root)})
-
-
-class MissingTokenTable(TableError):
-    """No token table for this tokenizer; ``reason`` says why, ``others`` whether tables of other
-    identities exist (then building one is a rebuild, worth a warning)."""
-
-    def __init__(self, message: str, reason: str, others: bool):
-        super().__init__(message)
-        self.reason = reason
-        self.others = others
-
-
-def why_no_token_table(root: str | os.PathLike, identity: dict[str, str]) -> str:
-    """Why ``root`` holds no token table for ``identity``: none at all, or which parts of each
-    existing table's identity differ (so a rebuild says what changed)."""
-    tables = sorted(p for p in (Path(root) / "tables").glob("tokens-*") if (p / "table.json").is_file())
-    if not tables:
-        return NO_TABLES_YET
-    reasons = []
-    for directory in tables:
-        try:
-            recorded = json.loads((directory / "table.json").read_text()).get("identity") or {}
-        except (OSError, ValueError) as err:
-            reasons.append(f"{directory.name} is unreadable ({err})")
-            continue
-        if not recorded:
-            reasons.append(f"{directory.name} predates recorded tokenizer identities")
-        else:
-            reasons.append(f"{directory.name} differs in: {', '.join(identity_difference(identity, recorded))}")
-    return "; ".join(reasons)
-
-
-def find_token_table(root: str | os.PathLike, tokenizer: Any, max_attr_tokens: int = 32,
-                     mmap: bool = True) -> ItemTokenTable:
-    """Load the token table of ``tokenizer`` under a corpus or domain folder (memory-mapped)."""
-    identity = tokenizer_identity(tokenizer, source_attributes(root), max_attr_tokens)
-    directory = token_table_dir(root, key_of_identity(identity))
-    if not (directory / "table.json").is_file():
-        flag = "corpus" if _is_corpus(Path(root)) else "domain"
-        reason = why_no_token_table(root, identity)
-        raise MissingTokenTable(f"no token table for this tokenizer under {root} (expected {directory}: "
-                                f"{reason}); build it with `reolm tables tokens --tokenizer DIR --{flag} {root}`",
-                                reason, others=reason != NO_TABLES_YET)
-    return ItemTokenTable.load(directory, mmap=mmap)

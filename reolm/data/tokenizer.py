@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from reolm.data.item_table import VOID_VALUE
+from reolm.data.tables import VOID_VALUE
 
 __all__ = ["TOKENIZER_KINDS", "item_texts", "train_tokenizer"]
 
@@ -34,7 +34,7 @@ BPE_SPECIALS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "
 
 def item_texts(sources: Sequence[str | os.PathLike]) -> Iterator[str]:
     """One "key value" line per item attribute of every corpus / domain folder, and "void"."""
-    from reolm.data.tables import iter_source_items
+    from reolm.data.corpus import iter_source_items
 
     yield VOID_VALUE
     for root in sources:

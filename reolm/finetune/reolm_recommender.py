@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -42,14 +42,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reolm.config import from_dict, save_resolved, to_dict
+from reolm.data import corpus
 from reolm.data.collate import PackedCollator, SequenceExample, move_batch
-from reolm.data.domain import Domain, write_json_atomic
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable, TableError
+from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
+from reolm.data.domain import Domain
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
+from reolm.io import atomic_dir, write_json
 from reolm.model import ModelConfig, ReoLM
 
-__all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table",
+__all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "trained_vision",
            "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
            "autocast_for"]
 
@@ -68,54 +71,30 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 # ----------------------------------------------------------------------------- item tables
 
 def domain_token_table(domain: Domain, tokenizer: Any, cfg: ModelConfig, progress: bool = True) -> ItemTokenTable:
-    """The domain's token table for ``tokenizer``; built into ``DIR/tables/`` when missing."""
-    from reolm.data.tables import (MissingTokenTable, build_source_token_table, build_token_table_batched,
-                                   find_token_table)
-
-    def in_memory() -> ItemTokenTable:
-        ids = domain.item_ids()
-        rows = (domain.item_attributes(i, ids) for i in range(domain.num_items))
-        return build_token_table_batched(rows, tokenizer, domain.attributes, cfg.max_attr_tokens,
-                                         progress=progress, total=domain.num_items)
-
-    if domain.path is None:  # an in-memory domain: tokenise without saving
-        return in_memory()
-    try:
-        table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
-    except MissingTokenTable as missing:
-        # A first build is routine; one next to tables of other identities deserves a reason.
-        (log.warning if missing.others else log.info)(
-            "building the token table under %s for this tokenizer: %s", domain.path, missing.reason)
-        try:
-            build_source_token_table(domain.path, tokenizer, cfg.max_attr_tokens, progress=progress)
-        except OSError as err:  # a read-only dataset folder: tokenise for this process only
-            log.warning("cannot write the token table under %s (%s); tokenising in memory", domain.path, err)
-            return in_memory()
-        table = find_token_table(domain.path, tokenizer, cfg.max_attr_tokens)
-    if len(table) != domain.num_items:
-        raise TableError(f"token table under {domain.path}/tables has {len(table)} items but the domain has "
-                         f"{domain.num_items}: rebuild it with `reolm tables tokens`")
-    return table
+    """The domain's token table for ``tokenizer`` and the model's attribute cap (built when missing)."""
+    return corpus.domain_token_table(domain, tokenizer, cfg.max_attr_tokens, progress)
 
 
 def domain_image_table(domain: Domain, cfg: ModelConfig) -> ImageFeatureTable:
-    """``image_features.npy`` + ``has_image.npy``, or (no features) every item on the void image."""
-    where = domain.path or domain.name
-    if domain.image_features is None:
-        # A broadcast view: no num_items x d allocation, rows gathered by the collator are zeros.
-        zeros = np.broadcast_to(np.zeros((1, cfg.image_feature_dim), np.float16),
-                                (domain.num_items, cfg.image_feature_dim))
-        return ImageFeatureTable(zeros, np.zeros(domain.num_items, dtype=bool))
-    features = domain.image_features
-    if features.ndim != 2 or features.shape[0] != domain.num_items:
-        raise TableError(f"{where}/image_features.npy has shape {tuple(features.shape)}, expected "
-                         f"[{domain.num_items}, d]")
-    if features.shape[1] != cfg.image_feature_dim:
-        raise TableError(f"{where}/image_features.npy has d={features.shape[1]} but the model's image MLP "
-                         f"takes d={cfg.image_feature_dim} (model.image_feature_dim): the features come from "
-                         f"another vision model than the one used in pre-training")
-    has_image = domain.has_image if domain.has_image is not None else np.ones(domain.num_items, dtype=bool)
-    return ImageFeatureTable(features, np.asarray(has_image, dtype=bool))
+    """The domain's image features at the model's width, or every item on the void image."""
+    return corpus.domain_image_table(domain, cfg.image_feature_dim)
+
+
+def trained_vision(folder: str | os.PathLike | None) -> VisionIdentity | None:
+    """The vision model whose features the image MLP of the export ``folder`` was trained on.
+
+    None when there is nothing to check: no export (a fresh backbone), or an export of a plain
+    checkpoint (`reolm export backbone`: its image MLP never saw features).
+    """
+    from reolm.finetune.registry import BACKBONE_ORIGIN
+
+    path = Path(folder) / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    if config.get("origin") == BACKBONE_ORIGIN:
+        return None
+    return recorded_vision(config, str(path))
 
 
 def sized_for_domain(model_cfg: ModelConfig, domain: Domain | None) -> ModelConfig:
@@ -173,13 +152,20 @@ class ReoLMRecommender(nn.Module):
         self.eval_collate: PackedCollator | None = None
         self._encoded: tuple[tuple, torch.Tensor] | None = None  # (weights key, item vectors)
         self.last_encoding: dict[str, Any] = {}
+        # Which vision model's features the image MLP was trained on (the export fine-tuning starts
+        # from; loaders of saved folders set their own), and where that was recorded.
+        self.vision_from = self.section.init
+        self.vision: VisionIdentity | None = trained_vision(self.section.init)
 
     # -- binding to a domain ----------------------------------------------------------------
     def bind_domain(self, domain: Domain) -> "ReoLMRecommender":
         """Read (or build) the domain's token table and image features; items are rows of them."""
         cfg = self.model.config
-        self.bind_tables(domain_token_table(domain, self.model.tokenizer, cfg, self.progress),
-                         domain_image_table(domain, cfg))
+        images = domain_image_table(domain, cfg)
+        if domain.image_features is not None:
+            check_same_vision(self.vision, VisionIdentity.of_table(images), f"the Reo-LM at {self.vision_from}",
+                              f"{domain.path or domain.name}/image_features.npy")
+        self.bind_tables(domain_token_table(domain, self.model.tokenizer, cfg, self.progress), images)
         if self.item_table is not None and self.item_table.shape[0] != domain.num_items:
             raise ValueError(f"the saved item table has {self.item_table.shape[0]} rows but domain "
                              f"{domain.name!r} has {domain.num_items} items: wrong domain?")
@@ -278,20 +264,31 @@ def save_reolm_folder(folder: str | os.PathLike, rec: ReoLMRecommender, *, model
                       cfg: Any, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``folder`` (export + item table + config + descriptor) next to it, then swap it in."""
     folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    rec.model.save_pretrained(partial)
-    item_vectors = None
-    if rec.item_table is not None:
-        item_vectors = ITEM_VECTORS
-        save_file({"item_vectors": rec.item_table.detach().float().contiguous().cpu()}, str(partial / ITEM_VECTORS))
-    save_resolved(cfg, partial)
-    write_json_atomic(partial / DESCRIPTOR, {
-        "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
-        "model_config": to_dict(rec.section), "item_vectors": item_vectors, **dict(extra or {})}, indent=2)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
+    with atomic_dir(folder) as partial:
+        rec.model.save_pretrained(partial, extra_config=vision_record(_vision_after_training(rec, domain)))
+        item_vectors = None
+        if rec.item_table is not None:
+            item_vectors = ITEM_VECTORS
+            save_file({"item_vectors": rec.item_table.detach().float().contiguous().cpu()},
+                      str(partial / ITEM_VECTORS))
+        save_resolved(cfg, partial)
+        write_json(partial / DESCRIPTOR, {
+            "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
+            "model_config": to_dict(rec.section), "item_vectors": item_vectors, **dict(extra or {})})
     return folder
+
+
+def _vision_after_training(rec: ReoLMRecommender, domain: Domain) -> VisionIdentity | None:
+    """The vision model behind the image MLP once trained on ``domain``: the pre-trained one, or
+    (from a fresh backbone) the one that computed the domain's features."""
+    if rec.vision is not None or domain.image_features is None or rec.images is None:
+        return rec.vision
+    return VisionIdentity.of_table(rec.images)
+
+
+def _with_vision_of(rec: ReoLMRecommender, folder: Path) -> ReoLMRecommender:
+    rec.vision_from, rec.vision = str(folder), trained_vision(folder)
+    return rec
 
 
 def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
@@ -301,10 +298,11 @@ def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
     if not (folder / DESCRIPTOR).is_file():  # a pre-trained export: zero-shot
         # Its gate was never trained (pre-training routes by domain) and the new domain has no
         # adapter of its own: the mean of the adapters uses what pre-training learned, guessing nothing.
-        return ReoLMRecommender(ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"}), ReoLMSection())
+        model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
+        return _with_vision_of(ReoLMRecommender(model, ReoLMSection()), folder)
     desc = read_descriptor(folder)
     model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
-    rec = ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {}))
+    rec = _with_vision_of(ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {})), folder)
     if desc.get("item_vectors"):
         path = folder / desc["item_vectors"]
         if not path.is_file():

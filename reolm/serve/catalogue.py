@@ -7,7 +7,7 @@ An index folder (written by ``reolm embed items``, re-saved by the service)::
                                           item ids as id_bytes uint8 + id_offsets int64 [rows + 1] (UTF-8);
                                           metadata: the model and tables that produced them (JSON strings)
     INDEX_DIR/index-<rev>.faiss           the FAISS index over the same rows (reolm.serve.index)
-    INDEX_DIR/tokens-<rev>/               token table of every row (reolm.data.item_table.ItemTokenTable)
+    INDEX_DIR/tokens-<rev>/               token table of every row (reolm.data.tables.ItemTokenTable)
     INDEX_DIR/images-<rev>/               image features of every row (ImageFeatureTable)
 
 Every save writes a new revision's files, then the manifest that names them, then removes the
@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from reolm.config import from_dict, to_dict
 from reolm.data.domain import write_json_atomic
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable, TableError
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable, TableError
 from reolm.serve.config import IndexConfig
 from reolm.serve.index import IndexFileError, VectorIndex, normalise
 

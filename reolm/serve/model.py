@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from reolm.data.domain import Domain
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable, tokenizer_key
-from reolm.data.tables import tokenize_items_batched
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable, tokenize_items_batched, tokenizer_key
 from reolm.finetune.registry import resolve_saved_model
 from reolm.finetune.reolm_recommender import ReoLMRecommender, load_reolm
 from reolm.finetune.runner import resolve_device

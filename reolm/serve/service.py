@@ -26,7 +26,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from reolm.data.item_table import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.serve.catalogue import Catalogue, concat_tables, take_rows, tensor_rows
 from reolm.serve.config import ServeConfig
 from reolm.serve.index import normalise

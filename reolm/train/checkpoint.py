@@ -28,272 +28,37 @@ Elastic resume: a checkpoint saved on N ranks loads on M ranks through DeepSpeed
 checkpoint (``ds_to_universal``, converted once by rank 0 into ``<tag>/universal``, then
 ``checkpoint.load_universal``); the data streams are re-split by global stream id
 (:func:`merge_stream_states`).  :func:`plan_resume` decides before anything is written.
+
+The files themselves (RNG as data, the manifest, choosing and planning a resume) are
+:mod:`reolm.train.checkpoint_files`; this module is the collective save and load.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import random
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 
+from reolm.io import atomic_dir, write_json, write_text
 from reolm.train import distributed as D
+from reolm.train.checkpoint_files import (MANIFEST, STATE_FILE, TAG_RE, UNIVERSAL, CheckpointError, ResumePlan,
+                                          checkpoint_folders, complete_checkpoints, merge_stream_states,
+                                          newest_complete, plan_resume, rank_file_names, read_json_file,
+                                          read_rank_state, readers, resolve_resume, rng_state, run_layout,
+                                          set_rng_state, step_tag, verify_checkpoint, write_manifest)
 from reolm.train.safe_load import check_folder, weights_only_loads
 
+# The manager, and the names of checkpoint_files that callers reach through this module.
 __all__ = ["CheckpointManager", "CheckpointError", "ResumePlan", "rng_state", "set_rng_state", "step_tag",
            "complete_checkpoints", "checkpoint_folders", "verify_checkpoint", "resolve_resume", "plan_resume",
-           "read_rank_state", "merge_stream_states", "STATE_FILE", "MANIFEST"]
+           "newest_complete", "read_json_file", "read_rank_state", "merge_stream_states", "run_layout", "readers",
+           "write_manifest", "STATE_FILE", "MANIFEST", "TAG_RE"]
 
 log = logging.getLogger("reolm.train.checkpoint")
-
-TAG_RE = re.compile(r"^step-(\d{8})$")
-STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
-UNIVERSAL = "universal"
-MANIFEST_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete, refused, or cannot be resumed with this configuration."""
-
-
-def step_tag(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _rank_names(rank: int) -> tuple[str, str]:
-    return f"rank-{rank:05d}.json", f"rank-{rank:05d}.npz"
-
-
-# ----------------------------------------------------------------------------- RNG as data
-
-def rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """This process' RNG states as (JSON-able scalars, arrays): nothing that needs a pickle."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": {"version": version, "gauss": gauss},
-            "numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    arrays = {"python_mt": np.asarray(mt, dtype=np.int64), "numpy_keys": np.asarray(keys, dtype=np.uint32),
-              "torch": torch.get_rng_state().numpy()}
-    if torch.cuda.is_available():
-        arrays["cuda"] = torch.cuda.get_rng_state().numpy()
-    return meta, arrays
-
-
-def set_rng_state(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    py = meta["python"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in arrays["python_mt"]), py["gauss"]))
-    npm = meta["numpy"]
-    np.random.set_state(("MT19937", np.asarray(arrays["numpy_keys"], dtype=np.uint32), int(npm["pos"]),
-                         int(npm["has_gauss"]), float(npm["cached_gaussian"])))
-    torch.set_rng_state(torch.from_numpy(np.asarray(arrays["torch"], dtype=np.uint8).copy()))
-    if "cuda" in arrays and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.from_numpy(np.asarray(arrays["cuda"], dtype=np.uint8).copy()))
-
-
-def read_rank_state(folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(JSON part, RNG arrays) of one rank's saved state; a malformed file is a CheckpointError."""
-    json_name, npz_name = _rank_names(rank)
-    try:
-        meta = json.loads((folder / json_name).read_text())
-        with np.load(folder / npz_name, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}: rank {rank} state unreadable ({type(err).__name__}: {err})") from None
-    return meta, arrays
-
-
-# ----------------------------------------------------------------------------- manifest
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _is_ours(relpath: str) -> bool:
-    # DeepSpeed's own files are large .pt pickles (checked weights-only at load); ours are small.
-    return not relpath.endswith(".pt")
-
-
-def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int) -> dict[str, Any]:
-    """List every file of ``folder`` (sizes; sha256 of ours) in ``manifest.json``, written last."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel.startswith((MANIFEST, UNIVERSAL + "/")):  # itself, and the conversion made at resume
-            continue
-        entry: dict[str, Any] = {"size": path.stat().st_size}
-        if _is_ours(rel):
-            entry["sha256"] = _sha256(path)
-        files[rel] = entry
-    manifest = {"format_version": MANIFEST_VERSION, "step": step, "world_size": world_size,
-                "zero_stage": zero_stage, "files": files}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
-    return manifest
-
-
-def verify_checkpoint(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete checkpoint, or None when its manifest verifies."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return f"no {MANIFEST} (the save did not finish, or an older reolm wrote it)"
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        world = int(manifest["world_size"])
-    except (ValueError, KeyError, TypeError) as err:
-        return f"{MANIFEST} is malformed ({type(err).__name__}: {err})"
-    if manifest.get("format_version", 0) > MANIFEST_VERSION:
-        return f"{MANIFEST} format_version {manifest['format_version']} is newer than this reolm"
-    required = [STATE_FILE] + [name for rank in range(world) for name in _rank_names(rank)]
-    for name in required:
-        if name not in files:
-            return f"{name} is not listed in its {MANIFEST}"
-    for rel, entry in files.items():
-        file = folder / rel
-        if not file.is_file():
-            return f"{rel} is missing"
-        if file.stat().st_size != entry.get("size"):
-            return f"{rel} has {file.stat().st_size} bytes, the manifest says {entry.get('size')}"
-        if "sha256" in entry and _sha256(file) != entry["sha256"]:
-            return f"{rel} does not match its sha256 in the manifest"
-    return None
-
-
-def checkpoint_folders(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Every ``step-XXXXXXXX`` folder (complete or not, never a .tmp), oldest first."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(TAG_RE.match(p.name).group(1)))
-
-
-def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders whose manifest verifies, oldest first."""
-    return [p for p in checkpoint_folders(ckpt_dir) if verify_checkpoint(p) is None]
-
-
-def newest_complete(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is reported by name.
-
-    No checkpoint folder at all -> None (a fresh start); folders but none complete -> an error
-    (silently starting over would throw away a run).
-    """
-    folders = checkpoint_folders(ckpt_dir)
-    problems = []
-    for folder in reversed(folders):
-        reason = verify_checkpoint(folder)
-        if reason is None:
-            for bad, why in problems:
-                log.warning("checkpoint %s is incomplete (%s); resuming from %s instead", bad, why, folder.name)
-            return folder
-        problems.append((folder, reason))
-    if problems:
-        listing = "; ".join(f"{p.name}: {why}" for p, why in problems)
-        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({listing}). Pass "
-                              f"ckpt.resume=PATH of a complete one, or remove them to start afresh.")
-    return None
-
-
-def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder ``resume`` names ('' -> None, 'latest' -> newest complete or None, or a path)."""
-    if not resume:
-        return None
-    if resume == "latest":
-        return newest_complete(ckpt_dir)
-    path = Path(resume)
-    reason = verify_checkpoint(path) if path.is_dir() else "not a directory"
-    if reason:
-        raise CheckpointError(f"ckpt.resume={resume}: not a complete checkpoint ({reason})")
-    return path
-
-
-# ----------------------------------------------------------------------------- resume plan
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """What resuming ``path`` takes: ``universal`` when the ZeRO partitioning changes with the world."""
-
-    path: Path
-    universal: bool
-    same_layout: bool  # same ranks and readers: every rank restores exactly its own state
-
-
-def run_layout(world_size: int, zero_stage: int, offload: bool, num_workers: int, replicate: bool,
-               resample: bool) -> dict[str, Any]:
-    """The facts of a run's layout that decide whether (and how) a checkpoint can be resumed."""
-    return {"world_size": world_size, "zero_stage": zero_stage, "offload": offload,
-            "num_workers": max(num_workers, 1), "replicate": replicate, "resample": resample}
-
-
-def readers(layout: Mapping[str, Any]) -> int:
-    return int(layout["num_workers"]) * (1 if layout["replicate"] else int(layout["world_size"]))
-
-
-def plan_resume(path: Path, now: Mapping[str, Any]) -> ResumePlan:
-    """How to resume ``path`` with the layout ``now``; a CheckpointError when it cannot work.
-
-    Called on rank 0 before anything in the run directory is written.
-    """
-    try:
-        saved = json.loads((path / STATE_FILE).read_text())["layout"]
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path / STATE_FILE}: no run layout recorded ({err})") from None
-    where = f"checkpoint {path}"
-    if saved["zero_stage"] != now["zero_stage"]:
-        raise CheckpointError(f"{where} was saved with ZeRO stage {saved['zero_stage']}, this run uses stage "
-                              f"{now['zero_stage']}: resume with dist.zero_stage={saved['zero_stage']} (changing "
-                              f"the stage of a run is not supported)")
-    world_changed = saved["world_size"] != now["world_size"]
-    if world_changed and (saved.get("offload") or now["offload"]):
-        raise CheckpointError(f"{where}: resuming on {now['world_size']} ranks instead of {saved['world_size']} "
-                              f"is not supported with ZeRO optimizer offload (DeepSpeedCPUAdam); resume on "
-                              f"{saved['world_size']} ranks or without offload")
-    if not now["resample"] and (not saved.get("resample", True) or world_changed) and readers(saved) != readers(now):
-        raise CheckpointError(
-            f"{where}: data.resample=false splits the shards among the {readers(saved)} readers (ranks x "
-            f"workers) of the saved run, this run has {readers(now)}; re-splitting mid-pass would re-read "
-            f"shards. Resume with {saved['world_size']} ranks x {saved['num_workers']} workers, or use "
-            f"data.resample=true")
-    universal = world_changed and int(saved["zero_stage"]) > 0
-    same = not world_changed and readers(saved) == readers(now) and saved["num_workers"] == now["num_workers"]
-    return ResumePlan(path, universal, same)
-
-
-# ----------------------------------------------------------------------------- data streams
-
-def merge_stream_states(states: list[Mapping[str, Any]]) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
-    """Positions by global stream id and summed bad-sample counts over the saved ranks' states.
-
-    A stream saved by several ranks (a replicated stream) keeps its furthest position, so no
-    reader goes back over samples one of them already consumed.
-    """
-    positions: dict[int, dict[str, int]] = {}
-    bad: dict[str, int] = {}
-    for state in states:
-        for sid, pos in state.get("streams", {}).items():
-            pos = {"draw": int(pos["draw"]), "offset": int(pos["offset"])}
-            old = positions.get(int(sid))
-            if old is None or (pos["draw"], pos["offset"]) > (old["draw"], old["offset"]):
-                positions[int(sid)] = pos
-        for kind, n in state.get("bad", {}).items():
-            bad[str(kind)] = bad.get(str(kind), 0) + int(n)
-    return positions, bad
 
 
 # ----------------------------------------------------------------------------- manager
@@ -331,22 +96,21 @@ class CheckpointManager:
         tmp = self.dir / tmp_tag
         tmp.mkdir(parents=True, exist_ok=True)
         meta, arrays = rng_state()
-        json_name, npz_name = _rank_names(info.rank)
+        json_name, npz_name = rank_file_names(info.rank)
         np.savez(tmp / npz_name, **arrays)
-        (tmp / json_name).write_text(json.dumps({"rank": info.rank, "world_size": info.world_size, "rng": meta,
-                                                 **per_rank}))
+        write_json(tmp / json_name, {"rank": info.rank, "world_size": info.world_size, "rng": meta, **per_rank},
+                   indent=None)
         D.barrier()
         if info.rank == 0:
             if write_extra is not None:
                 write_extra(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps({**shared, "world_size": info.world_size}, indent=2))
+            write_json(tmp / STATE_FILE, {**shared, "world_size": info.world_size})
             write_manifest(tmp, step, info.world_size, int(shared.get("layout", {}).get("zero_stage", 0)))
             if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
                 shutil.rmtree(final)
+            # The save's own rename (DeepSpeed wrote into the .tmp tag): the manifest inside is last.
             os.replace(tmp, final)
-            latest_tmp = self.dir / "latest.tmp"
-            latest_tmp.write_text(tag)
-            os.replace(latest_tmp, self.dir / "latest")
+            write_text(self.dir / "latest", tag)
             self.rotate()
         D.barrier()
         return final
@@ -380,15 +144,12 @@ class CheckpointManager:
         if D.info().rank == 0 and not out.is_dir():
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
             from types import SimpleNamespace
-            tmp = path / (UNIVERSAL + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
             log.info("converting %s to a universal checkpoint (the number of ranks changed)", path)
-            with weights_only_loads():
+            with atomic_dir(out) as tmp, weights_only_loads():
                 # One extraction process: the conversion runs inside a rank that holds a process group.
                 ds_to_universal(SimpleNamespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
                                                 num_merge_workers=1, keep_temp_folder=False, strict=True,
                                                 inject_missing_state=True))
-            os.replace(tmp, out)
         D.barrier()
         return out
 
@@ -404,7 +165,7 @@ class CheckpointManager:
                                                        load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
-        shared = json.loads((path / STATE_FILE).read_text())
+        shared = read_json_file(path / STATE_FILE)
         shared.update((client or {}).get("trainer", {}))
         return shared, self._restore_rank(path, int(shared["world_size"]), plan.same_layout)
 

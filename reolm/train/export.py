@@ -15,14 +15,18 @@ file is checked against the allow-list first and read weights-only (:mod:`reolm.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from reolm.data.corpus import VISION_FIELD
 from reolm.train.checkpoint import STATE_FILE, TAG_RE, CheckpointError, newest_complete, verify_checkpoint
 from reolm.train.safe_load import check_folder, weights_only_loads
 
 __all__ = ["ExportError", "find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -77,6 +81,16 @@ def load_checkpoint_model(path: str | os.PathLike) -> Any:
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the checkpoint at ``path`` as an HF-style directory ``out``; returns ``out``."""
-    model = load_checkpoint_model(path)
-    return model.save_pretrained(out)
+    """Write the checkpoint at ``path`` as an HF-style directory ``out``; returns ``out``.
+
+    ``config.json`` carries the checkpoint's vision identity (which vision model made the image
+    features it was trained on), so fine-tuning can refuse features of another one.
+    """
+    ckpt = find_checkpoint(path)
+    model = load_checkpoint_model(ckpt)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if VISION_FIELD not in state:
+        log.warning("%s records no vision model (written by an older reolm); neither will the export",
+                    ckpt / STATE_FILE)
+        return model.save_pretrained(out)
+    return model.save_pretrained(out, extra_config={VISION_FIELD: state[VISION_FIELD]})

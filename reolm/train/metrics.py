@@ -14,11 +14,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["DeviceAccumulator", "MetricsWriter", "move_rows_after", "peak_device_tflops", "peak_memory_gib", "GPU_PEAK_TFLOPS"]
+from reolm.io import write_text
+
+__all__ = ["DeviceAccumulator", "MetricsWriter", "Window", "Progress", "window_metrics", "move_rows_after",
+           "peak_device_tflops", "peak_memory_gib", "GPU_PEAK_TFLOPS"]
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' datasheets.
 # Matched as substrings of torch.cuda.get_device_name(), most specific first.
@@ -104,9 +107,7 @@ def move_rows_after(path: str | os.PathLike, step: int) -> int:
         return 0
     with open(path.with_name(path.stem + ".after-resume.jsonl"), "a") as out:
         out.write("".join(line + "\n" for line in aside))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
     return len(aside)
 
 
@@ -153,3 +154,91 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     return value
+
+
+# ----------------------------------------------------------------------------- logging windows
+
+class Window:
+    """Host-side counters of one logging window (Python numbers only: no device syncs)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0       # waiting for the next batch
+        self.excluded = 0.0   # validation and checkpoint time, not part of the throughput
+        self.tokens = 0
+        self.sequences = 0
+        self.flops = 0.0
+
+    def count_batch(self, batch: Mapping[str, Any], module: Any) -> None:
+        self.tokens += batch["stats"]["tokens"]
+        self.sequences += batch["stats"]["sequences"]
+        # Analytic model FLOPs from the batch's Python ints.
+        self.flops += module.training_flops(batch["history"]) + module.training_flops(batch["target"],
+                                                                                       include_mlm=False)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def totals(self, bad: Mapping[str, int], kinds: Sequence[str], device: torch.device
+               ) -> tuple[list[float], dict[str, int]]:
+        """([tokens, sequences, flops, data wait], {kind: bad samples}) summed over ranks in one collective."""
+        local = torch.tensor([self.tokens, self.sequences, self.flops, self.wait]
+                             + [bad.get(kind, 0) for kind in kinds], dtype=torch.float64)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            local_dev = local.to(device)
+            torch.distributed.all_reduce(local_dev)
+            local = local_dev.cpu()
+        values = local.tolist()
+        return values[:4], {kind: int(n) for kind, n in zip(kinds, values[4:])}
+
+
+def window_metrics(sums: Mapping[str, float], *, micro_steps: int, ranks: int, totals: Sequence[float],
+                   elapsed: float, lr: float, grad_norm: float, counters: Mapping[str, int],
+                   bad_by_kind: Mapping[str, int], peak_tflops: float | None) -> dict[str, Any]:
+    """The row of one logging window: losses and accuracies from the summed device values, rates
+    from the host ``totals`` (tokens, sequences, flops, data wait; summed over ranks), then the
+    run's ``counters`` and the bad samples skipped by kind."""
+    tokens, sequences, flops, wait = totals
+    tflops_per_device = flops / max(elapsed, 1e-9) / ranks / 1e12
+    values: dict[str, Any] = {
+        # Mean over micro-steps and ranks of each rank's share = the mean group loss.
+        "loss": sums["loss"] / micro_steps / ranks,
+        "loss_contrastive": sums["loss_contrastive"] / micro_steps / ranks,
+        "loss_mlm": sums["loss_mlm"] / micro_steps / ranks,
+        "contrastive_accuracy": sums["contrastive_correct"] / max(sequences, 1),
+        "mlm_accuracy": sums["mlm_correct"] / max(sums["mlm_tokens"], 1),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "samples_per_s": sequences / max(elapsed, 1e-9),
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "tflops_per_device": tflops_per_device,
+        "data_wait_share": wait / ranks / max(elapsed, 1e-9),
+        "peak_memory_gib": peak_memory_gib(),
+        "skipped_samples": int(sum(bad_by_kind.values())),
+        **counters,
+    }
+    if peak_tflops:
+        values["mfu"] = tflops_per_device / peak_tflops
+    values.update({f"skipped_samples_{kind}": int(n) for kind, n in bad_by_kind.items() if n})
+    return values
+
+
+class Progress:
+    """A tqdm bar of optimizer steps on rank 0 (nothing elsewhere or when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="pre-training", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

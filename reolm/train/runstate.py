@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from reolm.config import ConfigError, to_dict
+from reolm.io import write_json
 
 __all__ = ["RunDirError", "claim_run_dir", "mark_running", "write_status", "read_status", "OWNER_FILE",
            "STATUS_FILE"]
@@ -65,9 +66,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    write_json(path, value)
 
 
 def _describe_owner(owner: dict[str, Any] | None) -> str:
@@ -101,8 +100,8 @@ def claim_run_dir(cfg: Any, checkpoints: list[Path]) -> Any:
     owner = _read_json(run_dir / OWNER_FILE)
     newest = checkpoints[-1]
     ours = f"run '{cfg.ckpt.run_id or '(no ckpt.run_id)'}'"
-    hint = (f"Continue those checkpoints deliberately with --resume latest (ckpt.resume=latest), or give "
-            f"this run another run_dir.")
+    hint = ("Continue those checkpoints deliberately with --resume latest (ckpt.resume=latest), or give "
+            "this run another run_dir.")
     if resume == "":
         raise RunDirError(f"{run_dir} already holds checkpoints (newest {newest.name}) of {_describe_owner(owner)}; "
                           f"this is a fresh start of {ours}: refusing to mix two runs. {hint}")

@@ -14,12 +14,13 @@ resumes where it stopped.  Under ``torchrun`` every rank takes units
 
 Outputs: corpus -> ``CORPUS/tables/images-<key>/`` (an ImageFeatureTable,
 rows = global item index); domain -> ``DIR/image_features.npy`` (float16) +
-``DIR/has_image.npy`` + ``DIR/image_features.json`` (model key and path).
+``DIR/has_image.npy`` + ``DIR/image_features.json`` (model key and path).  ``<key>`` is
+:func:`~reolm.data.tables.vision_model_key`; both outputs record it with the checkpoint's path,
+which is how :mod:`reolm.data.corpus` finds a table and knows which vision model made it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,28 +33,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from reolm.data.item_table import ImageFeatureTable, TableError
+from reolm.data.corpus import image_table_dir
+from reolm.data.tables import ImageFeatureTable, TableError, vision_model_key
+from reolm.io import atomic_path, save_npy, write_json
 
-__all__ = ["vision_model_key", "VisionEncoder", "build_image_features", "image_table_dir", "find_image_table"]
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-def vision_model_key(vision_dir: str | os.PathLike) -> str:
-    """12-hex identity of a vision checkpoint: its config, processor config and weight files."""
-    vision_dir = Path(vision_dir)
-    h = hashlib.sha1()
-    for p in sorted(vision_dir.iterdir()):
-        if p.suffix == ".json":
-            h.update(p.name.encode() + p.read_bytes())
-        elif p.suffix in WEIGHT_SUFFIXES:
-            # size + first and last MiB: cheap for multi-GB weights, still changes with any retraining
-            with open(p, "rb") as fh:
-                head = fh.read(1 << 20)
-                fh.seek(max(0, p.stat().st_size - (1 << 20)))
-                tail = fh.read()
-            h.update(p.name.encode() + str(p.stat().st_size).encode() + head + tail)
-    return h.hexdigest()[:12]
+__all__ = ["VisionEncoder", "build_image_features"]
 
 
 def _embedding_model_class(vision_dir: Path) -> Any:
@@ -220,9 +204,8 @@ def _encode_unit(unit: _Unit, encoder: VisionEncoder, batch_size: int, bar: Any)
 
 
 def _save_partial(path: Path, rows: np.ndarray, feats: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, rows=rows, features=feats)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, rows=rows, features=feats)
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -241,19 +224,6 @@ def _dist_context() -> tuple[int, int, Any]:
 
 
 # ----------------------------------------------------------------------------- the builder
-
-def image_table_dir(corpus: str | os.PathLike, key: str) -> Path:
-    return Path(corpus) / "tables" / f"images-{key}"
-
-
-def find_image_table(corpus: str | os.PathLike, vision_dir: str | os.PathLike) -> ImageFeatureTable:
-    """Load the image feature table of ``vision_dir`` under a corpus (memory-mapped)."""
-    directory = image_table_dir(corpus, vision_model_key(vision_dir))
-    if not (directory / "table.json").is_file():
-        raise TableError(f"no image features of {vision_dir} under {corpus} (expected {directory}); build "
-                         f"them with `reolm tables images --vision {vision_dir} --corpus {corpus}`")
-    return ImageFeatureTable.load(directory)
-
 
 def build_image_features(root: str | os.PathLike, vision_dir: str | os.PathLike, batch_size: int = 64,
                          device: str | None = None, chunk_items: int = 2048,
@@ -286,8 +256,8 @@ def build_image_features(root: str | os.PathLike, vision_dir: str | os.PathLike,
     if rank == 0:
         features, has_image = _merge_partials(partial, units, num_items, encoder)
         if is_corpus:
-            out = ImageFeatureTable(features, has_image, encoder.key).save(
-                final, extra={"vision": str(vision_dir), "source": str(root)})
+            out = ImageFeatureTable(features, has_image, encoder.key, str(vision_dir)).save(
+                final, extra={"source": str(root)})
         else:
             out = _save_domain_features(root, features, has_image, encoder, vision_dir)
         shutil.rmtree(partial)
@@ -321,14 +291,9 @@ def _merge_partials(partial: Path, units: list[_Unit], num_items: int,
 
 def _save_domain_features(root: Path, features: np.ndarray, has_image: np.ndarray, encoder: VisionEncoder,
                           vision_dir: str | os.PathLike) -> Path:
-    from reolm.data.domain import write_json_atomic
-
-    for name, arr in (("image_features.npy", features), ("has_image.npy", has_image)):
-        tmp = root / f"{name[:-4]}.tmp.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, root / name)
-    write_json_atomic(root / "image_features.json", {
+    save_npy(root / "image_features.npy", features)
+    save_npy(root / "has_image.npy", has_image)
+    write_json(root / "image_features.json", {
         "key": encoder.key, "vision": str(vision_dir), "dim": int(features.shape[1]),
-        "num_with_image": int(has_image.sum()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        indent=2)
+        "num_with_image": int(has_image.sum()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return root / "image_features.npy"
