@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -43,10 +42,11 @@ from tqdm.auto import tqdm
 
 from reolm.config import from_dict, save_resolved, to_dict
 from reolm.data.collate import PackedCollator, SequenceExample, move_batch
-from reolm.data.domain import Domain, write_json_atomic
+from reolm.data.domain import Domain
 from reolm.data.item_table import ImageFeatureTable, ItemTokenTable, TableError
 from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
+from reolm.io import atomic_dir, write_json
 from reolm.model import ModelConfig, ReoLM
 
 __all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table",
@@ -209,7 +209,7 @@ class ReoLMRecommender(nn.Module):
 
     @property
     def default_max_history(self) -> int:
-        return self.section.eval_max_history
+        return self.section.eval_max_history_items
 
     @property
     def device(self) -> torch.device:
@@ -278,19 +278,17 @@ def save_reolm_folder(folder: str | os.PathLike, rec: ReoLMRecommender, *, model
                       cfg: Any, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``folder`` (export + item table + config + descriptor) next to it, then swap it in."""
     folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    rec.model.save_pretrained(partial)
-    item_vectors = None
-    if rec.item_table is not None:
-        item_vectors = ITEM_VECTORS
-        save_file({"item_vectors": rec.item_table.detach().float().contiguous().cpu()}, str(partial / ITEM_VECTORS))
-    save_resolved(cfg, partial)
-    write_json_atomic(partial / DESCRIPTOR, {
-        "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
-        "model_config": to_dict(rec.section), "item_vectors": item_vectors, **dict(extra or {})}, indent=2)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
+    with atomic_dir(folder) as partial:
+        rec.model.save_pretrained(partial)
+        item_vectors = None
+        if rec.item_table is not None:
+            item_vectors = ITEM_VECTORS
+            save_file({"item_vectors": rec.item_table.detach().float().contiguous().cpu()},
+                      str(partial / ITEM_VECTORS))
+        save_resolved(cfg, partial)
+        write_json(partial / DESCRIPTOR, {
+            "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
+            "model_config": to_dict(rec.section), "item_vectors": item_vectors, **dict(extra or {})}, indent=2)
     return folder
 
 
