@@ -321,13 +321,13 @@ def _merge_partials(partial: Path, units: list[_Unit], num_items: int,
 
 def _save_domain_features(root: Path, features: np.ndarray, has_image: np.ndarray, encoder: VisionEncoder,
                           vision_dir: str | os.PathLike) -> Path:
-    from reolm.data.domain import write_json_atomic
+    from reolm.io import write_json
 
     for name, arr in (("image_features.npy", features), ("has_image.npy", has_image)):
         tmp = root / f"{name[:-4]}.tmp.npy"
         np.save(tmp, arr)
         os.replace(tmp, root / name)
-    write_json_atomic(root / "image_features.json", {
+    write_json(root / "image_features.json", {
         "key": encoder.key, "vision": str(vision_dir), "dim": int(features.shape[1]),
         "num_with_image": int(has_image.sum()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         indent=2)
