@@ -18,6 +18,7 @@ import torch
 
 from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
+from reolm.io import write_text
 from reolm.model import ModelConfig
 from reolm.model.objectives import info_nce
 
@@ -82,10 +83,7 @@ def collator(tokens: ItemTokenTable, images: ImageFeatureTable, model: Any, layo
 def write_result(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def training_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:

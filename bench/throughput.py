@@ -141,7 +141,7 @@ def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace,
     hf_flops = step_flops(model, batch, reolm_parts=False)
     rows = [{"config": name, "backend": "hf-roberta-eager-padded", "tokens_per_s": round(n_tokens / hf_seconds, 1),
              "mfu": round(hf_flops / hf_seconds / peak, 4) if peak else None, "speedup_vs_padded_hf": 1.0}]
-    del hf
+    hf = None  # free the reference model before timing ours (hf_step, which uses it, has run)
     reference = None
     for backend in backends_for(device):
         model.set_attention(backend)

@@ -27,13 +27,18 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
 import yaml
+
+from reolm.io import write_text
 
 __all__ = [
     "ConfigError",
     "param",
+    "redefault",
+    "Renamed",
+    "load_saved_config",
     "load_config",
     "from_dict",
     "to_dict",
@@ -74,6 +79,38 @@ def param(
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def redefault(cls: type, name: str, default: Any, doc: str | None = None) -> Any:
+    """Field ``name`` of the section ``cls`` with another default, for a subclass.
+
+    The documentation and constraints stay those of ``cls`` (or ``doc`` when a use needs its own
+    words), so a setting shared by several sections is described once: fine-tuning's
+    :class:`~reolm.optim.OptimConfig` has another learning rate than pre-training's, not another
+    meaning."""
+    meta = {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+    return param(default, meta["doc"] if doc is None else doc, choices=meta["choices"],
+                 ge=meta["ge"], gt=meta["gt"], le=meta["le"], lt=meta["lt"])
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """A key a section no longer has: ``new`` is its name now (in the same section).
+
+    A section lists its old keys in a ``renamed_keys`` class attribute (``{"max_len":
+    Renamed("max_history_items")}``).  Config files and overrides that still use an old key are
+    refused with a message naming the new one (and ``note``); records written by an older version
+    (a run's saved ``config.yaml``, an export's model settings) are upgraded when read back, with
+    ``convert`` turning an old value into the new key's value when the meaning shifted.
+    """
+
+    new: str
+    note: str = ""
+    convert: Callable[[Any], Any] | None = None
+
+
+def _renamed_keys(cls: type) -> Mapping[str, Renamed]:
+    return getattr(cls, "renamed_keys", {})
 
 
 # ----------------------------------------------------------------------------- typing helpers
@@ -202,6 +239,10 @@ def _check_constraints(value: Any, meta: Mapping[str, Any], key: str) -> None:
 
 
 def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
+    renamed = _renamed_keys(cls).get(key)
+    if renamed is not None:
+        note = f" ({renamed.note})" if renamed.note else ""
+        return ConfigError(f"config key {prefix}{key} was renamed to {prefix}{renamed.new}{note}")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=3)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -211,9 +252,32 @@ def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
 
 # ----------------------------------------------------------------------------- public API
 
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
-    """Build ``cls`` from a (nested) mapping, validating every value."""
+def upgrade_renamed_keys(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """``data`` (a nested mapping for ``cls``) with every old key of :class:`Renamed` replaced by
+    its new one, in every section; for records written by an older version, never for user input."""
     data = dict(data or {})
+    for old, renamed in _renamed_keys(cls).items():
+        if old not in data:
+            continue
+        if renamed.new in data:
+            raise ConfigError(f"{prefix}{old} and {prefix}{renamed.new} are both set; {old} was renamed to "
+                              f"{renamed.new}: keep only that")
+        value = data.pop(old)
+        data[renamed.new] = renamed.convert(value) if renamed.convert is not None else value
+    hints = _resolved_hints(cls)
+    for f in dataclasses.fields(cls):
+        _, inner = _is_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner) and isinstance(data.get(f.name), Mapping):
+            data[f.name] = upgrade_renamed_keys(inner, data[f.name], f"{prefix}{f.name}.")
+    return data
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build ``cls`` from a (nested) mapping, validating every value.
+
+    Old keys (:class:`Renamed`) are upgraded: a mapping given here is a record (an export's or a
+    saved model's settings), while user input is checked by :func:`load_config` first."""
+    data = upgrade_renamed_keys(cls, data, prefix)
     hints = _resolved_hints(cls)
     kwargs: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -305,6 +369,7 @@ def apply_overrides(obj: T, overrides: Iterable[str]) -> T:
     tree = to_dict(obj)
     for text in overrides:
         path, value = parse_override(text)
+        _check_keys(type(obj), _nest(path, value), "")
         _set_nested(tree, path, value)
     return from_dict(type(obj), tree)
 
@@ -319,14 +384,7 @@ def load_config(cls: type[T], files: str | os.PathLike | Sequence[str | os.PathL
     tree = to_dict(cls())
     for path in files:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+        loaded = _read_yaml_mapping(path)
         # Validate the file alone first so that an unknown key names the file.
         try:
             _check_keys(cls, loaded, "")
@@ -338,6 +396,30 @@ def load_config(cls: type[T], files: str | os.PathLike | Sequence[str | os.PathL
         _check_keys(cls, _nest(path_parts, value), "")
         _set_nested(tree, path_parts, value)
     return from_dict(cls, tree)
+
+
+def load_saved_config(cls: type[T], path: str | os.PathLike, overrides: Iterable[str] = ()) -> T:
+    """A config saved by :func:`save_resolved` (possibly by an older version: old keys are
+    upgraded), then ``key=value`` overrides (checked like :func:`load_config`'s)."""
+    path = Path(path)
+    loaded = upgrade_renamed_keys(cls, _read_yaml_mapping(path))
+    try:
+        _check_keys(cls, loaded, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return apply_overrides(from_dict(cls, _merge(to_dict(cls()), loaded)), overrides)
+
+
+def _read_yaml_mapping(path: Path) -> Mapping[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return loaded
 
 
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
@@ -361,11 +443,7 @@ def save_resolved(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml
     """Write the fully resolved config as YAML into ``run_dir`` (atomically)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(run_dir / name, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> str:

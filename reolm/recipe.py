@@ -45,7 +45,7 @@ PAPER_DOWNSTREAM = {"Scientific": "Industrial_and_Scientific", "Instruments": "M
 BASELINES = ("sasrec", "gru4rec", "bert4rec", "pop")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareFilters:
     """Options of one `reolm prepare amazon` pass (see docs/data-ingest.md for each)."""
 
@@ -63,7 +63,7 @@ class PrepareFilters:
                 "--require-title" if self.require_title else "--no-require-title", "--category", self.category]
 
 
-@dataclass
+@dataclass(frozen=True)
 class CostModel:
     """Assumptions of the pre-training cost estimate the dry run prints (replace them with measured values)."""
 
@@ -77,7 +77,7 @@ class CostModel:
                        gt=0, le=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecipeConfig:
     """The paper's recipe: which raw files, where outputs go, which models, how many GPUs."""
 

@@ -97,7 +97,7 @@ def test_reolm_hook_is_registered_and_asks_for_its_weights(domain_dir, tmp_path)
 @pytest.mark.parametrize("name,section", [("sasrec", SASRecConfig), ("gru4rec", GRU4RecConfig)])
 def test_next_item_losses_decrease_on_a_fixed_batch(name, section, loss):
     torch.manual_seed(0)
-    model = build_baseline(name, 30, section(hidden=16, max_len=8, dropout=0.0, loss=loss))
+    model = build_baseline(name, 30, section(hidden=16, max_history_items=8, dropout=0.0, loss=loss))
     ids, lengths = pad_right([[1, 6, 11, 16, 21], [3, 8, 13], [0, 5]], model.pad_index)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
@@ -112,21 +112,21 @@ def test_next_item_losses_decrease_on_a_fixed_batch(name, section, loss):
 
 def test_user_vector_ignores_padding_and_old_items():
     torch.manual_seed(0)
-    for model in (build_baseline("sasrec", 20, SASRecConfig(hidden=8, heads=2, max_len=4)),
-                  build_baseline("gru4rec", 20, GRU4RecConfig(hidden=8, max_len=4)),
-                  build_baseline("bert4rec", 20, BERT4RecConfig(hidden=8, heads=2, max_len=4))):
+    for model in (build_baseline("sasrec", 20, SASRecConfig(hidden=8, heads=2, max_history_items=4)),
+                  build_baseline("gru4rec", 20, GRU4RecConfig(hidden=8, max_history_items=4)),
+                  build_baseline("bert4rec", 20, BERT4RecConfig(hidden=8, heads=2, max_history_items=3))):
         model.eval()
         alone = model.user_vectors([[3, 4, 5]])
         batched = model.user_vectors([[3, 4, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
         assert torch.allclose(alone[0], batched[0], atol=1e-6)   # padding of a longer row changes nothing
         longer = model.user_vectors([[9, 9, 9, 1, 2, 3, 4, 5]])
         cut = model.user_vectors([[1, 2, 3, 4, 5][-model.default_max_history:]])
-        assert torch.allclose(longer, cut, atol=1e-6)             # only the last max_len items count
+        assert torch.allclose(longer, cut, atol=1e-6)             # only the last max_history_items count
         assert model.item_vectors().shape[0] == 20
 
 
 def test_bert4rec_scores_include_output_bias():
-    model = build_baseline("bert4rec", 10, BERT4RecConfig(hidden=8, heads=2, max_len=5))
+    model = build_baseline("bert4rec", 10, BERT4RecConfig(hidden=8, heads=2, max_history_items=4))
     with torch.no_grad():
         model.output_bias[3] = 100.0
     scores = model.user_vectors([[1, 2]]) @ model.item_vectors().T

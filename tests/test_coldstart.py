@@ -23,7 +23,7 @@ from reolm.eval.contract import ContractError, read_metrics, validate_metrics
 from reolm.eval.evaluate import evaluate_recommender
 from reolm.eval.frequency import FrequencyBuckets, item_train_counts
 from reolm.eval.report import format_report, load_runs, report_json
-from reolm.finetune.runner import seed_everything
+from reolm.seeding import seed_everything
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -147,7 +147,7 @@ def test_split_command_writes_a_domain_with_provenance_and_stats_report_cold_ite
 
 def test_unseen_items_get_no_gradient_and_negatives_are_trained_items():
     torch.manual_seed(0)
-    model = build_baseline("sasrec", 12, SASRecConfig(hidden=8, blocks=1, heads=1, max_len=6, dropout=0.0))
+    model = build_baseline("sasrec", 12, SASRecConfig(hidden=8, blocks=1, heads=1, max_history_items=6, dropout=0.0))
     seen = torch.ones(12, dtype=torch.bool)
     seen[[3, 7, 11]] = False
     model.set_training_items(seen)

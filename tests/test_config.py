@@ -91,3 +91,61 @@ def test_help_shows_the_defaults_of_nested_sections():
     # ReoLMSection builds ModelConfig(top_routing="gate"); ModelConfig alone says "domain".
     assert "reolm.model.top_routing (str, default 'gate')" in text
     assert "reolm.model.gradient_checkpointing (bool | None, default None)" in text
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+@pytest.mark.parametrize("override, new", [
+    ("reolm.max_history=5", "reolm.max_history_items"),
+    ("reolm.eval_max_history=5", "reolm.eval_max_history_items"),
+    ("eval.max_history=5", "eval.max_history_items"),
+    ("sasrec.max_len=20", "sasrec.max_history_items"),
+    ("gru4rec.max_len=20", "gru4rec.max_history_items"),
+])
+def test_old_history_keys_name_their_new_name(override, new):
+    from reolm.finetune.config import FinetuneConfig
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]} was renamed to {new}$"):
+        load_config(FinetuneConfig, None, [override])
+    with pytest.raises(ConfigError, match=rf"{new}"):  # apply_overrides checks the same way
+        apply_overrides(FinetuneConfig(), [override])
+
+
+def test_old_history_key_in_a_file_names_the_file_and_what_changed(tmp_path):
+    from reolm.finetune.config import FinetuneConfig
+    f = tmp_path / "old.yaml"
+    f.write_text("bert4rec:\n  max_len: 50\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: config key bert4rec.max_len was renamed to "
+                                          r"bert4rec.max_history_items \(= max_len - 1"):
+        load_config(FinetuneConfig, f)
+
+
+def test_a_run_saved_with_the_old_keys_is_read_back_upgraded(tmp_path):
+    from reolm.baselines.config import BERT4RecConfig
+    from reolm.config import from_dict, load_saved_config
+    from reolm.finetune.config import FinetuneConfig
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump({"model": "bert4rec", "eval": {"max_history": 7, "batch_size": 3},
+                                   "reolm": {"max_history": 4, "eval_max_history": 6,
+                                             "model": {"attention": "sdpa"}},
+                                   "bert4rec": {"max_len": 20}, "sasrec": {"max_len": 30}}))
+    cfg = load_saved_config(FinetuneConfig, old, ["eval.batch_size=5"])
+    assert (cfg.eval.max_history_items, cfg.eval.batch_size) == (7, 5)
+    assert (cfg.reolm.max_history_items, cfg.reolm.eval_max_history_items) == (4, 6)
+    assert cfg.reolm.model.top_routing == "gate"  # the section's own default, not ModelConfig's
+    assert (cfg.bert4rec.max_history_items, cfg.sasrec.max_history_items) == (19, 30)  # [MASK] not counted
+    assert from_dict(BERT4RecConfig, {"max_len": 50}).max_history_items == 49  # a saved model's settings
+    with pytest.raises(ConfigError, match="both set"):
+        from_dict(BERT4RecConfig, {"max_len": 50, "max_history_items": 49})
+    with pytest.raises(ConfigError, match="renamed to eval.max_history_items"):
+        load_saved_config(FinetuneConfig, old, ["eval.max_history=3"])  # overrides are user input
+
+
+def test_configs_are_frozen_after_loading():
+    import dataclasses
+    from reolm.finetune.config import FinetuneConfig
+    from reolm.train.config import PretrainConfig
+    for cfg, key in ((load_config(FinetuneConfig), "model"), (load_config(PretrainConfig), "seed")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cfg, key, getattr(cfg, key))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_config(FinetuneConfig).reolm.stage1.lr = 1.0

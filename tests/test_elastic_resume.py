@@ -19,7 +19,7 @@ import pytest
 
 from reolm.config import load_config
 from reolm.train.config import PretrainConfig
-from reolm.train.ds_config import lr_factor
+from reolm.optim import lr_factor
 
 from launch_helpers import PRETRAIN, TINY, base_overrides, deepspeed_cmd, metrics, run_logged
 
@@ -96,7 +96,7 @@ def _check_resume(run: Run, segment: int, resumed_from: int) -> None:
     resumed_rows = [r for r in rows if r["step"] > resumed_from]
     assert resumed_rows
     for r in resumed_rows:
-        assert r["lr"] == pytest.approx(optim.lr * lr_factor(optim, r["step"]), rel=1e-6), r
+        assert r["lr"] == pytest.approx(optim.lr * lr_factor(optim, r["step"], optim.steps), rel=1e-6), r
     assert (run.dir / "metrics.after-resume.jsonl").is_file()  # the killed run's later rows moved aside
     # Data: nothing trained before the checkpoint is trained again; continuing streams start at
     # their saved position; new streams exist when the run grew.

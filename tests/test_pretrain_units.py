@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from reolm.config import ConfigError
 from reolm.model.objectives import info_nce, masked_lm_loss
 from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, step_tag
-from reolm.train.config import OptimConfig
+from reolm.train.config import PretrainOptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
                               decode_example, default_num_workers, expand_shards)
 from reolm.train.distributed import slurm_env
@@ -109,7 +109,7 @@ def test_mlm_loss_is_mean_over_masked_tokens_on_one_rank():
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_ds_configs_fill_every_auto_field(name):
     template = load_ds_config(os.path.join(REPO, "ds_configs", f"{name}.json"))
-    optim = OptimConfig(micro_batch_size=4, global_batch_size=64, lr=3e-4, grad_clip=0.5, schedule="cosine",
+    optim = PretrainOptimConfig(micro_batch_size=4, global_batch_size=64, lr=3e-4, grad_clip=0.5, schedule="cosine",
                         warmup_steps=10, steps=100, min_lr_ratio=0.1)
     cfg = fill_ds_config(template, optim, world_size=8, device_type="cpu", hidden_size=32)
     text = json.dumps(cfg)
@@ -126,21 +126,21 @@ def test_ds_configs_fill_every_auto_field(name):
 
 
 def test_ds_config_errors_are_clear():
-    optim = OptimConfig(micro_batch_size=3, global_batch_size=64)
+    optim = PretrainOptimConfig(micro_batch_size=3, global_batch_size=64)
     with pytest.raises(ConfigError, match="not a multiple"):
         batch_layout(optim, 2)
     template = {"train_micro_batch_size_per_gpu": 16}
     with pytest.raises(ConfigError, match="contradicts"):
-        fill_ds_config(template, OptimConfig(micro_batch_size=4), 1, "cpu")
+        fill_ds_config(template, PretrainOptimConfig(micro_batch_size=4), 1, "cpu")
     with pytest.raises(ConfigError, match="still has"):
-        fill_ds_config({"foo": {"bar": "auto"}}, OptimConfig(), 1, "cpu")
+        fill_ds_config({"foo": {"bar": "auto"}}, PretrainOptimConfig(), 1, "cpu")
     with pytest.raises(ConfigError, match="needs a GPU"):
-        fill_ds_config({}, OptimConfig(precision="fp16"), 1, "cpu")
+        fill_ds_config({}, PretrainOptimConfig(precision="fp16"), 1, "cpu")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_lr_schedule_warms_up_then_decays(schedule):
-    optim = OptimConfig(lr=1e-3, warmup_steps=10, steps=50, schedule=schedule, min_lr_ratio=0.1)
+    optim = PretrainOptimConfig(lr=1e-3, warmup_steps=10, steps=50, schedule=schedule, min_lr_ratio=0.1)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
     sched = lr_scheduler_factory(optim)(opt)
     lrs = []
@@ -169,9 +169,9 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     ds_cfg = fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json")),
-                            OptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
+                            PretrainOptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
-                                      lr_scheduler=lr_scheduler_factory(OptimConfig(steps=10, warmup_steps=0)))
+                                      lr_scheduler=lr_scheduler_factory(PretrainOptimConfig(steps=10, warmup_steps=0)))
     x = torch.randn(2, 4)
     engine.backward(engine(x).pow(2).sum())
     engine.step()
@@ -206,7 +206,7 @@ def test_nonfinite_loss_skips_the_step_and_aborts_after_n_in_a_row(world_of_one)
     from reolm.train.trainer import NonFiniteGuard, TrainingAborted
 
     model = torch.nn.Linear(4, 1)
-    optim = OptimConfig(micro_batch_size=2, steps=10, warmup_steps=0, grad_clip=1.0)
+    optim = PretrainOptimConfig(micro_batch_size=2, steps=10, warmup_steps=0, grad_clip=1.0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=fill_ds_config(load_ds_config(os.path.join(REPO, "ds_configs",
                                                                                         "zero2.json")),

@@ -80,13 +80,13 @@ class SequentialBaseline(nn.Module):
     similarity = "dot"
     temperature = 1.0
 
-    def __init__(self, num_items: int, max_len: int) -> None:
+    def __init__(self, num_items: int, max_history_items: int) -> None:
         super().__init__()
         if num_items < 2:
             raise ValueError(f"a baseline needs at least 2 items, got {num_items}")
         self.num_items = int(num_items)
         self.pad_index = self.num_items
-        self.max_len = int(max_len)
+        self.max_history_items = int(max_history_items)
         # Trained items and each item's position among them (-1 = unseen); None = all items.
         self.register_buffer("train_items", None, persistent=False)
         self.register_buffer("train_position", None, persistent=False)
@@ -125,7 +125,7 @@ class SequentialBaseline(nn.Module):
     # -- Recommender interface ----------------------------------------------------------
     @property
     def default_max_history(self) -> int:
-        return self.max_len
+        return self.max_history_items
 
     @property
     def device(self) -> torch.device:
@@ -140,8 +140,9 @@ class SequentialBaseline(nn.Module):
     # -- training --------------------------------------------------------------------------
     @property
     def train_window(self) -> int:
-        """How many of the most recent training items one training example uses."""
-        return self.max_len + 1
+        """How many of the most recent training items one training example uses: the history and,
+        for next-item models, each position's target (BERT4Rec: its cloze window with the [MASK])."""
+        return self.max_history_items + 1
 
     @property
     def copies_per_epoch(self) -> int:
@@ -160,8 +161,8 @@ class NextItemBaseline(SequentialBaseline):
     loss on the positive and one uniformly sampled negative item per position.
     """
 
-    def __init__(self, num_items: int, max_len: int, hidden: int, loss: str) -> None:
-        super().__init__(num_items, max_len)
+    def __init__(self, num_items: int, max_history_items: int, hidden: int, loss: str) -> None:
+        super().__init__(num_items, max_history_items)
         if loss not in ("ce", "bce"):
             raise ValueError(f"loss must be 'ce' or 'bce', got {loss!r}")
         self.loss_kind = loss
@@ -178,7 +179,7 @@ class NextItemBaseline(SequentialBaseline):
         return self.item_embedding.weight[:self.num_items]
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        ids, lengths = pad_right([h[-self.max_len:] for h in histories], self.pad_index, device=self.device)
+        ids, lengths = pad_right([h[-self.max_history_items:] for h in histories], self.pad_index, device=self.device)
         return gather_last(self.sequence_states(ids, lengths), lengths)
 
     def training_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Training masks each item with probability ``mask_prob`` and predicts it by softm
 items; one item per sequence is always masked, the last one with probability
 ``mask_last_prob`` (so training also sees the inference situation).  Each sequence appears
 ``dupe`` times per epoch, masked differently each time (the original code's dupe_factor).  At inference a ``[MASK]`` is appended after the
-(most recent ``max_len - 1``) history items and its output is the user vector.  The output
+(most recent ``max_history_items``) history items and its output is the user vector.  The output
 layer is dense + GELU + LayerNorm, then a dot product with the tied item embeddings plus
 a per-item bias; the bias is folded into the vectors (user ``[h, 1]``, item ``[e, b]``) so
 evaluation stays a plain dot product.
@@ -26,7 +26,7 @@ __all__ = ["BERT4Rec"]
 
 class BERT4Rec(SequentialBaseline):
     def __init__(self, num_items: int, cfg: BERT4RecConfig) -> None:
-        super().__init__(num_items, cfg.max_len)
+        super().__init__(num_items, cfg.max_history_items)
         self.mask_index = num_items + 1
         self.mask_prob = cfg.mask_prob
         self.mask_last_prob = cfg.mask_last_prob
@@ -35,17 +35,10 @@ class BERT4Rec(SequentialBaseline):
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         with torch.no_grad():
             self.item_embedding.weight[self.pad_index].zero_()
-        self.encoder = TransformerEncoder(cfg.hidden, cfg.heads, cfg.blocks, cfg.max_len, cfg.dropout, causal=False)
+        self.encoder = TransformerEncoder(cfg.hidden, cfg.heads, cfg.blocks, cfg.max_history_items + 1, cfg.dropout,
+                                          causal=False)
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.LayerNorm(cfg.hidden))
         self.output_bias = nn.Parameter(torch.zeros(num_items))
-
-    @property
-    def default_max_history(self) -> int:
-        return self.max_len - 1
-
-    @property
-    def train_window(self) -> int:
-        return self.max_len
 
     @property
     def copies_per_epoch(self) -> int:
@@ -58,7 +51,7 @@ class BERT4Rec(SequentialBaseline):
         return torch.cat([self.item_embedding.weight[:self.num_items], self.output_bias.unsqueeze(1)], dim=1)
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        keep = self.max_len - 1
+        keep = self.max_history_items
         with_mask = [list(h[-keep:]) + [self.mask_index] for h in histories]
         ids, lengths = pad_right(with_mask, self.pad_index, device=self.device)
         state = gather_last(self._states(ids, lengths), lengths)

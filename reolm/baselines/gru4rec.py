@@ -17,7 +17,7 @@ __all__ = ["GRU4Rec"]
 
 class GRU4Rec(NextItemBaseline):
     def __init__(self, num_items: int, cfg: GRU4RecConfig) -> None:
-        super().__init__(num_items, cfg.max_len, cfg.hidden, cfg.loss)
+        super().__init__(num_items, cfg.max_history_items, cfg.hidden, cfg.loss)
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.layers, batch_first=True)
         self.project = nn.Linear(cfg.hidden, cfg.hidden)

@@ -19,9 +19,10 @@ __all__ = ["SASRec"]
 
 class SASRec(NextItemBaseline):
     def __init__(self, num_items: int, cfg: SASRecConfig) -> None:
-        super().__init__(num_items, cfg.max_len, cfg.hidden, cfg.loss)
+        super().__init__(num_items, cfg.max_history_items, cfg.hidden, cfg.loss)
         self.scale = math.sqrt(cfg.hidden)
-        self.encoder = TransformerEncoder(cfg.hidden, cfg.heads, cfg.blocks, cfg.max_len, cfg.dropout, causal=True)
+        self.encoder = TransformerEncoder(cfg.hidden, cfg.heads, cfg.blocks, cfg.max_history_items, cfg.dropout,
+                                          causal=True)
 
     def sequence_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.item_embedding(ids) * self.scale, lengths)

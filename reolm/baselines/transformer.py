@@ -35,10 +35,10 @@ class TransformerBlock(nn.Module):
 class TransformerEncoder(nn.Module):
     """Positional embeddings + blocks + final LayerNorm over already-embedded items."""
 
-    def __init__(self, hidden: int, heads: int, blocks: int, max_len: int, dropout: float, causal: bool) -> None:
+    def __init__(self, hidden: int, heads: int, blocks: int, positions: int, dropout: float, causal: bool) -> None:
         super().__init__()
         self.causal = causal
-        self.position = nn.Embedding(max_len, hidden)
+        self.position = nn.Embedding(positions, hidden)
         nn.init.normal_(self.position.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, dropout) for _ in range(blocks))

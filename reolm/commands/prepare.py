@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -11,6 +10,7 @@ from typing import Mapping, Sequence
 from reolm.commands._ingest_common import (add_image_arguments, add_output_arguments, add_unescape_argument,
                                            attach_images, check_output, write_and_summarise)
 from reolm.data.amazon import CATEGORY_STYLES, DUPLICATE_POLICIES, AmazonOptions, build_amazon_domain
+from reolm.io import write_text
 
 HELP = "turn raw Amazon Reviews 2018 files into a processed domain folder"
 DESCRIPTION = """Turn raw data into a processed domain folder (train/val/test, smap, umap, meta_data, domain.json).
@@ -84,16 +84,14 @@ def run_amazon(args: argparse.Namespace) -> int:
 
 
 def write_url_list(path: str | Path, image_urls: Mapping[int, Sequence[str]]) -> None:
-    """Each kept item's first URL (high resolution first), once, in item order; temp name then rename.
+    """Each kept item's first URL (high resolution first), once, in item order; written atomically.
 
     One URL per item is enough: --image-shards joins a downloaded image back through any of the item's URLs.
     """
     urls = dict.fromkeys(image_urls[i][0] for i in sorted(image_urls) if image_urls[i])
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("".join(url + "\n" for url in urls))
-    os.replace(tmp, target)
+    write_text(target, "".join(url + "\n" for url in urls))
     print(f"wrote {len(urls):,} image URLs to {target}")
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from reolm.io import write_text
+
 HELP = "build the results table and plots from run directories"
 DESCRIPTION = ("Read RUN_DIR/metrics.json of each run (launch/finetune.py output) and write the paper's "
                "Table 2 layout as markdown: rows = datasets x N@10/R@10/MRR, columns = models, the best "
@@ -27,9 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def run(args: argparse.Namespace) -> int:

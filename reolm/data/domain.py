@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from reolm.io import save_npy, write_json
+
 FORMAT_VERSION = 1
 DEFAULT_ATTRIBUTES = ("category", "title", "brand")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -43,7 +45,6 @@ __all__ = [
     "read_json",
     "json_excerpt",
     "write_domain",
-    "write_json_atomic",
     "domain_stats",
     "format_stats_table",
     "resolve_domain_dirs",
@@ -363,22 +364,6 @@ def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
-def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write JSON to ``path`` through a temporary file and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    # json.dumps uses the C encoder; json.dump streams through the slow pure-Python one.
-    text = json.dumps(data, ensure_ascii=False, indent=indent)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
 def write_domain(domain: Domain, path: str | os.PathLike, extra_info: Mapping[str, Any] | None = None) -> Path:
     """Write ``domain`` as a processed folder (validated first); returns the path."""
     domain.validate()
@@ -388,14 +373,14 @@ def write_domain(domain: Domain, path: str | os.PathLike, extra_info: Mapping[st
     if done.exists():
         done.unlink()  # the folder is incomplete until domain.json is rewritten below
     for name, split in (("train", domain.train), ("val", domain.val), ("test", domain.test)):
-        write_json_atomic(path / f"{name}.json", {str(u): items for u, items in sorted(split.items())})
-    write_json_atomic(path / "smap.json", domain.smap)
-    write_json_atomic(path / "umap.json", domain.umap)
-    write_json_atomic(path / "meta_data.json", domain.meta)
+        write_json(path / f"{name}.json", {str(u): items for u, items in sorted(split.items())}, indent=None)
+    write_json(path / "smap.json", domain.smap, indent=None)
+    write_json(path / "umap.json", domain.umap, indent=None)
+    write_json(path / "meta_data.json", domain.meta, indent=None)
     if domain.image_features is not None:
-        _save_npy_atomic(path / "image_features.npy", np.asarray(domain.image_features, dtype=np.float16))
+        save_npy(path / "image_features.npy", np.asarray(domain.image_features, dtype=np.float16))
     if domain.has_image is not None:
-        _save_npy_atomic(path / "has_image.npy", np.asarray(domain.has_image, dtype=bool))
+        save_npy(path / "has_image.npy", np.asarray(domain.has_image, dtype=bool))
     info = {
         "name": domain.name,
         "format_version": FORMAT_VERSION,
@@ -405,7 +390,7 @@ def write_domain(domain: Domain, path: str | os.PathLike, extra_info: Mapping[st
         **domain.extra,
         **(extra_info or {}),
     }
-    write_json_atomic(done, info, indent=2)
+    write_json(done, info, indent=2)
     domain.path = path
     return path
 

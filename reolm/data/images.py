@@ -30,8 +30,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from reolm.data.domain import read_domain, write_json_atomic
+from reolm.data.domain import read_domain
 from reolm.data.ingest_report import IngestReport
+from reolm.io import atomic_path, save_npy, write_json
 
 __all__ = ["ImageOptions", "ImageSink", "normalize_image", "from_directory", "from_shards", "iter_shard_samples",
            "import_features", "FLOAT16_MAX"]
@@ -101,9 +102,8 @@ class ImageSink:
             self.report.drop("item_id_unsafe_as_file_name", where)
             return False
         final = self.dir / f"{item_id}.{ext}"
-        tmp = self.dir / f".{item_id}.{ext}.tmp"
-        tmp.write_bytes(payload)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:  # not synced one by one: a folder of many small files
+            tmp.write_bytes(payload)
         stale = self.dir / f"{item_id}.{'png' if ext == 'jpg' else 'jpg'}"
         if stale.exists():  # an earlier run stored this item's image in the other format
             stale.unlink()
@@ -263,8 +263,8 @@ def import_features(domain_dir: str | os.PathLike, features_path: str | os.PathL
     out[present] = np.asarray(features[row_of_item[present]], dtype=np.float16)
     has_image[present] = mask[row_of_item[present]]
     out[~has_image] = 0  # masked-out rows are the void image
-    _save_npy_atomic(domain_dir / "image_features.npy", out)
-    _save_npy_atomic(domain_dir / "has_image.npy", has_image)
+    save_npy(domain_dir / "image_features.npy", out)
+    save_npy(domain_dir / "has_image.npy", has_image)
     report.kept.update(items=n, items_with_features=int(has_image.sum()), dim=dim)
     report.drop("items_without_feature_row", count=int((row_of_item < 0).sum()))
     _record_in_domain_json(domain_dir, "image_features", {
@@ -274,14 +274,8 @@ def import_features(domain_dir: str | os.PathLike, features_path: str | os.PathL
     return report
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def _record_in_domain_json(domain_dir: Path, key: str, value: object) -> None:
     info_path = domain_dir / "domain.json"
     info = json.loads(info_path.read_text(encoding="utf-8"))
     info[key] = value
-    write_json_atomic(info_path, info, indent=2)
+    write_json(info_path, info, indent=2)

@@ -24,7 +24,6 @@ from MISSRec (github.com/gimpong/MM23-MISSRec), ``NAME.feat3CLS`` (image embeddi
 from __future__ import annotations
 
 import html
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from reolm.data.domain import DEFAULT_ATTRIBUTES, Domain, _int_keyed, read_domain, read_json
 from reolm.data.ingest_report import IngestReport
+from reolm.io import atomic_open, atomic_path
 
 __all__ = ["InteropError", "import_recformer", "import_unisrec", "export_unisrec", "rebuild_sequence",
            "INTER_HEADER"]
@@ -403,24 +403,6 @@ def _unisrec_text(attrs: Mapping[str, str], attributes: list[str]) -> str:
     return " ".join(parts)
 
 
-class _AtomicText:
-    """A text file written under a temporary name and renamed on success."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.fh = open(self.tmp, "w", encoding="utf-8")
-        return self.fh
-
-    def __exit__(self, exc_type, *_):
-        self.fh.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
 def export_unisrec(domain_dir: str | os.PathLike, out: str | os.PathLike, prefix: str | None = None,
                    max_history: int = 50) -> dict[str, int]:
     """Write a processed domain as UniSRec/RecBole atomic files (same splits, same indices)."""
@@ -435,20 +417,20 @@ def export_unisrec(domain_dir: str | os.PathLike, out: str | os.PathLike, prefix
     def row(fh, user: int, history: list[int], target: int) -> None:
         fh.write(f"{user}\t{' '.join(map(str, history[-max_history:]))}\t{target}\n")
 
-    with _AtomicText(Path(f"{base}.train.inter")) as fh:
+    with atomic_open(Path(f"{base}.train.inter")) as fh:
         fh.write(INTER_HEADER + "\n")
         for u in users:
             seq = domain.train[u]
             for k in range(1, len(seq)):
                 row(fh, u, seq[:-k], seq[-k])
                 counts["train_rows"] += 1
-    with _AtomicText(Path(f"{base}.valid.inter")) as fh:
+    with atomic_open(Path(f"{base}.valid.inter")) as fh:
         fh.write(INTER_HEADER + "\n")
         for u in users:
             if u in domain.val:
                 row(fh, u, domain.train[u], domain.val[u][0])
                 counts["valid_rows"] += 1
-    with _AtomicText(Path(f"{base}.test.inter")) as fh:
+    with atomic_open(Path(f"{base}.test.inter")) as fh:
         fh.write(INTER_HEADER + "\n")
         for u in users:
             if u in domain.test:
@@ -457,22 +439,21 @@ def export_unisrec(domain_dir: str | os.PathLike, out: str | os.PathLike, prefix
             if u not in domain.val or u not in domain.test:
                 counts["users_without_val_or_test"] += 1
     item_ids = domain.item_ids()
-    with _AtomicText(Path(f"{base}.text")) as fh:
+    with atomic_open(Path(f"{base}.text")) as fh:
         fh.write(TEXT_HEADER + "\n")
         for item_id in item_ids:
             fh.write(f"{item_id}\t{_unisrec_text(domain.meta.get(item_id, {}), domain.attributes)}\n")
-    with _AtomicText(Path(f"{base}.item2index")) as fh:
+    with atomic_open(Path(f"{base}.item2index")) as fh:
         fh.writelines(f"{item_id}\t{i}\n" for i, item_id in enumerate(item_ids))
     user_of = sorted(domain.umap.items(), key=lambda kv: kv[1])
-    with _AtomicText(Path(f"{base}.user2index")) as fh:
+    with atomic_open(Path(f"{base}.user2index")) as fh:
         fh.writelines(f"{user_id}\t{u}\n" for user_id, u in user_of)
     if domain.image_features is not None:
         features = np.asarray(domain.image_features, dtype=np.float32).copy()
         if domain.has_image is not None:
             features[~np.asarray(domain.has_image, dtype=bool)] = 0  # MISSRec: zero row = no image
-        tmp = Path(f"{base}.feat3CLS.tmp")
-        features.tofile(tmp)
-        os.replace(tmp, Path(f"{base}.feat3CLS"))
+        with atomic_path(Path(f"{base}.feat3CLS")) as tmp:
+            features.tofile(tmp)
         counts["image_feature_dim"] = int(features.shape[1])
     counts.update(users=len(users), items=len(item_ids))
     return counts

@@ -13,7 +13,7 @@ shards in global order; sequence records are spilled to on-disk buckets (a
 random bucket per sequence, seeded) and each bucket is shuffled in memory and
 written out, so sequences of all domains are mixed across shards while memory
 stays bounded by one domain plus one bucket.  Shards are written under a
-``.tmp`` name with webdataset's ``TarWriter`` (fixed mtime/owner so equal seeds
+temporary name (:mod:`reolm.io`) with webdataset's ``TarWriter`` (fixed mtime/owner so equal seeds
 give equal bytes) and renamed when complete; the manifest records each shard's
 sample count, byte size and sha256 so ``verify`` can detect any corruption.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,8 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import numpy as np
 
 from reolm.data.domain import (IMAGE_EXTENSIONS, Domain, DomainError, json_excerpt, read_domain,
-                               read_domain_info, read_json, write_json_atomic)
+                               read_domain_info, read_json)
+from reolm.io import atomic_path, write_json
 
 __all__ = [
     "SHARD_FORMAT_VERSION",
@@ -124,7 +126,8 @@ class _HashingFile:
 class ShardSeries:
     """Writes ``<dir>/<prefix>-%06d.tar`` shards with webdataset's TarWriter, rotating on count/size.
 
-    Each shard is written as ``*.tar.tmp`` and renamed when closed; :attr:`entries`
+    Each shard is written under a temporary name (:func:`reolm.io.atomic_path`) and renamed when
+    closed; :attr:`entries`
     lists the finished shards for the manifest.
     """
 
@@ -138,13 +141,15 @@ class ShardSeries:
         self.entries: list[dict[str, Any]] = []
         self._writer: Any = None
         self._file: _HashingFile | None = None
+        self._rename = contextlib.ExitStack()
         self._count = 0
 
     def _relpath(self, number: int) -> str:
         return f"{self.split}/{self.split}-{number:06d}.tar"
 
     def _open(self) -> None:
-        path = self.root / (self._relpath(len(self.entries)) + ".tmp")
+        self._rename = contextlib.ExitStack()  # closing it renames the finished shard into place
+        path = self._rename.enter_context(atomic_path(self.root / self._relpath(len(self.entries))))
         self._file = _HashingFile(path)
         self._writer = self._wds.TarWriter(self._file, user=TAR_OWNER, group=TAR_OWNER, encoder=False,
                                            mtime=TAR_MTIME, compress=False)
@@ -158,8 +163,8 @@ class ShardSeries:
             return
         self._writer.close()
         self._file.close()
+        self._rename.close()
         rel = self._relpath(len(self.entries))
-        os.replace(self.root / (rel + ".tmp"), self.root / rel)
         self.entries.append({"path": rel, "count": self._count, "bytes": self._file.size,
                              "sha256": self._file.sha.hexdigest()})
         self._writer = self._file = None
@@ -394,7 +399,7 @@ def write_corpus(domain_dirs: Sequence[str | os.PathLike], out: str | os.PathLik
         "options": {"max_count": opts.max_count, "max_size": opts.max_size,
                     "max_image_side": opts.max_image_side},
     }
-    write_json_atomic(out / "manifest.json", manifest, indent=1)
+    write_json(out / "manifest.json", manifest, indent=1)
     return manifest
 
 

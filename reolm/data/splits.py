@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from reolm.data.domain import Domain, DomainError, write_domain, write_json_atomic
+from reolm.data.domain import Domain, DomainError, write_domain
+from reolm.io import write_json
 
 __all__ = ["SPLITS_KEY", "COLD_ITEMS_FILE", "cold_item_split", "few_shot_split", "write_split",
            "domain_provenance", "setting_name"]
@@ -135,6 +136,6 @@ def write_split(split: Domain, source: Path, out: str | os.PathLike, record: dic
         if (source / name).is_dir():
             _link_tree(source / name, out / name)  # same items and indices: still valid
     if cold_item_ids is not None:
-        write_json_atomic(out / COLD_ITEMS_FILE, cold_item_ids)
+        write_json(out / COLD_ITEMS_FILE, cold_item_ids, indent=None)
     split.extra = {**split.extra, SPLITS_KEY: [*split.extra.get(SPLITS_KEY, []), record]}
     return write_domain(split, out)

@@ -25,6 +25,7 @@ for the same content (tested), and ``domain.json`` is written last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-from reolm.data.domain import DEFAULT_ATTRIBUTES, FORMAT_VERSION, write_json_atomic
+from reolm.data.domain import DEFAULT_ATTRIBUTES, FORMAT_VERSION
+from reolm.io import atomic_open, save_npy, write_json
 
 __all__ = ["DomainSpec", "SynthConfig", "PRESETS", "preset_config", "generate_corpus", "TopicWorld",
            "MIN_SEQ_LEN"]
@@ -254,9 +256,8 @@ class _JsonObjectWriter:
     """Writes ``{"k": v, ...}`` incrementally, byte-identical to ``json.dump`` of the whole dict."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.fh: IO[str] = open(self.tmp, "w", encoding="utf-8")
+        self._file = contextlib.ExitStack()  # renamed into place by close()
+        self.fh: IO[str] = self._file.enter_context(atomic_open(path))
         self.fh.write("{")
         self.first = True
 
@@ -271,8 +272,7 @@ class _JsonObjectWriter:
 
     def close(self) -> None:
         self.fh.write("}")
-        self.fh.close()
-        os.replace(self.tmp, self.path)
+        self._file.close()
 
 
 def _render_sequences(users: np.ndarray, flat: np.ndarray, offsets: np.ndarray) -> list[str]:
@@ -416,9 +416,7 @@ def generate_domain(spec: DomainSpec, cfg: SynthConfig, world: TopicWorld, out_d
     bar.close()
 
     if cfg.images:
-        tmp = out_dir / "has_image.tmp.npy"
-        np.save(tmp, has_image)
-        os.replace(tmp, out_dir / "has_image.npy")
+        save_npy(out_dir / "has_image.npy", has_image)
     info = {
         "name": spec.name,
         "format_version": FORMAT_VERSION,
@@ -428,7 +426,7 @@ def generate_domain(spec: DomainSpec, cfg: SynthConfig, world: TopicWorld, out_d
         "synthetic": {"seed": seed, "domain_index": domain_index, "num_topics": cfg.num_topics,
                       "images": int(has_image.sum()), "hidden_topic_items": int(hidden.sum())},
     }
-    write_json_atomic(done, info, indent=2)
+    write_json(done, info, indent=2)
     return info
 
 
@@ -444,7 +442,7 @@ def generate_corpus(cfg: SynthConfig, out: str | os.PathLike, seed: int = 0,
     for d, spec in enumerate(tqdm(cfg.domains, desc="synth domains", unit="domain", disable=not progress)):
         generate_domain(spec, cfg, world, out / spec.name, seed, d, progress)
         paths.append(out / spec.name)
-    write_json_atomic(out / "corpus.json", {
+    write_json(out / "corpus.json", {
         "seed": seed, "num_topics": cfg.num_topics, "images": cfg.images,
         "domains": [{"name": s.name, "role": s.role, "users": s.num_users, "items": s.num_items,
                      "interactions": s.num_interactions} for s in cfg.domains],

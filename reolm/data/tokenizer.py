@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from reolm.data.tables import VOID_VALUE
+from reolm.io import atomic_dir
 
 __all__ = ["TOKENIZER_KINDS", "item_texts", "train_tokenizer"]
 
@@ -117,8 +118,6 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, kind: str = "w
                     vocab_size: int = 8192, min_frequency: int = 1, model_max_length: int = 1024,
                     progress: bool = True) -> Path:
     """Train on ``texts`` and save an HF tokenizer directory at ``out`` (written atomically)."""
-    import shutil
-
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -147,11 +146,6 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, kind: str = "w
                                    **{k: v for k, v in specials.items() if k not in ("bos_token", "eos_token")
                                       or kind == "bpe"})
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    fast.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        fast.save_pretrained(str(tmp))
     return out

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from reolm.data.domain import write_json_atomic
+from reolm.io import write_json
 
 __all__ = ["MODEL_NAMES", "REQUIRED_METRICS", "ContractError", "metrics_document", "validate_metrics",
            "write_metrics", "read_metrics"]
@@ -131,7 +131,7 @@ def write_metrics(path: str | Path, doc: Mapping[str, Any], run: bool = True) ->
     path = Path(path)
     validate_metrics(doc, run=run, where=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, dict(doc), indent=2)
+    write_json(path, dict(doc), indent=2)
     return path
 
 

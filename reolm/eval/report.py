@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from reolm.eval.contract import MODEL_NAMES, read_metrics
+from reolm.io import atomic_path
 
 __all__ = ["TABLE_METRICS", "MODEL_ORDER", "BASELINE_MODELS", "MODEL_LABELS", "ResultsTable", "load_runs",
            "build_table", "format_markdown", "plot_bars", "plot_curves", "read_log", "group_by_setting",
@@ -284,9 +285,8 @@ def _pyplot():
 def _save_figure(fig: Any, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    tmp.replace(out)
+    with atomic_path(out, suffix=".tmp" + out.suffix) as tmp:  # savefig picks the format by suffix
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
     return out
 
 

@@ -15,7 +15,6 @@ needs other files (Reo-LM: an HF-style export) keeps them in the same folder.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reolm.data.domain import write_json_atomic
+from reolm.io import atomic_path, write_json
 
 __all__ = ["DESCRIPTOR", "WEIGHTS", "save_recommender", "read_descriptor", "load_weights", "resolve_model_dir"]
 
@@ -41,12 +40,11 @@ def save_recommender(folder: str | Path, model: nn.Module, *, model_name: str, n
     if descriptor.exists():
         descriptor.unlink()  # incomplete until rewritten below
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / WEIGHTS)
-    write_json_atomic(descriptor, {"format_version": FORMAT_VERSION, "model": model_name, "num_items": int(num_items),
-                                   "domain": domain, "model_config": dict(model_config or {}), **dict(extra or {})},
-                      indent=2)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    write_json(descriptor, {"format_version": FORMAT_VERSION, "model": model_name, "num_items": int(num_items),
+                            "domain": domain, "model_config": dict(model_config or {}), **dict(extra or {})},
+               indent=2)
     return folder
 
 

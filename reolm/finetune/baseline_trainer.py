@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,8 +17,9 @@ from reolm.eval.evaluate import EvalResult
 from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import save_recommender
 from reolm.finetune.config import FinetuneConfig
-from reolm.finetune.runner import (RunLog, evaluate_split, finish_run, resolve_device, seed_everything,
-                                   train_with_early_stopping)
+from reolm.finetune.runner import RunLog, evaluate_split, finish_run, resolve_device, train_with_early_stopping
+from reolm.optim import adamw, lr_schedule
+from reolm.seeding import seed_everything
 
 __all__ = ["train_baseline"]
 
@@ -46,7 +49,7 @@ def train_baseline(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: 
     train_cfg = cfg.train
     if cfg.model == "pop":
         model.fit(domain.train.values())
-        train_cfg = type(train_cfg)(**{**vars(train_cfg), "epochs": 0})  # nothing to optimise
+        train_cfg = dataclasses.replace(train_cfg, epochs=0)  # nothing to optimise
     best_dir = run_dir / "best"
 
     def on_improve(epoch: int, result: EvalResult) -> None:
@@ -60,7 +63,9 @@ def train_baseline(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: 
     if train_cfg.epochs > 0 and not sequences:
         raise ValueError(f"domain {domain.name!r} has no training sequence of length >= {min_len}")
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+    optimizer = adamw(params, cfg.train) if params else None
+    steps = train_cfg.epochs * math.ceil(len(sequences) / cfg.train.batch_size)
+    scheduler = lr_schedule(optimizer, cfg.train, steps) if optimizer is not None else None
     pad_index = getattr(model, "pad_index", domain.num_items)
     with RunLog(run_dir / "log.jsonl") as log:
         log.write({"stage": "setup", "model": cfg.model, "domain": domain.name, "num_items": domain.num_items,
@@ -71,5 +76,6 @@ def train_baseline(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: 
             batches=lambda epoch: _epoch_batches(sequences, cfg.train.batch_size, pad_index, device, generator),
             loss_fn=lambda batch: model.training_loss(*batch),
             validate=lambda: evaluate_split(model, domain, "val", cfg.eval, progress=cfg.train.progress),
-            on_improve=on_improve, train_cfg=train_cfg, metric=cfg.eval.metric, log=log, stage=cfg.model)
+            on_improve=on_improve, train_cfg=train_cfg, metric=cfg.eval.metric, log=log, stage=cfg.model,
+            scheduler=scheduler)
         return finish_run(run_dir, model_name=cfg.model, model=model, domain=domain, cfg=cfg, best=best, log=log)

@@ -1,6 +1,7 @@
 """FinetuneConfig: the one typed config of ``launch/finetune.py`` (every model kind).
 
-Sections: ``train`` (optimisation and early stopping), ``eval`` (full ranking),
+Sections: ``train`` (optimisation, the shared :class:`~reolm.optim.OptimConfig` with the baselines'
+defaults, and early stopping), ``eval`` (full ranking),
 and one section per model kind (``sasrec``, ``gru4rec``, ``bert4rec``; the Reo-LM
 trainer adds its own).  Only the section of the chosen ``model`` is used.
 """
@@ -10,25 +11,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reolm.baselines.config import BERT4RecConfig, GRU4RecConfig, SASRecConfig
-from reolm.config import ConfigError, param
+from reolm.config import ConfigError, Renamed, param, redefault
 from reolm.eval.frequency import DEFAULT_FREQUENCY_BUCKETS, FrequencyBuckets
 from reolm.eval.metrics import DEFAULT_KS, metric_names
 from reolm.finetune.reolm_config import ReoLMSection
+from reolm.history import history_items_param
+from reolm.optim import OptimConfig
 
 __all__ = ["FinetuneConfig", "TrainSection", "EvalSection", "MODEL_CHOICES"]
 
 MODEL_CHOICES = ("reolm", "sasrec", "gru4rec", "bert4rec", "pop")
 
 
-@dataclass
-class TrainSection:
-    """Optimisation and early stopping."""
+@dataclass(frozen=True)
+class TrainSection(OptimConfig):
+    """Optimisation (the shared :class:`~reolm.optim.OptimConfig`; AdamW, no warm-up) and early stopping."""
 
+    lr: float = redefault(OptimConfig, "lr", 1e-3)
+    weight_decay: float = redefault(OptimConfig, "weight_decay", 0.0)
+    grad_clip: float = redefault(OptimConfig, "grad_clip", 5.0)
+    schedule: str = redefault(OptimConfig, "schedule", "constant")
+    warmup_steps: int = redefault(OptimConfig, "warmup_steps", 0)
+    hold_steps: int = redefault(OptimConfig, "hold_steps", 1)
     epochs: int = param(200, "Maximum number of epochs over the training users.", ge=0)
     batch_size: int = param(256, "Training sequences per step.", ge=1)
-    lr: float = param(1e-3, "Adam learning rate.", gt=0)
-    weight_decay: float = param(0.0, "Adam(W) decoupled weight decay.", ge=0)
-    grad_clip: float = param(5.0, "Clip the global gradient norm to this value (0 = no clipping).", ge=0)
     patience: int = param(10, "Stop after this many validations without improvement of eval.metric.", ge=1)
     eval_every: int = param(1, "Validate every this many epochs.", ge=1)
     seed: int = param(42, "Seed of parameter init, shuffling, masking and negative sampling.")
@@ -40,12 +46,15 @@ class TrainSection:
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSection:
     """Full-ranking evaluation (leave-one-out, all items of the domain)."""
 
-    max_history: int | None = param(None, "Most recent history items given to the model at evaluation; "
-                                    "null = the model's own default (Reo-LM 9, baselines their max length).")
+    renamed_keys = {"max_history": Renamed("max_history_items")}
+
+    max_history_items: int | None = history_items_param(
+        None, "Most recent history items given to every model at evaluation; null = the model's own "
+              "(reolm.eval_max_history_items, a baseline's max_history_items). See reolm/history.py.")
     batch_size: int = param(512, "Users per evaluation batch.", ge=1)
     item_chunk: int = param(65536, "Items scored at a time (bounds memory: batch_size x item_chunk scores).", ge=1)
     ks: list[int] = param(list(DEFAULT_KS), "Cut-offs K of NDCG@K and Recall@K.", ge=1)
@@ -63,13 +72,11 @@ class EvalSection:
             FrequencyBuckets(tuple(self.frequency_buckets))
         except ValueError as err:
             raise ConfigError(f"frequency_buckets: {err}") from None
-        if self.max_history is not None and self.max_history < 1:
-            raise ConfigError(f"max_history: must be >= 1 or null, got {self.max_history}")
         if self.metric not in metric_names(self.ks):
             raise ConfigError(f"metric: {self.metric!r} is not one of {metric_names(self.ks)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tune / train one model on one processed domain and evaluate it by full ranking."""
 

@@ -1,8 +1,9 @@
 """The ``reolm`` section of :class:`~reolm.finetune.config.FinetuneConfig` (Reo-LM fine-tuning).
 
 Reo-LM is fine-tuned in two stages (``docs/finetune.md``); each stage has its own
-optimisation settings (:class:`ReoLMStageSection`).  Of the shared ``train`` section
-Reo-LM uses only ``seed``, ``device`` and ``progress``: epochs,
+optimisation settings (:class:`ReoLMStageSection`, the shared :class:`~reolm.optim.OptimConfig`
+with fine-tuning's defaults).  Of the shared ``train`` section Reo-LM uses only ``seed``,
+``device`` and ``progress``: epochs,
 learning rates, batch sizes, patience, weight decay and clipping come from
 ``reolm.stage1`` / ``reolm.stage2``, so one config file can carry the baselines'
 ``train`` settings and Reo-LM's side by side.
@@ -12,25 +13,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from reolm.config import param
+from reolm.config import Renamed, param, redefault
+from reolm.history import history_items_param
 from reolm.model.config import ModelConfig
+from reolm.optim import OptimConfig
 
 __all__ = ["ReoLMSection", "ReoLMStageSection", "ReoLMStage2Section"]
 
 
-@dataclass
-class ReoLMStageSection:
-    """Optimisation and early stopping of one fine-tuning stage."""
+@dataclass(frozen=True)
+class ReoLMStageSection(OptimConfig):
+    """Optimisation (the shared :class:`~reolm.optim.OptimConfig`) and early stopping of one
+    fine-tuning stage; the schedule's last step is the stage's last possible one (epochs x steps
+    per epoch)."""
 
+    weight_decay: float = redefault(OptimConfig, "weight_decay", 0.0)
+    schedule: str = redefault(OptimConfig, "schedule", "constant")
+    hold_steps: int = redefault(OptimConfig, "hold_steps", 1)
     epochs: int = param(16, "Maximum epochs over all training prefixes (0 = skip the stage's training).", ge=0)
-    lr: float = param(5e-5, "Peak AdamW learning rate.", gt=0)
     batch_size: int = param(16, "Training prefixes (history -> next item) per step.", ge=1)
-    weight_decay: float = param(0.0, "AdamW decoupled weight decay.", ge=0)
-    grad_clip: float = param(1.0, "Clip the global gradient norm to this value (0 = no clipping).", ge=0)
-    warmup_steps: int = param(100, "Linear learning-rate warm-up steps from 0 to lr.", ge=0)
-    schedule: str = param("constant", "Learning rate after warm-up: constant, or linear decay to 0 at the "
-                                      "stage's last possible step (epochs x steps per epoch).",
-                          choices=("constant", "linear"))
     evals_per_epoch: int = param(2, "Validations (full ranking of all items) per epoch; 2 = every half "
                                     "epoch.", ge=1)
     patience: int = param(5, "Stop after this many validations without improvement of eval.metric.", ge=1)
@@ -43,27 +44,30 @@ class ReoLMStageSection:
                                  "With reolm.negative_pool = step they share one negative pool.", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReoLMStage2Section(ReoLMStageSection):
     """Stage 2: the sequence side against the frozen item table (full softmax over all items)."""
 
-    lr: float = param(1e-4, "Peak AdamW learning rate.", gt=0)
-    mlm_weight: float = param(0.0, "Weight of the masked-language-model loss on the history (0 = off: "
-                                   "histories are not masked).", ge=0)
+    lr: float = redefault(OptimConfig, "lr", 1e-4)
+    mlm_weight: float = redefault(ReoLMStageSection, "mlm_weight", 0.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReoLMSection:
     """Reo-LM fine-tuning: stage 1 (sampled softmax with item gradients) then stage 2 (frozen items)."""
+
+    renamed_keys = {"max_history": Renamed("max_history_items"),
+                    "eval_max_history": Renamed("eval_max_history_items")}
 
     init: str = param("", "Pre-trained Reo-LM export (save_pretrained dir) to start from; same as --init.")
     # Used as is with --backbone; with --init only its run-time fields apply (attention,
     # gradient_checkpointing, dropouts when set).  The top half is always gate-routed.
     model: ModelConfig = field(default_factory=lambda: ModelConfig(top_routing="gate"))
-    max_history: int = param(10, "Most recent items of a training prefix's history (the reference's 10).",
-                             ge=1)
-    eval_max_history: int = param(9, "Most recent history items at evaluation when eval.max_history is "
-                                     "null (the reference's 9).", ge=1)
+    max_history_items: int = history_items_param(
+        10, "Training: most recent items of a prefix's history (the reference's 10). See reolm/history.py.")
+    eval_max_history_items: int = history_items_param(
+        9, "Evaluation and serving: most recent history items when eval.max_history_items is null (the "
+           "reference's 9).")
     negatives: int = param(1000, "Stage 1: uniformly sampled negative items per pool (see negative_pool), "
                                  "encoded WITH gradient together with the pool's targets (capped at the "
                                  "number of items; 0 = the targets only).", ge=0)

@@ -46,7 +46,7 @@ from reolm.data import corpus
 from reolm.data.collate import PackedCollator, SequenceExample, move_batch
 from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
-from reolm.data.tables import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable, TableError
 from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
 from reolm.io import atomic_dir, write_json
@@ -195,7 +195,7 @@ class ReoLMRecommender(nn.Module):
 
     @property
     def default_max_history(self) -> int:
-        return self.section.eval_max_history
+        return self.section.eval_max_history_items
 
     @property
     def device(self) -> torch.device:

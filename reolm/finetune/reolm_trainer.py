@@ -1,7 +1,7 @@
 """Reo-LM fine-tuning on one domain: stage 1, stage 2, test (``docs/finetune.md``).
 
 * **Stage 1** — every prefix of a user's training sequence predicts its next item (history =
-  the last ``reolm.max_history`` items).  Each step encodes the batch's histories (MLM-masked
+  the last ``reolm.max_history_items`` items).  Each step encodes the batch's histories (MLM-masked
   when ``mlm_weight > 0``) and, *with gradient*, the batch's targets plus ``reolm.negatives``
   uniformly sampled items; loss = cross-entropy of cosine/temperature scores over that
   candidate set + ``mlm_weight`` x MLM.  Validation ranks all items, encoded once per
@@ -38,27 +38,27 @@ from reolm.eval.evaluate import EvalResult
 from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
-from reolm.finetune.reolm_config import ReoLMStageSection
+from reolm.finetune.reolm_config import ReoLMSection, ReoLMStageSection
 from reolm.finetune.reolm_recommender import (ReoLMRecommender, autocast_for, save_reolm_folder,
                                               sized_for_domain)
 from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
 from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
-                                   seed_everything, train_with_early_stopping)
+                                   train_with_early_stopping)
 from reolm.model import ReoLM
 from reolm.model.objectives import info_nce
+from reolm.optim import adamw, lr_schedule, optim_settings
+from reolm.seeding import seed_everything
 
-__all__ = ["train_reolm", "build_finetune_model", "PrefixDataset", "PrefixCollate", "stage_rounds", "train_step",
-           "TrainCost"]
+__all__ = ["train_reolm", "build_finetune_model", "with_weights_source", "PrefixDataset", "PrefixCollate",
+           "stage_rounds", "train_step", "TrainCost"]
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- model
 
-def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path | None,
-                         backbone: str | Path | None) -> tuple[ReoLM, str]:
-    """(model in fine-tuning mode, metrics model name) from a pre-trained export or an HF backbone."""
-    section = cfg.reolm
+def _weights_source(section: ReoLMSection, init: str | Path | None, backbone: str | Path | None) -> tuple[str, str]:
+    """(init, backbone) after the flags and the config: exactly one of them is set."""
     init = str(init or section.init or "")
     backbone = str(backbone or ("" if init else section.model.backbone) or "")
     if init and backbone:
@@ -67,7 +67,14 @@ def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path |
     if not init and not backbone:
         raise ValueError("Reo-LM fine-tuning needs --init EXPORT_DIR (pre-trained export) or --backbone HF_DIR "
                          "(an HF BERT/RoBERTa checkpoint, no pre-training)")
-    m = section.model
+    return init, backbone
+
+
+def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path | None,
+                         backbone: str | Path | None) -> tuple[ReoLM, str]:
+    """(model in fine-tuning mode, metrics model name) from a pre-trained export or an HF backbone."""
+    init, backbone = _weights_source(cfg.reolm, init, backbone)
+    m = cfg.reolm.model
     if init:
         overrides: dict[str, Any] = {"top_routing": "gate", "attention": m.attention,
                                      "gradient_checkpointing": m.gradient_checkpointing}
@@ -81,10 +88,17 @@ def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path |
                                                                 domain))
         name = "reolm-nopretrain"
     model.set_routing("gate")
-    # Record where the weights came from in the resolved config of the run.
-    cfg.reolm = dataclasses.replace(section, init=init,
-                                    model=dataclasses.replace(model.config, backbone=backbone or m.backbone))
     return model, name
+
+
+def with_weights_source(cfg: FinetuneConfig, model: ReoLM, init: str | Path | None,
+                        backbone: str | Path | None) -> FinetuneConfig:
+    """``cfg`` recording where the weights came from (``reolm.init``, and the model's settings with
+    its backbone), for the run's resolved config; ``cfg`` itself is left as loaded."""
+    init, backbone = _weights_source(cfg.reolm, init, backbone)
+    section = cfg.reolm
+    model_cfg = dataclasses.replace(model.config, backbone=backbone or section.model.backbone)
+    return dataclasses.replace(cfg, reolm=dataclasses.replace(section, init=init, model=model_cfg))
 
 
 def checkpointing_for(setting: bool | None, device: torch.device) -> bool:
@@ -211,19 +225,6 @@ def steps_per_epoch(n: int, stage: ReoLMStageSection) -> int:
     return min(steps, stage.max_steps_per_epoch) if stage.max_steps_per_epoch else steps
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, stage: ReoLMStageSection, total_steps: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak lr, then constant or linear decay to 0 at ``total_steps``."""
-    def factor(step: int) -> float:
-        if stage.warmup_steps and step < stage.warmup_steps:
-            return (step + 1) / stage.warmup_steps
-        if stage.schedule == "linear":
-            span = max(total_steps - stage.warmup_steps, 1)
-            return max(0.0, 1.0 - (step - stage.warmup_steps) / span)
-        return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ----------------------------------------------------------------------------- losses
 
 @dataclass
@@ -313,11 +314,10 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
         return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives,
                              micro_batch=stage.batch_size, shared=shared, train_items=train_items)
     cost = TrainCost()
-    optimizer = torch.optim.AdamW(rec.model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    scheduler = warmup_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
-    train_cfg = dataclasses.replace(cfg.train, epochs=stage.epochs, batch_size=stage.batch_size, lr=stage.lr,
-                                    weight_decay=stage.weight_decay, grad_clip=stage.grad_clip,
-                                    patience=stage.patience, eval_every=1)
+    optimizer = adamw(rec.model.parameters(), stage)
+    scheduler = lr_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
+    train_cfg = dataclasses.replace(cfg.train, **optim_settings(stage), epochs=stage.epochs,
+                                    batch_size=stage.batch_size, patience=stage.patience, eval_every=1)
     best = train_with_early_stopping(
         rec, optimizer,
         batches=stage_rounds(dataset, make_collate, stage, seed, device, cfg.reolm.num_workers,
@@ -344,6 +344,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     device = resolve_device(cfg.train.device)
     start = time.time()
     model, model_name = build_finetune_model(cfg, domain, init, backbone)
+    cfg = with_weights_source(cfg, model, init, backbone)
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
     model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
     rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
@@ -352,7 +353,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax
         rec.train_items = torch.nonzero(seen).squeeze(1).to(device)
     sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
-    dataset = PrefixDataset(sequences, cfg.reolm.max_history)
+    dataset = PrefixDataset(sequences, cfg.reolm.max_history_items)
     if len(dataset) == 0 and (cfg.reolm.stage1.epochs or cfg.reolm.stage2.epochs):
         raise ValueError(f"domain {domain.name!r} has no training sequence of length >= 2")
     best_dir, stage1_dir = run_dir / "best", run_dir / "stage1"

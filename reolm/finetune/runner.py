@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,7 +38,7 @@ from reolm.finetune.config import EvalSection, FinetuneConfig, TrainSection
 from reolm.finetune.registry import get_trainer
 
 __all__ = ["run_finetune", "RunLog", "BestState", "train_with_early_stopping", "evaluate_split",
-           "finish_run", "resolve_device", "seed_everything", "evaluate_saved"]
+           "finish_run", "resolve_device", "evaluate_saved"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,13 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
     return device
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 class RunLog:
@@ -87,7 +78,7 @@ class RunLog:
 def evaluate_split(model: Recommender, domain: Domain, split: str, eval_cfg: EvalSection,
                    progress: bool = True) -> EvalResult:
     """Full-ranking metrics with the run's evaluation settings."""
-    return evaluate_recommender(model, domain, split, max_history=eval_cfg.max_history,
+    return evaluate_recommender(model, domain, split, max_history=eval_cfg.max_history_items,
                                 batch_size=eval_cfg.batch_size, item_chunk=eval_cfg.item_chunk,
                                 ks=tuple(eval_cfg.ks), frequency_buckets=tuple(eval_cfg.frequency_buckets),
                                 progress=progress, max_users=eval_cfg.max_users, seed=eval_cfg.subset_seed)
@@ -223,14 +214,16 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     (``eval.*`` keys; for an HF checkpoint also ``reolm.model.*``), so the test metrics of a
     run are reproduced exactly by default.
     """
-    from reolm.config import load_config
+    from reolm.config import apply_overrides, load_saved_config
     from reolm.eval.saved import DESCRIPTOR
     from reolm.finetune.registry import PLM_ZEROSHOT, get_loader, resolve_saved_model
 
     folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, an export or an HF checkpoint
     saved_cfg = folder / "config.yaml"
-    run_cfg = [saved_cfg] if saved_cfg.is_file() and (folder / DESCRIPTOR).is_file() else []
-    cfg = load_config(FinetuneConfig, run_cfg, overrides)
+    if saved_cfg.is_file() and (folder / DESCRIPTOR).is_file():
+        cfg = load_saved_config(FinetuneConfig, saved_cfg, overrides)  # a run of an older version, too
+    else:
+        cfg = apply_overrides(FinetuneConfig(), overrides)
     domain = read_domain(domain_dir)
     if desc["model"] == PLM_ZEROSHOT:  # built, not loaded: its settings come from the config
         from reolm.finetune.reolm_recommender import load_plm

@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from reolm.config import from_dict, to_dict
-from reolm.data.domain import write_json_atomic
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable, TableError
+from reolm.io import atomic_path, write_json
 from reolm.serve.config import IndexConfig
 from reolm.serve.index import IndexFileError, VectorIndex, normalise
 
@@ -289,11 +289,10 @@ def write_revision(folder: Path, revision: int, ids: Sequence[str], alive: np.nd
              "tokens": f"tokens-{tag}", "images": f"images-{tag}"}
     id_bytes, id_offsets = _encode_ids(ids)
     meta = {"model": json.dumps(manifest["model"]), "tables": json.dumps(manifest["tables"])}
-    tmp = folder / (files["vectors"] + ".tmp")
-    save_file({"vectors": np.ascontiguousarray(vectors, dtype=np.float32),
-               "alive": np.asarray(alive, dtype=np.uint8), "id_bytes": id_bytes, "id_offsets": id_offsets},
-              str(tmp), metadata=meta)
-    os.replace(tmp, folder / files["vectors"])
+    with atomic_path(folder / files["vectors"]) as tmp:
+        save_file({"vectors": np.ascontiguousarray(vectors, dtype=np.float32),
+                   "alive": np.asarray(alive, dtype=np.uint8), "id_bytes": id_bytes, "id_offsets": id_offsets},
+                  str(tmp), metadata=meta)
     index.save(folder / files["faiss"])
     tokens.save(folder / files["tokens"])
     images.save(folder / files["images"])
@@ -302,7 +301,7 @@ def write_revision(folder: Path, revision: int, ids: Sequence[str], alive: np.nd
     out = {**dict(manifest), "format_version": FORMAT_VERSION, "revision": revision, "files": files,
            "rows": len(ids), "items": int(alive.sum()), "dim": int(vectors.shape[1]),
            "index": to_dict(index.cfg)}
-    write_json_atomic(folder / MANIFEST, out, indent=2)
+    write_json(folder / MANIFEST, out, indent=2)
     for name in previous.values():  # only after the new manifest is in place
         path = folder / name
         if name not in files.values() and path.exists():

@@ -16,7 +16,7 @@ __all__ = ["IndexConfig", "ServeConfig", "EmbedConfig", "INDEX_KINDS"]
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 
 
-@dataclass
+@dataclass(frozen=True)
 class IndexConfig:
     """Which FAISS index holds the item vectors (inner product of L2-normalised vectors = cosine)."""
 
@@ -35,7 +35,7 @@ class IndexConfig:
     seed: int = param(0, "Seed of the IVF training sample and k-means.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbedConfig:
     """``reolm embed items``: encode every item of a domain and index the vectors."""
 
@@ -45,7 +45,7 @@ class EmbedConfig:
     progress: bool = param(True, "Show a progress bar while encoding.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeConfig:
     """``reolm serve``: the HTTP service and its limits."""
 
@@ -55,7 +55,7 @@ class ServeConfig:
     device: str = param("auto", "Where the model runs: auto (CUDA when available), cpu, cuda, cuda:N.")
     max_k: int = param(1000, "Largest k a /recommend request may ask for.", ge=1)
     max_history: int = param(200, "Most history entries one /recommend request may send (the model still "
-                                  "reads only its own last reolm.eval_max_history of them).", ge=1)
+                                  "reads only its own last reolm.eval_max_history_items of them).", ge=1)
     max_items_per_request: int = param(1024, "Most items one POST /items request may add.", ge=1)
     max_body_bytes: int = param(4 * 1024 * 1024, "Largest request body accepted (413 above it).", ge=1024)
     batch_wait_ms: float = param(2.0, "After the first queued request, wait this long for more to join the same "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from reolm.config import to_dict
 from reolm.data.domain import read_domain
+from reolm.io import atomic_dir
 from reolm.serve.catalogue import MANIFEST, tensor_rows, write_revision
 from reolm.serve.config import EmbedConfig
 from reolm.serve.index import VectorIndex, normalise
@@ -64,13 +64,8 @@ def embed_items(model_path: str | os.PathLike, domain_dir: str | os.PathLike, ou
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "embed": to_dict(cfg),
                 "timings_s": {"load": round(loaded - start, 3), "encode": round(encoded - loaded, 3),
                               "build_index": round(built - encoded, 3)}}
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    manifest = write_revision(partial, 0, domain.item_ids(), np.ones(domain.num_items, bool), vectors, tokens,
-                              images, index, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    with atomic_dir(out) as partial:
+        manifest = write_revision(partial, 0, domain.item_ids(), np.ones(domain.num_items, bool), vectors,
+                                  tokens, images, index, manifest)
     log.info("wrote %s: %d items, %s index", out, domain.num_items, cfg.index.kind)
     return manifest

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from reolm.config import to_dict
+from reolm.io import atomic_path
 from reolm.serve.config import IndexConfig
 
 __all__ = ["VectorIndex", "IndexFileError", "normalise", "ivf_lists_for"]
@@ -140,11 +141,10 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to ``path`` (via a temporary name, then rename)."""
+        """Write the index to ``path`` (atomically)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        _faiss().write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            _faiss().write_index(self.index, str(tmp))
         return path
 
     @classmethod

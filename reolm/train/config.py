@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 from reolm.config import ConfigError, param
 from reolm.model.config import ModelConfig
+from reolm.optim import OptimConfig
 
-__all__ = ["DataConfig", "OptimConfig", "LossConfig", "LogConfig", "CheckpointConfig",
+__all__ = ["DataConfig", "PretrainOptimConfig", "LossConfig", "LogConfig", "CheckpointConfig",
            "ValidationConfig", "DistConfig", "PretrainConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Streaming training data: WebDataset shards of a corpus and its derived item tables."""
 
@@ -45,9 +46,10 @@ class DataConfig:
     max_bad_sample_logs: int = param(20, "Bad samples logged individually per worker (all are counted).", ge=0)
 
 
-@dataclass
-class OptimConfig:
-    """Optimisation: AdamW through DeepSpeed, warmup + decay, clipping, precision."""
+@dataclass(frozen=True)
+class PretrainOptimConfig(OptimConfig):
+    """Optimisation (the shared :class:`~reolm.optim.OptimConfig`: AdamW through DeepSpeed, clipping,
+    warm-up + decay) plus the run's length, batch layout and precision."""
 
     steps: int = param(1000, "Optimizer steps of the run (fixed: every rank takes exactly this many).", ge=1)
     micro_batch_size: int = param(8, "Sequences per rank per micro-step.", ge=1)
@@ -55,14 +57,6 @@ class OptimConfig:
                                       "world size x grad_accum. When set, grad_accum is derived from it.", ge=0)
     grad_accum: int = param(1, "Micro-steps accumulated per optimizer step (ignored when global_batch_size > 0).",
                             ge=1)
-    lr: float = param(5e-5, "Peak learning rate.", gt=0)
-    weight_decay: float = param(0.01, "AdamW weight decay.", ge=0)
-    betas: list[float] = param([0.9, 0.999], "AdamW betas.", ge=0, lt=1)
-    eps: float = param(1e-8, "AdamW epsilon.", gt=0)
-    schedule: str = param("linear", "LR decay after warmup.", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = param(100, "Linear warmup from 0 to lr over this many steps.", ge=0)
-    min_lr_ratio: float = param(0.0, "LR at the end of the decay, as a fraction of lr (cosine).", ge=0, le=1)
-    grad_clip: float = param(1.0, "Clip the global gradient norm to this value; 0 = no clipping.", ge=0)
     precision: str = param("auto", "Training precision: auto = bf16 on GPUs that support it, fp32 on CPU; "
                                    "fp16 uses dynamic loss scaling.", choices=("auto", "bf16", "fp16", "fp32"))
     torch_adam: bool = param(True, "Use torch.optim.AdamW instead of DeepSpeed's JIT-compiled FusedAdam "
@@ -71,7 +65,7 @@ class OptimConfig:
                                        "non-finite loss or gradient.", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """Pre-training objective: InfoNCE(history -> target) at model.temperature + mlm_weight x MLM."""
 
@@ -82,7 +76,7 @@ class LossConfig:
     mask_duplicate_targets: bool = param(False, "Do not use a row holding the positive's own item as a negative.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     """Metrics: progress bar, metrics.jsonl and TensorBoard under the run directory."""
 
@@ -94,7 +88,7 @@ class LogConfig:
                                     "(bf16/fp16 dense); on CPU or unknown GPUs MFU is not reported.", ge=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """DeepSpeed checkpoints + trainer state; resume."""
 
@@ -114,7 +108,7 @@ class CheckpointConfig:
                                        "0 (resume with --resume latest).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ValidationConfig:
     """Validation on the dev shards: next-item Recall/NDCG@k against a fixed pool, MLM accuracy."""
 
@@ -126,7 +120,7 @@ class ValidationConfig:
     k: int = param(10, "Cut-off of Recall@k and NDCG@k.", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistConfig:
     """Distributed execution: DeepSpeed config and backend."""
 
@@ -137,7 +131,7 @@ class DistConfig:
     timeout_minutes: float = param(30.0, "Collective timeout.", gt=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
     """Pre-training run."""
 
@@ -146,7 +140,7 @@ class PretrainConfig:
     seed: int = param(0, "Seed of model init, masking and data order.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,9 +18,11 @@ from typing import Any, Callable, Mapping
 import torch
 
 from reolm.config import ConfigError
-from reolm.train.config import OptimConfig
+from reolm.io import write_text
+from reolm.optim import lr_schedule
+from reolm.train.config import PretrainOptimConfig
 
-__all__ = ["resolve_precision", "batch_layout", "fill_ds_config", "lr_factor", "lr_scheduler_factory", "load_ds_config", "write_ds_config"]
+__all__ = ["resolve_precision", "batch_layout", "fill_ds_config", "lr_scheduler_factory", "load_ds_config", "write_ds_config"]
 
 AUTO = "auto"
 
@@ -37,7 +38,7 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return "fp32"
 
 
-def batch_layout(optim: OptimConfig, world_size: int) -> tuple[int, int, int]:
+def batch_layout(optim: PretrainOptimConfig, world_size: int) -> tuple[int, int, int]:
     """(micro batch per rank, accumulation steps, global batch) for ``world_size`` ranks."""
     micro = optim.micro_batch_size
     if optim.global_batch_size > 0:
@@ -51,35 +52,17 @@ def batch_layout(optim: OptimConfig, world_size: int) -> tuple[int, int, int]:
     return micro, accum, micro * accum * world_size
 
 
-def lr_factor(optim: OptimConfig, index: int) -> float:
-    """Multiplier of ``optim.lr`` for the optimizer step with 0-based ``index``.
+def lr_scheduler_factory(optim: PretrainOptimConfig) -> Callable[[Any], Any]:
+    """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer: the shared schedule
+    (:func:`reolm.optim.lr_factor`) over ``optim.steps``.
 
-    Linear warmup reaching the peak at step ``warmup_steps`` (the first step already uses
-    ``lr / warmup_steps``, never 0), then linear or cosine decay that would reach
-    ``min_lr_ratio x lr`` one step after the last step; ``constant`` stays at the peak.
-    """
-    warmup, total = optim.warmup_steps, optim.steps
-    if index < warmup:
-        return (index + 1) / warmup
-    if optim.schedule == "constant":
-        return 1.0
-    progress = min((index + 1 - warmup) / max(total - warmup + 1, 1), 1.0)
-    floor = optim.min_lr_ratio
-    if optim.schedule == "cosine":
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return floor + (1.0 - floor) * (1.0 - progress)
-
-
-def lr_scheduler_factory(optim: OptimConfig) -> Callable[[Any], Any]:
-    """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer.
-
-    Our own ``LambdaLR`` rather than DeepSpeed's ``WarmupDecayLR``/``WarmupCosineLR``: those
-    run the first two optimizer steps at lr 0 (they start one iteration behind and need at
-    least two warmup steps), which matters for short runs and exact-trajectory tests.  The
-    engine steps it after every applied update and saves/restores its state in checkpoints.
+    Ours rather than DeepSpeed's ``WarmupDecayLR``/``WarmupCosineLR``: those run the first two
+    optimizer steps at lr 0 (they start one iteration behind and need at least two warmup steps),
+    which matters for short runs and exact-trajectory tests.  The engine steps it after every
+    applied update and saves/restores its state in checkpoints.
     """
     def factory(optimizer: Any) -> Any:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: lr_factor(optim, index))
+        return lr_schedule(optimizer, optim, optim.steps)
     return factory
 
 
@@ -93,7 +76,7 @@ def _set(node: dict[str, Any], key: str, value: Any, where: str) -> None:
                           f"({value!r}); set it to \"auto\" in the JSON or change the run config")
 
 
-def fill_ds_config(template: Mapping[str, Any], optim: OptimConfig, world_size: int, device_type: str,
+def fill_ds_config(template: Mapping[str, Any], optim: PretrainOptimConfig, world_size: int, device_type: str,
                    zero_stage: int = -1, hidden_size: int | None = None) -> dict[str, Any]:
     """The template with every ``"auto"`` replaced; pure function, easy to test."""
     cfg = copy.deepcopy(dict(template))
@@ -159,10 +142,7 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_ds_config(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> Path:
-    """Save the resolved DeepSpeed config as RUN_DIR/ds_config.json (temp name + rename)."""
+    """Save the resolved DeepSpeed config as RUN_DIR/ds_config.json (atomically)."""
     path = Path(run_dir) / "ds_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(cfg, indent=2) + "\n")
