@@ -26,14 +26,14 @@ def setup(tmp_path, world_of_one):
 
     from reolm.train import distributed as D
     from reolm.train.checkpoint import CheckpointManager, run_layout
-    from reolm.train.config import OptimConfig, PretrainConfig
+    from reolm.train.config import PretrainConfig, PretrainOptimConfig
     from reolm.train.ds_config import fill_ds_config, load_ds_config
     from reolm.train.setup import TrainSetup
     from tiny_models import tiny_reolm, tiny_tables
 
     model = tiny_reolm(tmp_path / "backbone")
     ds_cfg = fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero2.json"),
-                            OptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
+                            PretrainOptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
     tokens, images = tiny_tables()
     cfg = PretrainConfig(run_dir=str(tmp_path / "run"))

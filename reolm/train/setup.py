@@ -9,27 +9,25 @@ what the loop (:mod:`reolm.train.trainer`), validation and checkpointing read.
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from reolm.config import ConfigError, save_resolved
 from reolm.data.corpus import Corpus, VisionIdentity, check_same_vision, recorded_vision
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.io import write_json
+from reolm.seeding import seed_everything
 from reolm.train import distributed as D
 from reolm.train.checkpoint import STATE_FILE, CheckpointManager, ResumePlan, read_json_file, run_layout
 from reolm.train.config import PretrainConfig
 from reolm.train.data import corpus_shards, default_num_workers, expand_shards, open_corpus
 from reolm.train.ds_config import fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision, write_ds_config
 
-__all__ = ["TrainSetup", "build_setup", "build_model", "resolve_tables", "shard_list", "weight_decay_groups",
-           "seed_rank_rngs"]
+__all__ = ["TrainSetup", "build_setup", "build_model", "resolve_tables", "shard_list", "weight_decay_groups"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,7 +127,7 @@ def build_model(cfg: PretrainConfig) -> Any:
 
     if not cfg.model.backbone:
         raise ConfigError("model.backbone: set the local Hugging Face checkpoint directory of the backbone")
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)  # the same init on every rank
     model = ReoLM.from_backbone(cfg.model.backbone, cfg.model, load_tokenizer=True)
     model.set_routing("domain")
     return model
@@ -143,14 +141,6 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
             continue
         (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def seed_rank_rngs(seed: int, rank: int) -> None:
-    """Seed python, numpy and torch per rank: dropout and masking differ between ranks (the model
-    init was seeded identically on every rank before)."""
-    random.seed(seed + 1000 * rank)
-    np.random.seed((seed + 1000 * rank) % 2**32)
-    torch.manual_seed(seed + 1000 * rank)
 
 
 def _limit_threads(local_world_size: int) -> None:
@@ -216,7 +206,7 @@ def build_setup(cfg: PretrainConfig) -> TrainSetup:
         raise ConfigError(f"model.backbone={cfg.model.backbone} has no tokenizer files")
     corpus = open_corpus(cfg.data.corpus) if cfg.data.corpus else None
     tokens, images, vision = _tables(cfg, model.tokenizer, corpus)
-    seed_rank_rngs(cfg.seed, info.rank)
+    seed_everything(cfg.seed, info.rank)  # dropout and masking differ between ranks; the init did not
     precision = resolve_precision(cfg.optim.precision, device.type)
     ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, device.type, cfg.dist.zero_stage,
                             hidden_size=model.backbone_config.hidden_size)
