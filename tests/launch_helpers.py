@@ -44,7 +44,18 @@ def run_logged(cmd: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT, expec
     with open(log, "ab") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=run_env(), timeout=timeout, cwd=REPO)
     assert proc.returncode == expect, f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+    assert_no_shm_left(cmd)
     return proc
+
+
+def assert_no_shm_left(cmd: list[str]) -> None:
+    """DeepSpeed's CPU allreduce files of the run on ``--master_port`` are gone (they used to leak,
+    66 MiB per rank, until /dev/shm filled the machine's memory)."""
+    if "--master_port" not in cmd:
+        return
+    port = cmd[cmd.index("--master_port") + 1]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, f"DeepSpeed shared-memory files left behind: {[p.name for p in left]}"
 
 
 def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
