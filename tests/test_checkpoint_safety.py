@@ -52,17 +52,10 @@ def _plant(path: Path, marker: Path) -> None:
 @pytest.fixture
 def saved(tmp_path, world_of_one):
     """A real ZeRO-2 checkpoint of a tiny Reo-LM with our trainer state (what export needs)."""
-    import deepspeed
-
     from reolm.config import to_dict
-    from reolm.train.config import PretrainOptimConfig
-    from reolm.train.ds_config import fill_ds_config, load_ds_config
-    from tiny_models import tiny_reolm
+    from tiny_models import tiny_zero2_engine
 
-    model = tiny_reolm(tmp_path / "backbone")
-    ds_cfg = fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero2.json"),
-                            PretrainOptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    engine, model = tiny_zero2_engine(tmp_path / "backbone")
     shared = {"step": 3, "backbone": model.backbone_config.to_dict(), "model": to_dict(model.config),
               "layout": run_layout(1, 2, False, 1, False, True)}
     ckpt = CheckpointManager(tmp_path / "ckpt")

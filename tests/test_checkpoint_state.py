@@ -21,20 +21,15 @@ VIT = VisionIdentity("aaaaaaaaaaaa", "/models/vit", 8)
 @pytest.fixture
 def setup(tmp_path, world_of_one):
     """A TrainSetup around a real ZeRO-2 engine of a tiny Reo-LM (no data: state only)."""
-    import deepspeed
     import torch
 
     from reolm.train import distributed as D
     from reolm.train.checkpoint import CheckpointManager, run_layout
-    from reolm.train.config import PretrainConfig, PretrainOptimConfig
-    from reolm.train.ds_config import fill_ds_config, load_ds_config
+    from reolm.train.config import PretrainConfig
     from reolm.train.setup import TrainSetup
-    from tiny_models import tiny_reolm, tiny_tables
+    from tiny_models import tiny_tables, tiny_zero2_engine
 
-    model = tiny_reolm(tmp_path / "backbone")
-    ds_cfg = fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero2.json"),
-                            PretrainOptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    engine, _ = tiny_zero2_engine(tmp_path / "backbone")
     tokens, images = tiny_tables()
     cfg = PretrainConfig(run_dir=str(tmp_path / "run"))
     return TrainSetup(cfg, D.info(), torch.device("cpu"), engine, None, tokens, images, len(tokens), 1, 2, "fp32",

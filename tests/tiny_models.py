@@ -64,6 +64,21 @@ def tiny_reolm(directory: Path, family: str = "bert", **overrides) -> ReoLM:
     return ReoLM.from_backbone(directory, tiny_model_config(**overrides)).eval()
 
 
+def tiny_zero2_engine(directory: Path):
+    """(engine, model): a real DeepSpeed ZeRO-2 engine on CPU around ``tiny_reolm(directory)``
+    (needs the ``world_of_one`` process group)."""
+    import deepspeed
+
+    from reolm.train.config import PretrainOptimConfig
+    from reolm.train.ds_config import fill_ds_config, load_ds_config
+
+    model = tiny_reolm(directory)
+    ds_cfg = fill_ds_config(load_ds_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"),
+                            PretrainOptimConfig(micro_batch_size=2, steps=10, warmup_steps=0), 1, "cpu")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    return engine, model
+
+
 def tiny_tables(num_items: int = 20, seed: int = 0, min_len: int = 2, max_len: int = 7,
                 image_every: int = 2) -> tuple[ItemTokenTable, ImageFeatureTable]:
     """Random item texts over the 3 default attributes; every ``image_every``-th item has an image."""
