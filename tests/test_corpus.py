@@ -13,7 +13,7 @@ import pytest
 from conftest import make_domain
 from launch_helpers import TINY
 
-from reolm.config import load_config
+from reolm.config import ConfigError, load_config
 from reolm.data.corpus import (UNKNOWN_VISION, Corpus, VisionIdentity, VisionMismatch, check_same_vision,
                                recorded_vision, vision_record)
 from reolm.data.domain import read_domain, write_domain
@@ -79,6 +79,20 @@ def test_image_tables_are_found_by_the_vision_model_that_made_them(corpus, tmp_p
                                                     f"data.image_table={root / 'tables' / 'images-aaaaaaaaaaaa'}"])
     _, images, vision = _tables(cfg, None, opened)
     assert vision == VisionIdentity("aaaaaaaaaaaa", "/models/vit", 4) and float(images.features[0, 0]) == 1.0
+
+    # ... or the table of the vision model data.vision names (here by its table key).
+    base = [f"data.corpus={root}", "model.image_feature_dim=4", f"data.token_table={tmp_path / 'tokens'}"]
+    cfg = load_config(PretrainConfig, [str(TINY)], base + ["data.vision=bbbbbbbbbbbb"])
+    _, images, vision = _tables(cfg, None, opened)
+    assert vision == VisionIdentity("bbbbbbbbbbbb", "/models/clip", 4) and float(images.features[0, 0]) == 2.0
+    with pytest.raises(TableError, match="no image features of vision model dddddddddddd"):
+        _tables(load_config(PretrainConfig, [str(TINY)], base + ["data.vision=dddddddddddd"]), None, opened)
+    with pytest.raises(ConfigError, match="data.vision: .*nowhere is neither a vision model folder"):
+        _tables(load_config(PretrainConfig, [str(TINY)], base + [f"data.vision={tmp_path / 'nowhere'}"]), None,
+                opened)
+    with pytest.raises(ConfigError, match="data.vision and data.image_table both choose"):
+        load_config(PretrainConfig, [str(TINY)], base + ["data.vision=bbbbbbbbbbbb",
+                                                          f"data.image_table={root / 'tables' / 'images-aaaaaaaaaaaa'}"])
 
 
 def test_vision_records_and_the_check():

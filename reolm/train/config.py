@@ -26,6 +26,9 @@ class DataConfig:
                                  "backbone's tokenizer (built by `reolm tables tokens`).")
     image_table: str = param("", "Image feature table folder; '' = the only tables/images-* folder of the "
                                  "corpus, or no image features (every item uses the void image) if none.")
+    vision: str = param("", "Vision model whose corpus image table to use (tables/images-<key>): its folder, as "
+                            "given to `reolm tables images --vision`, or the table's 12-character key. "
+                            "'' = the corpus' only image table. Exclusive with data.image_table.")
     resample: bool = param(True, "Draw shards with replacement per rank and worker (OpenCLIP ResampledShards): "
                                  "the stream never ends and shards may be fewer than ranks x workers. "
                                  "false = disjoint shard subsets per rank/worker, reshuffled each pass.")
@@ -151,6 +154,8 @@ class PretrainConfig:
         if self.optim.warmup_steps > self.optim.steps:
             raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds optim.steps "
                               f"({self.optim.steps})")
+        if self.data.vision and self.data.image_table:
+            raise ConfigError("data.vision and data.image_table both choose the image table; set only one")
 
     def checkpoint_dir(self) -> str:
         return self.ckpt.dir or os.path.join(self.run_dir, "checkpoints")

@@ -9,6 +9,7 @@ what the loop (:mod:`reolm.train.trainer`), validation and checkpointing read.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from reolm.config import ConfigError, save_resolved
 from reolm.data.corpus import Corpus, VisionIdentity, check_same_vision, recorded_vision
-from reolm.data.tables import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable, vision_model_key
 from reolm.io import write_json
 from reolm.seeding import seed_everything
 from reolm.train import distributed as D
@@ -86,6 +87,15 @@ def _token_table(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None) -> 
     raise ConfigError("data.token_table or data.corpus must be set")
 
 
+def _vision_key(vision: str) -> tuple[str, str | None]:
+    """(table key, vision folder or None) of ``data.vision``: a table key as is, else a model folder."""
+    if re.fullmatch(r"[0-9a-f]{12}", vision) and not Path(vision).exists():
+        return vision, None
+    if not Path(vision).is_dir():
+        raise ConfigError(f"data.vision: {vision} is neither a vision model folder nor a 12-character table key")
+    return vision_model_key(vision), vision
+
+
 def _tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None
             ) -> tuple[ItemTokenTable, ImageFeatureTable, VisionIdentity | None]:
     """(token table, image table, the vision model behind the image table or None without one)."""
@@ -93,6 +103,11 @@ def _tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None
     where = cfg.data.image_table or (corpus.root / "tables" if corpus is not None else None)
     if cfg.data.image_table:
         images = ImageFeatureTable.load(cfg.data.image_table)
+    elif cfg.data.vision and corpus is None:
+        raise ConfigError("data.vision picks one of a corpus' image tables, but data.corpus is not set; "
+                          "name the table folder with data.image_table instead")
+    elif cfg.data.vision:
+        images = corpus.image_table(*_vision_key(cfg.data.vision))
     else:
         images = corpus.image_table() if corpus is not None else None
     vision = VisionIdentity.of_table(images) if images is not None else None
