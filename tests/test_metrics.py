@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -191,3 +192,23 @@ def test_compiled_cpu_counter_ranks_exactly_like_dense_brute_force(dtype):
     t = dense[torch.arange(300), targets][:, None]
     assert torch.equal(opt, (dense > t).sum(1)) and torch.equal(pess, (dense >= t).sum(1) - 1)
     assert (pess > opt).any()
+
+
+def test_compiled_counter_leaves_torch_thread_count_alone():
+    """numba's OpenMP pool resets the caller's OpenMP thread count when it starts; a pre-training
+    rank limited to one thread then ran oversubscribed after its first validation."""
+    import subprocess
+    import sys
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from reolm.eval.ranking import rank_targets\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "users, items = torch.randn(256, 8, generator=g), torch.randn(4096, 8, generator=g)\n"
+            "opt, _ = rank_targets(users, items, torch.zeros(256, dtype=torch.long))\n"
+            "from reolm.eval import rank_kernel; assert rank_kernel.kernel_available()\n"
+            "import numba; numba.threading_layer()  # raises unless the kernel's parallel pool started\n"
+            "print(torch.get_num_threads(), int(opt.sum()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    threads, total = out.stdout.split()
+    assert threads == "1" and int(total) > 0
