@@ -9,8 +9,8 @@ nothing but two integers per row; numba compiles it once and caches the machine 
 (``cache=True``), so a later process only loads it.
 
 NaN scores compare false, as in torch: a NaN item is never counted above the target, and a NaN
-threshold counts nothing. If numba is missing or cannot compile, :func:`count_above` returns
-``False`` and the caller keeps its torch path (the results are identical, only slower).
+threshold counts nothing. If numba is missing or cannot compile, :meth:`CompiledCounter.bind` returns
+``None`` and the caller keeps its torch path (the results are identical, only slower).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["count_above", "kernel_available"]
+__all__ = ["CompiledCounter", "kernel_available"]
 
 #: blocks smaller than this are counted with torch: waking the kernel's threads costs more there
 MIN_KERNEL_BLOCK = 1 << 14
@@ -46,8 +46,8 @@ def _compile() -> Callable[..., None] | None:
 
     # The counts are summed as float32 0/1 values with reassociation allowed ("reassoc"): that lets
     # LLVM vectorise the loop (16 lanes per compare instead of widening to int64), about twice as
-    # fast. The sums are exact in any order: integers below 2**24 (count_above refuses wider
-    # blocks). No other fast-math flag is set, so comparisons with NaN stay false.
+    # fast. The sums are exact in any order: integers below 2**24 (CompiledCounter.count refuses
+    # wider blocks). No other fast-math flag is set, so comparisons with NaN stay false.
     @numba.njit(nogil=True, cache=True, parallel=True, fastmath={"reassoc", "nsz"})
     def count_rows(scores, thresholds, above, at_or_above, targets, start, own):  # pragma: no cover - compiled
         rows, cols = scores.shape
@@ -104,33 +104,53 @@ def kernel_available() -> bool:
     return _kernel() is not None
 
 
-def count_above(scores: torch.Tensor, thresholds: torch.Tensor, above: torch.Tensor, at_or_above: torch.Tensor,
-                targets: torch.Tensor, start: int, own: torch.Tensor) -> bool:
-    """Count one score block of items [start, start + n); returns ``False`` (and changes nothing)
-    where the kernel does not apply.
+class CompiledCounter:
+    """The compiled counter bound to one user block's state; :meth:`count` counts one score block.
 
-    Adds to ``above[i]`` / ``at_or_above[i]`` the number of ``scores[i, :]`` that are ``>`` / ``>=``
-    ``thresholds[i]``, and sets ``own[i]`` to the score at the column of item ``targets[i]`` when
-    that item lies in this block. Applies to contiguous CPU float32/float64 ``scores`` [B, n] of at
-    least :data:`MIN_KERNEL_BLOCK` elements, with ``thresholds`` and ``own`` [B] of the same dtype,
-    int64 ``above``/``at_or_above``/``targets`` [B], all contiguous.
+    Binding converts the per-user arrays once, so a block costs one kernel call and a few
+    checks (a ranking of 1M items calls it a thousand times per user block). The arrays are
+    updated in place: ``above[i]`` / ``at_or_above[i]`` gain the number of a block's
+    ``scores[i, :]`` that are ``>`` / ``>=`` ``thresholds[i]``, and ``own[i]`` becomes the score
+    at the column of item ``targets[i]`` when that item lies in the block.
     """
-    if (scores.device.type != "cpu" or scores.numel() < MIN_KERNEL_BLOCK or scores.shape[1] >= MAX_KERNEL_WIDTH
-            or scores.dtype not in (torch.float32, torch.float64) or not scores.is_contiguous()
-            or thresholds.dtype != scores.dtype or own.dtype != scores.dtype):
-        return False
-    kernel = _kernel()
-    if kernel is None:
-        return False
-    torch_threads = _match_torch_threads()
-    try:
-        kernel(scores.numpy(), thresholds.numpy(), above.numpy(), at_or_above.numpy(), targets.numpy(), start,
-               own.numpy())
-    except Exception as err:  # a numba/LLVM failure must not stop an evaluation: fall back
-        global _KERNEL
-        log.warning("compiled rank counter failed (%s); counting with torch operations", err)
-        _KERNEL = None
-        return False
-    finally:
-        _restore_torch_threads(torch_threads)
-    return True
+
+    def __init__(self, kernel: Callable[..., None], thresholds: torch.Tensor, above: torch.Tensor,
+                 at_or_above: torch.Tensor, targets: torch.Tensor, own: torch.Tensor) -> None:
+        self._kernel = kernel
+        self._dtype = thresholds.dtype
+        self._arrays = (thresholds.numpy(), above.numpy(), at_or_above.numpy(), targets.numpy())
+        self._own = own.numpy()
+
+    @classmethod
+    def bind(cls, thresholds: torch.Tensor, above: torch.Tensor, at_or_above: torch.Tensor, targets: torch.Tensor,
+             own: torch.Tensor) -> "CompiledCounter | None":
+        """A counter over these arrays, or None where the kernel does not apply: it needs CPU,
+        contiguous float32/float64 ``thresholds`` and ``own`` [B] and int64 ``above``,
+        ``at_or_above`` and ``targets`` [B], and numba."""
+        floats = (thresholds, own)
+        ints = (above, at_or_above, targets)
+        if (any(t.device.type != "cpu" or not t.is_contiguous() for t in floats + ints)
+                or thresholds.dtype not in (torch.float32, torch.float64) or own.dtype != thresholds.dtype
+                or any(t.dtype != torch.int64 for t in ints)):
+            return None
+        kernel = _kernel()
+        return None if kernel is None else cls(kernel, thresholds, above, at_or_above, targets, own)
+
+    def count(self, scores: torch.Tensor, start: int) -> bool:
+        """Count the block ``scores`` [B, n] of items [start, start + n); ``False`` (nothing
+        changed) where the kernel does not apply: fewer than :data:`MIN_KERNEL_BLOCK` scores, a
+        width of :data:`MAX_KERNEL_WIDTH` or more, another dtype, or a non-contiguous block."""
+        if (scores.numel() < MIN_KERNEL_BLOCK or scores.shape[1] >= MAX_KERNEL_WIDTH
+                or scores.dtype != self._dtype or not scores.is_contiguous() or scores.device.type != "cpu"):
+            return False
+        torch_threads = _match_torch_threads()
+        try:
+            self._kernel(scores.numpy(), *self._arrays, start, self._own)
+        except Exception as err:  # a numba/LLVM failure must not stop an evaluation: fall back
+            global _KERNEL
+            log.warning("compiled rank counter failed (%s); counting with torch operations", err)
+            _KERNEL = None
+            return False
+        finally:
+            _restore_torch_threads(torch_threads)
+        return True

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from reolm.eval.metrics import DEFAULT_KS, MetricAccumulator
-from reolm.eval.rank_kernel import count_above
+from reolm.eval.rank_kernel import CompiledCounter
 from reolm.model.objectives import (Similarity, check_similarity, paired_scores, prepare_vectors, product_scores,
                                     score_dtype)
 
@@ -81,6 +81,7 @@ class _RankCounter:
         self.own = torch.full_like(target_scores, float("nan"))  # NaN: never counted, never taken back
         self._dtype = torch.promote_types(target_scores.dtype, torch.float32)
         self._flags: torch.Tensor | None = None  # allocated on the first block the kernel cannot count
+        self._compiled = CompiledCounter.bind(self.target_scores, self.above, self.at_or_above, self.targets, self.own)
 
     def _count_with_torch(self, scores: torch.Tensor) -> None:
         rows, n = scores.shape
@@ -98,11 +99,12 @@ class _RankCounter:
         """Count one block: ``scores`` [B, n] against items [start, start + n); ``start`` is a
         multiple of ``block`` and ``n <= block``."""
         n = scores.shape[1]
-        if count_above(scores, self.target_scores, self.above, self.at_or_above, self.targets, start, self.own):
+        if self._compiled is not None and self._compiled.count(scores, start):
             return  # the kernel also picked up the target's own score
         self._count_with_torch(scores)
         own = scores.gather(1, self.target_column.clamp(max=n - 1)).squeeze(1)
-        self.own = torch.where(self.target_block == start // self.block, own, self.own)
+        # in place: the compiled counter holds a view of ``own``
+        self.own.copy_(torch.where(self.target_block == start // self.block, own, self.own))
 
     def ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(optimistic, pessimistic) int64 ranks, the target's own column excluded."""
