@@ -359,3 +359,30 @@ def test_pretrain_overrides_may_follow_resume():
     spec.loader.exec_module(entry)
     args = entry.parse_args(["--config", "c.yaml", "optim.lr=1e-4", "--resume", "latest", "run_dir=r", "ckpt.run_id=x"])
     assert args.resume == "latest" and args.overrides == ["optim.lr=1e-4", "run_dir=r", "ckpt.run_id=x"]
+
+
+def test_orphaned_deepspeed_shm_files_are_removed_and_mapped_ones_kept(tmp_path):
+    """DeepSpeed's 66 MiB allreduce files of runs killed during init are garbage once nobody maps
+    them; a file still mapped (a live run) or just created (not mapped yet) must stay."""
+    import mmap
+    import time as _time
+    from pathlib import Path
+
+    from reolm.train.distributed import remove_orphaned_shm_buffers
+    uid = os.getuid()
+    old = _time.time() - 3600
+
+    def make(name: str, mtime: float) -> Path:
+        path = tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_{name}"
+        path.write_bytes(b"\0" * 4096)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    orphan, fresh, live = make("1111_0", old), make("2222_0", _time.time()), make("3333_1", old)
+    other_user = tmp_path / f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_4444_0"
+    other_user.write_bytes(b"\0")
+    os.utime(other_user, (old, old))
+    with open(live, "r+b") as handle, mmap.mmap(handle.fileno(), 4096):
+        removed = remove_orphaned_shm_buffers(max_age_s=600, shm_dir=tmp_path)
+    assert removed == [orphan]
+    assert not orphan.exists() and fresh.exists() and live.exists() and other_user.exists()

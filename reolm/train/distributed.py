@@ -175,6 +175,49 @@ def unlink_shm_allreduce_buffer(info_: DistInfo) -> None:
     """
     barrier()  # on every rank alike, whether or not DeepSpeed made the file (no rank may skip it)
     shm_allreduce_buffer(info_.rank).unlink(missing_ok=True)
+    if info_.local_rank == 0:
+        remove_orphaned_shm_buffers()
+
+
+def remove_orphaned_shm_buffers(max_age_s: float = 600.0, shm_dir: Path = Path("/dev/shm")) -> list[Path]:
+    """Delete this user's DeepSpeed allreduce files that no process maps any more; returns them.
+
+    A run killed inside ``init_distributed`` (before :func:`unlink_shm_allreduce_buffer`), or one
+    that ran before that function existed, leaves its 66 MiB files behind for good. A file
+    nobody maps is garbage whoever made it; the age limit keeps the moment between DeepSpeed
+    creating a file and mapping it out of reach.
+    """
+    now = time.time()
+    candidates = []
+    for path in shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                candidates.append(path)
+        except FileNotFoundError:
+            continue
+    if not candidates:
+        return []
+    mapped = _mapped_shm_files(shm_dir)
+    removed = [p for p in candidates if str(p) not in mapped]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def _mapped_shm_files(shm_dir: Path) -> set[str]:
+    """Paths under ``shm_dir`` that some process on this machine maps (from /proc/*/maps)."""
+    prefix = str(shm_dir).rstrip("/") + "/"
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process exited, or is another user's
+            continue
+        for line in text.splitlines():
+            fields = line.split(maxsplit=5)  # address perms offset device inode [path]
+            if len(fields) == 6 and fields[5].startswith(prefix):
+                mapped.add(fields[5])
+    return mapped
 
 
 def info() -> DistInfo:
