@@ -21,7 +21,7 @@ def test_budget_keeps_most_recent_items_first_and_positions():
     tokens, images = tiny_tables(num_items=20)
     lengths = tokens.lengths()
     history = list(range(12))
-    col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=30), mlm_probability=0.0)
+    col = tiny_collator(tokens, images, tiny_model_config(max_history_items=50, max_tokens=30), mlm_probability=0.0)
     batch = col([SequenceExample(history, None, 0)])["history"]
     # Expected: from item 11 backwards while 1 + sum(len + 1) <= 30.
     kept, used = [], 1
@@ -46,9 +46,9 @@ def test_budget_keeps_most_recent_items_first_and_positions():
     assert (batch["input_ids"][batch["image_token_index"]] == PAD).all()
 
 
-def test_max_items_limit_and_cu_seqlens():
+def test_max_history_items_limit_and_cu_seqlens():
     tokens, images = tiny_tables(num_items=20)
-    col = tiny_collator(tokens, images, tiny_model_config(max_items=3, max_tokens=1000), mlm_probability=0.0)
+    col = tiny_collator(tokens, images, tiny_model_config(max_history_items=3, max_tokens=1000), mlm_probability=0.0)
     examples = [SequenceExample(list(range(10)), 15, 1), SequenceExample([4, 5], 16, 2),
                 SequenceExample([7], 17, 3)]
     out = col(examples)
@@ -115,7 +115,7 @@ def test_attention_groups_cover_every_token_once():
 
 def test_whole_word_masking_rates_and_labels():
     tokens, images = tiny_tables(num_items=40, min_len=6, max_len=12)
-    col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=1000), seed=3)
+    col = tiny_collator(tokens, images, tiny_model_config(max_history_items=50, max_tokens=1000), seed=3)
     rng = np.random.default_rng(0)
     examples = [SequenceExample(rng.integers(0, 40, 8).tolist(), None, 0) for _ in range(16)]
     text_total = chosen_total = masked = randomised = kept = 0
@@ -141,7 +141,7 @@ def test_whole_word_masking_rates_and_labels():
 
 def test_whole_words_are_masked_together():
     tokens, images = tiny_tables(num_items=30, min_len=6, max_len=12)
-    col = tiny_collator(tokens, images, tiny_model_config(max_items=50, max_tokens=1000), seed=1,
+    col = tiny_collator(tokens, images, tiny_model_config(max_history_items=50, max_tokens=1000), seed=1,
                         mlm_probability=0.3)
     multi_token_words_masked = 0
     for _ in range(10):

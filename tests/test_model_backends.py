@@ -19,7 +19,8 @@ def cuda(test):
 
 def _batch(layout="packed", seed=0):
     tokens, images = tiny_tables(num_items=30, seed=seed)
-    col = tiny_collator(tokens, images, tiny_model_config(max_items=6, max_tokens=60), seed=seed, layout=layout)
+    cfg = tiny_model_config(max_history_items=6, max_tokens=60)
+    col = tiny_collator(tokens, images, cfg, seed=seed, layout=layout)
     examples = [SequenceExample(list(range(s, s + n)), None, d)
                 for s, n, d in [(0, 1, 0), (3, 6, 1), (10, 3, 2), (20, 5, 3)]]
     return col(examples)["history"]

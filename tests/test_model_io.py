@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from reolm.config import ConfigError
 from reolm.data.collate import SequenceExample
 from reolm.model import CheckpointError, ReoLM
 from reolm.model.encoder import training_flops
@@ -47,6 +48,32 @@ def test_save_and_load_round_trip_reproduces_outputs(tmp_path):
     other = ReoLM.from_pretrained(out_dir, overrides={"attention": "sdpa"}).eval()
     with torch.no_grad():
         assert torch.allclose(other(batch["history"]).hidden, a.hidden, atol=1e-5)
+
+
+def test_an_export_written_before_the_max_items_rename_loads_upgraded(tmp_path):
+    """config.json of an older export says ``max_items``: read back as ``max_history_items`` (with
+    and without run-time overrides), same weights, same outputs; a new export writes the new key."""
+    save_tiny_checkpoint(tmp_path / "hf", "bert")
+    cfg = tiny_model_config(max_history_items=5)
+    model = ReoLM.from_backbone(tmp_path / "hf", cfg).eval()
+    with torch.no_grad():
+        model.embeddings.item_position_embeddings.weight.normal_()  # item positions matter
+    out_dir = model.save_pretrained(tmp_path / "export")
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["reolm"]["max_history_items"] == 5 and "max_items" not in config["reolm"]
+    config["reolm"] = {("max_items" if k == "max_history_items" else k): v for k, v in config["reolm"].items()}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    batch = _batch(cfg)["history"]
+    for overrides in (None, {"attention": "eager", "gradient_checkpointing": None}):
+        loaded = ReoLM.from_pretrained(out_dir, overrides=overrides).eval()
+        assert loaded.config == model.config
+        assert loaded.embeddings.item_position_embeddings.weight.shape[0] == 6
+        with torch.no_grad():
+            assert torch.equal(loaded(batch).pooled, model(batch).pooled)
+    config["reolm"]["max_history_items"] = 5  # both keys: refused rather than guessed
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="both set"):
+        ReoLM.from_pretrained(out_dir)
 
 
 def test_from_pretrained_rejects_plain_hf_and_tampered_dirs(tmp_path):

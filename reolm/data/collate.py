@@ -4,7 +4,7 @@ A sequence is ``[CLS]`` followed by its items **most recent first**; each item i
 its text tokens (from the :class:`ItemTokenTable`) then one image token.  All
 tokens of the j-th item carry item-position id j (``[CLS]`` has 0); token types
 are 0 = CLS, 1..K attributes, K+1 image, K+2 padding.  Items are added from the
-most recent until the next one would exceed ``max_items`` or ``max_tokens``.
+most recent until the next one would exceed ``max_history_items`` or ``max_tokens``.
 
 Sequences are **packed** into one token stream (no padding) with int32
 ``cu_seqlens`` and a Python-int ``max_seqlen``; the padded-grid index each
@@ -197,7 +197,7 @@ class PackedCollator:
 
     def __init__(self, tokens: ItemTokenTable, images: ImageFeatureTable | None, *, cls_token_id: int,
                  mask_token_id: int, pad_token_id: int, vocab_size: int, num_attributes: int,
-                 max_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
+                 max_history_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
                  mask_targets: bool = False, num_domains: int | None = None, layout: str = "packed",
                  bucket_ratio: float = 0.5, seed: int | None = None, image_dim: int = 0):
         if images is not None and len(images) != len(tokens):
@@ -211,7 +211,7 @@ class PackedCollator:
         self.cls_token_id, self.mask_token_id, self.pad_token_id = cls_token_id, mask_token_id, pad_token_id
         self.vocab_size = vocab_size
         self.image_type_id, self.pad_type_id = num_attributes + 1, num_attributes + 2
-        self.max_items, self.max_tokens = max_items, max_tokens
+        self.max_history_items, self.max_tokens = max_history_items, max_tokens
         self.mlm_probability, self.mask_targets = mlm_probability, mask_targets
         self.num_domains, self.layout, self.seed = num_domains, layout, seed
         self.bucket_ratio = bucket_ratio
@@ -227,7 +227,8 @@ class PackedCollator:
         """Settings from a :class:`reolm.model.ModelConfig` and special ids from the tokenizer."""
         kwargs = dict(cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id,
                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                      num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
+                      num_attributes=cfg.num_attributes, max_history_items=cfg.max_history_items,
+                      max_tokens=cfg.max_tokens,
                       mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters,
                       bucket_ratio=cfg.attention_bucket_ratio, image_dim=cfg.image_feature_dim)
         kwargs.update(overrides)
@@ -264,11 +265,11 @@ class PackedCollator:
 
     # ------------------------------------------------------------------ sequence building
     def select_history(self, history: Sequence[int]) -> list[int]:
-        """Most recent first, until the next item would exceed max_items or max_tokens."""
+        """Most recent first, until the next item would exceed max_history_items or max_tokens."""
         chosen: list[int] = []
         used = 1  # [CLS]
         for item in reversed(history):
-            if len(chosen) == self.max_items:
+            if len(chosen) == self.max_history_items:
                 break
             self._check_item(item)
             cost = int(self._offsets[item + 1] - self._offsets[item]) + 1  # text + image token

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reolm.config import from_dict
+from reolm.config import from_dict, upgrade_renamed_keys
 from reolm.model import hf_checkpoint as hf
 from reolm.model import objectives
 from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
@@ -67,7 +67,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(bb.vocab_size, h, padding_idx=bb.pad_token_id)
         self.position_embeddings = nn.Embedding(num_positions, h)
         self.token_type_embeddings = nn.Embedding(cfg.num_token_types, h)
-        self.item_position_embeddings = nn.Embedding(cfg.max_items + 1, h)
+        self.item_position_embeddings = nn.Embedding(cfg.max_history_items + 1, h)
         # The image token's embedding: MLP of the item's image feature (d -> 2d -> H).
         d = cfg.image_feature_dim
         self.image_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, h))
@@ -421,7 +421,9 @@ class ReoLM(nn.Module):
         ``gradient_checkpointing``; shape-changing settings come from the directory.
         """
         data = hf.read_export_config(directory)
-        cfg = from_dict(ModelConfig, {**data["reolm"], **dict(overrides or {})})
+        # An export of an older version may use old key names: upgraded before the overrides apply.
+        saved = upgrade_renamed_keys(ModelConfig, data["reolm"])
+        cfg = from_dict(ModelConfig, {**saved, **dict(overrides or {})})
         model = cls(BackboneConfig.from_dict(data["backbone"]), cfg)
         hf.load_complete_state(model, hf.read_state_dict(directory),
                                f"{directory}: weights do not match its config.json")

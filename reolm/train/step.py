@@ -85,7 +85,7 @@ def train_batches(setup: TrainSetup, tracker: StreamTracker, generation: int) ->
                           setup.micro, setup.num_items, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           num_workers=setup.num_workers, resample=cfg.data.resample,
                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
-                          max_history=cfg.model.max_items, replicate=cfg.data.replicate_stream,
+                          max_history=cfg.model.max_history_items, replicate=cfg.data.replicate_stream,
                           max_bad_logs=cfg.data.max_bad_sample_logs, start=dict(tracker.positions),
                           generation=generation,
                           expected_counts=setup.corpus.shard_counts() if setup.corpus is not None else None)

@@ -51,7 +51,7 @@ def validation_set(setup: TrainSetup) -> ValidationSet | None:
     # Missing/unreadable dev shards and bad samples are skipped and counted, as in training.
     counter = BadSampleCounter(max_logs=5, where=" [dev]")
     expected = setup.corpus.shard_counts() if setup.corpus is not None and not cfg.data.dev_shards else None
-    examples = read_examples(shards, setup.num_items, cfg.model.max_items, cfg.val.max_users, counter, expected)
+    examples = read_examples(shards, setup.num_items, cfg.model.max_history_items, cfg.val.max_users, counter, expected)
     skipped = {"val_skipped_samples": counter.total,
                **{f"val_skipped_samples_{kind}": n for kind, n in counter.counts.items()}}
     if counter.total:
