@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reolm.data.collate import PackedCollator, SequenceExample
+from reolm.data.collate import PackedCollator, SequenceExample, TrainingBatch
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.io import write_text
 from reolm.model import ModelConfig
@@ -86,8 +86,8 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return write_text(path, json.dumps(result, indent=2) + "\n")
 
 
-def training_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+def training_loss(model: Any, batch: TrainingBatch) -> torch.Tensor:
     """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
-    out = model(batch["history"])
-    items = model.encode(batch["target"])
-    return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch["history"])
+    out = model(batch.history)
+    items = model.encode(batch.target)
+    return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch.history)

@@ -23,7 +23,7 @@ def _batch(layout="packed", seed=0):
     col = tiny_collator(tokens, images, cfg, seed=seed, layout=layout)
     examples = [SequenceExample(list(range(s, s + n)), None, d)
                 for s, n, d in [(0, 1, 0), (3, 6, 1), (10, 3, 2), (20, 5, 3)]]
-    return col(examples)["history"]
+    return col(examples).history
 
 
 def _perturb(model: ReoLM, seed=0):
@@ -49,8 +49,8 @@ def test_sdpa_matches_eager_forward_and_gradients(tmp_path, routing):
     model = tiny_reolm(tmp_path, top_routing=routing).train()  # dropout is 0 in the tiny config
     _perturb(model)
     batch = _batch()
-    assert batch["seq_lengths"].unique().numel() == 4  # different lengths
-    assert len(batch["attn_groups"]) > 1  # grouped grids exercised
+    assert batch.seq_lengths.unique().numel() == 4  # different lengths
+    assert len(batch.attn_groups) > 1  # grouped grids exercised
     ref_out, ref_grads = _forward_backward(model, batch)
     model.set_attention("sdpa")
     out, grads = _forward_backward(model, batch)
@@ -67,10 +67,10 @@ def test_packed_equals_one_by_one_and_padded(tmp_path):
     col = tiny_collator(tokens, images, mlm_probability=0.0)
     examples = [SequenceExample(list(range(s, s + n)), None, d) for s, n, d in [(0, 2, 0), (5, 6, 1), (12, 4, 2)]]
     with torch.no_grad():
-        batch = col(examples)["history"]
+        batch = col(examples).history
         packed = model(batch)
-        singles = [model(col([e])["history"]) for e in examples]
-        padded_batch = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")(examples)["history"]
+        singles = [model(col([e]).history) for e in examples]
+        padded_batch = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")(examples).history
         padded = model(padded_batch)
     assert torch.allclose(torch.cat(split_sequences(packed.hidden, batch)), torch.cat([s.hidden for s in singles]),
                           atol=1e-5, rtol=0)
@@ -133,7 +133,7 @@ def test_cuda_backends_match_eager_in_bf16(tmp_path, backend):
         pytest.skip("flash_attn not installed")
     model = tiny_reolm(tmp_path).cuda().to(torch.bfloat16)
     _perturb(model)
-    batch = move_batch(_batch(), "cuda")
+    batch = _batch().to("cuda")
     ref_out, ref_grads = _forward_backward(model, batch)
     model.set_attention(backend)
     out, grads = _forward_backward(model, batch)
@@ -236,5 +236,5 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
     assert losses["varlen"][0] == pytest.approx(losses["sdpa"][0], rel=0.05)
     rec.model.set_attention("auto")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        rec.model(batch["history"])
+        rec.model(batch.micro[0].history)
     assert rec.model.attention_backend(device, torch.bfloat16) in ("flash", "varlen")

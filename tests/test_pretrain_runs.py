@@ -255,7 +255,7 @@ def _probe_batch(model, inputs) -> dict:
     tokens = find_token_table(inputs["corpus"], model.tokenizer, model.config.max_attr_tokens)
     images = ImageFeatureTable.empty(len(tokens), model.config.image_feature_dim)
     collator = PackedCollator.from_config(tokens, images, model.tokenizer, model.config, mlm_probability=0.0)
-    return collator([SequenceExample([1, 5, 9], None, 0), SequenceExample([120, 130], None, 1)])["history"]
+    return collator([SequenceExample([1, 5, 9], None, 0), SequenceExample([120, 130], None, 1)]).history
 
 
 # ----------------------------------------------------------------------------- ZeRO-3

@@ -295,16 +295,21 @@ def test_train_stream_skips_corrupt_tar_and_keeps_fixed_batch_size(tmp_path):
     _write_tar(bad, [(f"d0_u{i}", {"domain": 0, "user": i, "items": [1, 2]}) for i in range(20)], corrupt_at=2048)
     (tmp_path / "train-000002.tar").write_bytes(b"this is not a tar file at all" * 50)
 
-    def collate(examples, seed):
-        return {"targets": [e.target for e in examples]}
+    from reolm.data.batch import StreamInfo, TrainingBatch
+    from reolm.train.step import SeededCollate
+    from tiny_models import tiny_collator, tiny_tables
 
+    collate = SeededCollate(tiny_collator(*tiny_tables(num_items=7), mlm_probability=0.0))
     ds = TrainStream([str(good), str(bad), str(tmp_path / "train-000002.tar")], collate, micro_batch=4,
                      num_items=7, seed=0, rank=0, world_size=1, num_workers=0, resample=True, shuffle_buffer=8,
                      shuffle_initial=4, max_history=50)
     it = iter(ds)
     batches = [next(it) for _ in range(30)]
-    assert all(len(b["targets"]) == 4 for b in batches)
-    assert batches[-1]["stream"]["bad"].get("tar", 0) >= 1
+    assert all(isinstance(b, TrainingBatch) and b.num_sequences == len(b.keys) == b.target_items.shape[0] == 4
+               for b in batches)
+    assert all(k.startswith("s0/d") for k in batches[0].keys)  # the stream's source prefix, then the tar key
+    assert isinstance(batches[-1].stream, StreamInfo) and batches[-1].stream.worker == 0
+    assert batches[-1].stream.bad.get("tar", 0) >= 1
 
 
 def test_default_workers_share_the_cores_between_local_ranks():

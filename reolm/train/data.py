@@ -10,7 +10,8 @@ One ``wds.DataPipeline`` per DataLoader worker, built from small stages (OpenCLI
     wds.batched        fixed-size lists of examples (partial batches dropped: every rank's
                        micro-batch has the same size, which the all-gather needs)
     CollateStage       item-table lookups (memory-mapped token table + image features) and the
-                       packing collator; attaches the stream state to each batch
+                       packing collator: a TrainingBatch, with the stream state attached
+                       (``TrainingBatch.stream``, a StreamInfo)
 
 The stream never ends: the number of steps is fixed by the run config, so every rank takes the
 same number of steps whatever the shard sizes.  Bad samples (corrupt tar, undecodable json,
@@ -31,6 +32,7 @@ is not a replay since they were never trained on).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from reolm.data.batch import StreamInfo, TrainingBatch
 from reolm.data.corpus import Corpus
 from reolm.data.shards import ShardError
 from reolm.train.distributed import ignore_stop_signals_in_worker
@@ -208,7 +211,7 @@ def stream_id(rank: int, worker: int, num_workers: int, replicate: bool) -> int:
 class TrainStream(torch.utils.data.IterableDataset):
     """The per-rank dataset; each DataLoader worker builds its own pipeline in ``__iter__``."""
 
-    def __init__(self, shards: Sequence[str], collate: Callable[[list[Example], int], dict[str, Any]],
+    def __init__(self, shards: Sequence[str], collate: Callable[[list[Example], int], TrainingBatch],
                  micro_batch: int, num_items: int, *, seed: int, rank: int, world_size: int,
                  num_workers: int, resample: bool, shuffle_buffer: int, shuffle_initial: int,
                  max_history: int, replicate: bool = False, max_bad_logs: int = 20,
@@ -227,7 +230,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         if not resample and len(self.shards) < streams:
             ShardStream(self.shards, seed, 0, streams, resample, BadSampleCounter(0))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TrainingBatch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         sid = stream_id(self.rank, worker, self.num_workers, self.replicate)
@@ -248,9 +251,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         for index, examples in enumerate(pipeline):
             batch_seed = _seed(self.seed, sid, self.generation, index, 13)
             batch = self.collate(examples, batch_seed)
-            batch["stream"] = {"worker": worker, "draw": reader.position.draw,
-                               "offset": reader.position.offset, "bad": dict(counter.counts)}
-            yield batch
+            yield dataclasses.replace(batch, stream=StreamInfo(worker, reader.position.draw, reader.position.offset,
+                                                               dict(counter.counts)))
 
 
 class StreamTracker:
@@ -267,10 +269,10 @@ class StreamTracker:
         self.base_bad: dict[str, int] = dict(base_bad or {})
         self.bad: dict[int, dict[str, int]] = {}
 
-    def update(self, stream: dict[str, Any]) -> None:
-        worker = int(stream["worker"])
-        self.positions[worker] = StreamPosition(int(stream["draw"]), int(stream["offset"]))
-        self.bad[worker] = dict(stream["bad"])
+    def update(self, stream: StreamInfo) -> None:
+        worker = int(stream.worker)
+        self.positions[worker] = StreamPosition(int(stream.draw), int(stream.offset))
+        self.bad[worker] = dict(stream.bad)
 
     def bad_counts(self) -> dict[str, int]:
         total = dict(self.base_bad)

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from reolm.config import ConfigError
+from reolm.data.batch import PackedBatch
 from reolm.eval.metrics import MetricAccumulator
 from reolm.eval.ranking import rank_targets
 from reolm.model.objectives import mlm_predictions
 from reolm.train import distributed as D
 from reolm.train.data import BadSampleCounter, DataError, Example, read_examples
 from reolm.train.setup import TrainSetup, shard_list
-from reolm.train.step import cast_features, to_device
 
 __all__ = ["ValidationSet", "validation_set", "validate", "ranking_metrics"]
 
@@ -107,23 +107,19 @@ class _Encoder:
 
     def __init__(self, setup: TrainSetup) -> None:
         self.module, self.collator = setup.engine.module, setup.collator
-        self.device, self.precision = setup.device, setup.precision
+        self.device = setup.device
         self.mlm_stats = torch.zeros(2, device=setup.device)  # (correct predictions, masked tokens)
 
-    def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        batch = to_device(batch, self.device)
-        cast_features({"history": batch}, self.precision)
-        return batch
-
-    def _histories(self, chunk: list[Example]) -> dict[str, Any]:
+    def _histories(self, chunk: list[Example]) -> PackedBatch:
+        """The chunk's histories (without their targets) as a batch on the device."""
         from reolm.data.collate import SequenceExample
-        return self._on_device(self.collator([SequenceExample(e.history.tolist(), None, e.domain)
-                                              for e in chunk])["history"])
+        examples = [SequenceExample(e.history.tolist(), None, e.domain) for e in chunk]
+        return self.collator(examples).history.to(self.device)
 
     def items(self, chunk: list[tuple[int, int]]) -> torch.Tensor:
         """Vectors of (item, domain) pairs: each item through the adapter of the domain it is ranked in."""
-        return self.module(self._on_device(self.collator.collate_items([i for i, _ in chunk],
-                                                                       [d for _, d in chunk]))).pooled
+        batch = self.collator.collate_items([i for i, _ in chunk], [d for _, d in chunk])
+        return self.module(batch.to(self.device)).pooled
 
     def histories(self, chunk: list[Example]) -> torch.Tensor:
         return self.module(self._histories(chunk)).pooled
@@ -132,7 +128,7 @@ class _Encoder:
         """Add the chunk's correct MLM predictions to ``mlm_stats``; returns a stub vector per example."""
         batch = self._histories(chunk)
         out = self.module(batch)
-        if batch["mlm_positions"].shape[0]:
+        if batch.mlm_positions.shape[0]:
             logits, labels = mlm_predictions(self.module, out, batch)
             hits = (logits.argmax(-1) == labels).sum().float()
             self.mlm_stats.add_(torch.stack([hits, hits.new_tensor(float(labels.shape[0]))]))
