@@ -72,7 +72,7 @@ def synthetic_examples(batch_size: int, num_items: int, num_domains: int, seed: 
                        ) -> list[SequenceExample]:
     rng = np.random.default_rng(seed)
     counts = np.exp(rng.uniform(np.log(1), np.log(51), batch_size)).astype(int).clip(1, 50)
-    return [SequenceExample(rng.integers(0, num_items, n).tolist(), int(rng.integers(0, num_items)),
+    return [SequenceExample(rng.integers(0, num_items, n), int(rng.integers(0, num_items)),
                             int(rng.integers(0, num_domains))) for n in counts]
 
 

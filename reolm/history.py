@@ -22,11 +22,14 @@ key                                default  what it cuts
                                             their next-item targets; BERT4Rec's cloze window).
 =================================  =======  ==========================================================
 
-Reo-LM trains on 10 items and evaluates on 9 as the reference implementation does.  The old names
-(``model.max_items``, ``reolm.max_history``, ``reolm.eval_max_history``, ``eval.max_history``, the
-baselines' ``max_len``) are refused in config files with a "renamed to" message and upgraded when a
-saved run or an export is read back (:class:`reolm.config.Renamed`); BERT4Rec's ``max_len``
-counted the ``[MASK]`` position, so its ``max_history_items`` is ``max_len - 1``.
+Reo-LM trains on 10 items and evaluates on 9 as the reference implementation does.  The model's
+budget (``model.max_history_items`` and ``model.max_tokens``) is applied in one place, the packing
+collator's ``select_history``: pre-training hands it whole histories, fine-tuning and evaluation the
+most recent items their own keys above choose.  The old names (``model.max_items``,
+``reolm.max_history``, ``reolm.eval_max_history``, ``eval.max_history``, the baselines'
+``max_len``) are refused in config files with a "renamed to" message and upgraded when a saved run
+or an export is read back (:class:`reolm.config.Renamed`); BERT4Rec's ``max_len`` counted the
+``[MASK]`` position, so its ``max_history_items`` is ``max_len - 1``.
 """
 
 from __future__ import annotations

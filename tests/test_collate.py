@@ -229,10 +229,10 @@ def test_batches_are_typed_and_move_and_pin():
     from reolm.data.batch import PackedBatch, TrainingBatch, move_batch
     tokens, images = tiny_tables(num_items=20)
     col = tiny_collator(tokens, images, seed=0)
-    examples = [SequenceExample([1, 2, 3], 9, 1), SequenceExample([5], 10, 0)]
+    examples = [SequenceExample([1, 2, 3], 9, 1, user=4, key="k0"), SequenceExample(np.array([5]), 10, 0)]
     batch = col(examples)
     assert isinstance(batch, TrainingBatch) and isinstance(batch.history, PackedBatch)
-    assert isinstance(batch.target, PackedBatch) and batch.stream is None
+    assert isinstance(batch.target, PackedBatch) and batch.keys == ["k0", ""] and batch.stream is None
     assert batch.num_sequences == batch.history.num_sequences == 2
     assert batch.num_real_tokens == batch.history.num_real_tokens + batch.target.num_real_tokens
     assert not hasattr(batch.history, "__getitem__")  # attribute access only
@@ -275,3 +275,21 @@ def test_dataloader_workers_return_training_batches():
         if torch.cuda.is_available():
             assert batch.history.input_ids.is_pinned()
 
+
+def test_one_example_type_keeps_histories_as_int64_arrays():
+    history = np.array([4, 5, 6], dtype=np.int64)
+    example = SequenceExample(history, 7, 1, user=3, key="x")
+    assert example.history is history  # an int64 array is used as is, not copied
+    listed = SequenceExample([4, 5, 6])
+    assert listed.history.dtype == np.int64 and listed.history.tolist() == [4, 5, 6]
+    assert (listed.target, listed.domain, listed.user, listed.key) == (None, 0, None, "")
+    with pytest.raises(ValueError, match="flat sequence"):
+        SequenceExample([[1, 2]])
+    # The collator is where a history is cut: the most recent max_history_items items.
+    tokens, images = tiny_tables(num_items=20)
+    col = tiny_collator(tokens, images, tiny_model_config(max_history_items=3, max_tokens=1000), mlm_probability=0.0)
+    assert col.select_history(np.arange(12)) == [11, 10, 9]
+    long_batch = col([SequenceExample(np.arange(12))]).history
+    short_batch = col([SequenceExample(np.arange(9, 12))]).history
+    _assert_same_batch(long_batch, short_batch)
+    assert col([(np.arange(12), None, 0)]).history.seq_num_items.tolist() == [3]  # plain tuples work too

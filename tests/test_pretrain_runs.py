@@ -82,7 +82,7 @@ def _read_before(shards: list[str], seed: int, stream_id: int, num_streams: int,
         draw, index = (int(part[1:]) for part in sample["__source__"].split("/")[1:])
         if (draw, index + 1) > target:
             break
-        example = decode_example(sample, 10**9, 50, BadSampleCounter(0))
+        example = decode_example(sample, 10**9, BadSampleCounter(0))
         if example is not None:
             seen.add(example.key)
     return seen

@@ -4,7 +4,8 @@ A sequence is ``[CLS]`` followed by its items **most recent first**; each item i
 its text tokens (from the :class:`ItemTokenTable`) then one image token.  All
 tokens of the j-th item carry item-position id j (``[CLS]`` has 0); token types
 are 0 = CLS, 1..K attributes, K+1 image, K+2 padding.  Items are added from the
-most recent until the next one would exceed ``max_history_items`` or ``max_tokens``.
+most recent until the next one would exceed ``max_history_items`` or
+``max_tokens``: this is the one place a history is cut to the model's budget.
 
 Sequences are **packed** into one token stream (no padding) with int32
 ``cu_seqlens`` and a Python-int ``max_seqlen``; the padded-grid index each
@@ -15,16 +16,17 @@ workers) and can be pinned.  The result is a :class:`~reolm.data.batch.PackedBat
 returns a :class:`~reolm.data.batch.TrainingBatch` (histories and targets).
 
 Input of :class:`PackedCollator` is a list of :class:`SequenceExample`
-``(history, target, domain)``: global item indices in time order (oldest
-first), the target item index or ``None``, and the sequence's domain index
-(which selects the adapter in pre-training).
+``(history, target, domain, user, key)``: global item indices in time order
+(oldest first, an int64 array), the target item index or ``None``, the
+sequence's domain index (which selects the adapter in pre-training), and
+optionally where the example came from.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -39,12 +41,28 @@ IGNORE_INDEX = -100
 CLS_TYPE = 0
 
 
-class SequenceExample(NamedTuple):
-    """One training/evaluation example: item indices are rows of the item tables."""
+@dataclass(frozen=True, eq=False)
+class SequenceExample:
+    """One training/evaluation example: a history, optionally the item that follows it.
 
-    history: Sequence[int]       # time order, oldest first
+    Item indices are rows of the item tables.  ``history`` is kept whole, as an int64 array
+    (a list is converted once; an int64 array is used as is): :meth:`PackedCollator.select_history`
+    is where it is cut to the model's budget.  ``user`` and ``key`` say where a pre-training
+    example came from (``key``: the tar key, prefixed by ``s{stream}/d{draw}/i{index}/`` when
+    streamed; it is what ``data.record_keys`` logs).
+    """
+
+    history: np.ndarray          # int64 [n]: time order, oldest first
     target: int | None = None    # encoded as its own ``[CLS] item`` sequence
     domain: int = 0              # domain index (adapter routing in pre-training)
+    user: int | None = None      # the user's index, when known
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        history = np.asarray(self.history, dtype=np.int64)
+        if history.ndim != 1:
+            raise ValueError(f"a history is a flat sequence of item indices, got shape {history.shape}")
+        object.__setattr__(self, "history", history)
 
 
 @dataclass
@@ -195,8 +213,8 @@ class PackedCollator:
     """Turns :class:`SequenceExample` lists into packed batches (see module docstring).
 
     ``__call__`` returns a :class:`TrainingBatch` (``history``, ``target`` or None, ``target_items``
-    or None); :meth:`collate_items` gives the :class:`PackedBatch` of bare items (``[CLS] item``)
-    for item vectors.
+    or None, the examples' ``keys``); :meth:`collate_items` gives the :class:`PackedBatch` of bare
+    items (``[CLS] item``) for item vectors.
     """
 
     def __init__(self, tokens: ItemTokenTable, images: ImageFeatureTable | None, *, cls_token_id: int,
@@ -268,11 +286,13 @@ class PackedCollator:
         self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ sequence building
-    def select_history(self, history: Sequence[int]) -> list[int]:
-        """Most recent first, until the next item would exceed max_history_items or max_tokens."""
+    def select_history(self, history: np.ndarray | Sequence[int]) -> list[int]:
+        """Most recent first, until the next item would exceed max_history_items or max_tokens.
+
+        The one place a history is cut to the model's budget (callers pass it whole)."""
         chosen: list[int] = []
         used = 1  # [CLS]
-        for item in reversed(history):
+        for item in history[::-1]:
             if len(chosen) == self.max_history_items:
                 break
             self._check_item(item)
@@ -338,17 +358,18 @@ class PackedCollator:
 
     # ------------------------------------------------------------------ public entry points
     def __call__(self, examples: Sequence[SequenceExample | tuple]) -> TrainingBatch:
-        examples = [SequenceExample(*e) for e in examples]
+        examples = [e if isinstance(e, SequenceExample) else SequenceExample(*e) for e in examples]
         has_target = [e.target is not None for e in examples]
         if any(has_target) and not all(has_target):
             raise ValueError("either every example of a batch has a target or none has")
         history = self._assemble([self.build_sequence(self.select_history(e.history), e.domain, mlm=True)
                                   for e in examples])
+        keys = [e.key for e in examples]
         if not all(has_target):
-            return TrainingBatch(history)
+            return TrainingBatch(history, keys=keys)
         targets = [e.target for e in examples]
         target = self.collate_items(targets, [e.domain for e in examples], mlm=self.mask_targets)
-        return TrainingBatch(history, target, torch.tensor(targets, dtype=torch.int64))
+        return TrainingBatch(history, target, torch.tensor(targets, dtype=torch.int64), keys=keys)
 
     def collate_items(self, items: Sequence[int], domains: Sequence[int] | int = 0,
                       mlm: bool = False) -> PackedBatch:

@@ -253,7 +253,7 @@ class ReoLMRecommender(nn.Module):
             return self.model.encode(batch).float()
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        batch = self.eval_collate([SequenceExample(list(h)) for h in histories]).history
+        batch = self.eval_collate([SequenceExample(h) for h in histories]).history
         with autocast_for(self.device):
             return self.model.encode(batch.to(self.device)).float()
 

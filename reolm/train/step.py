@@ -8,7 +8,6 @@ micro-batch (two forward passes through the same engine), computes
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -17,7 +16,7 @@ from reolm.data.batch import TrainingBatch
 from reolm.data.collate import SequenceExample
 from reolm.model.objectives import mlm_predictions
 from reolm.train import distributed as D
-from reolm.train.data import Example, StreamTracker, TrainStream, build_train_loader
+from reolm.train.data import StreamTracker, TrainStream, build_train_loader
 from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import DeviceAccumulator, Window
 from reolm.train.setup import TrainSetup, shard_list
@@ -35,10 +34,9 @@ class SeededCollate:
     def __init__(self, collator: Any) -> None:
         self.collator = collator
 
-    def __call__(self, examples: list[Example], batch_seed: int) -> TrainingBatch:
+    def __call__(self, examples: list[SequenceExample], batch_seed: int) -> TrainingBatch:
         self.collator.reseed(batch_seed)
-        batch = self.collator([SequenceExample(e.history.tolist(), e.target, e.domain) for e in examples])
-        return dataclasses.replace(batch, keys=[e.key for e in examples])
+        return self.collator(examples)
 
 
 def forward_losses(engine: Any, batch: TrainingBatch, loss_fn: PretrainLoss) -> Any:
@@ -68,7 +66,7 @@ def train_batches(setup: TrainSetup, tracker: StreamTracker, generation: int) ->
                           setup.micro, setup.num_items, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           num_workers=setup.num_workers, resample=cfg.data.resample,
                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
-                          max_history=cfg.model.max_history_items, replicate=cfg.data.replicate_stream,
+                          replicate=cfg.data.replicate_stream,
                           max_bad_logs=cfg.data.max_bad_sample_logs, start=dict(tracker.positions),
                           generation=generation,
                           expected_counts=setup.corpus.shard_counts() if setup.corpus is not None else None)
