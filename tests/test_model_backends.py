@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from reolm.data.collate import SequenceExample, move_batch, split_sequences
+from reolm.data.collate import SequenceExample, split_sequences
 from reolm.model import ReoLM, resolve_backend
 from reolm.model.attention import AttentionLayout, attention, flash_available, varlen_available
 from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
@@ -204,7 +204,7 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
     from reolm.data.domain import read_domain, write_domain
     from reolm.data.tokenizer import item_texts, train_tokenizer
     from reolm.finetune.reolm_recommender import ReoLMRecommender
-    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, stage1_loss
+    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, TrainCost, train_step
     from reolm.model import ModelConfig
     from reolm.random_init import init_backbone
 
@@ -220,14 +220,13 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
         rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
         assert next(rec.model.parameters()).dtype == torch.float32
         dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
-        batch = move_batch(PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(
-            [dataset[i] for i in range(16)]), device)
+        batch = PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(
+            [dataset[i] for i in range(16)]).to(device)
         optimizer = torch.optim.AdamW(rec.model.parameters(), lr=1e-3)
         trace = []
         for _ in range(15):
-            loss = stage1_loss(rec, batch, 0.1)  # under bf16 autocast on CUDA, as in training
             optimizer.zero_grad()
-            loss.backward()
+            loss = train_step(rec, batch, 0.1, TrainCost())  # forward + backward under bf16 autocast
             optimizer.step()
             trace.append(float(loss))
         assert list(rec.model._backend_cache) == [f"{backend}@cuda/torch.bfloat16"]
