@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reolm.data.collate import PackedCollator, SequenceExample
+from reolm.data.collate import PackedCollator, SequenceExample, TrainingBatch
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.io import write_text
 from reolm.model import ModelConfig
@@ -72,7 +72,7 @@ def synthetic_examples(batch_size: int, num_items: int, num_domains: int, seed: 
                        ) -> list[SequenceExample]:
     rng = np.random.default_rng(seed)
     counts = np.exp(rng.uniform(np.log(1), np.log(51), batch_size)).astype(int).clip(1, 50)
-    return [SequenceExample(rng.integers(0, num_items, n).tolist(), int(rng.integers(0, num_items)),
+    return [SequenceExample(rng.integers(0, num_items, n), int(rng.integers(0, num_items)),
                             int(rng.integers(0, num_domains))) for n in counts]
 
 
@@ -86,8 +86,8 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return write_text(path, json.dumps(result, indent=2) + "\n")
 
 
-def training_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+def training_loss(model: Any, batch: TrainingBatch) -> torch.Tensor:
     """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
-    out = model(batch["history"])
-    items = model.encode(batch["target"])
-    return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch["history"])
+    out = model(batch.history)
+    items = model.encode(batch.target)
+    return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch.history)

@@ -77,7 +77,7 @@ def main() -> int:
     from common import machine, write_result
     from reolm.data.domain import read_domain
     from reolm.eval.evaluate import evaluate_recommender
-    from reolm.finetune.reolm_trainer import PrefixCollate, stage2_loss
+    from reolm.finetune.reolm_trainer import PrefixCollate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="reolm_ft_gpu_"))
     domain_dir, backbone, what = make_inputs(work, args.backbone)
@@ -91,8 +91,7 @@ def main() -> int:
     rec.item_table = table
     torch.cuda.reset_peak_memory_stats()
     stage2_collate = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, negatives=None)  # labels = item ids
-    stage2 = train_steps(rec, dataset, stage2_collate, args.batch_size, args.steps + 3,
-                         loss_fn=lambda batch: stage2_loss(rec, batch, 0.0))[3:]
+    stage2 = train_steps(rec, dataset, stage2_collate, args.batch_size, args.steps + 3, mlm_weight=0.0)[3:]
     stage2_peak = torch.cuda.max_memory_allocated() / 2**30
     ranking, rank_s = timed(lambda: evaluate_recommender(rec, read_domain(domain_dir), "test", batch_size=512,
                                                          progress=False))

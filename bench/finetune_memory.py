@@ -44,25 +44,24 @@ def build(backbone: str, domain_dir: str, negatives: int, device: str = "cpu", *
     return rec, dataset, collate
 
 
-def train_steps(rec, dataset, collate, batch_size: int, steps: int, loss_fn=None) -> list[float]:
-    """Seconds of each of ``steps`` AdamW steps (collation excluded, the device synchronised)."""
-    from reolm.data.collate import move_batch
-    from reolm.finetune.reolm_trainer import stage1_loss
+def train_steps(rec, dataset, collate, batch_size: int, steps: int, mlm_weight: float = 0.1) -> list[float]:
+    """Seconds of each of ``steps`` AdamW steps (collation excluded, the device synchronised): the
+    trainer's ``train_step`` (stage 1 with a collate that draws pools, else stage 2 against
+    ``rec.item_table``)."""
+    from reolm.finetune.reolm_trainer import TrainCost, train_step
 
-    loss_fn = loss_fn or (lambda batch: stage1_loss(rec, batch, mlm_weight=0.1))
     order = np.random.default_rng(0).permutation(len(dataset))
     optimizer = torch.optim.AdamW(rec.model.parameters(), lr=5e-5)
     rec.train()
     times = []
     for step in range(steps):
         rows = order[(step * batch_size) % len(order):][:batch_size]
-        batch = move_batch(collate([dataset[int(i)] for i in rows]), rec.device)
+        batch = collate([dataset[int(i)] for i in rows]).to(rec.device)
         if rec.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        train_step(rec, batch, mlm_weight, TrainCost())  # forward and backward
         optimizer.step()
         if rec.device.type == "cuda":
             torch.cuda.synchronize()

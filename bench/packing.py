@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens, images = synthetic_tables(5000, VOCAB, cfg.image_feature_dim)
     examples = synthetic_examples(args.batch_size, len(tokens), cfg.num_adapters)
     batches = {layout: collator(tokens, images, model, layout)(examples) for layout in ("packed", "padded")}
-    same = [torch.equal(a, b) for a, b in zip(*(split_sequences(batches[k]["history"]["input_ids"],
-                                                              batches[k]["history"]) for k in batches))]
+    same = [torch.equal(a, b) for a, b in zip(*(split_sequences(batches[k].history.input_ids, batches[k].history)
+                                                 for k in batches))]
     assert all(same), "packed and padded batches must hold the same sequences"
 
     times: dict[str, list[float]] = {"packed": [], "padded": []}
@@ -69,16 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         for layout in times:
             times[layout].append(step_seconds(model, batches[layout]))
     packed, padded = (statistics.median(times[k]) for k in ("packed", "padded"))
-    hist = batches["packed"]["history"]
+    hist = batches["packed"].history
     batch_info = {
         "sequences": args.batch_size,
         "items_per_sequence": "log-uniform 1-50 (after the 50-item / max_tokens budget)",
         "tokens_per_item": "20-100 text + 1 image",
-        "history_tokens_real": hist["num_real_tokens"],
-        "history_tokens_padded": batches["padded"]["history"]["num_tokens"],
-        "max_seqlen": hist["max_seqlen"],
+        "history_tokens_real": hist.num_real_tokens,
+        "history_tokens_padded": batches["padded"].history.num_tokens,
+        "max_seqlen": hist.max_seqlen,
         "model": f"L{args.layers} H{args.hidden} A8 r16, vocab {VOCAB}, attention sdpa, fp32",
-        "attention_groups_packed": hist["attn_groups"],
+        "attention_groups_packed": hist.attn_groups,
         "repeats": args.repeats,
     }
     result = {"machine": machine(), "batch": batch_info, "packed_seconds": round(packed, 4),
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
               "min_seconds": {k: round(min(v), 4) for k, v in times.items()},
               "speedup_of_minima": round(min(times["padded"]) / min(times["packed"]), 3)}
     print(f"{'layout':8} {'tokens':>8} {'step s':>8}")
-    print(f"{'packed':8} {hist['num_real_tokens']:8d} {packed:8.3f}")
+    print(f"{'packed':8} {hist.num_real_tokens:8d} {packed:8.3f}")
     print(f"{'padded':8} {batch_info['history_tokens_padded']:8d} {padded:8.3f}")
     print(f"speedup packed vs padded: {padded / packed:.2f}x (medians), "
           f"{min(times['padded']) / min(times['packed']):.2f}x (minima)")

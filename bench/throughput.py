@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from common import machine, save_random_roberta, synthetic_examples, synthetic_tables, training_loss, write_result
 from common import collator as make_collator
-from reolm.data.collate import move_batch
+from reolm.data.collate import TrainingBatch, move_batch
 from reolm.model import ModelConfig, ReoLM
 from reolm.model.attention import flash_available, varlen_available
 
@@ -48,10 +48,10 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
-def step_flops(model: ReoLM, batch: dict[str, Any], reolm_parts: bool = True) -> float:
+def step_flops(model: ReoLM, batch: TrainingBatch, reolm_parts: bool = True) -> float:
     """Training FLOPs of one step on the real tokens; the HF baseline has no adapters and no MLM."""
-    flops = sum(model.training_flops(batch[k], include_mlm=(k == "history" and reolm_parts))
-                for k in ("history", "target"))
+    flops = (model.training_flops(batch.history, include_mlm=reolm_parts)
+             + model.training_flops(batch.target, include_mlm=False))
     if not reolm_parts:
         bb, cfg = model.backbone_config, model.config
         adapters = 2 * bb.hidden_size * cfg.num_adapters * cfg.adapter_rank
@@ -59,16 +59,16 @@ def step_flops(model: ReoLM, batch: dict[str, Any], reolm_parts: bool = True) ->
     return flops
 
 
-def real_tokens(batch: dict[str, Any]) -> int:
-    return batch["history"]["num_real_tokens"] + batch["target"]["num_real_tokens"]
+def real_tokens(batch: TrainingBatch) -> int:
+    return batch.num_real_tokens  # history + target
 
 
-def padded_hf_inputs(batch: dict[str, Any], pad_id: int) -> list[dict[str, torch.Tensor]]:
+def padded_hf_inputs(batch: TrainingBatch, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """The same token sequences (image slots as pad-id tokens) as right-padded [B, L] HF inputs."""
     from reolm.data.collate import split_sequences
     out = []
-    for part in (batch["history"], batch["target"]):
-        seqs = split_sequences(part["input_ids"], part)
+    for part in (batch.history, batch.target):
+        seqs = split_sequences(part.input_ids, part)
         length = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -130,7 +130,7 @@ def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace,
     examples = synthetic_examples(args.batch_size, len(tokens), cfg.num_adapters)
     batch = make_collator(tokens, images, model, "packed")(examples)
     hf_inputs = [move_batch(x, device) for x in padded_hf_inputs(batch, model.backbone_config.pad_token_id)]
-    batch = move_batch(batch, device)
+    batch = batch.to(device)
     n_tokens, flops = real_tokens(batch), step_flops(model, batch)
 
     def hf_step() -> None:

@@ -5,9 +5,10 @@ A history is always cut to its most recent items.  The settings that say how man
 =================================  =======  ==========================================================
 key                                default  what it cuts
 =================================  =======  ==========================================================
-``model.max_items``                50       Reo-LM's capacity: pre-training histories (also cut by
-                                            ``model.max_tokens``); the item-position table has
-                                            ``max_items + 1`` rows, so an export fixes it.
+``model.max_history_items``        50       Reo-LM's capacity: every history the packing collator
+                                            builds (also cut by ``model.max_tokens``); the
+                                            item-position table has ``max_history_items + 1``
+                                            rows, so an export fixes it.
 ``reolm.max_history_items``        10       Reo-LM fine-tuning, training: the history of each
                                             (history -> next item) prefix.
 ``reolm.eval_max_history_items``   9        Reo-LM at evaluation and serving, unless
@@ -21,11 +22,14 @@ key                                default  what it cuts
                                             their next-item targets; BERT4Rec's cloze window).
 =================================  =======  ==========================================================
 
-Reo-LM trains on 10 items and evaluates on 9 as the reference implementation does.  The old names
-(``reolm.max_history``, ``reolm.eval_max_history``, ``eval.max_history``, the baselines'
+Reo-LM trains on 10 items and evaluates on 9 as the reference implementation does.  The model's
+budget (``model.max_history_items`` and ``model.max_tokens``) is applied in one place, the packing
+collator's ``select_history``: pre-training hands it whole histories, fine-tuning and evaluation the
+most recent items their own keys above choose.  The old names (``model.max_items``,
+``reolm.max_history``, ``reolm.eval_max_history``, ``eval.max_history``, the baselines'
 ``max_len``) are refused in config files with a "renamed to" message and upgraded when a saved run
-is read back (:class:`reolm.config.Renamed`); BERT4Rec's ``max_len`` counted the ``[MASK]``
-position, so its ``max_history_items`` is ``max_len - 1``.
+or an export is read back (:class:`reolm.config.Renamed`); BERT4Rec's ``max_len`` counted the
+``[MASK]`` position, so its ``max_history_items`` is ``max_len - 1``.
 """
 
 from __future__ import annotations

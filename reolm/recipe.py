@@ -68,7 +68,7 @@ class CostModel:
     """Assumptions of the pre-training cost estimate the dry run prints (replace them with measured values)."""
 
     items_per_sequence: float = param(9.3, "Mean items per pre-training sequence (the paper's corpus: 33.57M "
-                                           "interactions / 3.61M users); capped by model.max_items.", gt=0)
+                                           "interactions / 3.61M users); capped by model.max_history_items.", gt=0)
     tokens_per_item: float = param(40.0, "Mean tokens per item (category path + title + brand with their keys, "
                                          "plus the image token); the token table's mean row length once built.",
                                    gt=0)
@@ -176,7 +176,7 @@ def pretraining_cost(cfg: RecipeConfig) -> dict[str, float]:
                                   num_attention_heads=12, intermediate_size=1536)
     cm, model = cfg.cost, pre.model
     # A train sample is a user's sequence without its val and test items; its last item is the target.
-    history_items = min(max(cm.items_per_sequence - 3, 1), model.max_items)
+    history_items = min(max(cm.items_per_sequence - 3, 1), model.max_history_items)
     history = min(1 + history_items * cm.tokens_per_item, model.max_tokens)  # [CLS] + items
     target = 1 + cm.tokens_per_item
     global_batch = pre.optim.global_batch_size or pre.optim.micro_batch_size * cfg.nodes * cfg.gpus_per_node

@@ -235,7 +235,7 @@ def test_missing_dev_shard_is_skipped_and_counted(tmp_path):
     (tmp_path / "dev-000003.tar").mkdir()  # unreadable: a folder
     shards = [str(tmp_path / "dev-000001.tar"), good, short, str(tmp_path / "dev-000003.tar")]
     counter = BadSampleCounter(max_logs=0)
-    examples = read_examples(shards, 10, 50, 100, counter, expected_counts={short: 9})
+    examples = read_examples(shards, 10, 100, counter, expected_counts={short: 9})
     assert len(examples) == 10 and examples[0].target == 3
     assert counter.counts == {"tar": 2, "truncated": 5}
 

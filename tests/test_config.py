@@ -101,6 +101,7 @@ def test_help_shows_the_defaults_of_nested_sections():
     ("eval.max_history=5", "eval.max_history_items"),
     ("sasrec.max_len=20", "sasrec.max_history_items"),
     ("gru4rec.max_len=20", "gru4rec.max_history_items"),
+    ("reolm.model.max_items=20", "reolm.model.max_history_items"),
 ])
 def test_old_history_keys_name_their_new_name(override, new):
     from reolm.finetune.config import FinetuneConfig
@@ -149,3 +150,47 @@ def test_configs_are_frozen_after_loading():
             setattr(cfg, key, getattr(cfg, key))
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_config(FinetuneConfig).reolm.stage1.lr = 1.0
+
+
+def test_old_model_max_items_is_refused_in_files_and_overrides(tmp_path):
+    from reolm.train.config import PretrainConfig
+    f = tmp_path / "old.yaml"
+    f.write_text("model:\n  max_items: 20\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: config key model.max_items was renamed to "
+                                          r"model.max_history_items$"):
+        load_config(PretrainConfig, f)
+    with pytest.raises(ConfigError, match=r"model.max_items was renamed to model.max_history_items$"):
+        load_config(PretrainConfig, None, ["model.max_items=20"])
+    assert load_config(PretrainConfig, None, ["model.max_history_items=20"]).model.max_history_items == 20
+
+
+def test_runs_and_models_saved_with_model_max_items_are_read_back_upgraded(tmp_path):
+    """A pre-training config, a fine-tuning run's config.yaml, a checkpoint's or a saved model's
+    settings (``from_dict``) written before the rename read back with the new key."""
+    from reolm.config import from_dict, load_saved_config
+    from reolm.finetune.config import FinetuneConfig
+    from reolm.finetune.reolm_config import ReoLMSection
+    from reolm.model import ModelConfig
+    from reolm.train.config import PretrainConfig
+
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump({"model": {"max_items": 12, "max_tokens": 256}}))
+    assert load_saved_config(PretrainConfig, old).model.max_history_items == 12
+    old.write_text(yaml.safe_dump({"model": "reolm", "reolm": {"model": {"max_items": 7}, "max_history": 4}}))
+    cfg = load_saved_config(FinetuneConfig, old)
+    assert (cfg.reolm.model.max_history_items, cfg.reolm.max_history_items) == (7, 4)
+    assert from_dict(ModelConfig, {"max_items": 9}).max_history_items == 9  # a checkpoint's "model" record
+    assert from_dict(ReoLMSection, {"model": {"max_items": 9}}).model.max_history_items == 9  # a saved model
+    with pytest.raises(ConfigError, match="both set"):
+        from_dict(ModelConfig, {"max_items": 9, "max_history_items": 9})
+    with pytest.raises(ConfigError, match="renamed to reolm.model.max_history_items"):
+        load_saved_config(FinetuneConfig, old, ["reolm.model.max_items=3"])  # overrides are user input
+
+
+def test_model_config_is_frozen():
+    import dataclasses
+    from reolm.model import ModelConfig
+    cfg = ModelConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_history_items = 3
+    assert dataclasses.replace(cfg, max_history_items=3).max_history_items == 3 and cfg.max_history_items == 50

@@ -201,24 +201,24 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     rec = ReoLMRecommender(model, progress=False).bind_domain(read_domain(assets["domain"]))
     collator: PackedCollator = rec.collator(mlm_probability=0.15, seed=0)
     batch = PrefixCollate(collator, rec.num_items, negatives=20)([([1, 2], 3), ([4], 3), ([7, 8, 9], 11)])
-    (micro,), (items,) = batch["micro"], batch["pools"]
-    pieces = split_sequences(items["input_ids"], items)  # example order: [CLS], item text, image token
+    (micro,), (items,) = batch.micro, batch.pools
+    pieces = split_sequences(items.input_ids, items)  # example order: [CLS], item text, image token
     assert 20 <= len(pieces) <= 22  # 20 distinct negatives + the targets {3, 11}, no duplicates
     # Each label points at its target's [CLS] item sequence.
-    for label, target in zip(micro["labels"].tolist(), [3, 3, 11]):
+    for label, target in zip(micro.labels.tolist(), [3, 3, 11]):
         assert pieces[label][1:-1].tolist() == rec.tokens.item(target)[0].tolist()
-    assert micro["history"]["mlm_positions"].numel() > 0  # the history is masked for the MLM loss
+    assert micro.history.mlm_positions.numel() > 0  # the history is masked for the MLM loss
     stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None)([([1, 2], 3)])
-    assert stage2["micro"][0]["labels"].tolist() == [3] and "pools" not in stage2
+    assert stage2.micro[0].labels.tolist() == [3] and stage2.pools == [] and stage2.micro[0].pool is None
     # A pool of trained items: negatives come only from it, stage-2 labels are positions in it.
     pool = np.array([0, 3, 5, 6, 11, 12, 13, 20])
     batch = PrefixCollate(collator, rec.num_items, negatives=30, train_items=pool)([([1, 2], 3), ([4], 11)])
-    items = batch["pools"][0]
-    pieces = split_sequences(items["input_ids"], items)
+    items = batch.pools[0]
+    pieces = split_sequences(items.input_ids, items)
     candidates = [int(i) for i in pool if any(p[1:-1].tolist() == rec.tokens.item(int(i))[0].tolist() for p in pieces)]
     assert len(pieces) == len(pool) and candidates == pool.tolist()
     stage2 = PrefixCollate(rec.collator(0.0), rec.num_items, negatives=None, train_items=pool)([([1, 2], 3), ([4], 20)])
-    assert stage2["micro"][0]["labels"].tolist() == [1, 7]
+    assert stage2.micro[0].labels.tolist() == [1, 7]
 
 
 def _tiny_rec(assets) -> ReoLMRecommender:
@@ -235,13 +235,13 @@ def test_shared_pool_serves_every_micro_batch_of_the_step(assets):
     rec = _tiny_rec(assets)
     per_micro = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2)(EXAMPLES)
     shared = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2, shared=True)(EXAMPLES)
-    assert len(per_micro["pools"]) == 3 and [m["pool"] for m in per_micro["micro"]] == [0, 1, 2]
-    (pool,) = shared["pools"]
-    pieces = split_sequences(pool["input_ids"], pool)
+    assert len(per_micro.pools) == 3 and [m.pool for m in per_micro.micro] == [0, 1, 2]
+    (pool,) = shared.pools
+    pieces = split_sequences(pool.input_ids, pool)
     assert 7 <= len(pieces) <= 12  # every target of the step (7 distinct) plus 5 negatives, deduplicated
-    for m, part in zip(shared["micro"], [EXAMPLES[0:2], EXAMPLES[2:4], EXAMPLES[4:6]]):
-        assert m["pool"] == 0
-        for label, (_, target) in zip(m["labels"].tolist(), part):
+    for m, part in zip(shared.micro, [EXAMPLES[0:2], EXAMPLES[2:4], EXAMPLES[4:6]]):
+        assert m.pool == 0
+        for label, (_, target) in zip(m.labels.tolist(), part):
             assert pieces[label][1:-1].tolist() == rec.tokens.item(target)[0].tolist()
 
 
@@ -251,7 +251,7 @@ def test_accumulated_shared_pool_step_equals_one_large_batch(assets):
     rec = _tiny_rec(assets).train()
     step = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=2, shared=True)(EXAMPLES)
     whole = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, 5, micro_batch=6, shared=True)(EXAMPLES)
-    assert torch.equal(step["pools"][0]["input_ids"], whole["pools"][0]["input_ids"])  # same seed, same pool
+    assert torch.equal(step.pools[0].input_ids, whole.pools[0].input_ids)  # same seed, same pool
 
     def grads(batch, cost):
         rec.zero_grad()

@@ -102,16 +102,16 @@ def test_image_feature_changes_only_sequences_containing_the_item(tmp_path):
     examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4, 5], None, 1),
                 SequenceExample([2, 7], None, 2)]
     with torch.no_grad():
-        before = model(col(examples)["history"]).pooled
+        before = model(col(examples).history).pooled
         images.features[2] += 1.0  # item 2 has an image: sequences 0 and 2 contain it
-        after = model(col(examples)["history"]).pooled
+        after = model(col(examples).history).pooled
         changed = [not torch.allclose(after[i], before[i], atol=1e-6) for i in range(3)]
         assert changed == [True, False, True]
         # Item 5 has no image: its feature row is ignored, the void vector is used.
         images.features[5] += 1.0
-        assert torch.equal(model(col(examples)["history"]).pooled, after)
+        assert torch.equal(model(col(examples).history).pooled, after)
         model.embeddings.void_image.add_(torch.randn(32))  # (a constant shift would vanish in LayerNorm)
-        void_changed = model(col(examples)["history"]).pooled
+        void_changed = model(col(examples).history).pooled
         changed = [not torch.allclose(void_changed[i], after[i], atol=1e-6) for i in range(3)]
         assert changed == [True, True, True]  # items 1, 3, 5, 7 have no image
 
@@ -150,9 +150,9 @@ def test_collator_without_image_table_uses_the_void_image(tmp_path):
     tokens, _ = tiny_tables()
     cfg = tiny_model_config()
     examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4, 5], None, 1)]
-    no_table = tiny_collator(tokens, None, cfg, mlm_probability=0.0)(examples)["history"]
-    assert no_table["image_features"].shape[1] == cfg.image_feature_dim
+    no_table = tiny_collator(tokens, None, cfg, mlm_probability=0.0)(examples).history
+    assert no_table.image_features.shape[1] == cfg.image_feature_dim
     empty = ImageFeatureTable.empty(len(tokens), cfg.image_feature_dim)
-    all_void = tiny_collator(tokens, empty, cfg, mlm_probability=0.0)(examples)["history"]
+    all_void = tiny_collator(tokens, empty, cfg, mlm_probability=0.0)(examples).history
     with torch.no_grad():
         assert torch.equal(model(no_table).pooled, model(all_void).pooled)

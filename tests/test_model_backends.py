@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from reolm.data.collate import SequenceExample, move_batch, split_sequences
+from reolm.data.collate import SequenceExample, split_sequences
 from reolm.model import ReoLM, resolve_backend
 from reolm.model.attention import AttentionLayout, attention, flash_available, varlen_available
 from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
@@ -19,10 +19,11 @@ def cuda(test):
 
 def _batch(layout="packed", seed=0):
     tokens, images = tiny_tables(num_items=30, seed=seed)
-    col = tiny_collator(tokens, images, tiny_model_config(max_items=6, max_tokens=60), seed=seed, layout=layout)
+    cfg = tiny_model_config(max_history_items=6, max_tokens=60)
+    col = tiny_collator(tokens, images, cfg, seed=seed, layout=layout)
     examples = [SequenceExample(list(range(s, s + n)), None, d)
                 for s, n, d in [(0, 1, 0), (3, 6, 1), (10, 3, 2), (20, 5, 3)]]
-    return col(examples)["history"]
+    return col(examples).history
 
 
 def _perturb(model: ReoLM, seed=0):
@@ -48,8 +49,8 @@ def test_sdpa_matches_eager_forward_and_gradients(tmp_path, routing):
     model = tiny_reolm(tmp_path, top_routing=routing).train()  # dropout is 0 in the tiny config
     _perturb(model)
     batch = _batch()
-    assert batch["seq_lengths"].unique().numel() == 4  # different lengths
-    assert len(batch["attn_groups"]) > 1  # grouped grids exercised
+    assert batch.seq_lengths.unique().numel() == 4  # different lengths
+    assert len(batch.attn_groups) > 1  # grouped grids exercised
     ref_out, ref_grads = _forward_backward(model, batch)
     model.set_attention("sdpa")
     out, grads = _forward_backward(model, batch)
@@ -66,10 +67,10 @@ def test_packed_equals_one_by_one_and_padded(tmp_path):
     col = tiny_collator(tokens, images, mlm_probability=0.0)
     examples = [SequenceExample(list(range(s, s + n)), None, d) for s, n, d in [(0, 2, 0), (5, 6, 1), (12, 4, 2)]]
     with torch.no_grad():
-        batch = col(examples)["history"]
+        batch = col(examples).history
         packed = model(batch)
-        singles = [model(col([e])["history"]) for e in examples]
-        padded_batch = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")(examples)["history"]
+        singles = [model(col([e]).history) for e in examples]
+        padded_batch = tiny_collator(tokens, images, mlm_probability=0.0, layout="padded")(examples).history
         padded = model(padded_batch)
     assert torch.allclose(torch.cat(split_sequences(packed.hidden, batch)), torch.cat([s.hidden for s in singles]),
                           atol=1e-5, rtol=0)
@@ -132,7 +133,7 @@ def test_cuda_backends_match_eager_in_bf16(tmp_path, backend):
         pytest.skip("flash_attn not installed")
     model = tiny_reolm(tmp_path).cuda().to(torch.bfloat16)
     _perturb(model)
-    batch = move_batch(_batch(), "cuda")
+    batch = _batch().to("cuda")
     ref_out, ref_grads = _forward_backward(model, batch)
     model.set_attention(backend)
     out, grads = _forward_backward(model, batch)
@@ -203,7 +204,7 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
     from reolm.data.domain import read_domain, write_domain
     from reolm.data.tokenizer import item_texts, train_tokenizer
     from reolm.finetune.reolm_recommender import ReoLMRecommender
-    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, stage1_loss
+    from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, TrainCost, train_step
     from reolm.model import ModelConfig
     from reolm.random_init import init_backbone
 
@@ -219,14 +220,13 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
         rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
         assert next(rec.model.parameters()).dtype == torch.float32
         dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
-        batch = move_batch(PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(
-            [dataset[i] for i in range(16)]), device)
+        batch = PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(
+            [dataset[i] for i in range(16)]).to(device)
         optimizer = torch.optim.AdamW(rec.model.parameters(), lr=1e-3)
         trace = []
         for _ in range(15):
-            loss = stage1_loss(rec, batch, 0.1)  # under bf16 autocast on CUDA, as in training
             optimizer.zero_grad()
-            loss.backward()
+            loss = train_step(rec, batch, 0.1, TrainCost())  # forward + backward under bf16 autocast
             optimizer.step()
             trace.append(float(loss))
         assert list(rec.model._backend_cache) == [f"{backend}@cuda/torch.bfloat16"]
@@ -235,5 +235,5 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
     assert losses["varlen"][0] == pytest.approx(losses["sdpa"][0], rel=0.05)
     rec.model.set_attention("auto")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        rec.model(batch["history"])
+        rec.model(batch.micro[0].history)
     assert rec.model.attention_backend(device, torch.bfloat16) in ("flash", "varlen")

@@ -30,7 +30,7 @@ def _batch(model, layout="packed", mlm=0.0):
     collate = tiny_collator(tokens, images, model.config, layout=layout, mlm_probability=mlm, seed=0)
     examples = [SequenceExample([1, 2, 3, 4, 5], domain=0), SequenceExample([7], domain=1),
                 SequenceExample([9, 10, 11], domain=2), SequenceExample([12, 13], domain=1)]
-    return collate(examples)["history"], collate.collate_items([0, 5, 17, 29, 3])
+    return collate(examples).history, collate.collate_items([0, 5, 17, 29, 3])
 
 
 @pytest.mark.parametrize("layout,backend", [("packed", "eager"), ("packed", "sdpa"), ("padded", "sdpa")])
@@ -51,7 +51,7 @@ def test_pooled_only_equals_full_last_layer_in_float64(tmp_path, layout, backend
 def test_gradients_and_mlm_loss_match_the_full_computation(tmp_path):
     model = _trained_looking(tmp_path, attention="sdpa").double().train()
     history, items = _batch(model, mlm=0.5)
-    assert history["mlm_positions"].shape[0] > 0
+    assert history.mlm_positions.shape[0] > 0
 
     def grads(pooled_only):
         model.zero_grad()

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from reolm.config import ConfigError
 from reolm.data.collate import SequenceExample
 from reolm.model import CheckpointError, ReoLM
 from reolm.model.encoder import training_flops
@@ -41,12 +42,38 @@ def test_save_and_load_round_trip_reproduces_outputs(tmp_path):
     assert loaded.config == model.config
     assert loaded.tokenizer is not None and loaded.tokenizer.cls_token_id == model.tokenizer.cls_token_id
     with torch.no_grad():
-        a, b = model(batch["history"]), loaded(batch["history"])
+        a, b = model(batch.history), loaded(batch.history)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)
     # run-time overrides, e.g. the attention backend or routing for fine-tuning
     other = ReoLM.from_pretrained(out_dir, overrides={"attention": "sdpa"}).eval()
     with torch.no_grad():
-        assert torch.allclose(other(batch["history"]).hidden, a.hidden, atol=1e-5)
+        assert torch.allclose(other(batch.history).hidden, a.hidden, atol=1e-5)
+
+
+def test_an_export_written_before_the_max_items_rename_loads_upgraded(tmp_path):
+    """config.json of an older export says ``max_items``: read back as ``max_history_items`` (with
+    and without run-time overrides), same weights, same outputs; a new export writes the new key."""
+    save_tiny_checkpoint(tmp_path / "hf", "bert")
+    cfg = tiny_model_config(max_history_items=5)
+    model = ReoLM.from_backbone(tmp_path / "hf", cfg).eval()
+    with torch.no_grad():
+        model.embeddings.item_position_embeddings.weight.normal_()  # item positions matter
+    out_dir = model.save_pretrained(tmp_path / "export")
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["reolm"]["max_history_items"] == 5 and "max_items" not in config["reolm"]
+    config["reolm"] = {("max_items" if k == "max_history_items" else k): v for k, v in config["reolm"].items()}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    batch = _batch(cfg).history
+    for overrides in (None, {"attention": "eager", "gradient_checkpointing": None}):
+        loaded = ReoLM.from_pretrained(out_dir, overrides=overrides).eval()
+        assert loaded.config == model.config
+        assert loaded.embeddings.item_position_embeddings.weight.shape[0] == 6
+        with torch.no_grad():
+            assert torch.equal(loaded(batch).pooled, model(batch).pooled)
+    config["reolm"]["max_history_items"] = 5  # both keys: refused rather than guessed
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="both set"):
+        ReoLM.from_pretrained(out_dir)
 
 
 def test_from_pretrained_rejects_plain_hf_and_tampered_dirs(tmp_path):
@@ -81,14 +108,14 @@ def test_mlm_loss_and_scores(tmp_path):
     cfg = tiny_model_config()
     model = ReoLM.from_backbone(tmp_path, cfg).train()
     batch = _batch(cfg)
-    assert batch["history"]["mlm_positions"].numel() > 0
-    out = model(batch["history"])
-    loss = model.mlm_loss(out, batch["history"])
+    assert batch.history.mlm_positions.numel() > 0
+    out = model(batch.history)
+    loss = model.mlm_loss(out, batch.history)
     assert loss.dtype == torch.float32 and 2.0 < loss.item() < 10.0  # ~log(120) for a random model
     loss.backward()
     assert model.lm_head.dense.weight.grad.abs().sum() > 0
     assert model.encoder.layer[-1].attention.self.query.weight.grad is None  # head reads the bottom half
-    seq, items = model.encode(batch["history"]), model.encode(batch["target"])
+    seq, items = model.encode(batch.history), model.encode(batch.target)
     scores = model.score(seq, items)
     assert scores.shape == (2, 2) and scores.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(seq[0], items[1], dim=0)
@@ -100,7 +127,7 @@ def test_mlm_loss_without_masked_tokens_is_zero_and_connected(tmp_path):
     save_tiny_checkpoint(tmp_path, "bert")
     cfg = tiny_model_config()
     model = ReoLM.from_backbone(tmp_path, cfg)
-    batch = _batch(cfg)["target"]  # targets are not masked
+    batch = _batch(cfg).target  # targets are not masked
     loss = model.mlm_loss(model(batch), batch)
     assert loss.item() == 0.0 and loss.requires_grad
 
@@ -128,14 +155,14 @@ def test_training_flops_equals_torch_flop_counter_on_each_sequence_alone(tmp_pat
     tokens, images = tiny_tables(num_items=20)
     examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1),
                 SequenceExample([5, 6, 7, 8, 9], None, 2)]
-    packed = tiny_collator(tokens, images, cfg, mlm_probability=0.3, seed=0)(examples)["history"]
-    masked = packed["mlm_positions"].shape[0]
+    packed = tiny_collator(tokens, images, cfg, mlm_probability=0.3, seed=0)(examples).history
+    masked = packed.mlm_positions.shape[0]
     assert masked > 0
     layers, adapters, hidden = 2, 4, 32
     reference = 0
-    for example, length in zip(examples, packed["seq_lengths"].tolist()):
-        alone = tiny_collator(tokens, images, cfg, mlm_probability=0.0)([example])["history"]
-        assert alone["seq_lengths"].tolist() == [length]
+    for example, length in zip(examples, packed.seq_lengths.tolist()):
+        alone = tiny_collator(tokens, images, cfg, mlm_probability=0.0)([example]).history
+        assert alone.seq_lengths.tolist() == [length]
         # The counter also sees the adapters' bias mixing (routing weights [rows, 4] @ biases [4, 32]:
         # 2*4*32 = 256 FLOPs a row), which the model's figure counts as a bias, i.e. not at all.
         # Rows through the adapters: every token in every layer; a [CLS]-only last layer has one row.
@@ -144,7 +171,7 @@ def test_training_flops_equals_torch_flop_counter_on_each_sequence_alone(tmp_pat
     with torch.no_grad():
         mlm_hidden = model(packed).mlm_hidden
         with FlopCounterMode(display=False) as head:
-            model.mlm_logits(mlm_hidden, packed["mlm_positions"])
+            model.mlm_logits(mlm_hidden, packed.mlm_positions)
     assert head.get_total_flops() == masked * 2 * (32 * 32 + 32 * 120)  # dense, then the tied decoder
     reference += head.get_total_flops()
     assert model.training_flops(packed, pooled_only=pooled_only) == 3 * reference  # backward = 2x forward
@@ -158,9 +185,9 @@ def test_training_flops_counts_real_tokens_only(tmp_path):
     model = ReoLM.from_backbone(tmp_path, cfg)
     tokens, images = tiny_tables(num_items=20)
     examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1)]
-    packed = tiny_collator(tokens, images, cfg, mlm_probability=0.0)(examples)["history"]
-    padded = tiny_collator(tokens, images, cfg, mlm_probability=0.0, layout="padded")(examples)["history"]
-    assert padded["input_ids"].shape[0] > packed["input_ids"].shape[0]  # the padded stream holds padding
+    packed = tiny_collator(tokens, images, cfg, mlm_probability=0.0)(examples).history
+    padded = tiny_collator(tokens, images, cfg, mlm_probability=0.0, layout="padded")(examples).history
+    assert padded.input_ids.shape[0] > packed.input_ids.shape[0]  # the padded stream holds padding
     assert model.training_flops(packed) == model.training_flops(padded)
 
 
@@ -183,7 +210,7 @@ def test_training_flops_grow_linearly_in_tokens_and_quadratically_in_attention(t
     tokens, images = tiny_tables(num_items=20)
     examples = [SequenceExample([1, 2, 3], None, 0), SequenceExample([4], None, 1)]
     collate = tiny_collator(tokens, images, model.config, mlm_probability=0.0)
-    both = model.training_flops(collate(examples)["history"])
-    alone = [model.training_flops(collate([e])["history"]) for e in examples]
-    lengths = collate(examples)["history"]["seq_lengths"].tolist()
+    both = model.training_flops(collate(examples).history)
+    alone = [model.training_flops(collate([e]).history) for e in examples]
+    lengths = collate(examples).history.seq_lengths.tolist()
     assert both == sum(alone) == sum(110592 * n + 768 * n * n for n in lengths)

@@ -82,7 +82,7 @@ def _read_before(shards: list[str], seed: int, stream_id: int, num_streams: int,
         draw, index = (int(part[1:]) for part in sample["__source__"].split("/")[1:])
         if (draw, index + 1) > target:
             break
-        example = decode_example(sample, 10**9, 50, BadSampleCounter(0))
+        example = decode_example(sample, 10**9, BadSampleCounter(0))
         if example is not None:
             seen.add(example.key)
     return seen
@@ -255,7 +255,7 @@ def _probe_batch(model, inputs) -> dict:
     tokens = find_token_table(inputs["corpus"], model.tokenizer, model.config.max_attr_tokens)
     images = ImageFeatureTable.empty(len(tokens), model.config.image_feature_dim)
     collator = PackedCollator.from_config(tokens, images, model.tokenizer, model.config, mlm_probability=0.0)
-    return collator([SequenceExample([1, 5, 9], None, 0), SequenceExample([120, 130], None, 1)])["history"]
+    return collator([SequenceExample([1, 5, 9], None, 0), SequenceExample([120, 130], None, 1)]).history
 
 
 # ----------------------------------------------------------------------------- ZeRO-3

@@ -264,7 +264,7 @@ def test_shard_stream_resumes_exactly_and_counts_bad_samples(tmp_path):
     # The per-rank dataset checks the whole layout (ranks x workers) before any worker starts.
     with pytest.raises(DataError, match="3 train shards for 4 readers"):
         TrainStream(shards, lambda examples, seed: {}, 2, 10, seed=0, rank=0, world_size=2, num_workers=2,
-                    resample=False, shuffle_buffer=4, shuffle_initial=2, max_history=50)
+                    resample=False, shuffle_buffer=4, shuffle_initial=2)
     # Without resampling each reader owns a disjoint subset and a pass covers it exactly once.
     owned = [ShardStream(shards, 0, i, 3, resample=False, counter=counter) for i in range(3)]
     assert sorted(s for o in owned for s in o.shards) == shards
@@ -274,16 +274,20 @@ def test_shard_stream_resumes_exactly_and_counts_bad_samples(tmp_path):
 
 
 def test_decode_example_skips_and_counts_bad_records():
+    from reolm.data.collate import SequenceExample
     counter = BadSampleCounter(max_logs=1)
-    ok = decode_example({"__key__": "a", "json": b'{"domain": 1, "user": 2, "items": [1, 2, 3]}'}, 10, 50, counter)
-    assert ok.target == 3 and ok.history.tolist() == [1, 2] and ok.domain == 1
+    ok = decode_example({"__key__": "a", "json": b'{"domain": 1, "user": 2, "items": [1, 2, 3]}'}, 10, counter)
+    assert isinstance(ok, SequenceExample) and ok.history.dtype == np.int64
+    assert ok.target == 3 and ok.history.tolist() == [1, 2] and (ok.domain, ok.user, ok.key) == (1, 2, "a")
     dev = decode_example({"__key__": "b", "json": b'{"domain": 0, "user": 2, "items": [1, 2], "target": 4}'},
-                         10, 1, counter)
-    assert dev.target == 4 and dev.history.tolist() == [2]  # max_history keeps the most recent
-    assert decode_example({"__key__": "c", "json": b"{not json"}, 10, 50, counter) is None
+                         10, counter)
+    assert dev.target == 4 and dev.history.tolist() == [1, 2]  # whole: the collator cuts histories
+    record = json.dumps({"domain": 0, "user": 3, "items": list(range(10)) * 10}).encode()
+    assert len(decode_example({"__key__": "l", "json": record}, 10, counter).history) == 99
+    assert decode_example({"__key__": "c", "json": b"{not json"}, 10, counter) is None
     assert decode_example({"__key__": "d", "json": b'{"domain": 0, "user": 1, "items": [1, 99]}'},
-                          10, 50, counter) is None
-    assert decode_example({"__key__": "e", "json": b'{"domain": 0, "user": 1, "items": [1]}'}, 10, 50,
+                          10, counter) is None
+    assert decode_example({"__key__": "e", "json": b'{"domain": 0, "user": 1, "items": [1]}'}, 10,
                           counter) is None
     assert counter.counts == {"decode": 1, "index": 1, "short": 1}
 
@@ -295,16 +299,21 @@ def test_train_stream_skips_corrupt_tar_and_keeps_fixed_batch_size(tmp_path):
     _write_tar(bad, [(f"d0_u{i}", {"domain": 0, "user": i, "items": [1, 2]}) for i in range(20)], corrupt_at=2048)
     (tmp_path / "train-000002.tar").write_bytes(b"this is not a tar file at all" * 50)
 
-    def collate(examples, seed):
-        return {"targets": [e.target for e in examples]}
+    from reolm.data.batch import StreamInfo, TrainingBatch
+    from reolm.train.step import SeededCollate
+    from tiny_models import tiny_collator, tiny_tables
 
+    collate = SeededCollate(tiny_collator(*tiny_tables(num_items=7), mlm_probability=0.0))
     ds = TrainStream([str(good), str(bad), str(tmp_path / "train-000002.tar")], collate, micro_batch=4,
                      num_items=7, seed=0, rank=0, world_size=1, num_workers=0, resample=True, shuffle_buffer=8,
-                     shuffle_initial=4, max_history=50)
+                     shuffle_initial=4)
     it = iter(ds)
     batches = [next(it) for _ in range(30)]
-    assert all(len(b["targets"]) == 4 for b in batches)
-    assert batches[-1]["stream"]["bad"].get("tar", 0) >= 1
+    assert all(isinstance(b, TrainingBatch) and b.num_sequences == len(b.keys) == b.target_items.shape[0] == 4
+               for b in batches)
+    assert all(k.startswith("s0/d") for k in batches[0].keys)  # the stream's source prefix, then the tar key
+    assert isinstance(batches[-1].stream, StreamInfo) and batches[-1].stream.worker == 0
+    assert batches[-1].stream.bad.get("tar", 0) >= 1
 
 
 def test_default_workers_share_the_cores_between_local_ranks():

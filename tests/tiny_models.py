@@ -53,7 +53,7 @@ def save_tiny_checkpoint(directory: Path, family: str = "bert", masked_lm: bool 
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    base = dict(num_adapters=4, adapter_rank=4, image_feature_dim=IMAGE_DIM, max_items=6, max_tokens=60,
+    base = dict(num_adapters=4, adapter_rank=4, image_feature_dim=IMAGE_DIM, max_history_items=6, max_tokens=60,
                 hidden_dropout=0.0, attention_dropout=0.0, attention="eager")
     base.update(overrides)
     return ModelConfig(**base)

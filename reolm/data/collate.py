@@ -4,44 +4,65 @@ A sequence is ``[CLS]`` followed by its items **most recent first**; each item i
 its text tokens (from the :class:`ItemTokenTable`) then one image token.  All
 tokens of the j-th item carry item-position id j (``[CLS]`` has 0); token types
 are 0 = CLS, 1..K attributes, K+1 image, K+2 padding.  Items are added from the
-most recent until the next one would exceed ``max_items`` or ``max_tokens``.
+most recent until the next one would exceed ``max_history_items`` or
+``max_tokens``: this is the one place a history is cut to the model's budget.
 
 Sequences are **packed** into one token stream (no padding) with int32
 ``cu_seqlens`` and a Python-int ``max_seqlen``; the padded-grid index each
 attention backend may need is computed here too, so the model's forward never
 syncs with the host.  Everything is built as CPU tensors (in DataLoader
-workers) and can be pinned.  The fields are documented in ``docs/model.md``.
+workers) and can be pinned.  The result is a :class:`~reolm.data.batch.PackedBatch`
+(fields documented there and in ``docs/model.md``); ``PackedCollator.__call__``
+returns a :class:`~reolm.data.batch.TrainingBatch` (histories and targets).
 
 Input of :class:`PackedCollator` is a list of :class:`SequenceExample`
-``(history, target, domain)``: global item indices in time order (oldest
-first), the target item index or ``None``, and the sequence's domain index
-(which selects the adapter in pre-training).
+``(history, target, domain, user, key)``: global item indices in time order
+(oldest first, an int64 array), the target item index or ``None``, the
+sequence's domain index (which selects the adapter in pre-training), and
+optionally where the example came from.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from reolm.data.batch import PackedBatch, TrainingBatch, move_batch
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 
-__all__ = ["SequenceExample", "PackedCollator", "pack_token_sequences", "move_batch", "split_sequences",
-           "attention_groups", "IGNORE_INDEX"]
+__all__ = ["SequenceExample", "PackedCollator", "PackedBatch", "TrainingBatch", "pack_token_sequences",
+           "move_batch", "split_sequences", "attention_groups", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 CLS_TYPE = 0
 
 
-class SequenceExample(NamedTuple):
-    """One training/evaluation example: item indices are rows of the item tables."""
+@dataclass(frozen=True, eq=False)
+class SequenceExample:
+    """One training/evaluation example: a history, optionally the item that follows it.
 
-    history: Sequence[int]       # time order, oldest first
+    Item indices are rows of the item tables.  ``history`` is kept whole, as an int64 array
+    (a list is converted once; an int64 array is used as is): :meth:`PackedCollator.select_history`
+    is where it is cut to the model's budget.  ``user`` and ``key`` say where a pre-training
+    example came from (``key``: the tar key, prefixed by ``s{stream}/d{draw}/i{index}/`` when
+    streamed; it is what ``data.record_keys`` logs).
+    """
+
+    history: np.ndarray          # int64 [n]: time order, oldest first
     target: int | None = None    # encoded as its own ``[CLS] item`` sequence
     domain: int = 0              # domain index (adapter routing in pre-training)
+    user: int | None = None      # the user's index, when known
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        history = np.asarray(self.history, dtype=np.int64)
+        if history.ndim != 1:
+            raise ValueError(f"a history is a flat sequence of item indices, got shape {history.shape}")
+        object.__setattr__(self, "history", history)
 
 
 @dataclass
@@ -80,7 +101,7 @@ def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray, lis
 
 
 def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
-              pad_type_id: int, bucket_ratio: float = 0.5, image_dim: int = 0) -> dict[str, Any]:
+              pad_type_id: int, bucket_ratio: float = 0.5, image_dim: int = 0) -> PackedBatch:
     """Concatenate sequences into a packed (or padded) stream with all metadata as tensors.
 
     Packed streams hold the sequences longest first, so the length groups of the grid-based
@@ -139,39 +160,39 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         present = torch.zeros(len(image_items), dtype=torch.bool)
 
     t = torch.from_numpy
-    return {
-        "input_ids": t(ids),
-        "token_type_ids": t(types),
-        "position_ids": t(positions.astype(np.int64)),
-        "item_position_ids": t(item_pos),
-        "cu_seqlens": t(cu.astype(np.int32)),
-        "max_seqlen": max_len,
-        "layout": layout,
-        "token_seq_index": t(seq_index.astype(np.int64)),
-        "seq_cls_index": t(cls_index),
-        "seq_lengths": t(lengths),
-        "stream_seq_lengths": t(np.ascontiguousarray(stream_lengths)),
-        "attn_grid_index": t(attn_grid.astype(np.int64)),
-        "attn_groups": groups,
-        "seq_domains": torch.tensor([s.domain for s in seqs], dtype=torch.int64),
-        "seq_num_items": torch.tensor([s.num_items for s in seqs], dtype=torch.int64),
-        "image_token_index": t(image_slots),
-        "image_item_index": t(image_items),
-        "image_features": feats,
-        "image_present": present,
-        "mlm_labels": t(labels),
-        "mlm_positions": t(np.flatnonzero(labels != IGNORE_INDEX).astype(np.int64)),
-        "num_tokens": total,
-        "num_real_tokens": int(lengths.sum()),
-        "num_attention_pairs": int((lengths ** 2).sum()),  # (query, key) pairs of the real tokens
-    }
+    return PackedBatch(
+        input_ids=t(ids),
+        token_type_ids=t(types),
+        position_ids=t(positions.astype(np.int64)),
+        item_position_ids=t(item_pos),
+        cu_seqlens=t(cu.astype(np.int32)),
+        max_seqlen=max_len,
+        layout=layout,
+        token_seq_index=t(seq_index.astype(np.int64)),
+        seq_cls_index=t(cls_index),
+        seq_lengths=t(lengths),
+        stream_seq_lengths=t(np.ascontiguousarray(stream_lengths)),
+        attn_grid_index=t(attn_grid.astype(np.int64)),
+        attn_groups=groups,
+        seq_domains=torch.tensor([s.domain for s in seqs], dtype=torch.int64),
+        seq_num_items=torch.tensor([s.num_items for s in seqs], dtype=torch.int64),
+        image_token_index=t(image_slots),
+        image_item_index=t(image_items),
+        image_features=feats,
+        image_present=present,
+        mlm_labels=t(labels),
+        mlm_positions=t(np.flatnonzero(labels != IGNORE_INDEX).astype(np.int64)),
+        num_tokens=total,
+        num_real_tokens=int(lengths.sum()),
+        num_attention_pairs=int((lengths ** 2).sum()),  # (query, key) pairs of the real tokens
+    )
 
 
 def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None = None,
                          item_position_ids: Sequence[Sequence[int]] | None = None,
                          domains: Sequence[int] | None = None, layout: str = "packed",
                          pad_token_id: int = 0, pad_type_id: int = 0, bucket_ratio: float = 0.5
-                         ) -> dict[str, Any]:
+                         ) -> PackedBatch:
     """Pack plain token sequences (no items, no image tokens, no MLM) into a model batch.
 
     For encoding arbitrary text and for tests; types and item positions default to 0.
@@ -191,13 +212,14 @@ def pack_token_sequences(input_ids: Sequence[Sequence[int]], token_type_ids: Seq
 class PackedCollator:
     """Turns :class:`SequenceExample` lists into packed batches (see module docstring).
 
-    ``__call__`` returns ``{"history": batch, "target": batch | None, "target_items": int64 [B]}``;
-    :meth:`collate_items` encodes bare items (``[CLS] item``) for item vectors.
+    ``__call__`` returns a :class:`TrainingBatch` (``history``, ``target`` or None, ``target_items``
+    or None, the examples' ``keys``); :meth:`collate_items` gives the :class:`PackedBatch` of bare
+    items (``[CLS] item``) for item vectors.
     """
 
     def __init__(self, tokens: ItemTokenTable, images: ImageFeatureTable | None, *, cls_token_id: int,
                  mask_token_id: int, pad_token_id: int, vocab_size: int, num_attributes: int,
-                 max_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
+                 max_history_items: int = 50, max_tokens: int = 1024, mlm_probability: float = 0.15,
                  mask_targets: bool = False, num_domains: int | None = None, layout: str = "packed",
                  bucket_ratio: float = 0.5, seed: int | None = None, image_dim: int = 0):
         if images is not None and len(images) != len(tokens):
@@ -211,7 +233,7 @@ class PackedCollator:
         self.cls_token_id, self.mask_token_id, self.pad_token_id = cls_token_id, mask_token_id, pad_token_id
         self.vocab_size = vocab_size
         self.image_type_id, self.pad_type_id = num_attributes + 1, num_attributes + 2
-        self.max_items, self.max_tokens = max_items, max_tokens
+        self.max_history_items, self.max_tokens = max_history_items, max_tokens
         self.mlm_probability, self.mask_targets = mlm_probability, mask_targets
         self.num_domains, self.layout, self.seed = num_domains, layout, seed
         self.bucket_ratio = bucket_ratio
@@ -227,7 +249,8 @@ class PackedCollator:
         """Settings from a :class:`reolm.model.ModelConfig` and special ids from the tokenizer."""
         kwargs = dict(cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id,
                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                      num_attributes=cfg.num_attributes, max_items=cfg.max_items, max_tokens=cfg.max_tokens,
+                      num_attributes=cfg.num_attributes, max_history_items=cfg.max_history_items,
+                      max_tokens=cfg.max_tokens,
                       mlm_probability=cfg.mlm_probability, num_domains=cfg.num_adapters,
                       bucket_ratio=cfg.attention_bucket_ratio, image_dim=cfg.image_feature_dim)
         kwargs.update(overrides)
@@ -263,12 +286,14 @@ class PackedCollator:
         self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ sequence building
-    def select_history(self, history: Sequence[int]) -> list[int]:
-        """Most recent first, until the next item would exceed max_items or max_tokens."""
+    def select_history(self, history: np.ndarray | Sequence[int]) -> list[int]:
+        """Most recent first, until the next item would exceed max_history_items or max_tokens.
+
+        The one place a history is cut to the model's budget (callers pass it whole)."""
         chosen: list[int] = []
         used = 1  # [CLS]
-        for item in reversed(history):
-            if len(chosen) == self.max_items:
+        for item in history[::-1]:
+            if len(chosen) == self.max_history_items:
                 break
             self._check_item(item)
             cost = int(self._offsets[item + 1] - self._offsets[item]) + 1  # text + image token
@@ -332,44 +357,34 @@ class PackedCollator:
         seq.labels = labels
 
     # ------------------------------------------------------------------ public entry points
-    def __call__(self, examples: Sequence[SequenceExample | tuple]) -> dict[str, Any]:
-        examples = [SequenceExample(*e) for e in examples]
+    def __call__(self, examples: Sequence[SequenceExample | tuple]) -> TrainingBatch:
+        examples = [e if isinstance(e, SequenceExample) else SequenceExample(*e) for e in examples]
         has_target = [e.target is not None for e in examples]
         if any(has_target) and not all(has_target):
             raise ValueError("either every example of a batch has a target or none has")
-        history = [self.build_sequence(self.select_history(e.history), e.domain, mlm=True) for e in examples]
-        out: dict[str, Any] = {"history": self._assemble(history), "target": None}
-        if all(has_target):
-            out["target"] = self.collate_items([e.target for e in examples], [e.domain for e in examples],
-                                               mlm=self.mask_targets)
-            out["target_items"] = torch.tensor([e.target for e in examples], dtype=torch.int64)
-        return out
+        history = self._assemble([self.build_sequence(self.select_history(e.history), e.domain, mlm=True)
+                                  for e in examples])
+        keys = [e.key for e in examples]
+        if not all(has_target):
+            return TrainingBatch(history, keys=keys)
+        targets = [e.target for e in examples]
+        target = self.collate_items(targets, [e.domain for e in examples], mlm=self.mask_targets)
+        return TrainingBatch(history, target, torch.tensor(targets, dtype=torch.int64), keys=keys)
 
     def collate_items(self, items: Sequence[int], domains: Sequence[int] | int = 0,
-                      mlm: bool = False) -> dict[str, Any]:
+                      mlm: bool = False) -> PackedBatch:
         """A batch of ``[CLS] item`` sequences (item vectors, e.g. targets or all items of a domain)."""
         if isinstance(domains, int):
             domains = [domains] * len(items)
         return self._assemble([self.build_sequence([int(i)], d, mlm) for i, d in zip(items, domains)])
 
-    def _assemble(self, seqs: list[_Seq]) -> dict[str, Any]:
+    def _assemble(self, seqs: list[_Seq]) -> PackedBatch:
         return _assemble(seqs, self.images, self.layout, self.pad_token_id, self.pad_type_id, self.bucket_ratio,
                          self.image_dim)
 
 
-def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
-    """Copy every tensor of a (nested) batch to ``device``; other values are kept."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_batch(v, device, non_blocking) for v in batch)
-    return batch
-
-
-def split_sequences(stream: torch.Tensor, batch: Mapping[str, Any]) -> list[torch.Tensor]:
+def split_sequences(stream: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
     """Per-token values of a stream (e.g. ``EncoderOutput.hidden``) cut into one tensor per example,
     in example order, real tokens only.  For inspection and tests: it syncs with the host."""
-    starts = batch["seq_cls_index"].tolist()
-    return [stream[start:start + n] for start, n in zip(starts, batch["seq_lengths"].tolist())]
+    starts = batch.seq_cls_index.tolist()
+    return [stream[start:start + n] for start, n in zip(starts, batch.seq_lengths.tolist())]

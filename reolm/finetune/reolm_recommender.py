@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from reolm.config import from_dict, save_resolved, to_dict
 from reolm.data import corpus
-from reolm.data.collate import PackedCollator, SequenceExample, move_batch
+from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable, TableError
@@ -248,14 +248,14 @@ class ReoLMRecommender(nn.Module):
             yield order[start:start + size].tolist()
 
     def _encode_item_chunk(self, items: list[int]) -> torch.Tensor:
-        batch = move_batch(self.eval_collate.collate_items(items), self.device)
+        batch = self.eval_collate.collate_items(items).to(self.device)
         with autocast_for(self.device):
             return self.model.encode(batch).float()
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        batch = self.eval_collate([SequenceExample(list(h)) for h in histories])["history"]
+        batch = self.eval_collate([SequenceExample(h) for h in histories]).history
         with autocast_for(self.device):
-            return self.model.encode(move_batch(batch, self.device)).float()
+            return self.model.encode(batch.to(self.device)).float()
 
 
 # ----------------------------------------------------------------------------- saved folder

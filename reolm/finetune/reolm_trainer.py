@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from reolm.config import save_resolved
-from reolm.data.collate import PackedCollator, SequenceExample, move_batch
+from reolm.data.batch import PackedBatch
+from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.domain import Domain
 from reolm.eval.evaluate import EvalResult
 from reolm.eval.frequency import item_train_counts
@@ -50,7 +51,7 @@ from reolm.optim import adamw, lr_schedule, optim_settings
 from reolm.seeding import seed_everything
 
 __all__ = ["train_reolm", "build_finetune_model", "with_weights_source", "PrefixDataset", "PrefixCollate",
-           "stage_rounds", "train_step", "TrainCost"]
+           "MicroBatch", "StepBatch", "stage_rounds", "train_step", "TrainCost"]
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,41 @@ class PrefixDataset(Dataset):
         return seq[max(0, t - self.max_history):t], seq[t]
 
 
+@dataclass(frozen=True, eq=False)
+class MicroBatch:
+    """One micro-batch of fine-tuning: histories and the rows their targets are scored at."""
+
+    history: PackedBatch   # the histories (MLM-masked when the collator masks)
+    labels: torch.Tensor   # int64 [B]: each target's row among the candidates (pool or item table)
+    pool: int | None = None  # stage 1: the index of its candidate pool in ``StepBatch.pools``
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "MicroBatch":
+        return dataclasses.replace(self, history=self.history.to(device, non_blocking),
+                                   labels=self.labels.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "MicroBatch":
+        return dataclasses.replace(self, history=self.history.pin_memory(), labels=self.labels.pin_memory())
+
+
+@dataclass(frozen=True, eq=False)
+class StepBatch:
+    """What one optimiser step trains on (:class:`PrefixCollate`): its micro-batches and, in stage 1,
+    the candidate pools they score against (``[CLS] item`` batches, encoded with gradient)."""
+
+    micro: list[MicroBatch]
+    pools: list[PackedBatch] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "StepBatch":
+        return StepBatch([m.to(device, non_blocking) for m in self.micro],
+                         [p.to(device, non_blocking) for p in self.pools])
+
+    def pin_memory(self) -> "StepBatch":
+        return StepBatch([m.pin_memory() for m in self.micro], [p.pin_memory() for p in self.pools])
+
+
 class PrefixCollate:
-    """DataLoader collate_fn of one optimiser step: ``micro`` = its micro-batches of
-    ``micro_batch`` histories (MLM-masked by the collator) with their ``labels``.
+    """DataLoader collate_fn of one optimiser step, a :class:`StepBatch`: ``micro`` = its
+    micro-batches of ``micro_batch`` histories (MLM-masked by the collator) with their ``labels``.
 
     With ``negatives`` (stage 1) it also returns ``pools``, ``[CLS] item`` batches of
     candidate sets (targets plus ``negatives`` uniformly sampled items, no duplicates), and
@@ -155,22 +188,21 @@ class PrefixCollate:
         self.collator, self.num_items, self.negatives = collator, num_items, negatives
         self.micro_batch, self.shared, self.train_items = micro_batch, shared, train_items
 
-    def __call__(self, examples: list[tuple[list[int], int]]) -> dict[str, Any]:
+    def __call__(self, examples: list[tuple[list[int], int]]) -> StepBatch:
         size = self.micro_batch or len(examples)
         parts = [examples[i:i + size] for i in range(0, len(examples), size)]
         targets = [np.array([t for _, t in part], dtype=np.int64) for part in parts]
-        micro = [{"history": self.collator([SequenceExample(h) for h, _ in part])["history"]} for part in parts]
+        histories = [self.collator([SequenceExample(h) for h, _ in part]).history for part in parts]
         if self.negatives is None:
-            for m, t in zip(micro, targets):
-                labels = t if self.train_items is None else np.searchsorted(self.train_items, t)
-                m["labels"] = torch.from_numpy(labels.astype(np.int64))
-            return {"micro": micro}
+            rows = [t if self.train_items is None else np.searchsorted(self.train_items, t) for t in targets]
+            return StepBatch([MicroBatch(h, torch.from_numpy(r.astype(np.int64))) for h, r in zip(histories, rows)])
         groups = [np.concatenate(targets)] if self.shared else targets
         pools = [self._candidates(g) for g in groups]
-        for i, (m, t) in enumerate(zip(micro, targets)):
-            m["pool"] = 0 if self.shared else i
-            m["labels"] = torch.from_numpy(np.searchsorted(pools[m["pool"]], t).astype(np.int64))
-        return {"micro": micro, "pools": [self.collator.collate_items(c.tolist()) for c in pools]}
+        micro = []
+        for i, (h, t) in enumerate(zip(histories, targets)):
+            pool = 0 if self.shared else i
+            micro.append(MicroBatch(h, torch.from_numpy(np.searchsorted(pools[pool], t).astype(np.int64)), pool))
+        return StepBatch(micro, [self.collator.collate_items(c.tolist()) for c in pools])
 
     def _candidates(self, targets: np.ndarray) -> np.ndarray:
         """Sorted unique ids of ``targets`` plus ``negatives`` fresh uniform (trained) items."""
@@ -195,7 +227,7 @@ def examples_per_step(stage: ReoLMStageSection) -> int:
 
 def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate], stage: ReoLMStageSection,
                  seed: int, device: torch.device, num_workers: int, progress: bool, name: str
-                 ) -> Callable[[int], Iterator[dict[str, Any]]]:
+                 ) -> Callable[[int], Iterator[StepBatch]]:
     """``batches(round)`` for the runner: round r covers part (r-1) % k of epoch (r-1) // k.
 
     Every round gets a collate_fn seeded from (seed, round): DataLoader workers start from a
@@ -203,7 +235,7 @@ def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate],
     """
     k = stage.evals_per_epoch
 
-    def batches(step_round: int) -> Iterator[dict[str, Any]]:
+    def batches(step_round: int) -> Iterator[StepBatch]:
         epoch, part = divmod(step_round - 1, k)
         collate = make_collate(seed * 1_000_003 + step_round)
         order = _epoch_order(len(dataset), stage, seed, epoch)
@@ -215,7 +247,7 @@ def stage_rounds(dataset: Dataset, make_collate: Callable[[int], PrefixCollate],
                             collate_fn=collate, num_workers=num_workers, pin_memory=device.type == "cuda")
         desc = f"{name} epoch {epoch + 1}" + (f" ({part + 1}/{k})" if k > 1 else "")
         for batch in tqdm(loader, desc=desc, unit="step", leave=False, disable=not progress):
-            yield move_batch(batch, device)
+            yield batch.to(device)
 
     return batches
 
@@ -239,19 +271,19 @@ class TrainCost:
                 "flops_per_example": self.flops / max(self.examples, 1)}
 
 
-def history_loss(rec: ReoLMRecommender, micro: dict[str, Any], candidates: torch.Tensor,
+def history_loss(rec: ReoLMRecommender, micro: MicroBatch, candidates: torch.Tensor,
                  mlm_weight: float) -> torch.Tensor:
     """Cross-entropy of one micro-batch's histories over ``candidates`` (fp32 cosine scores) plus
     weighted MLM; the last layer runs on the [CLS] rows only when the model allows it."""
     model = rec.model
     with autocast_for(rec.device):
-        out = model(micro["history"], pooled_only=True)
-        mlm = model.mlm_loss(out, micro["history"]) if mlm_weight > 0 else None
-    loss = info_nce(out.pooled, candidates, model.config.temperature, labels=micro["labels"]).loss
+        out = model(micro.history, pooled_only=True)
+        mlm = model.mlm_loss(out, micro.history) if mlm_weight > 0 else None
+    loss = info_nce(out.pooled, candidates, model.config.temperature, labels=micro.labels).loss
     return loss + mlm_weight * mlm if mlm is not None else loss
 
 
-def train_step(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float, cost: TrainCost) -> torch.Tensor:
+def train_step(rec: ReoLMRecommender, batch: StepBatch, mlm_weight: float, cost: TrainCost) -> torch.Tensor:
     """Forward and backward of one optimiser step; returns the detached mean loss.
 
     Stage 1: each candidate pool is encoded once WITH gradient; the micro-batches score against
@@ -261,25 +293,25 @@ def train_step(rec: ReoLMRecommender, batch: dict[str, Any], mlm_weight: float, 
     Stage 2 (no pools): plain accumulation against the frozen item table.
     """
     model = rec.model
-    micro = batch["micro"]
-    total = sum(m["labels"].shape[0] for m in micro)
+    micro = batch.micro
+    total = sum(m.labels.shape[0] for m in micro)
     with autocast_for(rec.device):
-        pools = [model.encode(p) for p in batch.get("pools", [])]
+        pools = [model.encode(p) for p in batch.pools]
     copies = [p.detach().requires_grad_() for p in pools]
     table = None
     if not copies:  # stage 2: the frozen table, restricted to the items seen in training
         table = rec.item_table if rec.train_items is None else rec.item_table[rec.train_items]
     losses = []
     for m in micro:
-        candidates = copies[m["pool"]] if copies else table
-        loss = history_loss(rec, m, candidates, mlm_weight) * (m["labels"].shape[0] / total)
+        candidates = copies[m.pool] if copies else table
+        loss = history_loss(rec, m, candidates, mlm_weight) * (m.labels.shape[0] / total)
         loss.backward()
         losses.append(loss.detach())
-        cost.flops += model.training_flops(m["history"], include_mlm=mlm_weight > 0, pooled_only=True)
+        cost.flops += model.training_flops(m.history, include_mlm=mlm_weight > 0, pooled_only=True)
     used = [(p, c.grad) for p, c in zip(pools, copies) if c.grad is not None]
     if used:
         torch.autograd.backward([p for p, _ in used], [g for _, g in used])
-    cost.flops += sum(model.training_flops(p, include_mlm=False, pooled_only=True) for p in batch.get("pools", []))
+    cost.flops += sum(model.training_flops(p, include_mlm=False, pooled_only=True) for p in batch.pools)
     cost.examples += total
     return torch.stack(losses).sum()  # in the loss's own dtype (fp64 in the parity tests)
 

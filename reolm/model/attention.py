@@ -32,10 +32,13 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from reolm.data.batch import PackedBatch
 
 __all__ = ["AttentionLayout", "BACKENDS", "resolve_backend", "compute_dtype", "attention", "flash_available",
            "varlen_available"]
@@ -62,9 +65,9 @@ class AttentionLayout:
         return self.cu_seqlens[:-1].long()
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, object]) -> "AttentionLayout":
-        return cls(batch["cu_seqlens"], int(batch["max_seqlen"]), batch["attn_grid_index"],
-                   batch["stream_seq_lengths"], batch["attn_groups"], batch.get("layout", "packed") == "padded")
+    def from_batch(cls, batch: "PackedBatch") -> "AttentionLayout":
+        return cls(batch.cu_seqlens, int(batch.max_seqlen), batch.attn_grid_index, batch.stream_seq_lengths,
+                   batch.attn_groups, batch.padded)
 
 
 # ----------------------------------------------------------------------------- grouped-grid helpers

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reolm.config import ConfigError, param
+from reolm.config import ConfigError, Renamed, param
+from reolm.history import history_items_param
 
 __all__ = ["ModelConfig", "ATTENTION_BACKENDS"]
 
@@ -12,9 +13,11 @@ ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "varlen", "flash")
 TOP_ROUTINGS = ("domain", "gate", "mean")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Reo-LM encoder: backbone, adapters, image tokens, attention backend, pooling, batch budget."""
+
+    renamed_keys = {"max_items": Renamed("max_history_items")}
 
     backbone: str = param("", "Local Hugging Face checkpoint directory (config.json + model.safetensors "
                               "or pytorch_model.bin + tokenizer files) of a BERT/RoBERTa-architecture "
@@ -46,7 +49,9 @@ class ModelConfig:
                                             "[CLS] rows only: keys and values from every token, the rest "
                                             "for one row per sequence. Same vectors up to float rounding.")
     temperature: float = param(0.05, "Scores are cosine similarity divided by this.", gt=0)
-    max_items: int = param(50, "Most history items per sequence (most recent kept).", ge=1)
+    max_history_items: int = history_items_param(
+        50, "Most history items per sequence (the most recent kept; also cut by max_tokens). The "
+            "item-position table has max_history_items + 1 rows, so an export fixes it. See reolm/history.py.")
     max_tokens: int = param(1024, "Most tokens per sequence including [CLS] and image tokens.", ge=3)
     max_attr_tokens: int = param(32, "Tokens per attribute (key + value) in the item token table.", ge=1)
     mlm_probability: float = param(0.15, "Share of words masked for the MLM loss (whole-word masking).",

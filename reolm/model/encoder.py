@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reolm.config import from_dict
+from reolm.config import from_dict, upgrade_renamed_keys
+from reolm.data.batch import PackedBatch
 from reolm.model import hf_checkpoint as hf
 from reolm.model import objectives
 from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
@@ -67,7 +68,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(bb.vocab_size, h, padding_idx=bb.pad_token_id)
         self.position_embeddings = nn.Embedding(num_positions, h)
         self.token_type_embeddings = nn.Embedding(cfg.num_token_types, h)
-        self.item_position_embeddings = nn.Embedding(cfg.max_items + 1, h)
+        self.item_position_embeddings = nn.Embedding(cfg.max_history_items + 1, h)
         # The image token's embedding: MLP of the item's image feature (d -> 2d -> H).
         d = cfg.image_feature_dim
         self.image_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, h))
@@ -80,15 +81,15 @@ class Embeddings(nn.Module):
         mlp_out = self.image_mlp(features.to(self.void_image.dtype))
         return torch.where(present[:, None], mlp_out, self.void_image.expand_as(mlp_out))
 
-    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        x = self.word_embeddings(batch["input_ids"])
-        slots = batch["image_token_index"]
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.word_embeddings(batch.input_ids)
+        slots = batch.image_token_index
         if slots.shape[0]:
-            images = self.image_embeddings(batch["image_features"], batch["image_present"])
+            images = self.image_embeddings(batch.image_features, batch.image_present)
             x = x.index_put((slots,), images.to(x.dtype))  # out of place: autograd-safe
-        x = (x + self.position_embeddings(batch["position_ids"] + self.position_offset)
-             + self.token_type_embeddings(batch["token_type_ids"])
-             + self.item_position_embeddings(batch["item_position_ids"]))
+        x = (x + self.position_embeddings(batch.position_ids + self.position_offset)
+             + self.token_type_embeddings(batch.token_type_ids)
+             + self.item_position_embeddings(batch.item_position_ids))
         return self.dropout(self.LayerNorm(x))
 
 
@@ -421,7 +422,9 @@ class ReoLM(nn.Module):
         ``gradient_checkpointing``; shape-changing settings come from the directory.
         """
         data = hf.read_export_config(directory)
-        cfg = from_dict(ModelConfig, {**data["reolm"], **dict(overrides or {})})
+        # An export of an older version may use old key names: upgraded before the overrides apply.
+        saved = upgrade_renamed_keys(ModelConfig, data["reolm"])
+        cfg = from_dict(ModelConfig, {**saved, **dict(overrides or {})})
         model = cls(BackboneConfig.from_dict(data["backbone"]), cfg)
         hf.load_complete_state(model, hf.read_state_dict(directory),
                                f"{directory}: weights do not match its config.json")
@@ -457,7 +460,7 @@ class ReoLM(nn.Module):
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Any], pooled_only: bool = False) -> EncoderOutput:
+    def forward(self, batch: PackedBatch, pooled_only: bool = False) -> EncoderOutput:
         """Encode a packed (or padded) batch; see docs/model.md for its fields.
 
         ``pooled_only``: the caller reads ``pooled`` and ``mlm_hidden`` only, so with [CLS]
@@ -465,17 +468,17 @@ class ReoLM(nn.Module):
         ``hidden`` is None.
         """
         layout = AttentionLayout.from_batch(batch)
-        device = batch["input_ids"].device
+        device = batch.input_ids.device
         backend = self.attention_backend(device, compute_dtype(device, self.embeddings.LayerNorm.weight.dtype))
         token_domains = None
         if self.config.top_routing == "domain":
-            token_domains = batch["seq_domains"].index_select(0, batch["token_seq_index"])
+            token_domains = batch.seq_domains.index_select(0, batch.token_seq_index)
         cls_last = pooled_only and self.cls_only_last_layer
         top, mlm_hidden = self.encoder(self.embeddings(batch), layout, backend, token_domains, cls_only_last=cls_last,
                                        checkpointing=self.gradient_checkpointing and self.training)
         if not cls_last:
             return EncoderOutput(hidden=top, pooled=self.pool(top, batch, layout), mlm_hidden=mlm_hidden)
-        stream_rank = torch.searchsorted(layout.cls_rows, batch["seq_cls_index"])  # top is in stream order
+        stream_rank = torch.searchsorted(layout.cls_rows, batch.seq_cls_index)  # top is in stream order
         return EncoderOutput(hidden=None, pooled=top.index_select(0, stream_rank), mlm_hidden=mlm_hidden)
 
     @property
@@ -484,16 +487,16 @@ class ReoLM(nn.Module):
         pooling and the setting on; the MLM reads the last bottom layer, always below it)."""
         return self.config.pooling == "cls" and self.config.cls_only_last_layer
 
-    def pool(self, hidden: torch.Tensor, batch: Mapping[str, Any], layout: AttentionLayout) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, batch: PackedBatch, layout: AttentionLayout) -> torch.Tensor:
         """[CLS] output or the mean over real tokens, one vector per sequence."""
         if self.config.pooling == "cls":
-            return hidden.index_select(0, batch["seq_cls_index"])
-        real = (batch["token_type_ids"] != self.config.pad_type_id).to(hidden.dtype)
-        weight = real / batch["seq_lengths"].index_select(0, batch["token_seq_index"]).to(hidden.dtype)
-        pooled = hidden.new_zeros(batch["seq_lengths"].shape[0], hidden.shape[1])
-        return pooled.index_add(0, batch["token_seq_index"], hidden * weight[:, None])
+            return hidden.index_select(0, batch.seq_cls_index)
+        real = (batch.token_type_ids != self.config.pad_type_id).to(hidden.dtype)
+        weight = real / batch.seq_lengths.index_select(0, batch.token_seq_index).to(hidden.dtype)
+        pooled = hidden.new_zeros(batch.num_sequences, hidden.shape[1])
+        return pooled.index_add(0, batch.token_seq_index, hidden * weight[:, None])
 
-    def training_flops(self, batch: Mapping[str, Any], include_mlm: bool = True, pooled_only: bool = False
+    def training_flops(self, batch: PackedBatch, include_mlm: bool = True, pooled_only: bool = False
                        ) -> float:
         """Model FLOPs of one forward + backward (3x forward) on the real tokens of ``batch``.
 
@@ -503,12 +506,12 @@ class ReoLM(nn.Module):
         counts ``forward(batch, pooled_only=True)``: with :attr:`cls_only_last_layer` the last
         layer projects keys and values for every token but the rest for the [CLS] rows only.
         """
-        cls_rows = len(batch["seq_lengths"]) if pooled_only and self.cls_only_last_layer else None
-        return training_flops(self.backbone_config, self.config, batch["num_real_tokens"],
-                              batch["num_attention_pairs"], batch["mlm_positions"].shape[0] if include_mlm else 0,
+        cls_rows = batch.num_sequences if pooled_only and self.cls_only_last_layer else None
+        return training_flops(self.backbone_config, self.config, batch.num_real_tokens,
+                              batch.num_attention_pairs, batch.mlm_positions.shape[0] if include_mlm else 0,
                               cls_only_sequences=cls_rows)
 
-    def encode(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def encode(self, batch: PackedBatch) -> torch.Tensor:
         """Pooled vectors [B, H] of a batch's sequences: histories, or ``[CLS] item`` sequences (from
         ``PackedCollator.collate_items``); the last layer runs on the [CLS] rows only when it can."""
         return self(batch, pooled_only=True).pooled
@@ -522,10 +525,10 @@ class ReoLM(nn.Module):
         """Vocabulary logits at the given stream positions, read from the last bottom layer."""
         return self.lm_head(mlm_hidden.index_select(0, positions))
 
-    def mlm_loss(self, output: EncoderOutput, batch: Mapping[str, Any]) -> torch.Tensor:
+    def mlm_loss(self, output: EncoderOutput, batch: PackedBatch) -> torch.Tensor:
         """Mean cross-entropy (fp32) over the masked tokens (:func:`~reolm.model.objectives.masked_lm_loss`);
         0 (still in the graph) when none."""
-        if batch["mlm_positions"].shape[0] == 0:
+        if batch.mlm_positions.shape[0] == 0:
             # The head does not run: its parameters keep no gradient (an optimiser then skips them).
             return output.mlm_hidden.sum().float() * 0.0
         return objectives.masked_lm_loss(*objectives.mlm_predictions(self, output, batch)).loss

@@ -19,12 +19,13 @@ the distributed normalisation is described in ``reolm/train/losses.py`` and docs
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from reolm import collectives
+from reolm.data.batch import PackedBatch
 
 __all__ = ["Similarity", "SIMILARITIES", "check_similarity", "score_dtype", "prepare_vectors", "product_scores",
            "similarity_scores", "paired_scores", "ContrastiveLoss", "info_nce", "MLMLoss", "masked_lm_loss",
@@ -164,8 +165,8 @@ class _HasMLMHead(Protocol):
     def mlm_logits(self, mlm_hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
 
-def mlm_predictions(model: _HasMLMHead, output: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vocabulary logits [M, V], labels [M]) at the masked positions of ``batch`` (one collated
-    part, e.g. ``batch["history"]``), read from ``output.mlm_hidden`` by ``model``'s LM head."""
-    positions = batch["mlm_positions"]
-    return model.mlm_logits(output.mlm_hidden, positions), batch["mlm_labels"].index_select(0, positions)
+def mlm_predictions(model: _HasMLMHead, output: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vocabulary logits [M, V], labels [M]) at the masked positions of ``batch`` (one packed
+    batch, e.g. ``TrainingBatch.history``), read from ``output.mlm_hidden`` by ``model``'s LM head."""
+    positions = batch.mlm_positions
+    return model.mlm_logits(output.mlm_hidden, positions), batch.mlm_labels.index_select(0, positions)

@@ -6,11 +6,13 @@ One ``wds.DataPipeline`` per DataLoader worker, built from small stages (OpenCLI
                        disjoint subset reshuffled every pass; reads tar samples and records the
                        reading position (draw index, sample offset) for exact resume
     wds.shuffle        shuffle buffer of RAW samples (bytes; nothing decoded yet)
-    decode_example     json -> {history, target, domain, user}; bad samples skipped + counted
+    decode_example     json -> SequenceExample(history, target, domain, user, key), the history
+                       whole (the collator cuts it); bad samples skipped + counted
     wds.batched        fixed-size lists of examples (partial batches dropped: every rank's
                        micro-batch has the same size, which the all-gather needs)
     CollateStage       item-table lookups (memory-mapped token table + image features) and the
-                       packing collator; attaches the stream state to each batch
+                       packing collator: a TrainingBatch, with the stream state attached
+                       (``TrainingBatch.stream``, a StreamInfo)
 
 The stream never ends: the number of steps is fixed by the run config, so every rank takes the
 same number of steps whatever the shard sizes.  Bad samples (corrupt tar, undecodable json,
@@ -31,6 +33,7 @@ is not a replay since they were never trained on).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -41,15 +44,16 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from reolm.data.batch import StreamInfo, TrainingBatch
+from reolm.data.collate import SequenceExample
 from reolm.data.corpus import Corpus
 from reolm.data.shards import ShardError
 from reolm.train.distributed import ignore_stop_signals_in_worker
-from reolm.train.samples import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, Example, decode_example,
-                                 read_examples, tar_samples)
+from reolm.train.samples import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, decode_example, read_examples,
+                                 tar_samples)
 
 __all__ = [
     "DataError",
-    "Example",
     "BadSampleCounter",
     "BAD_SAMPLE_KINDS",
     "ShardStream",
@@ -185,10 +189,10 @@ class ShardStream:
             self.position = StreamPosition(pos.draw + 1, 0)
 
 
-def _decode_stage(num_items: int, max_history: int, counter: BadSampleCounter) -> Callable:
-    def stage(src: Iterable[dict[str, Any]]) -> Iterator[Example]:
+def _decode_stage(num_items: int, counter: BadSampleCounter) -> Callable:
+    def stage(src: Iterable[dict[str, Any]]) -> Iterator[SequenceExample]:
         for sample in src:
-            example = decode_example(sample, num_items, max_history, counter)
+            example = decode_example(sample, num_items, counter)
             if example is not None:
                 yield example
     return stage
@@ -208,10 +212,10 @@ def stream_id(rank: int, worker: int, num_workers: int, replicate: bool) -> int:
 class TrainStream(torch.utils.data.IterableDataset):
     """The per-rank dataset; each DataLoader worker builds its own pipeline in ``__iter__``."""
 
-    def __init__(self, shards: Sequence[str], collate: Callable[[list[Example], int], dict[str, Any]],
+    def __init__(self, shards: Sequence[str], collate: Callable[[list[SequenceExample], int], TrainingBatch],
                  micro_batch: int, num_items: int, *, seed: int, rank: int, world_size: int,
                  num_workers: int, resample: bool, shuffle_buffer: int, shuffle_initial: int,
-                 max_history: int, replicate: bool = False, max_bad_logs: int = 20,
+                 replicate: bool = False, max_bad_logs: int = 20,
                  start: dict[int, StreamPosition] | None = None, generation: int = 0,
                  expected_counts: Mapping[str, int] | None = None) -> None:
         super().__init__()
@@ -219,7 +223,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
         self.num_workers, self.resample, self.replicate = max(num_workers, 1), resample, replicate
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
-        self.max_history, self.max_bad_logs = max_history, max_bad_logs
+        self.max_bad_logs = max_bad_logs
         self.start, self.generation = start or {}, generation
         self.expected_counts = dict(expected_counts or {})
         # Validate the layout in the parent so the error is raised before workers start.
@@ -227,7 +231,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         if not resample and len(self.shards) < streams:
             ShardStream(self.shards, seed, 0, streams, resample, BadSampleCounter(0))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TrainingBatch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         sid = stream_id(self.rank, worker, self.num_workers, self.replicate)
@@ -242,15 +246,14 @@ class TrainStream(torch.utils.data.IterableDataset):
             lambda: iter(reader),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)
             if self.shuffle_buffer > 1 else None,
-            _decode_stage(self.num_items, self.max_history, counter),
+            _decode_stage(self.num_items, counter),
             wds.batched(self.micro_batch, collation_fn=list, partial=False),
         )
         for index, examples in enumerate(pipeline):
             batch_seed = _seed(self.seed, sid, self.generation, index, 13)
             batch = self.collate(examples, batch_seed)
-            batch["stream"] = {"worker": worker, "draw": reader.position.draw,
-                               "offset": reader.position.offset, "bad": dict(counter.counts)}
-            yield batch
+            yield dataclasses.replace(batch, stream=StreamInfo(worker, reader.position.draw, reader.position.offset,
+                                                               dict(counter.counts)))
 
 
 class StreamTracker:
@@ -267,10 +270,10 @@ class StreamTracker:
         self.base_bad: dict[str, int] = dict(base_bad or {})
         self.bad: dict[int, dict[str, int]] = {}
 
-    def update(self, stream: dict[str, Any]) -> None:
-        worker = int(stream["worker"])
-        self.positions[worker] = StreamPosition(int(stream["draw"]), int(stream["offset"]))
-        self.bad[worker] = dict(stream["bad"])
+    def update(self, stream: StreamInfo) -> None:
+        worker = int(stream.worker)
+        self.positions[worker] = StreamPosition(int(stream.draw), int(stream.offset))
+        self.bad[worker] = dict(stream.bad)
 
     def bad_counts(self) -> dict[str, int]:
         total = dict(self.base_bad)

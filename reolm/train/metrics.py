@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from reolm.data.batch import TrainingBatch
 from reolm.io import write_text
 
 __all__ = ["DeviceAccumulator", "MetricsWriter", "Window", "Progress", "window_metrics", "move_rows_after",
@@ -169,12 +170,11 @@ class Window:
         self.sequences = 0
         self.flops = 0.0
 
-    def count_batch(self, batch: Mapping[str, Any], module: Any) -> None:
-        self.tokens += batch["stats"]["tokens"]
-        self.sequences += batch["stats"]["sequences"]
+    def count_batch(self, batch: TrainingBatch, module: Any) -> None:
+        self.tokens += batch.num_real_tokens  # history + target
+        self.sequences += batch.num_sequences
         # Analytic model FLOPs from the batch's Python ints.
-        self.flops += module.training_flops(batch["history"]) + module.training_flops(batch["target"],
-                                                                                       include_mlm=False)
+        self.flops += module.training_flops(batch.history) + module.training_flops(batch.target, include_mlm=False)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.excluded

@@ -1,4 +1,5 @@
-"""Pre-training samples: decoding one tar sample into an :class:`Example`, and counting bad ones.
+"""Pre-training samples: decoding one tar sample into a :class:`~reolm.data.collate.SequenceExample`,
+and counting bad ones.
 
 Bad samples (corrupt tar, undecodable json, unknown item index, too short a sequence, fewer
 samples in a shard than its manifest says) are skipped by :class:`BadSampleCounter`, which
@@ -11,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-__all__ = ["DataError", "Example", "BAD_SAMPLE_KINDS", "BadSampleCounter", "tar_samples", "decode_example",
+from reolm.data.collate import SequenceExample
+
+__all__ = ["DataError", "BAD_SAMPLE_KINDS", "BadSampleCounter", "tar_samples", "decode_example",
            "read_examples"]
 
 # The stream's logger: bad-sample warnings are the data stream's, wherever they are counted.
@@ -26,17 +28,6 @@ log = logging.getLogger("reolm.train.data")
 
 class DataError(ValueError):
     """The training data cannot be streamed as configured."""
-
-
-@dataclass
-class Example:
-    """One pre-training example: history (time order) -> target item, in one domain."""
-
-    history: np.ndarray  # int64 global item indices, oldest first
-    target: int
-    domain: int
-    user: int
-    key: str = ""  # the tar key, prefixed by "s{stream}/d{draw}/i{index}/" when streamed
 
 
 # Kinds of bad samples: unreadable tar content, undecodable json, unknown item index, fewer than
@@ -98,9 +89,9 @@ def tar_samples(url: str, handler: Callable[[BaseException], bool]) -> Iterator[
 
 # ----------------------------------------------------------------------------- decoding
 
-def decode_example(sample: dict[str, Any], num_items: int, max_history: int, counter: BadSampleCounter,
-                   ) -> Example | None:
-    """Raw tar sample -> Example; None (counted) when the sample is bad."""
+def decode_example(sample: dict[str, Any], num_items: int, counter: BadSampleCounter) -> SequenceExample | None:
+    """Raw tar sample -> example (history -> target item, in one domain, of one user); None (counted)
+    when the sample is bad.  The whole history is kept: the collator cuts it to the model's budget."""
     key = sample.get("__key__", "?")
     where = f"{sample.get('__url__', '?')}:{key}"
     try:
@@ -119,14 +110,13 @@ def decode_example(sample: dict[str, Any], num_items: int, max_history: int, cou
     if bad:
         counter.record("index", f"{where}: item index {bad[0]} outside [0, {num_items})")
         return None
-    history = np.asarray(items[:-1][-max_history:], dtype=np.int64)
+    history = np.asarray(items[:-1], dtype=np.int64)
     source = sample.get("__source__")
-    return Example(history, items[-1], domain, user, f"{source}/{key}" if source else key)
+    return SequenceExample(history, items[-1], domain, user, f"{source}/{key}" if source else key)
 
 
-def read_examples(shards: Sequence[str], num_items: int, max_history: int, limit: int,
-                  counter: BadSampleCounter | None = None,
-                  expected_counts: Mapping[str, int] | None = None) -> list[Example]:
+def read_examples(shards: Sequence[str], num_items: int, limit: int, counter: BadSampleCounter | None = None,
+                  expected_counts: Mapping[str, int] | None = None) -> list[SequenceExample]:
     """The first ``limit`` good examples of ``shards`` in order (validation sets, tests).
 
     Bad data is handled as in the training stream: a missing or unreadable shard and bad
@@ -135,13 +125,13 @@ def read_examples(shards: Sequence[str], num_items: int, max_history: int, limit
     """
     counter = counter or BadSampleCounter()
     expected = {os.path.abspath(k): v for k, v in (expected_counts or {}).items()}
-    out: list[Example] = []
+    out: list[SequenceExample] = []
     for url in shards:
         read = 0
         try:
             for sample in tar_samples(url, counter):
                 read += 1
-                example = decode_example(sample, num_items, max_history, counter)
+                example = decode_example(sample, num_items, counter)
                 if example is not None:
                     out.append(example)
                     if len(out) >= limit:

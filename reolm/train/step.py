@@ -12,17 +12,16 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-import torch
-
+from reolm.data.batch import TrainingBatch
+from reolm.data.collate import SequenceExample
 from reolm.model.objectives import mlm_predictions
 from reolm.train import distributed as D
-from reolm.train.data import Example, StreamTracker, TrainStream, build_train_loader
+from reolm.train.data import StreamTracker, TrainStream, build_train_loader
 from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import DeviceAccumulator, Window
 from reolm.train.setup import TrainSetup, shard_list
 
-__all__ = ["SeededCollate", "to_device", "cast_features", "forward_losses",
-           "train_batches", "micro_step", "consumed_log"]
+__all__ = ["SeededCollate", "forward_losses", "train_batches", "micro_step", "consumed_log"]
 
 
 class SeededCollate:
@@ -35,57 +34,39 @@ class SeededCollate:
     def __init__(self, collator: Any) -> None:
         self.collator = collator
 
-    def __call__(self, examples: list[Example], batch_seed: int) -> dict[str, Any]:
-        from reolm.data.collate import SequenceExample
-
+    def __call__(self, examples: list[SequenceExample], batch_seed: int) -> TrainingBatch:
         self.collator.reseed(batch_seed)
-        batch = self.collator([SequenceExample(e.history.tolist(), e.target, e.domain) for e in examples])
-        hist, tgt = batch["history"], batch["target"]
-        batch["stats"] = {"tokens": hist["num_real_tokens"] + tgt["num_real_tokens"], "sequences": len(examples)}
-        batch["keys"] = [e.key for e in examples]
-        return batch
+        return self.collator(examples)
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    from reolm.data.collate import move_batch
-    return move_batch(batch, device, non_blocking=True)
+def forward_losses(engine: Any, batch: TrainingBatch, loss_fn: PretrainLoss) -> Any:
+    """Encode histories (with MLM) and targets, return the loss parts for one micro-batch.
 
-
-def cast_features(batch: dict[str, Any], precision: str) -> None:
-    # Image features are float16 on disk; the engine's module runs in bf16/fp16/fp32.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    for part in ("history", "target"):
-        if batch.get(part) is not None:
-            batch[part]["image_features"] = batch[part]["image_features"].to(dtype)
-
-
-def forward_losses(engine: Any, batch: dict[str, Any], loss_fn: PretrainLoss) -> Any:
-    """Encode histories (with MLM) and targets, return the loss parts for one micro-batch."""
-    history_out = engine(batch["history"])
-    target_out = engine(batch["target"])
-    mlm_logits, mlm_labels = mlm_predictions(engine.module, history_out, batch["history"])
-    return loss_fn(history_out.pooled, target_out.pooled, mlm_logits, mlm_labels,
-                   target_ids=batch.get("target_items"))
+    Image features arrive as stored (float16); the model casts them to its own dtype."""
+    history_out = engine(batch.history)
+    target_out = engine(batch.target)
+    mlm_logits, mlm_labels = mlm_predictions(engine.module, history_out, batch.history)
+    return loss_fn(history_out.pooled, target_out.pooled, mlm_logits, mlm_labels, target_ids=batch.target_items)
 
 
 def _this_ranks_batches(loader: Any, tracker: StreamTracker, replicate: bool,
-                        info: D.DistInfo) -> Iterator[dict[str, Any]]:
+                        info: D.DistInfo) -> Iterator[TrainingBatch]:
     """Micro-batches for this rank; with a replicated stream keep every world-th one."""
     for index, batch in enumerate(loader):
-        tracker.update(batch.pop("stream"))
+        tracker.update(batch.stream)
         if replicate and index % info.world_size != info.rank:
             continue
         yield batch
 
 
-def train_batches(setup: TrainSetup, tracker: StreamTracker, generation: int) -> Iterator[dict[str, Any]]:
+def train_batches(setup: TrainSetup, tracker: StreamTracker, generation: int) -> Iterator[TrainingBatch]:
     """This rank's endless stream of collated micro-batches (DataLoader over :class:`TrainStream`)."""
     cfg, info = setup.cfg, setup.info
     dataset = TrainStream(shard_list(cfg, "train", setup.corpus), SeededCollate(setup.collator),
                           setup.micro, setup.num_items, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                           num_workers=setup.num_workers, resample=cfg.data.resample,
                           shuffle_buffer=cfg.data.shuffle_buffer, shuffle_initial=cfg.data.shuffle_initial,
-                          max_history=cfg.model.max_items, replicate=cfg.data.replicate_stream,
+                          replicate=cfg.data.replicate_stream,
                           max_bad_logs=cfg.data.max_bad_sample_logs, start=dict(tracker.positions),
                           generation=generation,
                           expected_counts=setup.corpus.shard_counts() if setup.corpus is not None else None)
@@ -94,7 +75,7 @@ def train_batches(setup: TrainSetup, tracker: StreamTracker, generation: int) ->
     return _this_ranks_batches(loader, tracker, cfg.data.replicate_stream, info)
 
 
-def micro_step(setup: TrainSetup, batches: Iterator[dict[str, Any]], loss_fn: PretrainLoss, window: Window,
+def micro_step(setup: TrainSetup, batches: Iterator[TrainingBatch], loss_fn: PretrainLoss, window: Window,
                acc: DeviceAccumulator, consumed: IO[str] | None, step: int) -> None:
     """Fetch one micro-batch, forward both sides, backward, and let DeepSpeed step/accumulate."""
     engine = setup.engine
@@ -102,12 +83,9 @@ def micro_step(setup: TrainSetup, batches: Iterator[dict[str, Any]], loss_fn: Pr
     batch = next(batches)
     window.wait += time.perf_counter() - t0
     window.count_batch(batch, engine.module)
-    keys = batch.pop("keys")
     if consumed is not None:
-        consumed.write("".join(f"{step}\t{k}\n" for k in keys))
-    batch = to_device(batch, setup.device)
-    cast_features(batch, setup.precision)
-    parts = forward_losses(engine, batch, loss_fn)
+        consumed.write("".join(f"{step}\t{k}\n" for k in batch.keys))
+    parts = forward_losses(engine, batch.to(setup.device), loss_fn)
     engine.backward(parts.total)
     engine.step()
     acc.add(loss=parts.total.detach(), loss_contrastive=parts.contrastive, loss_mlm=parts.mlm,

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from reolm.config import ConfigError
+from reolm.data.batch import PackedBatch
+from reolm.data.collate import SequenceExample
 from reolm.eval.metrics import MetricAccumulator
 from reolm.eval.ranking import rank_targets
 from reolm.model.objectives import mlm_predictions
 from reolm.train import distributed as D
-from reolm.train.data import BadSampleCounter, DataError, Example, read_examples
+from reolm.train.data import BadSampleCounter, DataError, read_examples
 from reolm.train.setup import TrainSetup, shard_list
-from reolm.train.step import cast_features, to_device
 
 __all__ = ["ValidationSet", "validation_set", "validate", "ranking_metrics"]
 
@@ -33,7 +34,7 @@ MLM_SEED = 99  # with cfg.seed: the same masks at every validation, so MLM accur
 
 
 class ValidationSet(NamedTuple):
-    examples: list[Example]
+    examples: list[SequenceExample]
     pool: np.ndarray          # candidate item indices (sorted), every target among them
     skipped: dict[str, int]   # val_skipped_samples[_KIND]: bad dev data, reported with each validation
 
@@ -51,7 +52,7 @@ def validation_set(setup: TrainSetup) -> ValidationSet | None:
     # Missing/unreadable dev shards and bad samples are skipped and counted, as in training.
     counter = BadSampleCounter(max_logs=5, where=" [dev]")
     expected = setup.corpus.shard_counts() if setup.corpus is not None and not cfg.data.dev_shards else None
-    examples = read_examples(shards, setup.num_items, cfg.model.max_items, cfg.val.max_users, counter, expected)
+    examples = read_examples(shards, setup.num_items, cfg.val.max_users, counter, expected)
     skipped = {"val_skipped_samples": counter.total,
                **{f"val_skipped_samples_{kind}": n for kind, n in counter.counts.items()}}
     if counter.total:
@@ -63,7 +64,7 @@ def validation_set(setup: TrainSetup) -> ValidationSet | None:
                          skipped)
 
 
-def _candidate_pool(examples: Sequence[Example], size: int, num_items: int, seed: int) -> np.ndarray:
+def _candidate_pool(examples: Sequence[SequenceExample], size: int, num_items: int, seed: int) -> np.ndarray:
     """Every target plus random other items up to ``size`` (fixed by the seed), sorted."""
     targets = np.unique([e.target for e in examples])
     size = min(max(size, len(targets)), num_items)
@@ -107,32 +108,27 @@ class _Encoder:
 
     def __init__(self, setup: TrainSetup) -> None:
         self.module, self.collator = setup.engine.module, setup.collator
-        self.device, self.precision = setup.device, setup.precision
+        self.device = setup.device
         self.mlm_stats = torch.zeros(2, device=setup.device)  # (correct predictions, masked tokens)
 
-    def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        batch = to_device(batch, self.device)
-        cast_features({"history": batch}, self.precision)
-        return batch
-
-    def _histories(self, chunk: list[Example]) -> dict[str, Any]:
-        from reolm.data.collate import SequenceExample
-        return self._on_device(self.collator([SequenceExample(e.history.tolist(), None, e.domain)
-                                              for e in chunk])["history"])
+    def _histories(self, chunk: list[SequenceExample]) -> PackedBatch:
+        """The chunk's histories (without their targets) as a batch on the device."""
+        examples = [SequenceExample(e.history, None, e.domain) for e in chunk]
+        return self.collator(examples).history.to(self.device)
 
     def items(self, chunk: list[tuple[int, int]]) -> torch.Tensor:
         """Vectors of (item, domain) pairs: each item through the adapter of the domain it is ranked in."""
-        return self.module(self._on_device(self.collator.collate_items([i for i, _ in chunk],
-                                                                       [d for _, d in chunk]))).pooled
+        batch = self.collator.collate_items([i for i, _ in chunk], [d for _, d in chunk])
+        return self.module(batch.to(self.device)).pooled
 
-    def histories(self, chunk: list[Example]) -> torch.Tensor:
+    def histories(self, chunk: list[SequenceExample]) -> torch.Tensor:
         return self.module(self._histories(chunk)).pooled
 
-    def count_mlm_hits(self, chunk: list[Example]) -> torch.Tensor:
+    def count_mlm_hits(self, chunk: list[SequenceExample]) -> torch.Tensor:
         """Add the chunk's correct MLM predictions to ``mlm_stats``; returns a stub vector per example."""
         batch = self._histories(chunk)
         out = self.module(batch)
-        if batch["mlm_positions"].shape[0]:
+        if batch.mlm_positions.shape[0]:
             logits, labels = mlm_predictions(self.module, out, batch)
             hits = (logits.argmax(-1) == labels).sum().float()
             self.mlm_stats.add_(torch.stack([hits, hits.new_tensor(float(labels.shape[0]))]))
@@ -145,7 +141,7 @@ class _Encoder:
 
 
 @torch.no_grad()
-def validate(setup: TrainSetup, examples: list[Example], pool: np.ndarray,
+def validate(setup: TrainSetup, examples: list[SequenceExample], pool: np.ndarray,
              skipped: dict[str, int] | None = None) -> dict[str, float]:
     """Next-item Recall@k / NDCG@k of dev targets among ``pool`` (which contains every target),
     plus MLM accuracy of the dev histories, and the ``skipped`` counts of bad dev data.
@@ -175,7 +171,7 @@ def validate(setup: TrainSetup, examples: list[Example], pool: np.ndarray,
         "val_mlm_accuracy": mlm_accuracy, **(skipped or {})}
 
 
-def ranking_metrics(module: Any, examples: list[Example], pool: np.ndarray, domains: list[int],
+def ranking_metrics(module: Any, examples: list[SequenceExample], pool: np.ndarray, domains: list[int],
                     user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int) -> dict[str, float]:
     """Recall@k and NDCG@k of each example's target among the pool, scored against its domain's item vectors."""
     position = {int(item): j for j, item in enumerate(pool)}
