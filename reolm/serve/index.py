@@ -11,6 +11,7 @@ temperature) is the FAISS score divided by the temperature.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,9 @@ class IndexFileError(ValueError):
 
 
 def _faiss():
+    # faiss' loader tries its AVX-512 builds first and logs each failed import (with the
+    # ModuleNotFoundError) at INFO before using the generic one: noise for our INFO-level logs.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss  # imported late: `reolm --help` and the rest of the library never need it
     return faiss
 
