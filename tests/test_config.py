@@ -111,13 +111,18 @@ def test_old_history_keys_name_their_new_name(override, new):
         apply_overrides(FinetuneConfig(), [override])
 
 
-def test_old_history_key_in_a_file_names_the_file_and_what_changed(tmp_path):
+@pytest.mark.parametrize("kind, text, message", [
+    ("finetune", "bert4rec:\n  max_len: 50\n",
+     r"config key bert4rec.max_len was renamed to bert4rec.max_history_items \(= max_len - 1"),
+    ("pretrain", "model:\n  max_items: 20\n", r"config key model.max_items was renamed to model.max_history_items$"),
+])
+def test_old_history_key_in_a_file_names_the_file_and_what_changed(tmp_path, kind, text, message):
     from reolm.finetune.config import FinetuneConfig
+    from reolm.train.config import PretrainConfig
     f = tmp_path / "old.yaml"
-    f.write_text("bert4rec:\n  max_len: 50\n")
-    with pytest.raises(ConfigError, match=r"old.yaml: config key bert4rec.max_len was renamed to "
-                                          r"bert4rec.max_history_items \(= max_len - 1"):
-        load_config(FinetuneConfig, f)
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=r"old.yaml: " + message):
+        load_config({"finetune": FinetuneConfig, "pretrain": PretrainConfig}[kind], f)
 
 
 def test_a_run_saved_with_the_old_keys_is_read_back_upgraded(tmp_path):
@@ -152,13 +157,8 @@ def test_configs_are_frozen_after_loading():
         load_config(FinetuneConfig).reolm.stage1.lr = 1.0
 
 
-def test_old_model_max_items_is_refused_in_files_and_overrides(tmp_path):
+def test_old_model_max_items_is_refused_in_pretraining_overrides():
     from reolm.train.config import PretrainConfig
-    f = tmp_path / "old.yaml"
-    f.write_text("model:\n  max_items: 20\n")
-    with pytest.raises(ConfigError, match=r"old.yaml: config key model.max_items was renamed to "
-                                          r"model.max_history_items$"):
-        load_config(PretrainConfig, f)
     with pytest.raises(ConfigError, match=r"model.max_items was renamed to model.max_history_items$"):
         load_config(PretrainConfig, None, ["model.max_items=20"])
     assert load_config(PretrainConfig, None, ["model.max_history_items=20"]).model.max_history_items == 20
