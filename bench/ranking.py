@@ -52,9 +52,10 @@ def bare_matmul(users: torch.Tensor, items: torch.Tensor, item_chunk: int) -> to
     width = min(item_block, items.shape[0])
     buffer = torch.empty(min(user_block, users.shape[0]) * width, device=users.device)
     for lo, hi in _chunks(users.shape[0], user_block):
+        full = buffer[:(hi - lo) * width].view(hi - lo, width)  # reused like the ranking's own view
         for start, end in _chunks(items.shape[0], width):
-            out = torch.matmul(users[lo:hi], items[start:end].T,
-                               out=buffer[:(hi - lo) * (end - start)].view(hi - lo, end - start))
+            view = full if end - start == width else buffer[:(hi - lo) * (end - start)].view(hi - lo, end - start)
+            out = torch.matmul(users[lo:hi], items[start:end].T, out=view)
     return out
 
 

@@ -120,6 +120,7 @@ class CompiledCounter:
         self._dtype = thresholds.dtype
         self._arrays = (thresholds.numpy(), above.numpy(), at_or_above.numpy(), targets.numpy())
         self._own = own.numpy()
+        self._matched_threads = 0  # torch's thread count numba was last given (0: not yet)
 
     @classmethod
     def bind(cls, thresholds: torch.Tensor, above: torch.Tensor, at_or_above: torch.Tensor, targets: torch.Tensor,
@@ -143,7 +144,9 @@ class CompiledCounter:
         if (scores.numel() < MIN_KERNEL_BLOCK or scores.shape[1] >= MAX_KERNEL_WIDTH
                 or scores.dtype != self._dtype or not scores.is_contiguous() or scores.device.type != "cpu"):
             return False
-        torch_threads = _match_torch_threads()
+        torch_threads = torch.get_num_threads()
+        if torch_threads != self._matched_threads:  # numba's count follows torch's (once per change)
+            self._matched_threads = _match_torch_threads()
         try:
             self._kernel(scores.numpy(), *self._arrays, start, self._own)
         except Exception as err:  # a numba/LLVM failure must not stop an evaluation: fall back

@@ -147,10 +147,10 @@ def _rank_block_rows(users: torch.Tensor, items: torch.Tensor, targets: torch.Te
     buffer = torch.empty(users.shape[0] * width, dtype=torch.promote_types(users.dtype, items.dtype),
                          device=users.device)
     counter = _RankCounter(target_scores, targets, width)
+    full = buffer.view(users.shape[0], width)  # every block but perhaps the last: one view, reused
     for start, end in _chunks(num_items, width):
-        scores = product_scores(users, items[start:end], temperature,
-                                out=buffer[:users.shape[0] * (end - start)].view(users.shape[0], end - start))
-        counter.add(scores, start)
+        out = full if end - start == width else buffer[:users.shape[0] * (end - start)].view(users.shape[0], end - start)
+        counter.add(product_scores(users, items[start:end], temperature, out=out), start)
     return counter.ranks()
 
 
