@@ -19,7 +19,6 @@ import torch
 from reolm.data.collate import PackedCollator, SequenceExample, TrainingBatch
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.io import write_text
-from reolm.model import ModelConfig
 from reolm.model.objectives import info_nce
 
 RESULTS = Path(__file__).resolve().parent / "results"

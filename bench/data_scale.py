@@ -105,7 +105,7 @@ def main() -> int:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n| stage | seconds | peak RSS (GB) |\n|---|---:|---:|")
+    print("\n| stage | seconds | peak RSS (GB) |\n|---|---:|---:|")
     for name, s in stages.items():
         print(f"| {name} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} |")
     print(f"| **total** | {result['total_seconds']:.1f} | {result['peak_rss_gb']:.2f} |")

@@ -108,8 +108,8 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| ranks | global batch | steps/s | samples/s | real tokens/s | data-wait share |")
-    print(f"|---:|---:|---:|---:|---:|---:|")
+    print("| ranks | global batch | steps/s | samples/s | real tokens/s | data-wait share |")
+    print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.ranks} | {result['global_batch']} | {result['steps_per_s']:.2f} | {result['samples_per_s']:.1f} | "
           f"{result['tokens_per_s']:.0f} | {result['data_wait_share']:.3f} |")
     print(f"wrote {args.out}")

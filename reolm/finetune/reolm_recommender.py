@@ -46,7 +46,7 @@ from reolm.data import corpus
 from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
-from reolm.data.tables import ImageFeatureTable, ItemTokenTable, TableError
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
 from reolm.io import atomic_dir, write_json
