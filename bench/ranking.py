@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, write_result  # noqa: E402
 from reolm.eval.metrics import MetricAccumulator  # noqa: E402
 from reolm.eval.rank_kernel import kernel_available  # noqa: E402
-from reolm.eval.ranking import _block_shape, _chunks, evaluate_vectors  # noqa: E402
+from reolm.eval.ranking import _block_shape, _chunks, _score_blocks, evaluate_vectors  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -52,9 +52,7 @@ def bare_matmul(users: torch.Tensor, items: torch.Tensor, item_chunk: int) -> to
     width = min(item_block, items.shape[0])
     buffer = torch.empty(min(user_block, users.shape[0]) * width, device=users.device)
     for lo, hi in _chunks(users.shape[0], user_block):
-        full = buffer[:(hi - lo) * width].view(hi - lo, width)  # reused like the ranking's own view
-        for start, end in _chunks(items.shape[0], width):
-            view = full if end - start == width else buffer[:(hi - lo) * (end - start)].view(hi - lo, end - start)
+        for start, end, view in _score_blocks(buffer, hi - lo, items.shape[0], width):  # the ranking's own views
             out = torch.matmul(users[lo:hi], items[start:end].T, out=view)
     return out
 

@@ -139,6 +139,15 @@ def _block_shape(num_users: int, item_chunk: int, device: torch.device) -> tuple
     return users, max(1, min(item_chunk, CPU_BLOCK_BYTES // (4 * users)))
 
 
+def _score_blocks(buffer: torch.Tensor, rows: int, num_items: int, width: int
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, end, out) per item block: ``out`` is a [rows, end - start] view of ``buffer``, the
+    same view object for every full-width block (only a shorter last block gets its own)."""
+    full = buffer[:rows * width].view(rows, width)
+    for start, end in _chunks(num_items, width):
+        yield start, end, full if end - start == width else buffer[:rows * (end - start)].view(rows, end - start)
+
+
 def _rank_block_rows(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, target_scores: torch.Tensor,
                      temperature: float, item_block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of one user block against every item, one reused [B, item_block] score buffer."""
@@ -147,9 +156,7 @@ def _rank_block_rows(users: torch.Tensor, items: torch.Tensor, targets: torch.Te
     buffer = torch.empty(users.shape[0] * width, dtype=torch.promote_types(users.dtype, items.dtype),
                          device=users.device)
     counter = _RankCounter(target_scores, targets, width)
-    full = buffer.view(users.shape[0], width)  # every block but perhaps the last: one view, reused
-    for start, end in _chunks(num_items, width):
-        out = full if end - start == width else buffer[:users.shape[0] * (end - start)].view(users.shape[0], end - start)
+    for start, end, out in _score_blocks(buffer, users.shape[0], num_items, width):
         counter.add(product_scores(users, items[start:end], temperature, out=out), start)
     return counter.ranks()
 
