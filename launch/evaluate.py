@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from reolm.config import config_help_epilog  # noqa: E402
 from reolm.finetune.config import EvalSection  # noqa: E402
+from reolm.precision import PRECISION_DOC, PRECISIONS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("val", "test"), default="test", help="split to rank (default test)")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write the metrics JSON")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="Reo-LM / PLM encoding precision (default auto). " + PRECISION_DOC)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--max-users", type=int, metavar="N",
                         help="evaluate a random subset of N users (same as eval.max_users=N)")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from reolm.eval.contract import write_metrics
         from reolm.finetune.runner import evaluate_saved
         doc = evaluate_saved(args.model, args.domain, args.split, overrides, device=args.device,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, precision=args.precision)
         write_metrics(args.out, doc, run=False)
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)

@@ -65,6 +65,9 @@ class PackedBatch:
     """int64 [B]: real tokens per sequence in stream order (the order of ``cu_seqlens``)."""
     attn_grid_index: torch.Tensor
     """int64 [T]: slot of each token in its attention group's ``[n, L]`` grid (eager/sdpa)."""
+    attn_grid_source: torch.Tensor
+    """int64 [S]: for every slot of each attention group that has padding, the group's row that
+    fills it (padding slots: row 0); S = the sum of n x L over those groups (eager/sdpa)."""
     attn_groups: list[tuple[int, int, int]]
     """Per attention length group of the stream: (tokens, sequences n, longest L) (eager/sdpa)."""
     seq_domains: torch.Tensor

@@ -35,7 +35,7 @@ from reolm.data.batch import PackedBatch, TrainingBatch, move_batch
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 
 __all__ = ["SequenceExample", "PackedCollator", "PackedBatch", "TrainingBatch", "pack_token_sequences",
-           "move_batch", "split_sequences", "attention_groups", "IGNORE_INDEX"]
+           "move_batch", "split_sequences", "attention_groups", "grid_sources", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 CLS_TYPE = 0
@@ -100,6 +100,23 @@ def attention_groups(lengths: np.ndarray, ratio: float) -> tuple[np.ndarray, lis
     return np.concatenate(grid).astype(np.int64), shapes
 
 
+def grid_sources(grid: np.ndarray, groups: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """For every slot of each group that has padding, the row of the group (0-based) that fills it.
+
+    The attention backends gather such a group's ``[n, L]`` grid with it; padding slots read
+    row 0, a real token (masked as a key, never read back as a query).  Groups without padding
+    are viewed in place and contribute nothing.
+    """
+    parts, offset = [], 0
+    for tokens, n, length in groups:
+        if tokens != n * length:
+            source = np.zeros(n * length, dtype=np.int64)
+            source[grid[offset:offset + tokens]] = np.arange(tokens)
+            parts.append(source)
+        offset += tokens
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, pad_token_id: int,
               pad_type_id: int, bucket_ratio: float = 0.5, image_dim: int = 0) -> PackedBatch:
     """Concatenate sequences into a packed (or padded) stream with all metadata as tensors.
@@ -145,9 +162,10 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
     image_items = np.concatenate([s.image_items for s in stream]).astype(np.int64)
     cu = np.concatenate([[0], np.cumsum(slot_lengths)])
     if layout == "padded":
-        attn_grid, groups = np.arange(total), [(total, b, max_len)]
+        attn_grid, groups, sources = np.arange(total), [(total, b, max_len)], np.zeros(0, dtype=np.int64)
     else:
         attn_grid, groups = attention_groups(stream_lengths, bucket_ratio)
+        sources = grid_sources(attn_grid, groups)
 
     if images is not None and len(image_items):
         feats = torch.from_numpy(np.ascontiguousarray(images.features[image_items]))
@@ -173,6 +191,7 @@ def _assemble(seqs: list[_Seq], images: ImageFeatureTable | None, layout: str, p
         seq_lengths=t(lengths),
         stream_seq_lengths=t(np.ascontiguousarray(stream_lengths)),
         attn_grid_index=t(attn_grid.astype(np.int64)),
+        attn_grid_source=t(sources),
         attn_groups=groups,
         seq_domains=torch.tensor([s.domain for s in seqs], dtype=torch.int64),
         seq_num_items=torch.tensor([s.num_items for s in seqs], dtype=torch.int64),

@@ -18,6 +18,8 @@ from reolm.finetune.reolm_config import ReoLMSection
 from reolm.history import history_items_param
 from reolm.optim import OptimConfig
 
+from reolm.precision import PRECISION_DOC, PRECISIONS
+
 __all__ = ["FinetuneConfig", "TrainSection", "EvalSection", "MODEL_CHOICES"]
 
 MODEL_CHOICES = ("reolm", "sasrec", "gru4rec", "bert4rec", "pop")
@@ -39,6 +41,8 @@ class TrainSection(OptimConfig):
     eval_every: int = param(1, "Validate every this many epochs.", ge=1)
     seed: int = param(42, "Seed of parameter init, shuffling, masking and negative sampling.")
     device: str = param("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    precision: str = param("auto", PRECISION_DOC + " Applies to Reo-LM (training, validation and test); the ID "
+                                                   "baselines always train in fp32.", choices=PRECISIONS)
     progress: bool = param(True, "Show tqdm progress bars.")
 
     def check(self) -> None:

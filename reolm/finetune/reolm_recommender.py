@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from reolm.config import from_dict, save_resolved, to_dict
 from reolm.data import corpus
+from reolm.data.batch import PackedBatch
 from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
@@ -51,21 +52,15 @@ from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
 from reolm.io import atomic_dir, write_json
 from reolm.model import ModelConfig, ReoLM
+from reolm import precision as numerics
 
 __all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "trained_vision",
-           "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
-           "autocast_for"]
+           "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS"]
 
 log = logging.getLogger(__name__)
 ITEM_VECTORS = "item_vectors.safetensors"
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float64: "fp64", torch.float16: "fp16"}
 PLM_SEED = 0  # draws the untrained image-token parameters of a zero-shot PLM
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- item tables
@@ -151,6 +146,8 @@ class ReoLMRecommender(nn.Module):
         self.images: ImageFeatureTable | None = None
         self.eval_collate: PackedCollator | None = None
         self._encoded: tuple[tuple, torch.Tensor] | None = None  # (weights key, item vectors)
+        self._bf16_copy: tuple[tuple, ReoLM] | None = None          # (weights key, CPU inference copy)
+        self.requested_precision = "auto"
         self.last_encoding: dict[str, Any] = {}
         # Which vision model's features the image MLP was trained on (the export fine-tuning starts
         # from; loaders of saved folders set their own), and where that was recorded.
@@ -201,6 +198,48 @@ class ReoLMRecommender(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # -- precision ------------------------------------------------------------------------------
+    def set_precision(self, requested: str) -> "ReoLMRecommender":
+        """``auto``, ``fp32`` or ``bf16`` (:mod:`reolm.precision`), resolved for the current device."""
+        numerics.resolve_precision(requested, "cpu", fast_cpu_bf16=False)  # validates the name
+        self.requested_precision = requested
+        return self
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in on its device now: ``fp32`` or ``bf16`` as requested and
+        resolved; a model cast on purpose (bf16 for serving, fp64 in parity tests) computes in
+        its own dtype whatever was requested."""
+        dtype = self.model.embeddings.LayerNorm.weight.dtype
+        if dtype != torch.float32:
+            return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        return numerics.resolve_precision(self.requested_precision, self.device)
+
+    def autocast(self) -> Any:
+        """The context training forwards run in: bf16 autocast for ``bf16``, nothing for ``fp32``."""
+        return numerics.autocast(self.device, self.precision)
+
+    def inference_encoder(self) -> ReoLM:
+        """The model to encode with, without gradient: on CPU in bf16, a bf16 copy of the current
+        weights (made again whenever a weight changes); otherwise the model itself, run under
+        :meth:`autocast`."""
+        model = self.model
+        if self.precision != "bf16" or self.device.type != "cpu" or \
+                model.embeddings.LayerNorm.weight.dtype != torch.float32:
+            return model
+        key = self._weights_key()
+        if self._bf16_copy is None or self._bf16_copy[0] != key:
+            self._bf16_copy = None  # free the old copy before making the new one
+            self._bf16_copy = (key, numerics.inference_copy(model, keep=[model.tokenizer]))
+        return self._bf16_copy[1]
+
+    @torch.no_grad()
+    def _encode(self, batch: PackedBatch) -> torch.Tensor:
+        """Pooled float32 vectors of ``batch`` (already on the device), without gradient."""
+        encoder = self.inference_encoder()
+        with self.autocast() if encoder is self.model else contextlib.nullcontext():
+            return encoder.encode(batch).float()
+
     def item_vectors(self) -> torch.Tensor:
         """The frozen item table when set, else every item encoded with the current weights."""
         if self.item_table is not None:
@@ -248,14 +287,10 @@ class ReoLMRecommender(nn.Module):
             yield order[start:start + size].tolist()
 
     def _encode_item_chunk(self, items: list[int]) -> torch.Tensor:
-        batch = self.eval_collate.collate_items(items).to(self.device)
-        with autocast_for(self.device):
-            return self.model.encode(batch).float()
+        return self._encode(self.eval_collate.collate_items(items).to(self.device))
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        batch = self.eval_collate([SequenceExample(h) for h in histories]).history
-        with autocast_for(self.device):
-            return self.model.encode(batch.to(self.device)).float()
+        return self._encode(self.eval_collate([SequenceExample(h) for h in histories]).history.to(self.device))
 
 
 # ----------------------------------------------------------------------------- saved folder

@@ -40,8 +40,7 @@ from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMSection, ReoLMStageSection
-from reolm.finetune.reolm_recommender import (ReoLMRecommender, autocast_for, save_reolm_folder,
-                                              sized_for_domain)
+from reolm.finetune.reolm_recommender import ReoLMRecommender, save_reolm_folder, sized_for_domain
 from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
 from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
                                    train_with_early_stopping)
@@ -276,7 +275,7 @@ def history_loss(rec: ReoLMRecommender, micro: MicroBatch, candidates: torch.Ten
     """Cross-entropy of one micro-batch's histories over ``candidates`` (fp32 cosine scores) plus
     weighted MLM; the last layer runs on the [CLS] rows only when the model allows it."""
     model = rec.model
-    with autocast_for(rec.device):
+    with rec.autocast():
         out = model(micro.history, pooled_only=True)
         mlm = model.mlm_loss(out, micro.history) if mlm_weight > 0 else None
     loss = info_nce(out.pooled, candidates, model.config.temperature, labels=micro.labels).loss
@@ -295,7 +294,7 @@ def train_step(rec: ReoLMRecommender, batch: StepBatch, mlm_weight: float, cost:
     model = rec.model
     micro = batch.micro
     total = sum(m.labels.shape[0] for m in micro)
-    with autocast_for(rec.device):
+    with rec.autocast():
         pools = [model.encode(p) for p in batch.pools]
     copies = [p.detach().requires_grad_() for p in pools]
     table = None
@@ -379,7 +378,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     cfg = with_weights_source(cfg, model, init, backbone)
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
     model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
-    rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device)
+    rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device).set_precision(cfg.train.precision)
     rec.bind_domain(domain)
     seen = item_train_counts(domain) > 0
     if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax
@@ -399,6 +398,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     with RunLog(run_dir / "log.jsonl") as run_log:
         run_log.write({"stage": "setup", "model": model_name, "domain": domain.name, "num_items": domain.num_items,
                        "num_train_prefixes": len(dataset), "device": str(device),
+                       "precision": rec.precision,
                        "parameters": sum(p.numel() for p in model.parameters()),
                        "gradient_checkpointing": model.gradient_checkpointing,
                        "image_items": int(np.asarray(rec.images.has_image).sum())})
@@ -424,5 +424,5 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
                        "train_time_s": round(time.time() - start, 2)})
         return finish_run(run_dir, model_name=model_name, model=rec, domain=domain, cfg=cfg, best=final, log=run_log,
                           best_stage=final_stage, stage1=_stage_summary(best1, 0.0),
-                          stage2=_stage_summary(best2, offset),
+                          stage2=_stage_summary(best2, offset), precision=rec.precision,
                           train_time_s=round(time.time() - start, 2))

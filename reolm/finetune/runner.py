@@ -206,13 +206,15 @@ def run_finetune(cfg: FinetuneConfig, domain_dir: str | Path, run_dir: str | Pat
 
 
 def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",
-                   overrides: Iterable[str] = (), device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                   overrides: Iterable[str] = (), device: str = "auto", progress: bool = True,
+                   precision: str = "auto") -> dict[str, Any]:
     """Evaluate a saved model (run dir or best/), a Reo-LM export or a plain HF checkpoint (both
     zero-shot) on ``split``; returns a metrics document.
 
     The evaluation settings are those the run used (``best/config.yaml``), then ``overrides``
     (``eval.*`` keys; for an HF checkpoint also ``reolm.model.*``), so the test metrics of a
-    run are reproduced exactly by default.
+    run are reproduced exactly by default.  ``precision`` (:mod:`reolm.precision`) applies to
+    Reo-LM and the zero-shot PLM; the document records the one used.
     """
     from reolm.config import apply_overrides, load_saved_config
     from reolm.eval.saved import DESCRIPTOR
@@ -234,6 +236,10 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
         model.progress = progress  # item encoding's progress bar (Reo-LM)
     if isinstance(model, nn.Module):
         model.to(resolve_device(device))
+    set_precision = getattr(model, "set_precision", None)
+    numerics = {}
+    if callable(set_precision):  # the text models; the ID baselines always score in fp32
+        numerics = {"precision": set_precision(precision).precision}
     if "num_items" in desc and int(desc["num_items"]) != domain.num_items:
         raise ValueError(f"{folder} was trained on {desc['num_items']} items but {domain_dir} has "
                          f"{domain.num_items}: wrong domain?")
@@ -244,4 +250,5 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
                             num_items=result.num_items, metrics=result.metrics,
                             metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder),
-                            by_item_frequency=result.by_item_frequency, **domain_provenance(domain), **result.extra)
+                            by_item_frequency=result.by_item_frequency, **numerics, **domain_provenance(domain),
+                            **result.extra)

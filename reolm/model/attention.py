@@ -17,8 +17,9 @@ keep padding small there too, the collator packs sequences longest first and
 splits them into a few contiguous **attention groups** (a new group starts
 when a sequence is shorter than ``bucket_ratio`` x the group's longest); it
 precomputes on CPU every token's slot in its group's grid
-(``attn_grid_index``) and the groups' shapes (Python ints), so the forward
-never syncs with the host and only groups with padding need a scatter.  Every backend also
+(``attn_grid_index``), the stream row behind every slot (``attn_grid_source``) and the groups'
+shapes (Python ints), so the forward never syncs with the host and only groups with padding
+need a gather in and out of their grid.  Every backend also
 computes attention for the first token of each sequence only (``cls_only=True``: q is
 ``[B, h, d]``, one [CLS] query per sequence in stream order, against all of its keys), which
 is all a [CLS]-pooled last layer needs.  Backends are plain
@@ -54,6 +55,13 @@ class AttentionLayout:
     seq_lengths: torch.Tensor         # int64 [B]: real lengths of the sequences, in stream order
     groups: Sequence[Sequence[int]]   # per group (tokens, sequences, longest), Python ints
     padded: bool = False              # the stream already is one [B * max_seqlen] grid
+    # int64, per slot of every group that has padding, the row of the group (0-based) that fills
+    # it (see reolm.data.collate.grid_sources); None = derived from grid_index on the device
+    grid_source: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid_source is None:
+            self.grid_source = _derive_grid_source(self.grid_index, self.groups, self.padded)
 
     @property
     def num_sequences(self) -> int:
@@ -67,7 +75,17 @@ class AttentionLayout:
     @classmethod
     def from_batch(cls, batch: "PackedBatch") -> "AttentionLayout":
         return cls(batch.cu_seqlens, int(batch.max_seqlen), batch.attn_grid_index, batch.stream_seq_lengths,
-                   batch.attn_groups, batch.padded)
+                   batch.attn_groups, batch.padded, grid_source=batch.attn_grid_source)
+
+
+def _derive_grid_source(grid_index: torch.Tensor, groups: Sequence[Sequence[int]], padded: bool) -> torch.Tensor:
+    """``grid_source`` from ``grid_index`` (padding slots read row 0 of their group), on its device."""
+    parts = []
+    for (tokens, n, length), idx in zip(groups, grid_index.split([g[0] for g in groups])):
+        if not (padded or tokens == n * length):
+            rows = torch.arange(tokens, device=idx.device)
+            parts.append(torch.zeros(n * length, dtype=torch.int64, device=idx.device).index_copy(0, idx, rows))
+    return torch.cat(parts) if parts else grid_index.new_zeros(0)
 
 
 # ----------------------------------------------------------------------------- grouped-grid helpers
@@ -79,32 +97,39 @@ def _on_grids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attenti
               grid_fn: GridFn, cls_only: bool = False) -> torch.Tensor:
     """Run ``grid_fn(q, k, v, key_mask)`` on each group's ``[n, h, L, d]`` grid; back to ``[T, h, d]``.
 
-    ``key_mask`` (bool ``[n, 1, 1, L]``, True = real key) is None for a group without padding, so
-    SDPA can pick its fused kernels there.  With ``cls_only``, ``q`` holds one query per sequence
-    (``[B, h, d]``, stream order): each group's query grid is ``[n, h, 1, d]`` and the result is
-    ``[B, h, d]``.
+    A group whose slots are all real tokens (or a padded stream) is already its grid: q/k/v are
+    viewed, never copied.  Otherwise each grid is *gathered* from the stream with the host-made
+    ``grid_source`` (padding slots repeat a real row; as keys they are masked, as queries they are
+    never read back), which is several times cheaper on CPU than zero-filling a grid and
+    scattering into it.  ``key_mask`` (bool ``[n, 1, 1, L]``, True = real key) is None for a group
+    without padding, so SDPA can pick its fused kernels there.  With ``cls_only``, ``q`` holds one
+    query per sequence (``[B, h, d]``, stream order): each group's query grid is ``[n, h, 1, d]``
+    and the result is ``[B, h, d]``.
     """
-    kv = torch.stack((k, v), dim=1) if cls_only else torch.stack((q, k, v), dim=1)   # [T, 2|3, h, d]
     sizes, counts = [g[0] for g in layout.groups], [g[1] for g in layout.groups]
-    queries = q.split(counts) if cls_only else [None] * len(sizes)
+    gathered = [not (layout.padded or tokens == n * length) for tokens, n, length in layout.groups]
+    sources = layout.grid_source.split([n * length if g else 0
+                                        for (_, n, length), g in zip(layout.groups, gathered)])
+    queries = q.split(counts) if cls_only else q.split(sizes)
     outs = []
-    for (tokens, n, length), part, idx, lens, cls_q in zip(layout.groups, kv.split(sizes),
-                                                           layout.grid_index.split(sizes),
-                                                           layout.seq_lengths.split(counts), queries):
-        full = tokens == n * length           # every slot holds a real token: no scatter, no mask
-        if not (full or layout.padded):
-            part = part.new_zeros((n * length,) + tuple(part.shape[1:])).index_copy(0, idx, part)
-        grid = part.view(n, length, *part.shape[1:]).permute(2, 0, 3, 1, 4)      # [2|3, n, h, L, d]
+    for (tokens, n, length), gather, qp, kp, vp, src, idx, lens in zip(
+            layout.groups, gathered, queries, k.split(sizes), v.split(sizes), sources,
+            layout.grid_index.split(sizes), layout.seq_lengths.split(counts)):
+        if gather:
+            kp, vp = kp.index_select(0, src), vp.index_select(0, src)
+            if not cls_only:
+                qp = qp.index_select(0, src)
+        kg, vg = (t.view(n, length, *t.shape[1:]).transpose(1, 2) for t in (kp, vp))   # [n, h, L, d]
         mask = None
-        if layout.padded or not full:
+        if layout.padded or gather:
             slots = torch.arange(length, device=k.device)
             mask = (slots[None, :] < lens[:, None]).view(n, 1, 1, length)
         if cls_only:
-            outs.append(grid_fn(cls_q.unsqueeze(2), grid[0], grid[1], mask).squeeze(2))  # [n, h, d]
+            outs.append(grid_fn(qp.unsqueeze(2), kg, vg, mask).squeeze(2))              # [n, h, d]
             continue
-        out = grid_fn(grid[0], grid[1], grid[2], mask)                           # [n, h, L, d]
+        out = grid_fn(qp.view(n, length, *qp.shape[1:]).transpose(1, 2), kg, vg, mask)   # [n, h, L, d]
         out = out.transpose(1, 2).reshape(n * length, *q.shape[1:])
-        outs.append(out if full or layout.padded else out.index_select(0, idx))
+        outs.append(out.index_select(0, idx) if gather else out)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
