@@ -109,7 +109,8 @@ class PartialResult:
 
 
 def training_loss(model: Any, batch: TrainingBatch) -> torch.Tensor:
-    """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
-    out = model(batch.history)
+    """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM, with
+    the forwards pre-training runs (``reolm.train.step.forward_losses``: both ``pooled_only``)."""
+    out = model(batch.history, pooled_only=True)
     items = model.encode(batch.target)
     return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch.history)

@@ -54,9 +54,10 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 
 def step_flops(model: ReoLM, batch: TrainingBatch, reolm_parts: bool = True) -> float:
-    """Training FLOPs of one step on the real tokens; the HF baseline has no adapters and no MLM."""
-    flops = (model.training_flops(batch.history, include_mlm=reolm_parts)
-             + model.training_flops(batch.target, include_mlm=False))
+    """Training FLOPs of one step on the real tokens; the HF baseline has no adapters and no MLM, and
+    runs its last layer on every token (ours, as pre-training does, on the [CLS] rows)."""
+    flops = (model.training_flops(batch.history, include_mlm=reolm_parts, pooled_only=reolm_parts)
+             + model.training_flops(batch.target, include_mlm=False, pooled_only=reolm_parts))
     if not reolm_parts:
         bb, cfg = model.backbone_config, model.config
         adapters = 2 * bb.hidden_size * cfg.num_adapters * cfg.adapter_rank
