@@ -64,8 +64,8 @@ def test_finetune_launch_end_to_end_on_cuda(tmp_path):
 @cuda
 def test_one_gpu_deepspeed_pretraining_stops_on_sigterm_and_resumes(pretrain_inputs, tmp_path):
     """`deepspeed --num_gpus 1` on the tiny corpus (bf16 on the GPU): a periodic checkpoint, then
-    SIGTERM to the launcher's process group saves the current step and exits 0; --resume latest
-    continues from it."""
+    SIGTERM to the launcher's process group saves the current step and stops the run cleanly;
+    --resume latest continues from it."""
     run_dir = tmp_path / "run"
     overrides = base_overrides(pretrain_inputs, run_dir, **{"optim.steps": 100000, "log.every": 1, "val.every": 0,
                                                             "ckpt.every": 5, "data.num_workers": 1})
@@ -76,11 +76,12 @@ def test_one_gpu_deepspeed_pretraining_stops_on_sigterm_and_resumes(pretrain_inp
     try:
         wait_for_steps(run_dir, 7, proc, log)
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        proc.wait(timeout=120)
     finally:
         kill_tree(proc)
     text = log.read_text()
-    assert "stopped after step" in text, text[-3000:]
+    assert "stopped after step" in text and "killed by signal" not in text, text[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
     first = metrics(run_dir)
     last_step = first[-1]["step"]
     assert last_step >= 7 and (run_dir / "checkpoints" / "latest").read_text() == f"step-{last_step:08d}"
