@@ -57,12 +57,17 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_gathered_infonce_equals_single_process_on_concatenated_batch():
-    world = 2
+def _spawn(worker, world: int) -> dict:
+    """Run ``worker(rank, world, port, out)`` on ``world`` gloo ranks; returns ``out`` by rank."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_gathered_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+        mp.spawn(worker, args=(world, free_port(), out), nprocs=world, join=True)
+        return dict(out)
+
+
+def test_gathered_infonce_equals_single_process_on_concatenated_batch():
+    world = 2
+    results = _spawn(_gathered_worker, world)
     hist, tgt, logits, labels = _loss_inputs()
     h, t, lg = (x.clone().requires_grad_(True) for x in (hist, tgt, logits))
     single = PretrainLoss(0.05, 0.1, "global")(h, t, lg, labels)
@@ -94,10 +99,7 @@ def _bf16_keys_worker(rank: int, world: int, port: int, out: dict) -> None:
 
 def test_gathered_negatives_sum_their_gradients_in_fp32():
     world = 3
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_bf16_keys_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+    results = _spawn(_bf16_keys_worker, world)
     for rank in range(world):
         r = results[rank]
         assert (r["dtype"], r["rows"], r["grad_dtype"]) == ("torch.float32", 2 * world, "torch.bfloat16")
