@@ -29,13 +29,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from reolm.data.corpus import image_table_dir
 from reolm.data.tables import ImageFeatureTable, TableError, vision_model_key
 from reolm.io import atomic_path, save_npy, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VisionEncoder", "build_image_features"]
 
@@ -209,7 +212,7 @@ def _save_partial(path: Path, rows: np.ndarray, feats: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def rank_device(env: Mapping[str, str], cuda_available: bool) -> Any:
+def rank_device(env: Mapping[str, str], cuda_available: bool) -> torch.device | None:
     """This process's GPU under torchrun (``cuda:LOCAL_RANK``), or None without CUDA."""
     import torch
 
