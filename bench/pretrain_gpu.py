@@ -8,8 +8,9 @@ token table -> a random-weight MiniLM-L12-H384-shaped backbone, then runs
 8 adapters of rank 128, bf16, ZeRO-2) on one process for --steps steps with the paper's micro
 batch (32) and no accumulation, and records real tokens/s, TFLOP/s, MFU, peak memory and the
 loss from the run's metrics.jsonl in bench/results/pretrain_gpu.json (or --out). The run's output
-goes straight to this script's; stopped by SIGTERM (a time limit), the script stops the run and
-still writes what its metrics.jsonl holds ("complete": false).
+goes straight to this script's; the JSON is rewritten every 10 s from the run's metrics.jsonl,
+and stopped by SIGTERM (a time limit), the script stops the run (no checkpoint) and writes what
+it logged ("complete": false).
 
     python bench/pretrain_gpu.py [--steps 200] [--workdir DIR] [--out PATH]
 """
@@ -17,7 +18,6 @@ still writes what its metrics.jsonl holds ("complete": false).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -63,7 +63,8 @@ def main() -> int:
            f"optim.steps={args.steps}", f"optim.micro_batch_size={args.micro_batch}",
            f"optim.global_batch_size={args.micro_batch}", "optim.warmup_steps=20", "optim.lr=2e-4",
            f"log.every={args.log_every}", "log.tensorboard=false", "log.progress=false", "val.every=0",
-           "ckpt.every=0", "model.image_feature_dim=512", "dist.ds_config=ds_configs/zero2.json"]
+           "ckpt.every=0", "ckpt.save_on_signal=false", "model.image_feature_dim=512",
+           "dist.ds_config=ds_configs/zero2.json"]
     result = PartialResult(args.out, benchmark="pretrain_gpu",
                            config="launch/configs/pretrain/paper.yaml on 1 GPU: random MiniLM-L12-H384-shaped BERT "
                                   "(vocab 8192 WordPiece trained on the corpus), synthetic `demo` corpus, bf16, ZeRO-2",
@@ -72,7 +73,8 @@ def main() -> int:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))  # stop the run, then report
-    returncode = proc.wait()
+    while (returncode := poll(proc, 10.0)) is None:  # the figures so far, in case even this script is killed
+        result.update(launch_to_exit_s=None, **progress(run_dir))
     result.update(returncode=returncode, launch_to_exit_s=round(time.perf_counter() - t0, 1), **progress(run_dir))
     if returncode != 0:
         print(f"pretrain_gpu.py: launch/pretrain.py exited with {returncode}; partial results in {result.update()}")
@@ -82,14 +84,24 @@ def main() -> int:
     return 0
 
 
+def poll(proc: subprocess.Popen, seconds: float) -> int | None:
+    """The run's exit status, or None if it is still running after ``seconds``."""
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def progress(run_dir: Path) -> dict:
-    """:func:`steady_state` of the run so far, or how many train windows it logged when that is
-    too few for it (a run stopped early)."""
+    """:func:`steady_state` of the run so far or, while it has logged too little for that (or is
+    half-way through writing a line), how many train windows it has logged."""
+    try:
+        return steady_state(run_dir)
+    except (OSError, ValueError, KeyError, IndexError, ZeroDivisionError):
+        pass
     metrics = run_dir / "metrics.jsonl"
     rows = metrics.read_text().splitlines() if metrics.is_file() else []
-    windows = sum(json.loads(r).get("kind") == "train" for r in rows if r.strip())
-    return steady_state(run_dir) if windows >= 2 else {"train_windows": windows}
-
+    return {"train_windows": sum('"kind": "train"' in r for r in rows)}
 
 if __name__ == "__main__":
     raise SystemExit(main())

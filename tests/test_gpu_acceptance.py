@@ -93,7 +93,10 @@ def test_pretrain_benchmark_reports_a_run_stopped_before_two_windows(tmp_path):
     from pretrain_gpu import progress
 
     assert progress(tmp_path) == {"train_windows": 0}
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 20, "kind": "train", "time": 1.0, "loss": 3.0}) + "\n")
+    row = json.dumps({"step": 20, "kind": "train", "time": 1.0, "loss": 3.0})
+    (tmp_path / "metrics.jsonl").write_text(row + "\n")
+    assert progress(tmp_path) == {"train_windows": 1}
+    (tmp_path / "metrics.jsonl").write_text(row + "\n" + row[:15])  # the run is writing its next line
     assert progress(tmp_path) == {"train_windows": 1}
 
 
