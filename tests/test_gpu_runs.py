@@ -61,6 +61,10 @@ def test_finetune_launch_end_to_end_on_cuda(tmp_path):
         assert again["metrics"][name] == pytest.approx(value, abs=1e-6), name
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @cuda
 def test_one_gpu_deepspeed_pretraining_stops_on_sigterm_and_resumes(pretrain_inputs, tmp_path):
     """`deepspeed --num_gpus 1` on the tiny corpus (bf16 on the GPU): a periodic checkpoint, then
@@ -73,12 +77,16 @@ def test_one_gpu_deepspeed_pretraining_stops_on_sigterm_and_resumes(pretrain_inp
     with open(log, "wb") as out:
         proc = subprocess.Popen(deepspeed_cmd(1, overrides), stdout=out, stderr=subprocess.STDOUT, env=run_env(),
                                 cwd=REPO, start_new_session=True)
+    # The launcher has a session of its own: should this test be stopped (the acceptance step's time
+    # limit), the finally clause must still end it rather than leave it holding the GPU.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         wait_for_steps(run_dir, 7, proc, log)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         kill_tree(proc)
+        signal.signal(signal.SIGTERM, previous)
     text = log.read_text()
     assert "stopped after step" in text and "killed by signal" not in text, text[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
