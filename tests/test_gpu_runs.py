@@ -5,6 +5,7 @@ run on CPU.  Every test needs CUDA; without it they skip."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -80,12 +82,19 @@ def test_one_gpu_deepspeed_pretraining_stops_on_sigterm_and_resumes(pretrain_inp
     # The launcher has a session of its own: should this test be stopped (the acceptance step's time
     # limit), the finally clause must still end it rather than leave it holding the GPU.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    tree: list = []
     try:
         wait_for_steps(run_dir, 7, proc, log)
+        tree = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(tree, timeout=120)  # the rank saves its checkpoint after the launcher exits
+        assert not alive, alive
     finally:
         kill_tree(proc)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         signal.signal(signal.SIGTERM, previous)
     text = log.read_text()
     assert "stopped after step" in text and "killed by signal" not in text, text[-3000:]
