@@ -14,7 +14,7 @@
 #     version is not known here.
 # --backbone HF_DIR also stores that checkpoint (e.g. all-MiniLM-L6-v2) as fp16 safetensors under
 # .whl/backbone/ (~45 MB for MiniLM-L6), so the GPU fine-tuning figures use the real model. Keep
-# .whl/ under ~60 MiB in all: it travels with the working tree.
+# .whl/ under ~60 MiB in all: it is copied to the GPU box with the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --backbone) BACKBONE=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "build_wheelhouse.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
