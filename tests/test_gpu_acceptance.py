@@ -57,8 +57,8 @@ def test_a_failed_and_a_timed_out_step_are_recorded_and_the_run_goes_on(tmp_path
                      '\n'
                      'slow|1|sleep 30\n'
                      'last|20|printf \'{"b": 2}\' > "$RESULTS_DIR/last_gpu.json"\n')
-    out = tmp_path / "results"
-    proc = subprocess.run(["bash", str(SCRIPT), "--steps", str(steps), "--out", str(out)], capture_output=True,
+    out = tmp_path / "results"  # given relative to the caller's folder, not the repository
+    proc = subprocess.run(["bash", str(SCRIPT), "--steps", "steps.txt", "--out", "results"], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "first_gpu.json").read_text()) == {"a": 1}
