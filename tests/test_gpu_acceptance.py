@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_acceptance.sh"
@@ -38,7 +39,9 @@ def test_dry_run_lists_every_step_within_the_budget_and_writes_nothing(tmp_path)
     assert f"writing into {out}" in text and not out.exists()
     assert "--no-index --find-links .whl deepspeed webdataset" in commands["install"]
     assert "-m gpu" in commands["cuda-tests"] and "tests/test_collate.py" in commands["cuda-tests"]
-    assert "REOLM_REQUIRE_FUSED=1" in commands["fused-kernel"] and 'skipped="0"' in commands["fused-kernel"]
+    assert "REOLM_REQUIRE_FUSED=1" in commands["fused-kernel"]
+    for step in ("fused-kernel", "finetune-e2e", "pretrain-resume"):  # a skipped test fails these steps
+        assert re.search(r"--junitxml (\S+) && none_skipped \1$", commands[step]), commands[step]
     for script in ("bench/gpu_env.py", "bench/throughput.py", "bench/pretrain_gpu.py", "bench/finetune_gpu.py",
                    "bench/ranking.py"):
         step = next(name for name, c in commands.items() if script in c)
@@ -73,6 +76,18 @@ def test_a_failed_and_a_timed_out_step_are_recorded_and_the_run_goes_on(tmp_path
     assert (out / "first_gpu.log").read_text() == "measured\n"
     assert "failing on purpose" in (out / "broken_gpu.log").read_text()
     assert "broken: failed (rc=3)" in proc.stdout
+
+
+def test_a_skipped_test_fails_its_step(tmp_path):
+    """What a CPU machine shows of the fused-kernel step: its one test skips, so the step fails."""
+    _, commands, _ = _dry_run(tmp_path)
+    (tmp_path / "steps.txt").write_text("fused-kernel|60|" + commands["fused-kernel"].replace("python3", sys.executable))
+    subprocess.run(["bash", str(SCRIPT), "--steps", "steps.txt", "--out", "results"], cwd=tmp_path, timeout=120,
+                   check=True, capture_output=True)
+    (step,) = json.loads((tmp_path / "results" / "gpu_acceptance_gpu.json").read_text())["steps"]
+    skipped = not torch.cuda.is_available()
+    assert (step["status"], step["rc"]) == (("failed", 1) if skipped else ("passed", 0))
+    assert f'skipped="{int(skipped)}"' in (tmp_path / "results" / "fused_kernel_gpu.xml").read_text()
 
 
 def test_benchmark_results_go_where_told_and_are_rewritten_as_they_grow(tmp_path):
