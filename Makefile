@@ -1,6 +1,7 @@
 # `make demo` and `make test` each create .venv (if missing), install reolm into it and run.
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first, so nothing
-# pulls the multi-GB CUDA packages; with a GPU, pip's default (CUDA) build is used.
+# pulls the multi-GB CUDA packages; with a GPU, pip's default (CUDA) build is used. Both install
+# TORCH_SPEC, the version the test suite runs with.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q torch
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
 else
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 endif

@@ -79,14 +79,38 @@ def collator(tokens: ItemTokenTable, images: ImageFeatureTable, model: Any, layo
     return PackedCollator.from_config(tokens, images, model.tokenizer, model.config, layout=layout, seed=0)
 
 
-def write_result(name: str, result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def result_path(out: str | os.PathLike[str]) -> Path:
+    """Where a benchmark's JSON goes: a bare file name under bench/results/, a path with a folder
+    (``DIR/x.json``, absolute or relative to the working directory) exactly there."""
+    path = Path(out)
+    return path if path.parent != Path(".") else RESULTS / path
+
+
+def write_result(out: str | os.PathLike[str], result: dict[str, Any]) -> Path:
+    """Write ``result`` as JSON to :func:`result_path` of ``out`` (its folder created); returns the path."""
+    path = result_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return write_text(path, json.dumps(result, indent=2) + "\n")
 
 
+class PartialResult:
+    """A benchmark's JSON, rewritten after every configuration it measures, so a run stopped by
+    a time limit or a crash keeps what it had measured; ``complete`` turns true at the end."""
+
+    def __init__(self, out: str | os.PathLike[str], **fields: Any) -> None:
+        self.out, self.doc = out, {**fields, "complete": False}
+
+    def update(self, **fields: Any) -> Path:
+        self.doc.update(fields)
+        return write_result(self.out, self.doc)
+
+    def finish(self, **fields: Any) -> Path:
+        return self.update(**fields, complete=True)
+
+
 def training_loss(model: Any, batch: TrainingBatch) -> torch.Tensor:
-    """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM."""
-    out = model(batch.history)
+    """The pre-training objective on one batch: InfoNCE over the batch's targets + 0.1 x MLM, with
+    the forwards pre-training runs (``reolm.train.step.forward_losses``: both ``pooled_only``)."""
+    out = model(batch.history, pooled_only=True)
     items = model.encode(batch.target)
     return info_nce(out.pooled, items, model.config.temperature).loss + 0.1 * model.mlm_loss(out, batch.history)

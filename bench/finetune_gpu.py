@@ -10,10 +10,11 @@ the shape, not the weights) with a WordPiece vocabulary trained on the domain. A
 it on CUDA: fp32 weights, bf16 autocast, attention auto (resolved from autocast's dtype), no
 gradient checkpointing. Measures stage-1 steps/s (16 histories + 1,000 negatives with gradient,
 + 0.1 MLM) and peak memory, catalogue encoding items/s, stage-2 steps/s (frozen item table, full
-softmax) and full ranking of every test user against all items (users/s). Writes
-bench/results/finetune_gpu.json.
+softmax) and full ranking of every test user against all items (users/s); steps/s include
+collating each batch and its copy to the GPU. Writes bench/results/finetune_gpu.json (or --out),
+rewritten after each measurement ("complete": false until the last).
 
-    python bench/finetune_gpu.py [--backbone HF_DIR] [--steps 30] [--workdir DIR]
+    python bench/finetune_gpu.py [--backbone HF_DIR] [--steps 30] [--workdir DIR] [--out PATH]
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def main() -> int:
     parser.add_argument("--negatives", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default="finetune_gpu.json",
+                        help="result JSON: a file name under bench/results/, or a path")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("finetune_gpu.py: no CUDA device", file=sys.stderr)
         return 2
-    from common import machine, write_result
+    from common import PartialResult, machine
     from reolm.data.domain import read_domain
     from reolm.eval.evaluate import evaluate_recommender
     from reolm.finetune.reolm_trainer import PrefixCollate
@@ -83,30 +86,29 @@ def main() -> int:
     domain_dir, backbone, what = make_inputs(work, args.backbone)
     rec, dataset, collate = build(backbone, str(domain_dir), args.negatives, device="cuda", attention="auto",
                                   max_tokens=args.max_tokens, gradient_checkpointing=False)
+    result = PartialResult(args.out, benchmark="finetune_gpu", backbone=what, domain_shape=dict(zip(
+        ("name", "users", "items", "interactions"), TOOLS_SHAPE)), batch_size=args.batch_size,
+        negatives=args.negatives, max_tokens=args.max_tokens, precision="fp32 weights, bf16 autocast",
+        machine=machine("cuda"))
     torch.cuda.reset_peak_memory_stats()
     stage1 = train_steps(rec, dataset, collate, args.batch_size, args.steps + 3)[3:]
-    stage1_peak = torch.cuda.max_memory_allocated() / 2**30
-    backend = sorted(set(rec.model._backend_cache.values()))
+    result.update(attention_backends_used=sorted(set(rec.model._backend_cache.values())),
+                  stage1_steps_per_s=round(len(stage1) / sum(stage1), 3),
+                  stage1_peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     table, encode_s = timed(rec.encode_all_items)
     rec.item_table = table
+    result.update(encode_items_per_s=round(rec.num_items / encode_s, 1))
     torch.cuda.reset_peak_memory_stats()
     stage2_collate = PrefixCollate(rec.collator(0.0, seed=0), rec.num_items, negatives=None)  # labels = item ids
     stage2 = train_steps(rec, dataset, stage2_collate, args.batch_size, args.steps + 3, mlm_weight=0.0)[3:]
-    stage2_peak = torch.cuda.max_memory_allocated() / 2**30
+    result.update(stage2_steps_per_s=round(len(stage2) / sum(stage2), 3),
+                  stage2_peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     ranking, rank_s = timed(lambda: evaluate_recommender(rec, read_domain(domain_dir), "test", batch_size=512,
                                                          progress=False))
-    result = {"benchmark": "finetune_gpu", "backbone": what, "domain_shape": dict(zip(
-                  ("name", "users", "items", "interactions"), TOOLS_SHAPE)),
-              "batch_size": args.batch_size, "negatives": args.negatives, "max_tokens": args.max_tokens,
-              "precision": "fp32 weights, bf16 autocast", "attention_backends_used": backend,
-              "stage1_steps_per_s": round(len(stage1) / sum(stage1), 3), "stage1_peak_memory_gib": round(stage1_peak, 2),
-              "encode_items_per_s": round(rec.num_items / encode_s, 1),
-              "stage2_steps_per_s": round(len(stage2) / sum(stage2), 3), "stage2_peak_memory_gib": round(stage2_peak, 2),
-              "ranking_users": ranking.num_users, "ranking_users_per_s": round(ranking.num_users / rank_s, 1),
-              "ranking_note": "user encoding + scoring against all items + metrics, stage-2 table",
-              "machine": machine("cuda")}
-    print(f"wrote {write_result('finetune_gpu.json', result)}")
-    print({k: v for k, v in result.items() if k.endswith(("_per_s", "_gib"))})
+    path = result.finish(ranking_users=ranking.num_users, ranking_users_per_s=round(ranking.num_users / rank_s, 1),
+                         ranking_note="user encoding + scoring against all items + metrics, stage-2 table")
+    print(f"wrote {path}")
+    print({k: v for k, v in result.doc.items() if k.endswith(("_per_s", "_gib"))})
     return 0
 
 

@@ -14,7 +14,8 @@ makes the ratio robust to a loaded machine; the absolute users/s are not.
 
 On a small CPU the whole 100K users would take many minutes, so only ``--measure-users``
 users are ranked (after one warm-up chunk) and users/s is extrapolated to ``--users``; the
-JSON says so ("extrapolated": true).  Writes bench/results/ranking.json.
+JSON says so ("extrapolated": true).  Writes bench/results/ranking.json (or --out), rewritten
+after each device ("complete": false until the last).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, write_result  # noqa: E402
+from bench.common import PartialResult, machine  # noqa: E402
 from reolm.eval.metrics import MetricAccumulator  # noqa: E402
 from reolm.eval.rank_kernel import kernel_available  # noqa: E402
 from reolm.eval.ranking import _block_shape, _chunks, _score_blocks, evaluate_vectors  # noqa: E402
@@ -108,6 +109,11 @@ def bench_device(device: str, args: argparse.Namespace) -> dict:
     return result
 
 
+NOTE = ("users/s of full ranking (scores against every item, optimistic + pessimistic ranks, all metrics) vs "
+        "the bare matmul of the same blocks timed interleaved in the same run; fraction_of_matmul = ranking "
+        "throughput / matmul throughput; extrapolated = measured on measured_users users and scaled")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=100_000, help="users the figure is for")
@@ -123,28 +129,25 @@ def main() -> int:
                         help="auto = CPU, then CUDA when available")
     parser.add_argument("--quick", action="store_true",
                         help="512 measured users per device (CUDA: 8192): the same fields in under a minute")
-    parser.add_argument("--out", default="ranking.json", help="file name under bench/results/")
+    parser.add_argument("--out", default="ranking.json", help="result JSON: a file name under bench/results/, or a path")
     args = parser.parse_args()
     devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), "cpu": ["cpu"],
                "cuda": ["cuda"]}[args.device]
-    results = []
+    results: list[dict] = []
+    partial = PartialResult(args.out, quick=args.quick, note=NOTE)
     for d in devices:
         if args.quick and not args.measure_users:
             args.measure_users = 8192 if d == "cuda" else 512
         results.append(bench_device(d, args))
         args.measure_users = 0 if args.quick else args.measure_users
+        partial.update(**results[0], results=results, machine=machine(d))
     print(f"{'device':<8}{'users':>9}{'items':>10}{'measured':>10}{'users/s':>11}{'matmul users/s':>16}"
           f"{'fraction':>10}{'peak RSS GB':>13}")
     for r in results:
         print(f"{r['device']:<8}{r['num_users']:>9}{r['num_items']:>10}{r['measured_users']:>10}"
               f"{r['users_per_s']:>11.1f}{r['matmul_users_per_s']:>16.1f}{r['fraction_of_matmul']:>10.3f}"
               f"{r['peak_rss_gb']:>13.2f}")
-    doc = {**results[0], "results": results, "machine": machine(devices[-1]), "quick": args.quick,
-           "note": "users/s of full ranking (scores against every item, optimistic + pessimistic ranks, all "
-                   "metrics) vs the bare matmul of the same blocks timed interleaved in the same run; "
-                   "fraction_of_matmul = ranking throughput / matmul throughput; extrapolated = measured on "
-                   "measured_users users and scaled"}
-    print(f"wrote {write_result(args.out, doc)}")
+    print(f"wrote {partial.finish()}")
     return 0
 
 

@@ -8,6 +8,10 @@ only, so it is favoured), backward.  tokens/s counts real tokens of histories an
 padding), MFU = model FLOPs of those tokens per second / the GPU's peak dense bf16 FLOP/s.
 
     python bench/throughput.py                       # on a GPU: writes bench/results/throughput_gpu.json
+    python bench/throughput.py --out DIR/throughput_gpu.json   # or there
+
+The JSON is rewritten after every measured row ("complete": false until the end), so a run
+stopped by a time limit keeps the rows it measured.
     python bench/throughput.py --device cpu --smoke  # correctness smoke check; writes nothing
 
 """
@@ -20,12 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from common import machine, save_random_roberta, synthetic_examples, synthetic_tables, training_loss, write_result
+from common import (PartialResult, machine, save_random_roberta, synthetic_examples, synthetic_tables,
+                    training_loss)
 from common import collator as make_collator
 from reolm.data.collate import TrainingBatch, move_batch
 from reolm.model import ModelConfig, ReoLM
@@ -49,9 +54,10 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 
 def step_flops(model: ReoLM, batch: TrainingBatch, reolm_parts: bool = True) -> float:
-    """Training FLOPs of one step on the real tokens; the HF baseline has no adapters and no MLM."""
-    flops = (model.training_flops(batch.history, include_mlm=reolm_parts)
-             + model.training_flops(batch.target, include_mlm=False))
+    """Training FLOPs of one step on the real tokens; the HF baseline has no adapters and no MLM, and
+    runs its last layer on every token (ours, as pre-training does, on the [CLS] rows)."""
+    flops = (model.training_flops(batch.history, include_mlm=reolm_parts, pooled_only=reolm_parts)
+             + model.training_flops(batch.target, include_mlm=False, pooled_only=reolm_parts))
     if not reolm_parts:
         bb, cfg = model.backbone_config, model.config
         adapters = 2 * bb.hidden_size * cfg.num_adapters * cfg.adapter_rank
@@ -112,7 +118,9 @@ def backends_for(device: torch.device) -> list[str]:
 
 
 def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace, device: torch.device,
-               dtype: torch.dtype, peak: float | None) -> list[dict[str, Any]]:
+               dtype: torch.dtype, peak: float | None, record: Callable[[dict[str, Any]], None]) -> None:
+    """Time the padded HF baseline, then every backend, on one model shape; ``record`` gets each row
+    as soon as it is measured."""
     layers, hidden, heads = shape
     vocab = 1000 if args.smoke else 50265
     cfg = ModelConfig(max_tokens=args.max_tokens, image_feature_dim=args.image_dim, hidden_dropout=0.0,
@@ -139,8 +147,8 @@ def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace,
 
     hf_seconds = time_steps(hf_step, device, args.warmup, args.steps)
     hf_flops = step_flops(model, batch, reolm_parts=False)
-    rows = [{"config": name, "backend": "hf-roberta-eager-padded", "tokens_per_s": round(n_tokens / hf_seconds, 1),
-             "mfu": round(hf_flops / hf_seconds / peak, 4) if peak else None, "speedup_vs_padded_hf": 1.0}]
+    record({"config": name, "backend": "hf-roberta-eager-padded", "tokens_per_s": round(n_tokens / hf_seconds, 1),
+            "mfu": round(hf_flops / hf_seconds / peak, 4) if peak else None, "speedup_vs_padded_hf": 1.0})
     hf = None  # free the reference model before timing ours (hf_step, which uses it, has run)
     reference = None
     for backend in backends_for(device):
@@ -157,12 +165,11 @@ def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace,
             reference = loss if reference is None else reference
             assert abs(loss - reference) < 1e-3 * max(1.0, abs(reference)), (backend, loss, reference)
         seconds = time_steps(step, device, args.warmup, args.steps)
-        rows.append({"config": name, "backend": backend, "tokens_per_s": round(n_tokens / seconds, 1),
-                     "mfu": round(flops / seconds / peak, 4) if peak else None,
-                     "speedup_vs_padded_hf": round(hf_seconds / seconds, 3)})
+        record({"config": name, "backend": backend, "tokens_per_s": round(n_tokens / seconds, 1),
+                "mfu": round(flops / seconds / peak, 4) if peak else None,
+                "speedup_vs_padded_hf": round(hf_seconds / seconds, 3)})
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak bf16 TFLOP/s")
+    parser.add_argument("--out", default="throughput_gpu.json",
+                        help="result JSON: a file name under bench/results/, or a path")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -190,9 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = peak_flops(device, args.peak_tflops)
     torch.manual_seed(0)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    partial = None if args.smoke else PartialResult(args.out, device=machine(args.device), dtype=str(dtype),
+                                                    batch_size=args.batch_size, max_tokens=args.max_tokens, rows=rows)
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if partial is not None:
+            partial.update(rows=rows)
+
     for name, shape in configs.items():
-        rows += run_config(name, shape, args, device, dtype, peak)
+        run_config(name, shape, args, device, dtype, peak, record)
     print(f"{'config':10} {'backend':26} {'tokens/s':>12} {'MFU':>7} {'vs HF':>7}")
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
@@ -200,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print("smoke check passed (figures above are CPU, not written)")
         return 0
-    result = {"device": machine(args.device), "dtype": str(dtype), "batch_size": args.batch_size,
-              "max_tokens": args.max_tokens, "rows": rows}
-    print("wrote", write_result("throughput_gpu.json", result))
+    print("wrote", partial.finish())
     return 0
 
 

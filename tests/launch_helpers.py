@@ -3,11 +3,13 @@ synthetic corpus the way users start them, and read what they wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +76,33 @@ def consumed(path: Path, start: int = 0) -> list[tuple[int, str]]:
     with open(path) as f:
         f.seek(start)
         return [(int(step), key) for step, key in (line.rstrip("\n").split("\t") for line in f if line.strip())]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a launcher still running and every process below it (found before the launcher dies:
+    its orphans would be re-parented out of reach)."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    proc.kill()
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+
+
+def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path,
+                    timeout: float = LAUNCH_TIMEOUT) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {steps} steps in {timeout} s:\n{log.read_text()[-3000:]}")

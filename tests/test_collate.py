@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from reolm.data.collate import IGNORE_INDEX, SequenceExample, split_sequences
+from gpu_marks import cuda
 from tiny_models import tiny_collator, tiny_model_config, tiny_tables
 
 CLS, MASK, PAD = 2, 4, 0
@@ -249,31 +250,50 @@ def test_batches_are_typed_and_move_and_pin():
     assert no_target.target is None and no_target.target_items is None
     with pytest.raises(dataclasses.FrozenInstanceError):  # frozen: a batch is built once, by the collator
         batch.history.layout = "padded"
-    if torch.cuda.is_available():
-        pinned = batch.pin_memory()
-        assert pinned.history.input_ids.is_pinned() and pinned.target_items.is_pinned()
-        _assert_same_batch(pinned.history, batch.history)
-        on_gpu = pinned.to("cuda")
-        assert on_gpu.history.input_ids.is_cuda and on_gpu.history.max_seqlen == batch.history.max_seqlen
-        _assert_same_batch(on_gpu.history.to("cpu"), batch.history)
+
+
+@cuda
+def test_batches_pin_and_move_to_cuda():
+    tokens, images = tiny_tables(num_items=20)
+    batch = tiny_collator(tokens, images, seed=0)([SequenceExample([1, 2, 3], 9, 1), SequenceExample([5], 10, 0)])
+    pinned = batch.pin_memory()
+    assert pinned.history.input_ids.is_pinned() and pinned.target_items.is_pinned()
+    _assert_same_batch(pinned.history, batch.history)
+    on_gpu = pinned.to("cuda")
+    assert on_gpu.history.input_ids.is_cuda and on_gpu.history.max_seqlen == batch.history.max_seqlen
+    _assert_same_batch(on_gpu.history.to("cpu"), batch.history)
+
+
+def _worker_batches(pin_memory: bool) -> tuple[list, list]:
+    """(batches of a 2-worker DataLoader, the examples) over a deterministic (no masking) collator."""
+    tokens, images = tiny_tables(num_items=10)
+    col = tiny_collator(tokens, images, seed=5, mlm_probability=0.0)
+    examples = [SequenceExample(list(range(i, i + 3)), i + 3, i % 2) for i in range(6)] * 2
+    loader = torch.utils.data.DataLoader(examples, batch_size=3, num_workers=2, collate_fn=col,
+                                         pin_memory=pin_memory)
+    return list(loader), examples
 
 
 def test_dataloader_workers_return_training_batches():
     from reolm.data.batch import PackedBatch, TrainingBatch
     tokens, images = tiny_tables(num_items=10)
     col = tiny_collator(tokens, images, seed=5, mlm_probability=0.0)
-    examples = [SequenceExample(list(range(i, i + 3)), i + 3, i % 2) for i in range(6)] * 2
-    loader = torch.utils.data.DataLoader(examples, batch_size=3, num_workers=2, collate_fn=col,
-                                         pin_memory=torch.cuda.is_available())
-    batches = list(loader)
+    batches, examples = _worker_batches(pin_memory=False)
     assert len(batches) == 4
     for i, batch in enumerate(batches):
         assert isinstance(batch, TrainingBatch) and isinstance(batch.history, PackedBatch)
         assert isinstance(batch.target, PackedBatch) and isinstance(batch.history.attn_groups, list)
         _assert_same_batch(batch.history, col(examples[3 * i:3 * i + 3]).history)  # no masking: deterministic
         assert batch.target_items.tolist() == [e.target for e in examples[3 * i:3 * i + 3]]
-        if torch.cuda.is_available():
-            assert batch.history.input_ids.is_pinned()
+
+
+@cuda
+def test_dataloader_workers_pin_batches_for_cuda():
+    batches, _ = _worker_batches(pin_memory=True)
+    assert len(batches) == 4
+    for batch in batches:
+        assert batch.history.input_ids.is_pinned() and batch.target.input_ids.is_pinned()
+        assert batch.target_items.is_pinned()
 
 
 def test_one_example_type_keeps_histories_as_int64_arrays():

@@ -287,3 +287,20 @@ def test_catalogue_encoding_is_length_sorted_reused_and_refreshed(assets):
         rec.model.encoder.layer[0].intermediate.dense.weight.mul_(3.0)
     fresh = rec.encode_all_items()
     assert fresh is not vectors and not torch.allclose(fresh, vectors)
+
+
+def test_training_loss_is_summed_on_the_device_and_workers_follow_the_device():
+    """The round's loss is summed where the loss lives (a meta tensor cannot be copied to the
+    host, so a per-step host copy would raise here), and reolm.num_workers null means worker
+    processes on a GPU only."""
+    from reolm.finetune.reolm_trainer import workers_for
+    from reolm.finetune.runner import add_loss
+
+    total = None
+    for value in (1.0, 2.0):
+        total = add_loss(total, torch.tensor(value, device="meta", dtype=torch.bfloat16, requires_grad=True))
+    assert total.device.type == "meta" and total.dtype == torch.float64 and not total.requires_grad
+    on_cpu = add_loss(add_loss(None, torch.tensor(1.5)), torch.tensor(2.25, dtype=torch.bfloat16))
+    assert on_cpu.item() == 3.75
+    assert workers_for(None, torch.device("cuda")) == 2 and workers_for(None, torch.device("cpu")) == 0
+    assert workers_for(3, torch.device("cpu")) == 3 and workers_for(0, torch.device("cuda")) == 0

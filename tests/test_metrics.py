@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from gpu_marks import cuda
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.eval.metrics import MetricAccumulator, metric_names, metric_sums
@@ -161,8 +162,7 @@ def test_evaluate_recommender_popularity_matches_hand_count(tiny_domain):
     assert result.metrics_pessimistic["MRR"] == pytest.approx(np.mean(1 / (pess + 1)))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 def test_cuda_ranking_equals_cpu():
     torch.manual_seed(0)
     users, items = torch.randint(-3, 4, (300, 16)).float(), torch.randint(-3, 4, (5000, 16)).float()
@@ -171,6 +171,18 @@ def test_cuda_ranking_equals_cpu():
     gpu = evaluate_vectors(users, items, targets, item_chunk=999, device="cuda").result()
     for a, b in zip(cpu, gpu):
         assert a == pytest.approx(b)
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_accelerator_ranking_blocks_are_capped_in_bytes(itemsize):
+    """Validation ranks every user of a domain in one call: on an accelerator the users are cut
+    into blocks whose scores fit :data:`ranking.DEVICE_BLOCK_BYTES`, not one 100k-user block."""
+    cuda = torch.device("cuda")  # resolving the shape needs no GPU
+    users, items = ranking._block_shape(100_000, 65536, cuda, itemsize)
+    assert items == 65536 and 1 <= users < 100_000
+    assert users * items * itemsize <= ranking.DEVICE_BLOCK_BYTES < (users + 1) * items * itemsize
+    assert ranking._block_shape(300, 65536, cuda, itemsize) == (300, 65536)  # small calls stay one block
+    assert ranking._block_shape(5, 10**12, cuda, itemsize) == (1, 10**12)   # never below one user
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

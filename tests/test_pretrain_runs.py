@@ -38,9 +38,11 @@ from launch_helpers import base_overrides as _base
 from launch_helpers import consumed as _consumed
 from launch_helpers import deepspeed_cmd as _deepspeed
 from launch_helpers import free_port as _port
+from launch_helpers import kill_tree as _kill_tree
 from launch_helpers import metrics as _metrics
 from launch_helpers import run_env as _env
 from launch_helpers import run_logged as _run
+from launch_helpers import wait_for_steps as _wait_for_steps
 
 pytestmark = pytest.mark.slow
 
@@ -342,36 +344,6 @@ def _torchrun(ranks: int, overrides: list[str]) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{_port()}", str(REPO / "launch" / "pretrain.py"), "--config", str(TINY),
             *overrides]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a launcher still running and every process below it (found before the launcher dies:
-    its orphans would be re-parented out of reach)."""
-    import psutil
-
-    if proc.poll() is not None:
-        return
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        tree = []
-    proc.kill()
-    for p in tree:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    proc.wait()
-
-
-def _wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path,
-                    timeout: float = LAUNCH_TIMEOUT) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no {steps} steps in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 # What each launcher's users (and Slurm, torchrun, `kill -TERM -PGID`) send, and whether the

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from reolm.config import ConfigError
-from reolm.model.objectives import info_nce, masked_lm_loss
+from reolm.model.objectives import info_nce, masked_lm_loss, mlm_predictions
 from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, step_tag
 from reolm.train.config import PretrainOptimConfig
 from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
@@ -57,12 +57,17 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_gathered_infonce_equals_single_process_on_concatenated_batch():
-    world = 2
+def _spawn(worker, world: int) -> dict:
+    """Run ``worker(rank, world, port, out)`` on ``world`` gloo ranks; returns ``out`` by rank."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_gathered_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+        mp.spawn(worker, args=(world, free_port(), out), nprocs=world, join=True)
+        return dict(out)
+
+
+def test_gathered_infonce_equals_single_process_on_concatenated_batch():
+    world = 2
+    results = _spawn(_gathered_worker, world)
     hist, tgt, logits, labels = _loss_inputs()
     h, t, lg = (x.clone().requires_grad_(True) for x in (hist, tgt, logits))
     single = PretrainLoss(0.05, 0.1, "global")(h, t, lg, labels)
@@ -75,6 +80,30 @@ def test_gathered_infonce_equals_single_process_on_concatenated_batch():
         full = [h.grad, t.grad, lg.grad]
         for g, f, n in ((gh, full[0], rows), (gt, full[1], rows), (glg, full[2], toks)):
             np.testing.assert_allclose(g, f[rank * n:(rank + 1) * n].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _bf16_keys_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from reolm.model.objectives import gathered_keys
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    keys = torch.ones(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    gathered = gathered_keys(keys)
+    # Rank 0's loss pulls every key by 1, the others by 2**-8: summed in bf16 (ulp 2**-7 at 1) the
+    # small parts round away one by one; summed in fp32 they add up to 1 + 2**-7, exact in bf16.
+    gathered.backward(torch.full(gathered.shape, 1.0 if rank == 0 else 2.0 ** -8))
+    out[rank] = {"dtype": str(gathered.dtype), "rows": gathered.shape[0], "grad": keys.grad.float().tolist(),
+                 "grad_dtype": str(keys.grad.dtype)}
+    dist.destroy_process_group()
+
+
+def test_gathered_negatives_sum_their_gradients_in_fp32():
+    world = 3
+    results = _spawn(_bf16_keys_worker, world)
+    for rank in range(world):
+        r = results[rank]
+        assert (r["dtype"], r["rows"], r["grad_dtype"]) == ("torch.float32", 2 * world, "torch.bfloat16")
+        assert r["grad"] == [[1.0 + 2.0 ** -7] * 3] * 2
 
 
 def test_infonce_is_low_for_aligned_pairs_and_masks_duplicates():
@@ -197,6 +226,40 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     assert shared["step"] == 2 and shared["world_size"] == 1 and per_rank == {"streams": {}, "bad": {}}
     assert torch.equal(engine.module.weight, after_two)  # weights restored
     assert engine.lr_scheduler.last_epoch == 2  # scheduler state restored
+
+
+def test_pretraining_forwards_run_the_last_layer_on_cls_rows_only(tmp_path, world_of_one):
+    """The losses read pooled vectors and the MLM hidden states only: both forwards of a
+    micro-step run the last layer's queries on the [CLS] rows, with the losses of full forwards,
+    and the FLOPs counted are those of these forwards."""
+    from reolm.data.collate import SequenceExample
+    from reolm.train.metrics import Window
+    from reolm.train.step import forward_losses
+    from tiny_models import tiny_collator, tiny_tables, tiny_zero2_engine
+
+    engine, model = tiny_zero2_engine(tmp_path / "backbone")
+    tokens, images = tiny_tables(num_items=30)
+    batch = tiny_collator(tokens, images, seed=0)([SequenceExample([1, 2, 3], 9, 1), SequenceExample([4, 5], 10, 0),
+                                                   SequenceExample([6, 7, 8, 11], 12, 2)])
+    loss_fn = PretrainLoss(0.05, 0.1, "local")
+    query_rows = []
+    hook = model.encoder.layer[-1].attention.self.query.register_forward_hook(
+        lambda module, inputs, output: query_rows.append(inputs[0].shape[0]))
+    with torch.no_grad():
+        parts = forward_losses(engine, batch, loss_fn)
+    hook.remove()
+    assert query_rows == [batch.history.num_sequences, batch.target.num_sequences] == [3, 3]
+    with torch.no_grad():
+        hist, tgt = model(batch.history), model(batch.target)  # full forwards: every token's last layer
+        full = loss_fn(hist.pooled, tgt.pooled, *mlm_predictions(model, hist, batch.history),
+                       target_ids=batch.target_items)
+    assert parts.total.item() == pytest.approx(full.total.item(), rel=1e-5) and parts.mlm_tokens.item() > 0
+    window = Window()
+    window.count_batch(batch, model)
+    counted = (model.training_flops(batch.history, pooled_only=True)
+               + model.training_flops(batch.target, include_mlm=False, pooled_only=True))
+    assert window.flops == counted < model.training_flops(batch.history) + model.training_flops(
+        batch.target, include_mlm=False)
 
 
 def test_nonfinite_loss_skips_the_step_and_aborts_after_n_in_a_row(world_of_one):

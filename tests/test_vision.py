@@ -117,3 +117,15 @@ def test_torchrun_two_ranks_match_single_process(data, tmp_path):
     np.testing.assert_allclose(np.asarray(two.features, np.float32), np.asarray(one.features, np.float32),
                                atol=1e-3)
     assert isinstance(two, ImageFeatureTable)
+
+
+def test_each_rank_binds_its_own_gpu_for_nccl():
+    """Under torchrun the process group is NCCL bound to cuda:LOCAL_RANK (also the encoder's
+    default device); without CUDA gloo, unbound.  Resolving needs no GPU."""
+    from reolm.vision.features import process_group_args, rank_device
+
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
+    assert process_group_args(env, cuda_available=True) == {"backend": "nccl", "device_id": torch.device("cuda", 1)}
+    assert rank_device(env, cuda_available=True) == torch.device("cuda:1")  # the local rank, not the global one
+    assert process_group_args(env, cuda_available=False) == {"backend": "gloo"}
+    assert rank_device({}, cuda_available=False) is None

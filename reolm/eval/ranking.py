@@ -6,7 +6,8 @@ against a block of items into one reused buffer, counts in that block, and moves
 CPU the block is sized to stay in a core's L2 cache (:data:`CPU_BLOCK_BYTES`) and counted by
 one compiled pass (:mod:`reolm.eval.rank_kernel`) that reads each score once, right after the
 matrix product wrote it; on CUDA (or without numba) the block is counted with torch operations,
-and is ``item_chunk`` items wide there (one kernel launch per block matters more than cache).
+and is ``item_chunk`` items wide there (one kernel launch per block matters more than cache),
+with as many users as fit in :data:`DEVICE_BLOCK_BYTES`.
 Memory is ``O(block)`` plus the item vectors themselves, whatever the catalogue size
 (10M items is fine).
 
@@ -34,7 +35,7 @@ from reolm.model.objectives import (Similarity, check_similarity, paired_scores,
                                     score_dtype)
 
 __all__ = ["Similarity", "rank_targets", "rank_with_score_fn", "evaluate_vectors",
-           "ChunkScoreFn", "TargetScoreFn", "CPU_BLOCK_BYTES", "CPU_USER_BLOCK"]
+           "ChunkScoreFn", "TargetScoreFn", "CPU_BLOCK_BYTES", "CPU_USER_BLOCK", "DEVICE_BLOCK_BYTES"]
 
 #: scores of the current user batch against items [start, end): returns [B, end - start]
 ChunkScoreFn = Callable[[int, int], torch.Tensor]
@@ -47,6 +48,10 @@ CPU_BLOCK_BYTES = 1 << 20
 #: users per CPU block; more users per block would shrink its item width below what the
 #: matrix product runs efficiently at.
 CPU_USER_BLOCK = 256
+#: bytes of one block's scores on an accelerator (the torch counting adds two 0/1 blocks of the
+#: same size).  Validation ranks all its users in one call: uncapped, 100k users x 65k items
+#: would ask for ~78 GB at once.
+DEVICE_BLOCK_BYTES = 512 << 20
 
 
 def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -131,10 +136,11 @@ def rank_with_score_fn(score_chunk: ChunkScoreFn, score_targets: TargetScoreFn, 
     return counter.ranks()
 
 
-def _block_shape(num_users: int, item_chunk: int, device: torch.device) -> tuple[int, int]:
-    """(users, items) per block: cache-sized on CPU, ``item_chunk`` wide elsewhere."""
+def _block_shape(num_users: int, item_chunk: int, device: torch.device, itemsize: int = 4) -> tuple[int, int]:
+    """(users, items) per block: cache-sized on CPU; elsewhere ``item_chunk`` wide and as many users
+    as keep the block's scores (``itemsize`` bytes each) within :data:`DEVICE_BLOCK_BYTES`."""
     if device.type != "cpu":
-        return max(num_users, 1), item_chunk
+        return max(1, min(num_users, DEVICE_BLOCK_BYTES // (itemsize * item_chunk))), item_chunk
     users = max(1, min(num_users, CPU_USER_BLOCK))
     return users, max(1, min(item_chunk, CPU_BLOCK_BYTES // (4 * users)))
 
@@ -178,7 +184,7 @@ def rank_targets(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor
     target_scores = paired_scores(users, items[targets], similarity, temperature)
     dtype = score_dtype(users, items)
     users, items = prepare_vectors(users, similarity, dtype), prepare_vectors(items, similarity, dtype)
-    user_block, item_block = _block_shape(users.shape[0], item_chunk, users.device)
+    user_block, item_block = _block_shape(users.shape[0], item_chunk, users.device, users.element_size())
     parts = [_rank_block_rows(users[lo:hi], items, targets[lo:hi], target_scores[lo:hi], temperature, item_block)
              for lo, hi in _chunks(users.shape[0], user_block)]
     if len(parts) == 1:

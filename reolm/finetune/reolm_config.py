@@ -80,8 +80,11 @@ class ReoLMSection:
                                         "per step instead of one per micro-batch.", choices=("batch", "step"))
     item_batch_size: int = param(256, "Items per forward pass when encoding the whole catalogue "
                                       "(validation, the stage-2 item table).", ge=1)
-    num_workers: int = param(0, "DataLoader worker processes building packed training batches (each "
-                                "round starts them afresh; 0 = in the training process).", ge=0)
+    num_workers: int | None = param(None, "DataLoader worker processes building packed training batches "
+                                          "(each round starts them afresh; 0 = in the training process; "
+                                          "null = 2 when training on a GPU, so the next step's ~1,000 "
+                                          "candidate items are collated while the GPU runs this one, and 0 on "
+                                          "CPU, whose cores run the model).", ge=0)
     initial_validation: bool = param(False, "Validate once before stage 1 trains (logged as epoch 0; the "
                                             "zero-shot starting point).")
     stage1: ReoLMStageSection = field(default_factory=ReoLMStageSection)

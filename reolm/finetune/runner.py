@@ -144,7 +144,7 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
     for step_round in epochs:
         epoch = step_round if evals_per_epoch == 1 else step_round / evals_per_epoch
         model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum: torch.Tensor | None = None
         steps = 0
         for batch in batches(step_round):
             optimizer.zero_grad(set_to_none=True)
@@ -158,9 +158,9 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach().to("cpu", torch.float64)
+            loss_sum = add_loss(loss_sum, loss)
             steps += 1
-        train_loss = float(loss_sum) / max(steps, 1)
+        train_loss = float(loss_sum) / steps if loss_sum is not None else 0.0  # one host copy per round
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{stage}: training loss became {train_loss} at epoch {epoch}; "
                                      f"lower train.lr or raise train.grad_clip")
@@ -176,6 +176,13 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
     if best_state is not None:
         model.load_state_dict(best_state)
     return best
+
+
+def add_loss(total: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
+    """``total + loss`` in fp64 on the loss's own device: a copy to the host every step would make
+    the CPU wait for the GPU after each step instead of queueing the next one."""
+    loss = loss.detach().to(torch.float64)
+    return loss if total is None else total + loss
 
 
 def finish_run(run_dir: Path, *, model_name: str, model: Recommender, domain: Domain, cfg: FinetuneConfig,

@@ -24,7 +24,8 @@ computes attention for the first token of each sequence only (``cls_only=True``:
 ``[B, h, d]``, one [CLS] query per sequence in stream order, against all of its keys), which
 is all a [CLS]-pooled last layer needs.  Backends are plain
 functions registered in ``BACKENDS``; pick one with :func:`resolve_backend`
-(``auto`` = flash if importable on CUDA, else varlen on CUDA, else sdpa).
+(``auto`` = flash if importable on CUDA, else varlen on CUDA unless attention dropout is on,
+else sdpa).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from reolm.data.batch import PackedBatch
 
 __all__ = ["AttentionLayout", "BACKENDS", "resolve_backend", "compute_dtype", "attention", "flash_available",
-           "varlen_available"]
+           "varlen_available", "fused_head_dim_ok"]
 
 
 @dataclass
@@ -251,29 +252,43 @@ def compute_dtype(device: torch.device | str, param_dtype: torch.dtype) -> torch
     return param_dtype
 
 
-def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def fused_head_dim_ok(head_dim: int | None) -> bool:
+    """Whether the varlen kernels take this head size: flash's kernels (flash-attn's and the copy
+    torch's ``varlen_attn`` calls) reject a head_dim that is not a multiple of 8 or is above 256."""
+    return head_dim is None or (head_dim % 8 == 0 and 0 < head_dim <= 256)
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                    dropout_p: float = 0.0, head_dim: int | None = None) -> str:
     """The concrete backend for ``name`` on ``device`` (``auto`` picks the fastest available).
 
-    The varlen kernels (flash, varlen) need CUDA and fp16/bf16 activations; ``auto`` falls back to
-    sdpa otherwise, an explicit choice raises.
+    The varlen kernels (flash, varlen) need CUDA, fp16/bf16 activations and a head_dim that is a
+    multiple of 8 up to 256; ``auto`` falls back to sdpa otherwise, an explicit choice raises.
+    ``dropout_p`` is the attention dropout this forward applies (0 in evaluation): varlen has
+    none, so ``auto`` then skips it for a kernel that applies it (flash, else sdpa), and an
+    explicit varlen raises rather than train a different model than asked.
     """
     device = torch.device(device)
-    fused_ok = device.type == "cuda" and (dtype is None or dtype in _HALF)
+    fused_ok = device.type == "cuda" and (dtype is None or dtype in _HALF) and fused_head_dim_ok(head_dim)
     if name == "auto":
         if fused_ok and _flash_fn() is not None:
             return "flash"
-        if fused_ok and _varlen_fn() is not None:
+        if fused_ok and _varlen_fn() is not None and dropout_p == 0:
             return "varlen"
         return "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     if name in ("varlen", "flash") and not fused_ok:
-        raise ValueError(f"attention backend {name!r} needs CUDA and fp16/bf16 (got {device}, {dtype}); "
-                         f"use sdpa or auto")
+        raise ValueError(f"attention backend {name!r} needs CUDA, fp16/bf16 and a head size that is a multiple "
+                         f"of 8 up to 256 (got {device}, {dtype}, head_dim={head_dim}); use sdpa or auto")
+    if name == "varlen" and dropout_p > 0:
+        raise ValueError(f"attention backend 'varlen' has no attention dropout but {dropout_p} is set; use auto "
+                         f"or sdpa, or set model.attention_dropout=0")
     return name
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
               backend: str = "auto", dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Bidirectional attention within each sequence of the stream; q/k/v and result ``[T, h, d]``."""
-    return BACKENDS[resolve_backend(backend, q.device, q.dtype)](q, k, v, layout, dropout_p, training)
+    name = resolve_backend(backend, q.device, q.dtype, dropout_p if training else 0.0, q.shape[-1])
+    return BACKENDS[name](q, k, v, layout, dropout_p, training)

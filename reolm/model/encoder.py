@@ -449,14 +449,15 @@ class ReoLM(nn.Module):
         self.config = dataclasses.replace(self.config, attention=backend)
 
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The backend this forward uses (``auto`` resolved for the device and dtype, cached)."""
-        key = f"{self.config.attention}@{device.type}/{dtype}"
+        """The backend this forward uses (``auto`` resolved for the device, dtype, head size and the
+        attention dropout training applies, cached): training with dropout never gets varlen,
+        which has none; evaluation and encoding keep it."""
+        dropout = self.attention_dropout if self.training else 0.0
+        key = f"{self.config.attention}@{device.type}/{dtype}" + ("/dropout" if dropout > 0 else "")
         if key not in self._backend_cache:
-            backend = resolve_backend(self.config.attention, device, dtype)
-            if backend == "varlen" and self.attention_dropout > 0:
-                log.warning("the varlen attention backend has no attention dropout; attention_dropout=%s "
-                            "is not applied (use flash or sdpa to keep it)", self.attention_dropout)
-            self._backend_cache[key] = backend
+            bb = self.backbone_config
+            self._backend_cache[key] = resolve_backend(self.config.attention, device, dtype, dropout,
+                                                       bb.hidden_size // bb.num_attention_heads)
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward

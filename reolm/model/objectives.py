@@ -29,7 +29,7 @@ from reolm.data.batch import PackedBatch
 
 __all__ = ["Similarity", "SIMILARITIES", "check_similarity", "score_dtype", "prepare_vectors", "product_scores",
            "similarity_scores", "paired_scores", "ContrastiveLoss", "info_nce", "MLMLoss", "masked_lm_loss",
-           "mlm_predictions"]
+           "mlm_predictions", "gathered_keys"]
 
 Similarity = Literal["dot", "cosine"]
 SIMILARITIES: tuple[str, ...] = ("dot", "cosine")
@@ -103,6 +103,13 @@ def _group(gather: bool) -> tuple[int, int]:
     return (collectives.world_size(), collectives.rank()) if gather else (1, 0)
 
 
+def gathered_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``keys`` concatenated, differentiably, in fp32 (or wider): the scores are fp32
+    anyway, and the backward all-reduce then sums each key's gradients from all ranks in fp32
+    rather than rounding every partial sum to bf16."""
+    return collectives.all_gather_with_grad(keys.to(torch.promote_types(keys.dtype, torch.float32)))
+
+
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, *, labels: torch.Tensor | None = None,
              gather: bool = False, key_ids: torch.Tensor | None = None) -> ContrastiveLoss:
     """InfoNCE of each query's cosine/temperature scores against every key of the contrastive group.
@@ -115,7 +122,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, *, l
     """
     world, rank = _group(gather)
     if world > 1:
-        keys = collectives.all_gather_with_grad(keys)
+        keys = gathered_keys(keys)
     local_keys = keys.shape[0] // world
     if labels is None:
         labels = torch.arange(queries.shape[0], device=queries.device)

@@ -173,8 +173,9 @@ class Window:
     def count_batch(self, batch: TrainingBatch, module: Any) -> None:
         self.tokens += batch.num_real_tokens  # history + target
         self.sequences += batch.num_sequences
-        # Analytic model FLOPs from the batch's Python ints.
-        self.flops += module.training_flops(batch.history) + module.training_flops(batch.target, include_mlm=False)
+        # Analytic model FLOPs from the batch's Python ints, of the pooled_only forwards training runs.
+        self.flops += (module.training_flops(batch.history, pooled_only=True)
+                       + module.training_flops(batch.target, include_mlm=False, pooled_only=True))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.excluded

@@ -42,9 +42,11 @@ class SeededCollate:
 def forward_losses(engine: Any, batch: TrainingBatch, loss_fn: PretrainLoss) -> Any:
     """Encode histories (with MLM) and targets, return the loss parts for one micro-batch.
 
-    Image features arrive as stored (float16); the model casts them to its own dtype."""
-    history_out = engine(batch.history)
-    target_out = engine(batch.target)
+    The losses read only the pooled vectors and the MLM hidden states (below the last layer), so
+    both forwards are ``pooled_only``: with [CLS] pooling the last layer runs on the [CLS] rows
+    alone.  Image features arrive as stored (float16); the model casts them to its own dtype."""
+    history_out = engine(batch.history, pooled_only=True)
+    target_out = engine(batch.target, pooled_only=True)
     mlm_logits, mlm_labels = mlm_predictions(engine.module, history_out, batch.history)
     return loss_fn(history_out.pooled, target_out.pooled, mlm_logits, mlm_labels, target_ids=batch.target_items)
 

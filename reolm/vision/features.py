@@ -29,13 +29,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from reolm.data.corpus import image_table_dir
 from reolm.data.tables import ImageFeatureTable, TableError, vision_model_key
 from reolm.io import atomic_path, save_npy, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VisionEncoder", "build_image_features"]
 
@@ -67,8 +70,7 @@ class VisionEncoder:
         if not (vision_dir / "config.json").is_file():
             raise TableError(f"{vision_dir}: not a Hugging Face model directory (no config.json)")
         if device is None:
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            device = rank_device(os.environ, torch.cuda.is_available()) or "cpu"
         self.device = torch.device(device)
         self.processor = AutoImageProcessor.from_pretrained(str(vision_dir), local_files_only=True)
         model_cls = _embedding_model_class(vision_dir) or AutoModel
@@ -210,6 +212,20 @@ def _save_partial(path: Path, rows: np.ndarray, feats: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------- distributed helpers
 
+def rank_device(env: Mapping[str, str], cuda_available: bool) -> torch.device | None:
+    """This process's GPU under torchrun (``cuda:LOCAL_RANK``), or None without CUDA."""
+    import torch
+
+    return torch.device("cuda", int(env.get("LOCAL_RANK", 0))) if cuda_available else None
+
+
+def process_group_args(env: Mapping[str, str], cuda_available: bool) -> dict[str, Any]:
+    """``init_process_group`` arguments: NCCL bound to this rank's GPU (without ``device_id`` NCCL
+    guesses the device from the global rank, wrong on every node but the first), else gloo."""
+    device = rank_device(env, cuda_available)
+    return {"backend": "nccl", "device_id": device} if device is not None else {"backend": "gloo"}
+
+
 def _dist_context() -> tuple[int, int, Any]:
     """(rank, world size, torch.distributed or None); initialises the group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -219,7 +235,10 @@ def _dist_context() -> tuple[int, int, Any]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        args = process_group_args(os.environ, torch.cuda.is_available())
+        if "device_id" in args:
+            torch.cuda.set_device(args["device_id"])
+        dist.init_process_group(**args)
     return dist.get_rank(), dist.get_world_size(), dist
 
 
