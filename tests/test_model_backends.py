@@ -176,9 +176,14 @@ def test_model_resolves_by_training_mode_and_head_size():
     m = model(32).train()
     assert m.attention_backend(cuda_device, torch.bfloat16) == "sdpa"
     assert m.eval().attention_backend(cuda_device, torch.bfloat16) == "varlen"
-    assert sorted(m._backend_cache) == ["auto@cuda/torch.bfloat16", "auto@cuda/torch.bfloat16/dropout"]
+    assert m.train().attention_backend(cuda_device, torch.bfloat16) == "sdpa"  # not the cached eval choice
     odd = model(48)  # head_dim 12
     assert odd.eval().attention_backend(cuda_device, torch.bfloat16) == "sdpa"
+    # CPU: the fused forward for evaluation, the batched-matmul math (faster backward) for training
+    cpu = torch.device("cpu")
+    assert m.eval().attention_backend(cpu, torch.bfloat16) == "sdpa"
+    assert m.train().attention_backend(cpu, torch.bfloat16) == "math"
+    assert m.train().attention_backend(cpu, torch.float32) == "math"
 
 
 def test_varlen_backends_refuse_padded_layout():

@@ -9,7 +9,7 @@ from reolm.history import history_items_param
 
 __all__ = ["ModelConfig", "ATTENTION_BACKENDS"]
 
-ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "varlen", "flash")
+ATTENTION_BACKENDS = ("auto", "eager", "math", "sdpa", "varlen", "flash")
 TOP_ROUTINGS = ("domain", "gate", "mean")
 
 
@@ -36,9 +36,10 @@ class ModelConfig:
                                        "(zero-shot on an unseen domain). The bottom half always averages.",
                              choices=TOP_ROUTINGS)
     attention: str = param("auto", "Attention backend: auto = flash if importable on CUDA, else varlen "
-                                   "on CUDA, else sdpa; eager is the reference math.",
+                                   "on CUDA (sdpa when training with attention dropout), else sdpa, and "
+                                   "on CPU math when training; eager is the fp32 reference math.",
                            choices=ATTENTION_BACKENDS)
-    attention_bucket_ratio: float = param(0.5, "eager/sdpa only: sequences are grouped by length for "
+    attention_bucket_ratio: float = param(0.5, "eager/math/sdpa only: sequences are grouped by length for "
                                                "attention, a new group starting below this share of the "
                                                "group's longest; 0 = one group padded to the longest.",
                                           ge=0, le=1)

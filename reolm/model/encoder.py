@@ -33,6 +33,7 @@ from reolm.model import hf_checkpoint as hf
 from reolm.model import objectives
 from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
 from reolm.model.config import TOP_ROUTINGS, ModelConfig
+from reolm.model.dropout import Dropout
 from reolm.model.hf_checkpoint import BackboneConfig, CheckpointError
 
 __all__ = ["ReoLM", "EncoderOutput", "MixtureOfAdapters", "training_flops"]
@@ -74,7 +75,7 @@ class Embeddings(nn.Module):
         self.image_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, h))
         self.void_image = nn.Parameter(torch.zeros(h))  # items without an image
         self.LayerNorm = nn.LayerNorm(h, eps=bb.layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.position_offset = bb.position_offset
 
     def image_embeddings(self, features: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,7 @@ class DenseResidualNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, extra: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -451,13 +452,14 @@ class ReoLM(nn.Module):
     def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         """The backend this forward uses (``auto`` resolved for the device, dtype, head size and the
         attention dropout training applies, cached): training with dropout never gets varlen,
-        which has none; evaluation and encoding keep it."""
+        which has none; evaluation and encoding keep it.  On CPU, training gets ``math``."""
         dropout = self.attention_dropout if self.training else 0.0
-        key = f"{self.config.attention}@{device.type}/{dtype}" + ("/dropout" if dropout > 0 else "")
+        key = (f"{self.config.attention}@{device.type}/{dtype}" + ("/dropout" if dropout > 0 else "")
+               + ("/train" if self.training else ""))
         if key not in self._backend_cache:
             bb = self.backbone_config
             self._backend_cache[key] = resolve_backend(self.config.attention, device, dtype, dropout,
-                                                       bb.hidden_size // bb.num_attention_heads)
+                                                       bb.hidden_size // bb.num_attention_heads, self.training)
         return self._backend_cache[key]
 
     # ------------------------------------------------------------------ forward
