@@ -288,6 +288,52 @@ async def mixed(url: str, bodies: list[list[Any]], new_items: list[dict[str, Any
             "poison_status": poison_status}
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (MB), from /proc (Linux; None elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+async def add_many(url: str, objects: list[dict[str, Any]], total: int, per_request: int) -> float:
+    """POST /items ``total`` new items (copies of ``objects`` under new ids); returns the seconds taken."""
+    conn = Connection(url)
+    start = time.perf_counter()
+    for first in range(0, total, per_request):
+        items = [{**objects[j % len(objects)], "id": f"mem-{j}"} for j in range(first, min(first + per_request, total))]
+        status, payload = await conn.request("POST", "/items", {"items": items}, timeout=600)
+        if status != 200:
+            raise SystemExit(f"POST /items failed with {status}: {payload[:300]!r}")
+    conn.close()
+    return time.perf_counter() - start
+
+
+def memory_run(args: argparse.Namespace, url: str, proc: subprocess.Popen, index: Path, work: Path,
+               objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """RSS after ``--memory-adds`` live adds, against a fresh server on the same catalogue read from disk."""
+    before = rss_mb(proc.pid)
+    seconds = asyncio.run(add_many(url, objects, args.memory_adds, 256))
+    asyncio.run(Connection(url).request("POST", "/recommend", {"history": [f"mem-{args.memory_adds - 1}"], "k": 10}))
+    after = rss_mb(proc.pid)
+    asyncio.run(Connection(url).request("POST", "/admin/save", timeout=600))
+    fresh, fresh_url = start_server(args.model, index, work / "fresh.log", args.device)
+    try:
+        asyncio.run(Connection(fresh_url).request("POST", "/recommend", {"history": [f"mem-{args.memory_adds - 1}"],
+                                                                         "k": 10}))
+        loaded = rss_mb(fresh.pid)
+        items = asyncio.run(get_json(fresh_url, "/health"))["items"]
+    finally:
+        fresh.send_signal(signal.SIGTERM)
+        fresh.wait(timeout=120)
+    return {"adds": args.memory_adds, "items_after": items, "add_seconds": round(seconds, 1),
+            "rss_mb_before_adds": before, "rss_mb_after_adds": after, "rss_mb_same_index_loaded_from_disk": loaded,
+            "ratio": round(after / loaded, 3) if after and loaded else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/demo/runs/reolm", help="run directory or export (the demo's)")
@@ -302,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="length of the mixed run (recommends + adds + poisoning client; 0 = skip)")
     parser.add_argument("--mixed-concurrency", type=int, default=8, help="recommend workers of the mixed run")
     parser.add_argument("--poison-rate", type=float, default=10.0, help="hostile requests per second (mixed run)")
+    parser.add_argument("--memory-adds", type=int, default=30000,
+                        help="after the runs, add this many items live and compare the server's memory with the "
+                             "same index loaded from disk (0 = skip)")
     parser.add_argument("--device", default="auto", help="the server's device")
     parser.add_argument("--out", default="serve_cpu.json", help="file name under bench/results/")
     parser.add_argument("--seed", type=int, default=0)
@@ -342,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                                               args.mixed_seconds, args.poison_rate, args.seed))
                 print(json.dumps(mixed_row), flush=True)
             health = asyncio.run(get_json(url, "/health"))
+            memory = None
+            if args.memory_adds:
+                memory = memory_run(args, url, proc, index, work, [dict(o) for h in bodies[True] for o in h][:500])
+                print(json.dumps(memory), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -353,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                   "bounds": {"requests": args.requests, "seconds": args.seconds},
                   "client": "asyncio streams, one keep-alive HTTP/1.1 connection per worker (not httpx: see "
                             "the module docstring)",
-                  "embed_s": embed_s, "server_startup_s": startup_s, "levels": rows, "mixed": mixed_row}
+                  "embed_s": embed_s, "server_startup_s": startup_s, "levels": rows, "mixed": mixed_row,
+                  "memory": memory}
         print(f"wrote {write_result(args.out, result)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,8 @@ cancelled future (``InvalidStateError``) while answering.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import logging
 import queue
 import threading
@@ -110,6 +112,28 @@ class SaveJob(_Job):
 
 _STOP = object()
 INTERNAL_ERROR = "internal error while answering this request (the server logged it)"
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last forward pass back to the OS (glibc only).
+
+    Encoding a batch of new items allocates tens of MB of activations on the worker thread;
+    glibc keeps the freed blocks in that thread's arena, so a service taking adds all day grew
+    to ~2x the memory of the same catalogue loaded from disk. Trimming costs well under a
+    millisecond next to a forward pass over hundreds of items.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _fail(job: _Job, err: Exception) -> None:
@@ -248,8 +272,10 @@ class Service:
     def _process(self, batch: list[_Job]) -> None:
         _alone_on_failure([j for j in batch if isinstance(j, RecommendJob)], self._recommend)
         encoded: dict[int, tuple] = {}
-        _alone_on_failure([j for j in batch if isinstance(j, AddJob)],
-                          lambda adds: encoded.update(self._encode_new_items(adds)))
+        adds = [j for j in batch if isinstance(j, AddJob)]
+        _alone_on_failure(adds, lambda jobs: encoded.update(self._encode_new_items(jobs)))
+        if adds:
+            release_freed_memory()
         for job in batch:  # changes in arrival order
             if isinstance(job, RecommendJob) or job.future.done():
                 continue
