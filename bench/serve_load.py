@@ -258,29 +258,39 @@ async def mixed(url: str, bodies: list[list[Any]], new_items: list[dict[str, Any
             await asyncio.sleep(0.05)
         conn.close()
 
+    def count(status: str) -> None:
+        poison_status[status] = poison_status.get(status, 0) + 1
+
+    async def one_poison(i: int) -> None:
+        if i % 20 == 19:
+            count("stalled body")
+            return await stalled_body(url)
+        method, path, raw = poison[i % len(poison)]
+        conn = Connection(url)
+        try:
+            status, _ = await conn.request(method, path, raw=raw)
+            count(str(status))
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:
+            count(type(err).__name__)
+        finally:
+            conn.close()
+
     async def poisoner() -> None:
-        i, stalls = 0, []
+        # Fired on a clock, not one after another: a slow answer must not slow the attack down.
+        tasks, i = [], 0
         while time.perf_counter() < deadline:
-            if i % 20 == 19:
-                stalls.append(asyncio.ensure_future(stalled_body(url)))
-                poison_status["stalled body"] = poison_status.get("stalled body", 0) + 1
-            else:
-                method, path, raw = poison[i % len(poison)]
-                conn = Connection(url)
-                try:
-                    status, _ = await conn.request(method, path, raw=raw)
-                    poison_status[str(status)] = poison_status.get(str(status), 0) + 1
-                except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:
-                    poison_status[type(err).__name__] = poison_status.get(type(err).__name__, 0) + 1
-                conn.close()
+            tasks.append(asyncio.ensure_future(one_poison(i)))
             i += 1
             await asyncio.sleep(1 / poison_rate)
-        for task in stalls:
+        done, pending = await asyncio.wait(tasks, timeout=30)
+        for task in pending:  # the stalled bodies, which the server cuts off after body_timeout_s anyway
             task.cancel()
 
     start = time.perf_counter()
-    await asyncio.gather(*(recommender() for _ in range(concurrency)), adder(), poisoner())
-    wall = time.perf_counter() - start
+    attack = asyncio.ensure_future(poisoner())
+    await asyncio.gather(*(recommender() for _ in range(concurrency)), adder())
+    wall = time.perf_counter() - start  # the good clients' window (the attack's tail is not theirs)
+    await attack
     return {"concurrency": concurrency, "seconds": round(wall, 2), "poison_requests_per_s": poison_rate,
             "good_requests": len(rec_lat) + len(add_lat), "good_request_errors": len(good_errors),
             "good_error_examples": good_errors[:5], "recommend_qps": round(len(rec_lat) / wall, 1),

@@ -249,7 +249,8 @@ def create_app(service: Service, cfg: ServeConfig) -> RequestMetrics:
     @app.post("/recommend")
     async def recommend(request: Request) -> Response:
         job = check.recommend(_body(RecommendBody, await request.body()))
-        await tokenize([e for e in job.history if isinstance(e, ItemSpec)])
+        # Only the entries the model reads are tokenised (all were validated).
+        await tokenize([e for e in job.history[-model.max_history:] if isinstance(e, ItemSpec)])
         hits = await run(job)
         return _json({"items": [{"id": item_id, "score": score} for item_id, score in hits]})
 
