@@ -158,6 +158,31 @@ def test_unknown_paths_and_methods_get_the_json_error_shape(server, assets):
     _assert_error_shape(httpx.delete(server.url + "/items/never-there"), 404, "id", assets)
 
 
+def test_an_escaped_exception_is_a_bare_500_that_closes_the_connection(tmp_path):
+    """A handler bug: the client gets the error shape without the exception's text or paths, and
+    `Connection: close`, instead of a response followed by a reset (Starlette re-raises)."""
+    from fastapi import FastAPI
+
+    from reolm.serve.http import CatchAll
+
+    app = FastAPI()
+    app.add_middleware(CatchAll)
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError(f"secret detail in {tmp_path}")
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/boom")
+
+    r = asyncio.run(call())
+    assert r.status_code == 500 and r.headers["connection"] == "close"
+    assert r.json() == {"error": "internal error (the server logged it)", "field": ""}
+    assert "secret" not in r.text and str(tmp_path) not in r.text
+
+
 def test_health_names_model_and_index_by_identity(server, assets):
     r = httpx.get(server.url + "/health")
     manifest = json.loads((assets["index"] / MANIFEST).read_text())
