@@ -145,6 +145,7 @@ DEEP = b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     (b'{"history": [{"attributes": {"title": "' + b"a" * 201 + b'"}}]}', 422, "history[0].attributes.title"),
     (b'{"history": [{"attributes": {"title": "' + b"a" * 150 + b'", "brand": "' + b"b" * 150
      + b'", "category": "' + b"c" * 150 + b'"}}]}', 422, "history[0].attributes"),
+    (b'{"history": ["' + b"i" * 513 + b'"]}', 422, "history[0]"),  # not echoed back at length
     (b"[1, 2]", 422, "body"),
     (b"", 422, "body"),
 ])

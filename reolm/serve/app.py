@@ -54,8 +54,11 @@ class RecommendBody(_Strict):
     exclude_history: bool = True
 
 
+MAX_ID_CHARS = 512
+
+
 class ItemBody(_Strict):
-    id: str = Field(min_length=1, max_length=512)
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     attributes: dict[str, str]
     image_feature: list[float] | None = None
 
@@ -120,6 +123,8 @@ class Validator:
         entries: list[str | ItemSpec] = []
         for i, entry in enumerate(body.history):
             if isinstance(entry, str):
+                if not 1 <= len(entry) <= MAX_ID_CHARS:  # ids are echoed in errors: keep those short
+                    raise RequestError(422, f"history[{i}]", f"an item id has 1 to {MAX_ID_CHARS} characters")
                 entries.append(entry)
             elif isinstance(entry, dict):
                 try:
