@@ -394,13 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["history"] = "item objects" if objects else "item ids"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            health = asyncio.run(get_json(url, "/health"))  # the catalogue the levels ran on, before the adds
             mixed_row = None
             if args.mixed_seconds:
                 objects = [dict(o) for h in bodies[True] for o in h][:200]
                 mixed_row = asyncio.run(mixed(url, bodies[False], objects, args.mixed_concurrency,
                                               args.mixed_seconds, args.poison_rate, args.seed))
                 print(json.dumps(mixed_row), flush=True)
-            health = asyncio.run(get_json(url, "/health"))
             memory = None
             if args.memory_adds:
                 memory = memory_run(args, url, proc, index, work, [dict(o) for h in bodies[True] for o in h][:500])
