@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -384,3 +385,32 @@ def test_sigkill_at_any_point_of_a_save_keeps_every_saved_item(assets, tmp_path)
         proc.wait()
         cat = Catalogue.open(folder)  # verified: checksums and arrays
         assert {f"k{j}" for j in range(saved)} <= set(cat.rows)
+
+
+def test_sigkill_of_the_server_after_admin_save_returned_loses_no_acknowledged_add(assets, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(assets["index"], index)
+    srv = Server(assets["run"], index, tmp_path / "server.log")
+    acked = [f"acked-{j}" for j in range(30)]
+    try:
+        srv.post("/items", {"items": [{"id": i, **object_of(assets, j % 40)} for j, i in enumerate(acked)]})
+        assert srv.post("/admin/save", {})["revision"] == 1
+        srv.post("/items", {"items": [{"id": "unsaved", **object_of(assets, 3)}]})
+        second = threading.Thread(target=_post_ignoring_errors, args=(srv.url + "/admin/save",), daemon=True)
+        second.start()  # a second save, killed while it runs (or just after)
+        time.sleep(0.02)
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(timeout=60)
+        second.join(timeout=60)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    cat = Catalogue.open(index)  # verified: checksums and arrays
+    assert set(acked) <= set(cat.rows)
+
+
+def _post_ignoring_errors(url: str) -> None:
+    try:
+        httpx.post(url, timeout=30)
+    except httpx.TransportError:  # the server was killed under it
+        pass

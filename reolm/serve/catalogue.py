@@ -400,7 +400,7 @@ class Catalogue:
                       folder / files["images"])
         index_cfg = from_dict(IndexConfig, manifest["index"], prefix="index.")
         index = VectorIndex.load(folder / files["faiss"], index_cfg, rows, dim)
-        if not np.allclose(index.vectors(), arrays["vectors"], rtol=0, atol=1e-5):
+        if not index.matches(arrays["vectors"]):
             raise IndexFileError(f"{folder / files['faiss']}: its vectors differ from {vec_path}")
         return cls(ids, alive, tokens, images, index, manifest, folder)
 
