@@ -1,8 +1,9 @@
 """The HTTP layer under the endpoints: what a hostile or broken client can reach before a handler runs.
 
 * :func:`error_response` — the one error shape, ``{"error": message, "field": name}``, ASCII
-  JSON (so no string a client sent can make the error itself unencodable), with
-  ``Connection: close`` whenever the server will not read another request on the connection.
+  JSON (so no string a client sent can make the error itself unencodable); the errors after
+  which the server will not read another request on the connection (408, 413, 400, an escaped
+  exception) say ``Connection: close``.
 * :class:`BodyGate` — reads the whole body before the application sees it: 413 over
   ``max_body_bytes`` (by Content-Length up front, or while a chunked body streams), 408 when
   the body does not arrive within ``body_timeout_s``. A slow client then holds a connection for
@@ -35,12 +36,10 @@ def error_body(status: int, field: str, message: str) -> bytes:
     return json.dumps({"error": message, "field": field}, ensure_ascii=True).encode("ascii")
 
 
-def error_response(status: int, field: str, message: str, close: bool = False) -> Any:
-    """A JSONResponse in the error shape (``close``: tell the client this connection ends)."""
+def error_response(status: int, field: str, message: str) -> Any:
+    """A response in the error shape for a handler (the connection stays open)."""
     from starlette.responses import Response
-    headers = {"connection": "close"} if close else None
-    return Response(error_body(status, field, message), status_code=status, headers=headers,
-                    media_type="application/json")
+    return Response(error_body(status, field, message), status_code=status, media_type="application/json")
 
 
 async def _send_error(send: Any, status: int, field: str, message: str) -> None:
