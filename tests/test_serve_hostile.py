@@ -129,6 +129,31 @@ def test_a_job_that_breaks_the_model_fails_alone_in_its_batch(assets, tmp_path):
         service.close(save=False)
 
 
+def test_recommends_are_answered_between_the_passes_of_a_long_add(assets, tmp_path):
+    shutil.copytree(assets["index"], tmp_path / "index")
+    service = Service(ServingModel(assets["run"], item_batch_size=16), Catalogue.open(tmp_path / "index"),
+                      ServeConfig(item_batch_size=16, max_items_per_request=2000))
+    try:
+        ids = assets["domain"].item_ids()
+        alone = service.submit(RecommendJob([ids[1], ids[2]], 5)).result(timeout=120)
+        finished: list[str] = []
+        specs = [ItemSpec({"title": f"bulk item {j}"}, id=f"bulk-{j}") for j in range(400)]  # 25 passes
+        service.tokenize(specs)
+        add = service.submit(AddJob(specs))
+        add.add_done_callback(lambda _: finished.append("add"))
+        deadline = time.time() + 60
+        while not service.running:  # the worker has taken the add
+            assert time.time() < deadline
+            time.sleep(0.001)
+        rec = service.submit(RecommendJob([ids[1], ids[2]], 5))
+        rec.add_done_callback(lambda _: finished.append("recommend"))
+        assert rec.result(timeout=120) == alone and add.result(timeout=120)["added"] == 400
+        assert finished == ["recommend", "add"]  # answered while the add was still being encoded
+        assert service.catalogue.row_of("bulk-399") is not None
+    finally:
+        service.close(save=False)
+
+
 # ----------------------------------------------------------------------------- one error contract
 
 DEEP = b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}"

@@ -13,7 +13,9 @@ So concurrent requests share forward passes, the catalogue is only ever touched 
 thread (no locks around FAISS, which is not safe to add to while searching), and an add
 acknowledged to a client is visible to every request sent after it (a request sent later is
 in a later batch). Recommendations go first because none of them waits on the same batch's
-changes (those are not acknowledged yet) and an add's encoding pass is the longest step.
+changes (those are not acknowledged yet) and an add's encoding pass is the longest step; a
+long add is encoded ``item_batch_size`` items at a time, and the recommendations queued
+meanwhile are answered between those passes, so a 1,024-item add does not stall them.
 
 A shared pass that raises is retried job by job, so a request that breaks the model or
 the index fails alone and the rest of its batch is answered as if it had not been there.
@@ -24,6 +26,7 @@ cancelled future (``InvalidStateError``) while answering.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import ctypes
 import ctypes.util
@@ -180,6 +183,7 @@ class Service:
         self.largest_batch = 0
         self.submitted = 0  # jobs queued so far; in flight = submitted - counters["jobs"]
         self.running = 0  # jobs of the batch the worker is processing right now
+        self._pending: collections.deque = collections.deque()  # taken off the queue, not yet run (in order)
         self._worker = threading.Thread(target=self._run, name="reolm-serve-worker", daemon=True)
         self._stopped = threading.Event()
         self._worker.start()
@@ -208,7 +212,7 @@ class Service:
         return False
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "largest_batch": self.largest_batch, "queued": self.queue.qsize(),
+        return {**self.counters, "largest_batch": self.largest_batch, "queued": self.queue.qsize() + len(self._pending),
                 "in_flight": self.submitted - self.counters["jobs"],
                 "unsaved_changes": self.catalogue.changes}
 
@@ -231,7 +235,7 @@ class Service:
 
     def _run(self) -> None:
         while True:
-            job = self.queue.get()
+            job = self._pending.popleft() if self._pending else self.queue.get()
             if job is _STOP:
                 return
             batch, stop = self._gather(job)
@@ -260,7 +264,10 @@ class Service:
         while cost < self.cfg.max_batch_items:
             remaining = deadline - time.perf_counter()
             try:
-                job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                if self._pending:
+                    job = self._pending.popleft()
+                else:
+                    job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
             if job is _STOP:
@@ -314,7 +321,14 @@ class Service:
             return {}
         specs = [spec for job in adds for spec in job.items]
         tokens, images = self.content_of(specs)
-        vectors = tensor_rows(self.model.encode_items(tokens, images))
+        step, parts = self.cfg.item_batch_size, []
+        for first in range(0, len(specs), step):  # the passes encode_items would run, one at a time
+            rows = np.arange(first, min(first + step, len(specs)))
+            parts.append(tensor_rows(self.model.encode_items(
+                take_rows(tokens, rows), ImageFeatureTable(images.features[rows], images.has_image[rows]))))
+            if first + step < len(specs):
+                self._answer_waiting_recommends()  # a large add must not stall everyone else
+        vectors = np.concatenate(parts)
         if not np.isfinite(vectors).all():  # raised, so the pass is retried per job and only this add fails
             raise ValueError("the model produced non-finite item vectors")
         self.counters["encode_passes"] += 1
@@ -326,6 +340,23 @@ class Service:
                             vectors[rows])
             start += len(job.items)
         return out
+
+    def _answer_waiting_recommends(self) -> None:
+        """Between the passes of a long add: answer the recommend jobs queued meanwhile.
+
+        They cannot depend on the add (it is not acknowledged yet); everything else that was
+        queued keeps its order in ``_pending`` for the next batches.
+        """
+        waiting = []
+        while True:
+            try:
+                waiting.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        recommends = [j for j in waiting if isinstance(j, RecommendJob)]
+        self._pending.extend(j for j in waiting if not isinstance(j, RecommendJob))
+        _alone_on_failure([j for j in recommends if j.future.set_running_or_notify_cancel()], self._recommend)
+        self.counters["jobs"] += len(recommends)
 
     def _apply_add(self, job: AddJob, tokens: ItemTokenTable, images: ImageFeatureTable,
                    vectors: np.ndarray) -> dict[str, Any]:
