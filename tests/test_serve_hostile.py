@@ -362,6 +362,24 @@ def test_manifest_paths_outside_the_folder_are_refused_before_anything_is_touche
                                                         "word_starts.npy"]
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(rows="40"), "rows must be a non-negative integer"),
+    (lambda m: m["checksums"].update({"vectors-000000.safetensors": "abc"}), "every checksums entry"),
+    (lambda m: m["files"].pop("images"), "files must name exactly"),
+    (lambda m: m["checksums"].pop("index-000000.faiss"), r"no checksum recorded for files\.faiss"),
+    (lambda m: m.update(format_version=1), "rebuild the folder"),
+])
+def test_a_malformed_manifest_is_refused_in_one_line(assets, tmp_path, edit, message):
+    folder = tmp_path / "index"
+    shutil.copytree(assets["index"], folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    edit(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IndexFileError, match=message) as err:
+        Catalogue.open(folder)
+    assert str(folder / MANIFEST) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_save_removes_the_previous_revision_and_stale_temporaries(assets, tmp_path):
     folder = tmp_path / "index"
     shutil.copytree(assets["index"], folder)

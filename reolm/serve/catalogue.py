@@ -112,6 +112,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if manifest["format_version"] < 2 or not isinstance(manifest.get("checksums"), dict):
         raise IndexFileError(f"{path}: format_version {manifest['format_version']} records no checksums, so its "
                              f"files cannot be verified; rebuild the folder with `reolm embed items`")
+    for key in ("rows", "dim", "revision"):
+        if not isinstance(manifest[key], int) or isinstance(manifest[key], bool) or manifest[key] < 0:
+            raise IndexFileError(f"{path}: {key} must be a non-negative integer, got {manifest[key]!r}")
+    if not all(isinstance(e, dict) for e in manifest["checksums"].values()):
+        raise IndexFileError(f"{path}: every checksums entry must be {{\"size\": ..., \"sha256\": ...}}")
     files = manifest["files"]
     if not isinstance(files, dict) or sorted(files) != sorted(FILE_KINDS):
         raise IndexFileError(f"{path}: files must name exactly {', '.join(FILE_KINDS)}")

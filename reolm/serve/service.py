@@ -156,10 +156,11 @@ def _alone_on_failure(jobs: list, run: Callable[[list], None]) -> None:
     try:
         run(jobs)
         return
-    except Exception:
+    except Exception as err:
         if len(jobs) == 1:
-            log.exception("%s failed", type(jobs[0]).__name__)
-            _fail(jobs[0], RuntimeError())
+            if not isinstance(err, RequestError):
+                log.exception("%s failed", type(jobs[0]).__name__)
+            _fail(jobs[0], err)
             return
         log.warning("a shared pass over %d %ss failed; retrying them one by one", len(jobs), type(jobs[0]).__name__)
     for job in jobs:
@@ -168,7 +169,8 @@ def _alone_on_failure(jobs: list, run: Callable[[list], None]) -> None:
         try:
             run([job])
         except Exception as err:
-            log.exception("%s failed", type(job).__name__)
+            if not isinstance(err, RequestError):
+                log.exception("%s failed", type(job).__name__)
             _fail(job, err)
 
 
