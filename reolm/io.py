@@ -8,6 +8,7 @@ over it only once complete. On an exception the temporary is removed and the tar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_open", "write_bytes", "write_text", "write_json", "save_npy"]
+__all__ = ["atomic_path", "atomic_dir", "atomic_open", "write_bytes", "write_text", "write_json", "save_npy", "sha256_file"]
 
 
 def _remove(path: Path) -> None:
@@ -113,3 +114,12 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path, suffix=".tmp.npy") as tmp:
         np.save(tmp, array, allow_pickle=False)
     return Path(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (index folders and model weights are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

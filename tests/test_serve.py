@@ -1,89 +1,38 @@
 """Item index (`reolm embed items`) and the HTTP service (`reolm serve`), end to end on loopback.
 
-The models are tiny random BERTs with noisy weights (so that items are far apart). The
-"fine-tuning run" is written by the trainer's own saver in the trainer's layout: ``stage1/``
-(model A, the item encoder that produced the frozen table) and ``best/`` (model B = A moved
-by stage 2, holding A's item table), so tests can tell which tower encoded what. The server
-is the real ``reolm serve`` subprocess on a free 127.0.0.1 port.
+Models, index and the server subprocess come from ``serve_helpers`` (tiny random two-tower
+run; the real ``reolm serve`` on a free 127.0.0.1 port). Hostile clients and damaged index
+folders are in ``test_serve_hostile.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
+import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import make_domain
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from serve_helpers import IMAGE_DIM, Server, build_assets, object_of
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
-from reolm.data.domain import read_domain, write_domain
-from reolm.data.tokenizer import item_texts, train_tokenizer
-from reolm.finetune.config import FinetuneConfig
-from reolm.finetune.reolm_recommender import ReoLMRecommender, load_reolm, save_reolm_folder
-from reolm.model import ModelConfig, ReoLM
-from reolm.random_init import init_backbone
+from reolm.finetune.reolm_recommender import load_reolm
 from reolm.serve.catalogue import Catalogue
 from reolm.serve.config import EmbedConfig, IndexConfig
 from reolm.serve.embed import embed_items
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGE_DIM = 8
-
-
-def _noisy_model(backbone: Path, seed: int, base: ReoLM | None = None, noise: float = 0.2) -> ReoLM:
-    cfg = ModelConfig(num_adapters=2, adapter_rank=4, image_feature_dim=IMAGE_DIM, max_tokens=128,
-                      attention="sdpa", hidden_dropout=0.0, attention_dropout=0.0, top_routing="gate")
-    model = ReoLM.from_backbone(backbone, cfg).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        if base is not None:
-            model.load_state_dict(base.state_dict())
-        for p in model.parameters():
-            p.add_(noise * torch.randn_like(p))
-    return model
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("serve")
-    domain = make_domain(num_items=40)
-    rng = np.random.default_rng(0)
-    domain.has_image = np.arange(domain.num_items) % 2 == 0
-    domain.image_features = (rng.standard_normal((domain.num_items, IMAGE_DIM))
-                             * domain.has_image[:, None]).astype(np.float16)
-    domain_dir = write_domain(domain, root / "domain")
-    tok = train_tokenizer(item_texts([domain_dir]), root / "tok", kind="wordpiece", vocab_size=300)
-    backbone = init_backbone(tok, root / "bert", size="tiny", max_position_embeddings=128)
-    domain = read_domain(domain_dir)
-    model_a = _noisy_model(backbone, seed=1)
-    export = model_a.save_pretrained(root / "export")
-    model_b = _noisy_model(backbone, seed=2, base=model_a, noise=0.05)
-    run = root / "run"
-    rec_a = ReoLMRecommender(model_a, progress=False).bind_domain(domain)
-    save_reolm_folder(run / "stage1", rec_a, model_name="reolm", domain=domain, cfg=FinetuneConfig(),
-                      extra={"stage": 1, "epoch": 1, "val": {}})
-    rec_b = ReoLMRecommender(model_b, progress=False).bind_domain(domain)
-    rec_b.item_table = rec_a.encode_all_items()  # the frozen table: stage-1 weights' item vectors
-    save_reolm_folder(run / "best", rec_b, model_name="reolm", domain=domain, cfg=FinetuneConfig(),
-                      extra={"stage": 2, "epoch": 2, "val": {}})
-    index = root / "index"
-    embed_items(run, domain_dir, index, EmbedConfig(progress=False))
-    return {"root": root, "domain_dir": domain_dir, "domain": domain, "export": export, "run": run,
-            "index": index, "rec_a": rec_a, "rec_b": rec_b}
+    return build_assets(tmp_path_factory.mktemp("serve"))
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:
@@ -157,56 +106,13 @@ def test_serve_refuses_an_index_of_another_model(assets):
 
 # ----------------------------------------------------------------------------- the HTTP service
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``reolm serve`` as a subprocess on a free loopback port."""
-
-    def __init__(self, model: Path, index: Path, log: Path, *overrides: str):
-        self.port, self.log = _free_port(), log
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "reolm", "serve", "--model", str(model), "--index",
-                                      str(index), "--host", "127.0.0.1", "--port", str(self.port), *overrides],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 300  # seconds on an idle machine; minutes on a loaded one
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"server did not answer /health:\n{log.read_text()[-3000:]}")
-
-    def get(self, path: str) -> dict:
-        r = httpx.get(self.url + path, timeout=30)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def post(self, path: str, body: object, status: int = 200) -> dict:
-        r = httpx.post(self.url + path, json=body, timeout=60)
-        assert r.status_code == status, r.text
-        return r.json()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def server(assets):
     index = assets["root"] / "served-index"
     shutil.copytree(assets["index"], index)
+    # graceful_timeout_s far below the 600-item add of the SIGTERM test: the running batch must still finish
     srv = Server(assets["run"], index, assets["root"] / "server.log", "batch_wait_ms=20", "max_k=100",
-                 "max_body_bytes=1000000", "max_items_per_request=2000")
+                 "max_body_bytes=1000000", "max_items_per_request=2000", "graceful_timeout_s=0.05")
     srv.index = index
     yield srv
     srv.stop()
@@ -218,18 +124,6 @@ def _offline_scores(assets, history_rows: list[int]) -> np.ndarray:
     with torch.no_grad():
         user = rec.user_vectors([history_rows[-rec.default_max_history:]])
     return rec.model.score(user, rec.item_table)[0].numpy()
-
-
-def _attrs(assets, row: int) -> dict:
-    domain = assets["domain"]
-    return domain.item_attributes(row)
-
-
-def _object(assets, row: int) -> dict:
-    obj = {"attributes": _attrs(assets, row)}
-    if assets["domain"].has_image[row]:
-        obj["image_feature"] = assets["domain"].image_features[row].astype(float).tolist()
-    return obj
 
 
 def test_health(server):
@@ -253,13 +147,22 @@ def test_recommend_ids_matches_evaluation_scores(server, assets):
 
 
 def test_recommend_item_objects_equal_ids(server, assets):
+    """The same history as ids, as item objects, and mixed: the same items in the same order.
+
+    All three requests go to the server back to back with nothing else running (tests run one
+    at a time), so they see the same catalogue whatever earlier tests added; each is also
+    checked against evaluation's own ranking of the catalogue."""
     ids = assets["domain"].item_ids()
     history = [5, 10, 16]  # items with and without images
     by_id = server.post("/recommend", {"history": [ids[r] for r in history], "k": 8, "exclude_history": False})
-    by_object = server.post("/recommend", {"history": [_object(assets, r) for r in history], "k": 8})
-    mixed = server.post("/recommend", {"history": [ids[5], _object(assets, 10), ids[16]], "k": 8,
+    by_object = server.post("/recommend", {"history": [object_of(assets, r) for r in history], "k": 8})
+    mixed = server.post("/recommend", {"history": [ids[5], object_of(assets, 10), ids[16]], "k": 8,
                                        "exclude_history": False})
+    catalogue = [i for i in by_id["items"] if i["id"] in ids]
+    expected = [ids[r] for r in np.argsort(-_offline_scores(assets, history), kind="stable")]
+    assert [i["id"] for i in catalogue] == expected[:len(catalogue)]
     for other in (by_object, mixed):
+        assert [i["id"] for i in other["items"]] == [i["id"] for i in by_id["items"]]
         np.testing.assert_allclose([i["score"] for i in other["items"]], [i["score"] for i in by_id["items"]],
                                    atol=2e-3)
 
@@ -267,8 +170,9 @@ def test_recommend_item_objects_equal_ids(server, assets):
 def test_new_item_is_recommended_at_once_in_the_catalogue_space(server, assets):
     ids = assets["domain"].item_ids()
     twin_of = 7  # same content as catalogue item 7: encoded by the stage-1 tower, it must score like it
-    out = server.post("/items", {"items": [{"id": "new-twin", **_object(assets, twin_of)}]})
-    assert out == {"added": 1, "replaced": 0, "items": 41}
+    before = server.get("/health")["items"]  # whatever earlier tests left: only the change is asserted
+    out = server.post("/items", {"items": [{"id": "new-twin", **object_of(assets, twin_of)}]})
+    assert out == {"added": 1, "replaced": 0, "items": before + 1}
     n = server.get("/health")["items"]
     rec = server.post("/recommend", {"history": [ids[2], ids[12]], "k": n})
     scores = {i["id"]: i["score"] for i in rec["items"]}
@@ -320,7 +224,7 @@ def test_concurrent_adds_and_recommends_lose_nothing(server, assets):
 
     async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            adds = [client.post("/items", json={"items": [{"id": f"c{j}-{m}", **_object(assets, (3 * j + m) % 40)}
+            adds = [client.post("/items", json={"items": [{"id": f"c{j}-{m}", **object_of(assets, (3 * j + m) % 40)}
                                                           for m in range(2)]}) for j in range(8)]
             recs = [client.post("/recommend", json={"history": [ids[(j * 7) % 40], ids[(j * 3 + 1) % 40]], "k": 5})
                     for j in range(24)]
@@ -347,7 +251,7 @@ def test_concurrent_adds_and_recommends_lose_nothing(server, assets):
 def test_sigterm_finishes_in_flight_request_and_saves(server, assets):
     """Last test of the module: stops the shared server, then restarts it on the saved folder."""
     index, before = server.index, server.get("/health")["items"]
-    items = [{"id": f"bulk-{j}", **_object(assets, j % 40)} for j in range(600)]
+    items = [{"id": f"bulk-{j}", **object_of(assets, j % 40)} for j in range(600)]
     result: dict = {}
 
     def add() -> None:
@@ -363,6 +267,10 @@ def test_sigterm_finishes_in_flight_request_and_saves(server, assets):
     thread.join(timeout=300)
     assert result["response"].status_code == 200 and result["response"].json()["added"] == 600
     assert server.proc.wait(timeout=120) == 0
+    log = server.log.read_text()
+    assert "InvalidStateError" not in log and "Traceback" not in log
+    saved = re.search(r"saved (\d+) changes", log)  # the count of changes, taken before the save reset it
+    assert saved and int(saved.group(1)) >= 600
     manifest = json.loads((index / "index.json").read_text())
     assert manifest["revision"] == 1 and manifest["items"] == before + 600
     assert sorted(p.name for p in index.iterdir()) == ["images-000001", "index-000001.faiss", "index.json",

@@ -1,10 +1,13 @@
 """The HTTP JSON API (FastAPI on uvicorn) over :class:`reolm.serve.service.Service`.
 
-Handlers validate shapes and limits, turn the request into a job, and await its future; the
+Handlers parse and validate the body (strict types, valid Unicode, text limits), tokenise
+items given by content in a thread, turn the request into a job, and await its future; the
 worker thread does the model and index work. Every error is ``{"error": message, "field":
-name}`` with a 4xx status: 422 for a bad value (the field names it, e.g. ``history[2]`` or
-``items[0].image_feature``), 404 for an unknown item in a path, 413 for a body over
-``max_body_bytes``. ``docs/serving.md`` documents the endpoints.
+name}``: 422 for a bad value or body (the field names it, e.g. ``history[2]`` or
+``items[0].image_feature``), 404 for an unknown item or path, 405, 408 / 413 for a body too
+slow / too large, 500 (no exception text) for a failure of the server's own. The layers a
+request crosses before a handler are in :mod:`reolm.serve.http`. ``docs/serving.md``
+documents the endpoints and what the service guarantees.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -23,12 +26,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from reolm.serve.catalogue import Catalogue
 from reolm.serve.config import ServeConfig
+from reolm.serve.http import BodyGate, CatchAll, error_response, parse_json, protocol_class
 from reolm.serve.model import ServingModel
 from reolm.serve.service import (AddJob, DeleteJob, ItemSpec, RecommendJob, RequestError, SaveJob, Service)
 
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- request bodies
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion ("10" is not 10, "yes" is not true); extra keys are errors
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RecommendBody(_Strict):
@@ -49,8 +54,11 @@ class RecommendBody(_Strict):
     exclude_history: bool = True
 
 
+MAX_ID_CHARS = 512
+
+
 class ItemBody(_Strict):
-    id: str = Field(min_length=1, max_length=512)
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     attributes: dict[str, str]
     image_feature: list[float] | None = None
 
@@ -87,6 +95,14 @@ class Validator:
             raise RequestError(422, f"{field}.attributes.{unknown[0]}",
                                f"unknown attribute {unknown[0]!r}; this index's attributes are "
                                f"{', '.join(self.attributes)}")
+        for name, value in attributes.items():  # bound the tokenizer's work per value and per item
+            if len(value) > self.cfg.max_attribute_chars:
+                raise RequestError(422, f"{field}.attributes.{name}", f"{len(value)} characters; at most "
+                                   f"{self.cfg.max_attribute_chars} per attribute (max_attribute_chars)")
+        total = sum(len(v) for v in attributes.values())
+        if total > self.cfg.max_item_chars:
+            raise RequestError(422, f"{field}.attributes", f"{total} characters of attributes; at most "
+                               f"{self.cfg.max_item_chars} per item (max_item_chars)")
         feature = None
         if image_feature is not None:
             if len(image_feature) != self.image_dim:
@@ -107,6 +123,8 @@ class Validator:
         entries: list[str | ItemSpec] = []
         for i, entry in enumerate(body.history):
             if isinstance(entry, str):
+                if not 1 <= len(entry) <= MAX_ID_CHARS:  # ids are echoed in errors: keep those short
+                    raise RequestError(422, f"history[{i}]", f"an item id has 1 to {MAX_ID_CHARS} characters")
                 entries.append(entry)
             elif isinstance(entry, dict):
                 try:
@@ -135,41 +153,6 @@ class Validator:
 
 
 # ----------------------------------------------------------------------------- middleware
-
-class PayloadTooLarge(StarletteHTTPException):
-    """Raised while a body streams in past the limit (an HTTPException, so FastAPI re-raises it as is)."""
-
-    def __init__(self) -> None:
-        super().__init__(413)
-
-
-class BodyLimit:
-    """413 for a body over ``max_bytes``: by Content-Length up front, else while it streams in."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            response = _error(413, "body", f"request body of {int(length)} bytes exceeds the limit of "
-                                           f"{self.max_bytes} bytes")
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge()
-            return message
-
-        await self.app(scope, limited, send)
-
 
 class RequestMetrics:
     """Counts and latencies per endpoint (a sliding window per endpoint for the percentiles)."""
@@ -219,92 +202,132 @@ class RequestMetrics:
         return out
 
 
-def _error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "field": field}, status_code=status)
-
-
-# ----------------------------------------------------------------------------- the app
-
 def create_app(service: Service, cfg: ServeConfig) -> RequestMetrics:
-    """The ASGI application (FastAPI app wrapped in the metrics and body-limit layers)."""
+    """The ASGI application: metrics, then the body gate, then FastAPI (with the catch-all inside)."""
     catalogue, model = service.catalogue, service.model
     check = Validator(catalogue.attributes, catalogue.image_dim, cfg)
+    heavy = asyncio.Semaphore(1)  # created in the server's event loop, on first use
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         # uvicorn has stopped accepting and finished every in-flight request by now.
-        saved = await asyncio.to_thread(service.close, cfg.save_on_shutdown)
-        if saved:
-            log.info("added/deleted items saved to %s", catalogue.folder)
+        await asyncio.to_thread(service.close, cfg.save_on_shutdown)
 
-    app = FastAPI(title="Reo-LM recommendations", version="1", lifespan=lifespan)
+    app = FastAPI(title="Reo-LM recommendations", version="1", lifespan=lifespan, openapi_url=None)
+    app.add_middleware(CatchAll)  # inside Starlette's error middleware, which would re-raise
+
+    async def tokenize(specs: list[ItemSpec]) -> None:
+        # Off the event loop and off the worker: the tokenizer releases the GIL, and text that
+        # breaks it fails this request alone. Heavy requests queue behind each other.
+        if not specs:
+            return
+        if sum(len(v) for s in specs for v in s.attributes.values()) > cfg.heavy_request_chars:
+            async with heavy:
+                await asyncio.to_thread(service.tokenize, specs)
+        else:
+            await asyncio.to_thread(service.tokenize, specs)
 
     async def run(job: Any) -> Any:
+        # If this handler is cancelled (client gone, shutdown), wrap_future cancels the job's future:
+        # the worker drops it if it has not taken it yet, and finishes it otherwise.
         return await asyncio.wrap_future(service.submit(job))
 
     @app.exception_handler(RequestError)
-    async def _request_error(_: Request, err: RequestError) -> JSONResponse:
-        return _error(err.status, err.field, err.message)
+    async def _request_error(_: Request, err: RequestError) -> Response:
+        return error_response(err.status, err.field, err.message)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _validation_error(_: Request, err: RequestValidationError) -> Response:
         first = err.errors()[0]
         field = _field_name(tuple(first.get("loc", ("body",))))
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            field, message = "body", f"not valid JSON: {first.get('ctx', {}).get('error', message)}"
-        return _error(422, field, f"{field}: {message}")
+        return error_response(422, field, f"{field}: {first.get('msg', 'invalid request')}")
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, err: Exception) -> JSONResponse:  # logged by the worker or uvicorn
-        return _error(500, "", f"internal error: {type(err).__name__}: {err}")
-
-    @app.exception_handler(PayloadTooLarge)
-    async def _too_large(_: Request, __: PayloadTooLarge) -> JSONResponse:
-        return _error(413, "body", f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> Response:
+        if err.status_code == 404:
+            return error_response(404, "path", f"no endpoint {request.method} {request.url.path}")
+        if err.status_code == 405:
+            return error_response(405, "method", f"{request.url.path} does not take {request.method}")
+        return error_response(err.status_code, "", str(err.detail))
 
     @app.post("/recommend")
-    async def recommend(body: RecommendBody) -> dict:
-        hits = await run(check.recommend(body))
-        return {"items": [{"id": item_id, "score": score} for item_id, score in hits]}
+    async def recommend(request: Request) -> Response:
+        job = check.recommend(_body(RecommendBody, await request.body()))
+        # Only the entries the model reads are tokenised (all were validated).
+        await tokenize([e for e in job.history[-model.max_history:] if isinstance(e, ItemSpec)])
+        hits = await run(job)
+        return _json({"items": [{"id": item_id, "score": score} for item_id, score in hits]})
 
     @app.post("/items")
-    async def add_items(body: ItemsBody) -> dict:
-        return await run(check.add(body))
+    async def add_items(request: Request) -> Response:
+        job = check.add(_body(ItemsBody, await request.body()))
+        await tokenize(job.items)
+        return _json(await run(job))
 
     @app.delete("/items/{item_id:path}")
-    async def delete_item(item_id: str) -> dict:
-        return await run(DeleteJob(item_id))
+    async def delete_item(item_id: str) -> Response:
+        return _json(await run(DeleteJob(item_id)))
 
     @app.post("/admin/save")
-    async def save() -> dict:
-        return await run(SaveJob())
+    async def save() -> Response:
+        return _json(await run(SaveJob()))
 
     @app.get("/health")
-    async def health() -> dict:
-        identity = catalogue.manifest["model"]
-        return {"status": "ok", "model": {"path": identity.get("path"), "kind": identity.get("kind"),
-                                          "item_vectors": identity.get("item_vectors")},
-                "items": catalogue.num_items, "rows": catalogue.num_rows, "index": catalogue.index.describe(),
-                "index_dir": str(catalogue.folder), "revision": catalogue.manifest.get("revision"),
-                "attributes": list(catalogue.attributes), "image_feature_dim": catalogue.image_dim,
-                "max_history": model.max_history, "unsaved_changes": catalogue.changes}
+    async def health() -> Response:
+        return _json({"status": "ok", "model": _model_identity(catalogue.manifest["model"]),
+                      "items": catalogue.num_items, "rows": catalogue.num_rows,
+                      "index": {**catalogue.index.describe(), "revision": catalogue.manifest.get("revision")},
+                      "revision": catalogue.manifest.get("revision"), "attributes": list(catalogue.attributes),
+                      "image_feature_dim": catalogue.image_dim, "max_history": model.max_history,
+                      "unsaved_changes": catalogue.changes})
 
     @app.get("/metrics")
-    async def metrics() -> dict:
-        return {"uptime_s": round(time.time() - meter.started, 3), "requests": meter.snapshot(),
-                "service": service.stats()}
+    async def metrics() -> Response:
+        return _json({"uptime_s": round(time.time() - meter.started, 3), "requests": meter.snapshot(),
+                      "service": service.stats()})
 
-    meter = RequestMetrics(BodyLimit(app, cfg.max_body_bytes), cfg.latency_window)
+    meter = RequestMetrics(BodyGate(app, cfg.max_body_bytes, cfg.body_timeout_s), cfg.latency_window)
     return meter
+
+
+def _model_identity(recorded: dict) -> dict:
+    """The served model by identity (kind, weights' sha256), never by server path."""
+    return {"kind": recorded.get("kind"), "item_vectors": recorded.get("item_vectors"),
+            "user_encoder_sha256": (recorded.get("user_encoder") or {}).get("weights_sha256"),
+            "item_encoder_sha256": (recorded.get("item_encoder") or {}).get("weights_sha256")}
+
+
+def _json(value: Any) -> Response:
+    # Straight to bytes: FastAPI's jsonable_encoder walk costs event-loop time on every response.
+    return Response(json.dumps(value, ensure_ascii=True).encode("ascii"), media_type="application/json")
+
+
+def _body(model: type[BaseModel], raw: bytes) -> Any:
+    """Parse and validate a request body strictly ("10" is not an int, "yes" not a bool)."""
+    value = parse_json(raw)
+    try:
+        return model.model_validate(value)
+    except ValidationError as err:  # name the first bad field
+        first = err.errors()[0]
+        field = _field_name(tuple(first.get("loc", ())))
+        raise RequestError(422, field, f"{field}: {first.get('msg', 'invalid value')}") from None
+
+
+def _set_torch_threads(requested: int) -> None:
+    import os
+
+    import torch
+    torch.set_num_threads(requested or max(1, (os.cpu_count() or 2) // 2))
 
 
 def open_service(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig) -> Service:
     """Load the model and the index folder, check that they belong together, start the worker."""
+    _set_torch_threads(cfg.torch_threads)
     model = ServingModel(model_path, device=cfg.device, item_batch_size=cfg.item_batch_size)
     catalogue = Catalogue.open(index_dir)
     model.check_identity(catalogue.manifest["model"], str(Path(index_dir) / "index.json"))
+    catalogue.check_token_ids(model.vocab_size)
     if catalogue.image_dim != model.image_dim:
         raise ValueError(f"{index_dir}: image features of width {catalogue.image_dim}, but the model takes "
                          f"{model.image_dim}")
@@ -314,15 +337,20 @@ def open_service(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig
     return Service(model, catalogue, cfg)
 
 
-def _server_class() -> type:
+def _server_class(service: Service, graceful_s: float) -> type:
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn's server, but a graceful stop on SIGTERM/SIGINT exits with status 0.
+        """uvicorn's server, but a graceful stop on SIGTERM/SIGINT exits with status 0 and never
+        cuts a batch the worker is running.
 
         uvicorn re-raises the caught signal after shutting down, so the process would end as
         "killed by SIGTERM" even though it finished every request and saved; schedulers and
         tests then cannot tell a clean stop from a crash. Training exits 0 after a signal too.
+        uvicorn's own graceful timeout cancels every request still open when it expires,
+        including ones whose batch is half computed; here the wait ends at ``graceful_s`` only
+        once the worker is between batches, and only requests still queued or still sending
+        are cancelled (the worker drops those jobs: nothing was acknowledged).
         """
 
         @contextlib.contextmanager
@@ -337,6 +365,24 @@ def _server_class() -> type:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        async def _wait_tasks_to_complete(self) -> None:
+            state, loop = self.server_state, asyncio.get_running_loop()
+            deadline = loop.time() + graceful_s
+            while (state.connections or state.tasks) and not self.force_exit:
+                if loop.time() > deadline and not service.running:
+                    break
+                await asyncio.sleep(0.05)
+            if state.tasks:
+                log.warning("shutdown: cancelling %d request(s) still queued or sending after %g s",
+                            len(state.tasks), graceful_s)
+                for task in list(state.tasks):
+                    task.cancel()
+                await asyncio.sleep(0.05)
+            for connection in list(state.connections):
+                connection.transport.close()
+            for server in self.servers:
+                await server.wait_closed()
+
     return GracefulServer
 
 
@@ -346,9 +392,11 @@ def serve(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig) -> No
 
     service = open_service(model_path, index_dir, cfg)
     app = create_app(service, cfg)
+    # timeout_graceful_shutdown=None: our server class bounds the wait itself (see above).
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, lifespan="on",
-                            timeout_graceful_shutdown=max(1, math.ceil(cfg.graceful_timeout_s)), access_log=False)
+                            http=protocol_class(cfg.header_timeout_s), timeout_graceful_shutdown=None,
+                            access_log=False)
     try:
-        _server_class()(config).run()
+        _server_class(service, cfg.graceful_timeout_s)(config).run()
     finally:
         service.close(cfg.save_on_shutdown)  # no-op when the lifespan already closed it

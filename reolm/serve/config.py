@@ -58,6 +58,20 @@ class ServeConfig:
                                   "reads only its own last reolm.eval_max_history_items of them).", ge=1)
     max_items_per_request: int = param(1024, "Most items one POST /items request may add.", ge=1)
     max_body_bytes: int = param(4 * 1024 * 1024, "Largest request body accepted (413 above it).", ge=1024)
+    max_attribute_chars: int = param(4096, "Longest attribute value (characters) of an item given by content "
+                                           "(422 above it). The model reads only its first max_attr_tokens "
+                                           "tokens; the limit bounds the tokenizer's work per value.", ge=1)
+    max_item_chars: int = param(16384, "Most characters of all attribute values of one item (422 above it).", ge=1)
+    heavy_request_chars: int = param(65536, "Requests whose items carry more text than this are tokenised one "
+                                            "at a time, so a few huge requests cannot take every core from the "
+                                            "rest.", ge=1)
+    header_timeout_s: float = param(10.0, "A client must send a request's headers within this many seconds of "
+                                          "its first byte (the connection is closed otherwise).", gt=0)
+    body_timeout_s: float = param(20.0, "A request body must arrive completely within this many seconds of "
+                                        "its headers (408 and the connection closed otherwise).", gt=0)
+    torch_threads: int = param(0, "Intra-op threads of the model on CPU; 0 = half the cores (at least 1): the "
+                                  "HTTP event loop needs a core of its own, and OpenMP threads that spin on "
+                                  "a busy core slow every request.", ge=0)
     batch_wait_ms: float = param(2.0, "After the first queued request, wait this long for more to join the same "
                                       "forward pass (0 = take only what is already queued).", ge=0)
     max_batch_items: int = param(512, "Most items (history entries to encode and new items) one forward pass "
@@ -68,7 +82,8 @@ class ServeConfig:
     ivf_nprobe: int = param(0, "IVF cells visited per query; 0 = the value the index was built with.", ge=0)
     save_on_shutdown: bool = param(True, "On SIGTERM/SIGINT, after the in-flight requests finish, save items "
                                          "added or deleted since the last save back into the index folder.")
-    graceful_timeout_s: float = param(30.0, "On shutdown, wait at most this long for in-flight requests.", gt=0)
+    graceful_timeout_s: float = param(30.0, "On shutdown, wait at most this long for in-flight requests (a batch "
+                                            "the worker is running is always finished and answered).", gt=0)
     latency_window: int = param(10000, "GET /metrics percentiles cover the last this many requests per "
                                        "endpoint.", ge=10)
     log_level: str = param("info", "Server log level.", choices=("critical", "error", "warning", "info", "debug"))

@@ -114,6 +114,16 @@ class VectorIndex:
             return np.zeros((0, self.dim), np.float32)
         return self.index.reconstruct_n(0, self.ntotal)
 
+    def matches(self, vectors: np.ndarray, atol: float = 1e-5, chunk: int = 65536) -> bool:
+        """Whether the index holds exactly these rows (read back in chunks: no second full copy)."""
+        if vectors.shape != (self.ntotal, self.dim):
+            return False
+        for start in range(0, self.ntotal, chunk):
+            n = min(chunk, self.ntotal - start)
+            if not np.allclose(self.index.reconstruct_n(start, n), vectors[start:start + n], rtol=0, atol=atol):
+                return False
+        return True
+
     def memory_bytes(self) -> int:
         """Size of the index written to disk (vectors + graph or lists), without a copy in memory."""
         import tempfile

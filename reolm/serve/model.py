@@ -18,7 +18,6 @@ fine-tuning and evaluation use), bound to a small table holding only the rows a 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from reolm.data.tables import ImageFeatureTable, ItemTokenTable, tokenize_items_
 from reolm.finetune.registry import resolve_saved_model
 from reolm.finetune.reolm_recommender import ReoLMRecommender, load_reolm
 from reolm.finetune.runner import resolve_device
+from reolm.io import sha256_file
 
 __all__ = ["ServingModel", "REOLM_KINDS", "weights_digest"]
 
@@ -41,11 +41,7 @@ REOLM_KINDS = ("reolm", "reolm-nopretrain", "reolm-zeroshot")
 
 def weights_digest(folder: Path) -> str:
     """sha256 of a model folder's ``model.safetensors`` (its identity in an index folder)."""
-    h = hashlib.sha256()
-    with open(folder / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(folder / "model.safetensors")
 
 
 @dataclass
@@ -114,6 +110,10 @@ class ServingModel:
     def max_history(self) -> int:
         """History items the model reads (its evaluation setting)."""
         return int(self.user.rec.default_max_history)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.item.rec.model.backbone_config.vocab_size)
 
     @property
     def image_dim(self) -> int:
