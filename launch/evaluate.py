@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from reolm.config import config_help_epilog  # noqa: E402
 from reolm.finetune.config import EvalSection  # noqa: E402
 from reolm.precision import PRECISION_DOC, PRECISIONS  # noqa: E402
+from reolm.runtime import setup_process  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_process()
     overrides = list(args.overrides)
     overrides += [f"eval.max_users={args.max_users}"] if args.max_users is not None else []
     overrides += [f"eval.subset_seed={args.seed}"] if args.seed is not None else []

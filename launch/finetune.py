@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from reolm.config import config_help_epilog, load_config  # noqa: E402
 from reolm.finetune.config import MODEL_CHOICES, FinetuneConfig  # noqa: E402
+from reolm.runtime import setup_process  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_process()
     overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
     try:
         cfg = load_config(FinetuneConfig, args.config, overrides)

@@ -32,6 +32,7 @@ from reolm.cli import debug_requested  # noqa: E402
 
 from reolm.config import ConfigError, config_help_epilog, load_config  # noqa: E402
 from reolm.train.config import PretrainConfig  # noqa: E402
+from reolm.runtime import setup_process  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_process()
     overrides = list(args.overrides) + ([f"ckpt.resume={args.resume}"] if args.resume else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Sequence
 
+from reolm.runtime import setup_process
+
 # name -> (module under reolm.commands, one-line help).  Help text lives here too so
 # that `reolm --help` lists every command without importing any of them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reolm: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, help_text = COMMANDS[name]
+    setup_process()
     module = importlib.import_module(f"reolm.commands.{module_name}")
     parser = argparse.ArgumentParser(prog=f"reolm {name}", description=getattr(module, "DESCRIPTION", help_text),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
