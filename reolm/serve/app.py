@@ -280,6 +280,7 @@ def create_app(service: Service, cfg: ServeConfig) -> RequestMetrics:
                       "index": {**catalogue.index.describe(), "revision": catalogue.manifest.get("revision")},
                       "revision": catalogue.manifest.get("revision"), "attributes": list(catalogue.attributes),
                       "image_feature_dim": catalogue.image_dim, "max_history": model.max_history,
+                      "precision": model.precision,
                       "unsaved_changes": catalogue.changes})
 
     @app.get("/metrics")
@@ -324,7 +325,8 @@ def _set_torch_threads(requested: int) -> None:
 def open_service(model_path: str | Path, index_dir: str | Path, cfg: ServeConfig) -> Service:
     """Load the model and the index folder, check that they belong together, start the worker."""
     _set_torch_threads(cfg.torch_threads)
-    model = ServingModel(model_path, device=cfg.device, item_batch_size=cfg.item_batch_size)
+    model = ServingModel(model_path, device=cfg.device, item_batch_size=cfg.item_batch_size,
+                         precision=cfg.precision)
     catalogue = Catalogue.open(index_dir)
     model.check_identity(catalogue.manifest["model"], str(Path(index_dir) / "index.json"))
     catalogue.check_token_ids(model.vocab_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reolm.config import ConfigError, param
+from reolm.precision import PRECISION_DOC, PRECISIONS
 
 __all__ = ["IndexConfig", "ServeConfig", "EmbedConfig", "INDEX_KINDS"]
 
@@ -41,6 +42,7 @@ class EmbedConfig:
 
     index: IndexConfig = field(default_factory=IndexConfig)
     device: str = param("auto", "Where the model runs: auto (CUDA when available), cpu, cuda, cuda:N.")
+    precision: str = param("auto", PRECISION_DOC, choices=PRECISIONS)
     batch_size: int = param(256, "Items encoded per forward pass.", ge=1)
     progress: bool = param(True, "Show a progress bar while encoding.")
 
@@ -53,6 +55,7 @@ class ServeConfig:
                                    "only behind your own authentication (the service has none).")
     port: int = param(8000, "TCP port to listen on.", ge=0, le=65535)
     device: str = param("auto", "Where the model runs: auto (CUDA when available), cpu, cuda, cuda:N.")
+    precision: str = param("auto", PRECISION_DOC, choices=PRECISIONS)
     max_k: int = param(1000, "Largest k a /recommend request may ask for.", ge=1)
     max_history: int = param(200, "Most history entries one /recommend request may send (the model still "
                                   "reads only its own last reolm.eval_max_history_items of them).", ge=1)

@@ -51,7 +51,7 @@ def embed_items(model_path: str | os.PathLike, domain_dir: str | os.PathLike, ou
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not an index folder (no {MANIFEST}); refusing to overwrite it")
     start = time.perf_counter()
-    model = ServingModel(model_path, device=cfg.device, item_batch_size=cfg.batch_size)
+    model = ServingModel(model_path, device=cfg.device, item_batch_size=cfg.batch_size, precision=cfg.precision)
     model.item.rec.progress = cfg.progress
     domain = read_domain(domain_dir)
     loaded = time.perf_counter()
@@ -62,6 +62,7 @@ def embed_items(model_path: str | os.PathLike, domain_dir: str | os.PathLike, ou
     built = time.perf_counter()
     manifest = {"model": model.identity(), "tables": tables_identity(domain, tokens, images, model),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "embed": to_dict(cfg),
+                "precision": model.precision,
                 "timings_s": {"load": round(loaded - start, 3), "encode": round(encoded - loaded, 3),
                               "build_index": round(built - encoded, 3)}}
     with atomic_dir(out) as partial:

@@ -54,8 +54,10 @@ class _Tower:
 class ServingModel:
     """Item and history encoders of one saved Reo-LM, plus what identifies them."""
 
-    def __init__(self, path: str | Path, device: str = "auto", item_batch_size: int = 256):
+    def __init__(self, path: str | Path, device: str = "auto", item_batch_size: int = 256,
+                 precision: str = "auto"):
         self.path = Path(path).resolve()
+        self.requested_precision = precision
         folder, desc = resolve_saved_model(self.path)
         self.kind = desc["model"]
         if self.kind not in REOLM_KINDS:
@@ -87,7 +89,15 @@ class ServingModel:
     def _load(self, folder: Path) -> _Tower:
         rec = load_reolm(folder)
         rec.progress = False
-        return _Tower(rec.to(self.device).eval(), Path(folder).resolve(), weights_digest(Path(folder)))
+        rec = rec.to(self.device).eval().set_precision(self.requested_precision)
+        if rec.precision == "bf16" and self.device.type == "cpu":
+            rec.model.to(torch.bfloat16)  # inference only: no fp32 master weights to keep
+        return _Tower(rec, Path(folder).resolve(), weights_digest(Path(folder)))
+
+    @property
+    def precision(self) -> str:
+        """What the towers compute in (``fp32`` or ``bf16``, :mod:`reolm.precision`)."""
+        return self.user.rec.precision
 
     @staticmethod
     def _tokenizer_key(tower: _Tower) -> str:
