@@ -26,6 +26,7 @@ from reolm.eval.contract import read_metrics
 from reolm.finetune.reolm_recommender import (ITEM_VECTORS, ReoLMRecommender, domain_image_table, load_reolm)
 from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset
 from reolm.model import ModelConfig, ReoLM
+from reolm.precision import resolve_precision
 from reolm.random_init import init_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,7 @@ def test_finetune_from_hf_checkpoint_writes_contract_metrics(run_dir, assets):
     assert doc["model"] == "reolm-nopretrain" and doc["split"] == "test"
     assert doc["num_items"] == domain.num_items and doc["num_users"] == len(domain.test)
     assert doc["best_stage"] in (1, 2) and doc["stage1"]["epochs_run"] > 0
+    assert doc["precision"] == resolve_precision("auto", "cpu")  # the precision it trained in, recorded
     records = _log(run_dir)
     stage1_epochs = [r["epoch"] for r in records if r.get("stage") == "reolm-stage1" and "train_loss" in r]
     assert stage1_epochs[:3] == [0.5, 1.0, 1.5]  # validation every half epoch
@@ -137,7 +139,7 @@ def test_evaluate_reproduces_run_test_metrics(run_dir, assets, tmp_path):
         assert _evaluate(["--domain", str(assets["domain"]), "--model", str(target), "--split", "test",
                           "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
         doc = json.loads(out.read_text())
-        assert doc["model"] == "reolm-nopretrain"
+        assert doc["model"] == "reolm-nopretrain" and doc["precision"] == run_doc["precision"]
         for name, value in run_doc["metrics"].items():
             assert doc["metrics"][name] == pytest.approx(value, abs=1e-9), name
 
