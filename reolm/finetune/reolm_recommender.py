@@ -237,8 +237,13 @@ class ReoLMRecommender(nn.Module):
     def _encode(self, batch: PackedBatch) -> torch.Tensor:
         """Pooled float32 vectors of ``batch`` (already on the device), without gradient."""
         encoder = self.inference_encoder()
-        with self.autocast() if encoder is self.model else contextlib.nullcontext():
-            return encoder.encode(batch).float()
+        was_training = encoder.training
+        encoder.eval()  # encoding is inference: no dropout, whatever mode training left the model in
+        try:
+            with self.autocast() if encoder is self.model else contextlib.nullcontext():
+                return encoder.encode(batch).float()
+        finally:
+            encoder.train(was_training)
 
     def item_vectors(self) -> torch.Tensor:
         """The frozen item table when set, else every item encoded with the current weights."""
