@@ -38,6 +38,7 @@ TRAINERS: dict[str, str] = {
 LOADERS: dict[str, str] = {
     "pop": _BASELINE_LOADER,
     "sasrec": _BASELINE_LOADER,
+    "sasrec-textinit": _BASELINE_LOADER,
     "gru4rec": _BASELINE_LOADER,
     "bert4rec": _BASELINE_LOADER,
     "reolm": _REOLM_LOADER,
