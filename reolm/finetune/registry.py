@@ -43,6 +43,8 @@ LOADERS: dict[str, str] = {
     "bert4rec": _BASELINE_LOADER,
     "reolm": _REOLM_LOADER,
     "reolm-nopretrain": _REOLM_LOADER,
+    "reolm-id": _REOLM_LOADER,             # transductive (reolm.item_id_embedding)
+    "reolm-nopretrain-id": _REOLM_LOADER,
     "reolm-zeroshot": _REOLM_LOADER,
     PLM_ZEROSHOT: "reolm.finetune.reolm_recommender:load_plm",
 }
