@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_downstream_domain
+from launch_helpers import finetune_main as _finetune, evaluate_main as _evaluate
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.baselines.base import ITEM_INIT_STD
@@ -38,16 +39,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     tok = train_tokenizer(item_texts([cold]), root / "tok", kind="words", vocab_size=2000, progress=False)
     backbone = init_backbone(tok, root / "bert", size="tiny", max_position_embeddings=128)
     return {"root": root, "domain": cold, "backbone": backbone}
-
-
-def _finetune(args: list[str]) -> int:
-    from launch.finetune import main
-    return main(args)
-
-
-def _evaluate(args: list[str]) -> int:
-    from launch.evaluate import main
-    return main(args)
 
 
 # ----------------------------------------------------------------------------- text-initialised SASRec

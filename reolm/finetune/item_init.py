@@ -2,7 +2,8 @@
 
 The item vectors of the domain come from a content model, loaded the way evaluation loads it
 (:func:`reolm.finetune.registry.resolve_saved_model`, :func:`reolm.finetune.runner.load_saved`):
-a Reo-LM fine-tuning run (the vectors it scores with: its frozen item table), a pre-trained
+a Reo-LM fine-tuning run (the vectors it scores with: its frozen item table, plus its ID rows when
+transductive), a pre-trained
 export (zero-shot) or a plain HF checkpoint (zero-shot PLM).  They are mapped to the ID model's
 width by :func:`project_rows`:
 

@@ -59,7 +59,7 @@ from reolm import precision as numerics
 
 __all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "trained_vision",
            "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
-           "ITEM_ID_EMBEDDING", "ID_SUFFIX"]
+           "ITEM_ID_EMBEDDING", "ID_SUFFIX", "check_item_rows"]
 
 log = logging.getLogger(__name__)
 ITEM_VECTORS = "item_vectors.safetensors"
@@ -133,6 +133,14 @@ def load_plm(folder: str | os.PathLike, section: ReoLMSection | None = None,
     return ReoLMRecommender(model, section)
 
 
+def check_item_rows(rows: Mapping[str, torch.Tensor | None], domain: Domain, where: str) -> None:
+    """Refuse per-item tensors (item table, ID rows) whose row count is not the domain's item count."""
+    for name, tensor in rows.items():
+        if tensor is not None and tensor.shape[0] != domain.num_items:
+            raise ValueError(f"{where} {name} has {tensor.shape[0]} rows but domain {domain.name!r} has "
+                             f"{domain.num_items} items: wrong domain?")
+
+
 # ----------------------------------------------------------------------------- recommender
 
 class ReoLMRecommender(nn.Module):
@@ -171,10 +179,7 @@ class ReoLMRecommender(nn.Module):
             check_same_vision(self.vision, VisionIdentity.of_table(images), f"the Reo-LM at {self.vision_from}",
                               f"{domain.path or domain.name}/image_features.npy")
         self.bind_tables(domain_token_table(domain, self.model.tokenizer, cfg, self.progress), images)
-        for name, rows in (("item table", self.item_table), ("item ID embedding", self.item_ids)):
-            if rows is not None and rows.shape[0] != domain.num_items:
-                raise ValueError(f"the saved {name} has {rows.shape[0]} rows but domain "
-                                 f"{domain.name!r} has {domain.num_items} items: wrong domain?")
+        check_item_rows({"item table": self.item_table, "item ID embedding": self.item_ids}, domain, "the saved")
         return self
 
     def bind_tables(self, tokens: ItemTokenTable, images: ImageFeatureTable) -> "ReoLMRecommender":

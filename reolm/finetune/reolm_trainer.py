@@ -8,11 +8,11 @@
   validation with the current weights.
 * **Stage 2** — the best stage-1 weights encode every item once into a frozen table; the
   sequence side trains with a full softmax over that table; validation and test use it.
+  The final model is stage 2's best, unless stage 2 never beat stage 1's best validation
+  score (then stage 1's weights, with the same table, are kept).
 * **Transductive variant** (``reolm.item_id_embedding``) — every candidate vector (stage-1 pools,
   the stage-2 table, validation and test) is the content vector plus the item's learned ID row,
   zero at the start; the rows train in both stages at ``reolm.item_id_lr``.
-  The final model is stage 2's best, unless stage 2 never beat stage 1's best validation
-  score (then stage 1's weights, with the same table, are kept).
 
 Both stages run in the runner's epoch loop (:func:`~reolm.finetune.runner.train_with_early_stopping`:
 AdamW steps, clipping, early stopping on ``eval.metric``, best weights restored), one
@@ -53,7 +53,7 @@ from reolm.optim import adamw, lr_schedule, optim_settings
 from reolm.seeding import seed_everything
 
 __all__ = ["train_reolm", "build_finetune_model", "with_weights_source", "PrefixDataset", "PrefixCollate",
-           "MicroBatch", "StepBatch", "stage_rounds", "train_step", "TrainCost"]
+           "MicroBatch", "StepBatch", "stage_rounds", "train_step", "TrainCost", "parameter_groups"]
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import torch
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable, tokenize_items_batched, tokenizer_key
 from reolm.finetune.registry import resolve_saved_model
-from reolm.finetune.reolm_recommender import ReoLMRecommender, load_reolm
+from reolm.finetune.reolm_recommender import ReoLMRecommender, check_item_rows, load_reolm
 from reolm.finetune.runner import resolve_device
 from reolm.io import sha256_file
 
@@ -157,10 +157,8 @@ class ServingModel:
         """[num_items, H] float32: the frozen table of a fine-tuned run, else every item encoded; plus
         the ID rows of a transductive run."""
         self.bind_domain(domain)
-        for name, rows in (("frozen item table", self.frozen_table), ("item ID embedding", self.item_ids)):
-            if rows is not None and rows.shape[0] != domain.num_items:
-                raise ValueError(f"{self.user.folder}: the {name} has {rows.shape[0]} rows "
-                                 f"but domain {domain.name!r} has {domain.num_items} items: wrong domain?")
+        check_item_rows({"frozen item table": self.frozen_table, "item ID embedding": self.item_ids}, domain,
+                        f"{self.user.folder}: the")
         content = self.frozen_table if self.frozen_table is not None else self.item.rec.encode_all_items()
         return content.float().cpu() + (self.item_ids if self.item_ids is not None else 0.0)
 
