@@ -232,3 +232,10 @@ def test_reolm_id_embeds_and_serves_new_items_from_content_alone(id_run, assets)
     assert scores[ids[twin]] == pytest.approx(float(with_id[twin]), abs=2e-3)       # catalogue: content + ID
     assert scores["twin"] == pytest.approx(float(content[twin]), abs=2e-3)          # added live: content only
     assert abs(float(with_id[twin]) - float(content[twin])) > 1e-2
+
+
+def test_item_init_from_a_transductive_run_uses_the_vectors_it_scores_with(id_run, assets):
+    domain = read_domain(assets["domain"])
+    rows = text_item_rows(id_run, domain, FinetuneConfig(), 16, ITEM_INIT_STD)
+    expected = project_rows(_bound(id_run / "best", domain).item_vectors(), 16, ITEM_INIT_STD)
+    torch.testing.assert_close(rows, expected, rtol=0, atol=0)
