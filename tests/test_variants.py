@@ -207,7 +207,8 @@ def test_reolm_id_embeds_and_serves_new_items_from_content_alone(id_run, assets)
     domain = read_domain(assets["domain"])
     index = assets["root"] / "id-index"
     manifest = embed_items(id_run, assets["domain"], index, EmbedConfig(progress=False))
-    assert manifest["model"]["kind"] == "reolm-nopretrain-id" and manifest["model"]["item_vectors"].endswith("+ ID rows")
+    assert manifest["model"]["kind"] == "reolm-nopretrain-id"
+    assert manifest["model"]["item_vectors"].endswith("+ ID rows")
     best = _bound(id_run / "best", domain)
     expected = torch.nn.functional.normalize(best.item_vectors(), dim=-1).numpy()
     vectors = load_file(str(index / manifest["files"]["vectors"]))["vectors"]

@@ -33,7 +33,8 @@ BASELINE_MODELS = frozenset({"pop", "gru4rec", "sasrec", "bert4rec"})
 MODEL_LABELS = {"pop": "Pop", "gru4rec": "GRU4Rec", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
                 "sasrec-textinit": "SASRec (text init)",
                 "plm-zeroshot": "PLM (zero-shot)", "reolm-zeroshot": "Reo-LM (zero-shot)", "reolm-nopretrain": "Reo-LM (no pre-train)",
-                "reolm": "Reo-LM", "reolm-nopretrain-id": "Reo-LM + ID (no pre-train)", "reolm-id": "Reo-LM + ID"}
+                "reolm": "Reo-LM", "reolm-nopretrain-id": "Reo-LM + ID (no pre-train)",
+                "reolm-id": "Reo-LM + ID"}
 assert set(MODEL_ORDER) == set(MODEL_NAMES)
 DECIMALS = 4
 
