@@ -11,6 +11,7 @@ Writes RUN_DIR/config.yaml, log.jsonl, best/ (loadable by launch/evaluate.py) an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=MODEL_CHOICES, help="model kind (overrides the config's model key)")
     parser.add_argument("--init", metavar="EXPORT_DIR", help="Reo-LM only: pre-trained export to start from")
     parser.add_argument("--backbone", metavar="HF_DIR", help="Reo-LM only: HF checkpoint (no pre-training)")
+    parser.add_argument("--item-init", metavar="RUN_OR_EXPORT",
+                        help="SASRec only: start its item rows from this Reo-LM run/export's (or plain HF "
+                             "checkpoint's) item vectors (= sasrec.item_init; recorded as sasrec-textinit)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config file (repeatable; later files override earlier ones)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=5e-4")
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
     try:
         cfg = load_config(FinetuneConfig, args.config, overrides)
+        if args.item_init:  # set after parsing: a path is not a YAML scalar to guess the type of
+            if cfg.model != "sasrec":
+                raise ValueError(f"--item-init applies to --model sasrec only, not {cfg.model!r}")
+            cfg = dataclasses.replace(cfg, sasrec=dataclasses.replace(cfg.sasrec, item_init=args.item_init))
         from reolm.finetune.runner import run_finetune
         doc = run_finetune(cfg, args.domain, args.out, init=args.init, backbone=args.backbone)
     except (ValueError, FileNotFoundError) as err:

@@ -106,3 +106,15 @@ def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path,
             return
         time.sleep(0.2)
     raise AssertionError(f"no {steps} steps in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def finetune_main(args: list[str]) -> int:
+    """``launch/finetune.py`` in this process (exit code)."""
+    from launch.finetune import main
+    return main(args)
+
+
+def evaluate_main(args: list[str]) -> int:
+    """``launch/evaluate.py`` in this process (exit code)."""
+    from launch.evaluate import main
+    return main(args)

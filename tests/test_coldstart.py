@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_domain, tiny_downstream_domain
+from launch_helpers import finetune_main as _finetune
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.baselines.base import full_softmax_ce
@@ -168,11 +169,6 @@ def test_unseen_items_get_no_gradient_and_negatives_are_trained_items():
 
 
 # ----------------------------------------------------------------------------- acceptance
-
-def _finetune(args: list[str]) -> int:
-    from launch.finetune import main
-    return main(args)
-
 
 @pytest.fixture(scope="module")
 def cold_domain(tmp_path_factory) -> dict[str, Path]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from conftest import tiny_downstream_domain
+from launch_helpers import finetune_main as _finetune, evaluate_main as _evaluate
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.data.collate import PackedCollator, split_sequences
@@ -55,16 +56,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
                           progress=False)
     backbone = init_backbone(tok, root / "bert", size="tiny", max_position_embeddings=128)
     return {"root": root, "domain": domain_dir, "backbone": backbone}
-
-
-def _finetune(args: list[str]) -> int:
-    from launch.finetune import main
-    return main(args)
-
-
-def _evaluate(args: list[str]) -> int:
-    from launch.evaluate import main
-    return main(args)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["pad_right", "SequentialBaseline", "NextItemBaseline", "gather_last", "full_softmax_ce"]
+__all__ = ["ITEM_INIT_STD", "pad_right", "SequentialBaseline", "NextItemBaseline", "gather_last", "full_softmax_ce"]
+
+#: Std of the normal init of the item embedding rows (also the scale text-derived rows are given).
+ITEM_INIT_STD = 0.02
 
 #: Largest [rows, num_items] logit block materialised at once by full_softmax_ce (256 MB in fp32).
 MAX_LOGITS = 1 << 26
@@ -167,9 +170,17 @@ class NextItemBaseline(SequentialBaseline):
             raise ValueError(f"loss must be 'ce' or 'bce', got {loss!r}")
         self.loss_kind = loss
         self.item_embedding = nn.Embedding(num_items + 1, hidden, padding_idx=self.pad_index)
-        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.item_embedding.weight, std=ITEM_INIT_STD)
         with torch.no_grad():
             self.item_embedding.weight[self.pad_index].zero_()
+
+    @torch.no_grad()
+    def set_item_rows(self, rows: torch.Tensor) -> None:
+        """Start from these item rows ([num_items, hidden], e.g. text-derived) instead of the random ones."""
+        table = self.item_embedding.weight
+        if rows.shape != (self.num_items, table.shape[1]):
+            raise ValueError(f"item rows must have shape ({self.num_items}, {table.shape[1]}), got {tuple(rows.shape)}")
+        table[:self.num_items] = rows.to(table)
 
     def sequence_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[B, L, H] state after each position (causal: position t sees items <= t)."""

@@ -26,6 +26,11 @@ class SASRecConfig:
     loss: str = param("ce", "ce = softmax cross-entropy over all items at every position; bce = the "
                       "original binary loss with one uniformly sampled negative per position.",
                       choices=("ce", "bce"))
+    item_init: str = param("", "Text-initialised SASRec (recorded as sasrec-textinit; same as --item-init): a "
+                               "Reo-LM run or export, or a plain HF checkpoint, whose item vectors of the domain "
+                               "(PCA to hidden, scaled to the init std; docs/evaluation.md) replace the random "
+                               "item rows before training. Items never seen in training keep their text-derived "
+                               "rows exactly, and the item table gets no weight decay. \"\" = random rows.")
 
     def check(self) -> None:
         from reolm.config import ConfigError

@@ -16,7 +16,9 @@ from reolm.baselines.sasrec import SASRec
 from reolm.config import from_dict
 from reolm.eval.saved import load_weights, read_descriptor
 
-__all__ = ["BASELINES", "build_baseline", "load_baseline"]
+__all__ = ["BASELINES", "TEXT_INIT_SASREC", "build_baseline", "load_baseline"]
+
+TEXT_INIT_SASREC = "sasrec-textinit"
 
 # name -> (config section class or None, constructor(num_items, section) -> nn.Module)
 BASELINES: dict[str, tuple[type | None, Callable[[int, Any], nn.Module]]] = {
@@ -24,6 +26,9 @@ BASELINES: dict[str, tuple[type | None, Callable[[int, Any], nn.Module]]] = {
     "sasrec": (SASRecConfig, SASRec),
     "gru4rec": (GRU4RecConfig, GRU4Rec),
     "bert4rec": (BERT4RecConfig, BERT4Rec),
+    # SASRec whose item rows started from a content model's item vectors (sasrec.item_init): the
+    # same model once trained, recorded under its own name so reports keep the two apart.
+    TEXT_INIT_SASREC: (SASRecConfig, SASRec),
 }
 
 

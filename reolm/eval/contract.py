@@ -34,8 +34,8 @@ from reolm.io import write_json
 __all__ = ["MODEL_NAMES", "REQUIRED_METRICS", "ContractError", "metrics_document", "validate_metrics",
            "write_metrics", "read_metrics"]
 
-MODEL_NAMES = ("reolm", "reolm-nopretrain", "reolm-zeroshot", "plm-zeroshot", "sasrec", "gru4rec", "bert4rec",
-               "pop")
+MODEL_NAMES = ("reolm", "reolm-nopretrain", "reolm-id", "reolm-nopretrain-id", "reolm-zeroshot", "plm-zeroshot",
+               "sasrec", "sasrec-textinit", "gru4rec", "bert4rec", "pop")
 REQUIRED_METRICS = ("NDCG@10", "Recall@10", "MRR", "NDCG@5", "AUC")
 
 

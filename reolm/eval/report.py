@@ -26,12 +26,15 @@ __all__ = ["TABLE_METRICS", "MODEL_ORDER", "BASELINE_MODELS", "MODEL_LABELS", "R
            "bucket_values", "format_buckets", "winner_sentences", "format_report", "report_json"]
 
 TABLE_METRICS: dict[str, str] = {"NDCG@10": "N@10", "Recall@10": "R@10", "MRR": "MRR"}
-MODEL_ORDER = ("pop", "gru4rec", "sasrec", "bert4rec", "plm-zeroshot", "reolm-zeroshot", "reolm-nopretrain",
-               "reolm")
+MODEL_ORDER = ("pop", "gru4rec", "sasrec", "bert4rec", "sasrec-textinit", "plm-zeroshot", "reolm-zeroshot",
+               "reolm-nopretrain", "reolm", "reolm-nopretrain-id", "reolm-id")
+# The ID baselines "Improv." compares Reo-LM with (sasrec-textinit reads item text, so it is not one).
 BASELINE_MODELS = frozenset({"pop", "gru4rec", "sasrec", "bert4rec"})
 MODEL_LABELS = {"pop": "Pop", "gru4rec": "GRU4Rec", "sasrec": "SASRec", "bert4rec": "BERT4Rec",
+                "sasrec-textinit": "SASRec (text init)",
                 "plm-zeroshot": "PLM (zero-shot)", "reolm-zeroshot": "Reo-LM (zero-shot)", "reolm-nopretrain": "Reo-LM (no pre-train)",
-                "reolm": "Reo-LM"}
+                "reolm": "Reo-LM", "reolm-nopretrain-id": "Reo-LM + ID (no pre-train)",
+                "reolm-id": "Reo-LM + ID"}
 assert set(MODEL_ORDER) == set(MODEL_NAMES)
 DECIMALS = 4
 

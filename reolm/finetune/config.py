@@ -41,8 +41,9 @@ class TrainSection(OptimConfig):
     eval_every: int = param(1, "Validate every this many epochs.", ge=1)
     seed: int = param(42, "Seed of parameter init, shuffling, masking and negative sampling.")
     device: str = param("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
-    precision: str = param("auto", PRECISION_DOC + " Applies to Reo-LM (training, validation and test); the ID "
-                                                   "baselines always train in fp32.", choices=PRECISIONS)
+    precision: str = param("auto", PRECISION_DOC + " Applies to Reo-LM (training, validation and test) and to the "
+                                                   "content model of sasrec.item_init; the ID baselines always "
+                                                   "train in fp32.", choices=PRECISIONS)
     progress: bool = param(True, "Show tqdm progress bars.")
 
     def check(self) -> None:

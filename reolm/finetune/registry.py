@@ -38,10 +38,13 @@ TRAINERS: dict[str, str] = {
 LOADERS: dict[str, str] = {
     "pop": _BASELINE_LOADER,
     "sasrec": _BASELINE_LOADER,
+    "sasrec-textinit": _BASELINE_LOADER,
     "gru4rec": _BASELINE_LOADER,
     "bert4rec": _BASELINE_LOADER,
     "reolm": _REOLM_LOADER,
     "reolm-nopretrain": _REOLM_LOADER,
+    "reolm-id": _REOLM_LOADER,             # transductive (reolm.item_id_embedding)
+    "reolm-nopretrain-id": _REOLM_LOADER,
     "reolm-zeroshot": _REOLM_LOADER,
     PLM_ZEROSHOT: "reolm.finetune.reolm_recommender:load_plm",
 }

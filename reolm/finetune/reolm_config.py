@@ -85,6 +85,14 @@ class ReoLMSection:
                                           "null = 2 when training on a GPU, so the next step's ~1,000 "
                                           "candidate items are collated while the GPU runs this one, and 0 on "
                                           "CPU, whose cores run the model).", ge=0)
+    item_id_embedding: bool = param(False, "Transductive Reo-LM (recorded as reolm-id / reolm-nopretrain-id): an "
+                                           "item's vector is its content vector plus a learned ID row, zero at the "
+                                           "start and trained in both stages; items never seen in training keep a "
+                                           "zero row, so they are scored from content alone (docs/finetune.md).")
+    item_id_lr: float = param(1e-3, "AdamW learning rate of the ID rows (item_id_embedding) in both stages: at "
+                                    "the encoder's 5e-5 rows starting at zero would stay negligible next to the "
+                                    "content vectors for thousands of steps. Warm-up and schedule as the stage's.",
+                              gt=0)
     initial_validation: bool = param(False, "Validate once before stage 1 trains (logged as epoch 0; the "
                                             "zero-shot starting point).")
     stage1: ReoLMStageSection = field(default_factory=ReoLMStageSection)

@@ -4,7 +4,9 @@ The recommender wraps a :class:`~reolm.model.ReoLM` and reads item content (toke
 image features) from the domain it is bound to (:meth:`ReoLMRecommender.bind_domain`):
 
 * ``item_vectors()`` — every item of the domain encoded as ``[CLS] item`` (chunked, no
-  gradient), or the **frozen item table** once stage 2 of fine-tuning has set one;
+  gradient), or the **frozen item table** once stage 2 of fine-tuning has set one; plus, for the
+  transductive variant (``reolm.item_id_embedding``), each item's learned **ID row**
+  (:meth:`ReoLMRecommender.with_item_ids`; zero for items never seen in training);
 * ``user_vectors(histories)`` — the history encoded as ``[CLS]`` + items most recent first,
   without masking;
 * scores are cosine similarity / temperature, as in training.
@@ -14,6 +16,7 @@ config.json + model.safetensors + tokenizer files, so ``ReoLM.from_pretrained`` 
 as a starting point for anything else) plus::
 
     item_vectors.safetensors   the frozen item table of stage 2 ([num_items, H] float32)
+    item_id_embedding.safetensors   the ID rows of the transductive variant ([num_items, H] float32)
     config.yaml                the run's resolved FinetuneConfig
     recommender.json           descriptor (written last: its presence marks a complete folder)
 
@@ -55,10 +58,13 @@ from reolm.model import ModelConfig, ReoLM
 from reolm import precision as numerics
 
 __all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "trained_vision",
-           "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS"]
+           "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
+           "ITEM_ID_EMBEDDING", "ID_SUFFIX", "check_item_rows"]
 
 log = logging.getLogger(__name__)
 ITEM_VECTORS = "item_vectors.safetensors"
+ITEM_ID_EMBEDDING = "item_id_embedding.safetensors"
+ID_SUFFIX = "-id"  # model names of the transductive variant: reolm-id, reolm-nopretrain-id
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float64: "fp64", torch.float16: "fp16"}
 PLM_SEED = 0  # draws the untrained image-token parameters of a zero-shot PLM
 
@@ -127,6 +133,14 @@ def load_plm(folder: str | os.PathLike, section: ReoLMSection | None = None,
     return ReoLMRecommender(model, section)
 
 
+def check_item_rows(rows: Mapping[str, torch.Tensor | None], domain: Domain, where: str) -> None:
+    """Refuse per-item tensors (item table, ID rows) whose row count is not the domain's item count."""
+    for name, tensor in rows.items():
+        if tensor is not None and tensor.shape[0] != domain.num_items:
+            raise ValueError(f"{where} {name} has {tensor.shape[0]} rows but domain {domain.name!r} has "
+                             f"{domain.num_items} items: wrong domain?")
+
+
 # ----------------------------------------------------------------------------- recommender
 
 class ReoLMRecommender(nn.Module):
@@ -140,6 +154,8 @@ class ReoLMRecommender(nn.Module):
         self.section = section or ReoLMSection()
         self.progress = progress
         self.register_buffer("item_table", None, persistent=False)  # frozen item vectors (stage 2)
+        # Transductive ID rows [num_items, H] added to the content vectors (add_item_ids); None = off.
+        self.register_parameter("item_ids", None)
         # items that occur in training (fine-tuning losses only); None = all items
         self.register_buffer("train_items", None, persistent=False)
         self.tokens: ItemTokenTable | None = None
@@ -163,9 +179,7 @@ class ReoLMRecommender(nn.Module):
             check_same_vision(self.vision, VisionIdentity.of_table(images), f"the Reo-LM at {self.vision_from}",
                               f"{domain.path or domain.name}/image_features.npy")
         self.bind_tables(domain_token_table(domain, self.model.tokenizer, cfg, self.progress), images)
-        if self.item_table is not None and self.item_table.shape[0] != domain.num_items:
-            raise ValueError(f"the saved item table has {self.item_table.shape[0]} rows but domain "
-                             f"{domain.name!r} has {domain.num_items} items: wrong domain?")
+        check_item_rows({"item table": self.item_table, "item ID embedding": self.item_ids}, domain, "the saved")
         return self
 
     def bind_tables(self, tokens: ItemTokenTable, images: ImageFeatureTable) -> "ReoLMRecommender":
@@ -245,11 +259,32 @@ class ReoLMRecommender(nn.Module):
         finally:
             encoder.train(was_training)
 
+    # -- transductive ID rows --------------------------------------------------------------------
+    def add_item_ids(self, num_items: int) -> "ReoLMRecommender":
+        """Zero ID rows for ``num_items`` items (``reolm.item_id_embedding``).  Only the rows of items in a
+        training loss get a gradient, so an item never seen in training keeps exactly 0: its vector is
+        its content vector, as for an item added after training."""
+        hidden = int(self.model.backbone_config.hidden_size)
+        self.item_ids = nn.Parameter(torch.zeros(num_items, hidden, device=self.device))
+        return self
+
+    def with_item_ids(self, vectors: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Content ``vectors`` (fp32 result) plus the ID rows of ``items`` (every item, in order, when
+        None); ``vectors`` unchanged without ID rows."""
+        if self.item_ids is None:
+            return vectors
+        rows = self.item_ids if items is None else self.item_ids[items]
+        if rows.shape != vectors.shape:
+            raise ValueError(f"{vectors.shape[0]} item vectors but {rows.shape[0]} ID rows: the ID rows belong "
+                             f"to the {self.item_ids.shape[0]} items of the domain trained on")
+        return vectors.float() + rows
+
+    @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
-        """The frozen item table when set, else every item encoded with the current weights."""
-        if self.item_table is not None:
-            return self.item_table
-        return self.encode_all_items()
+        """The frozen item table when set, else every item encoded with the current weights; plus the
+        ID rows of the transductive variant."""
+        content = self.item_table if self.item_table is not None else self.encode_all_items()
+        return self.with_item_ids(content)
 
     @torch.no_grad()
     def encode_all_items(self) -> torch.Tensor:
@@ -306,16 +341,39 @@ def save_reolm_folder(folder: str | os.PathLike, rec: ReoLMRecommender, *, model
     folder = Path(folder)
     with atomic_dir(folder) as partial:
         rec.model.save_pretrained(partial, extra_config=vision_record(_vision_after_training(rec, domain)))
-        item_vectors = None
-        if rec.item_table is not None:
-            item_vectors = ITEM_VECTORS
-            save_file({"item_vectors": rec.item_table.detach().float().contiguous().cpu()},
-                      str(partial / ITEM_VECTORS))
+        files = {key: _save_rows(partial / name, key, rows)
+                 for key, name, rows in (("item_vectors", ITEM_VECTORS, rec.item_table),
+                                         ("item_id_embedding", ITEM_ID_EMBEDDING, rec.item_ids))}
         save_resolved(cfg, partial)
         write_json(partial / DESCRIPTOR, {
             "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
-            "model_config": to_dict(rec.section), "item_vectors": item_vectors, **dict(extra or {})})
+            "model_config": to_dict(rec.section), **files, **dict(extra or {})})
     return folder
+
+
+def _save_rows(path: Path, key: str, rows: torch.Tensor | None) -> str | None:
+    """Save ``rows`` as tensor ``key`` of ``path``; returns the file name for the descriptor (None: nothing)."""
+    if rows is None:
+        return None
+    save_file({key: rows.detach().float().contiguous().cpu()}, str(path))
+    return path.name
+
+
+def _load_rows(folder: Path, desc: Mapping[str, Any], key: str, rows: int, width: int) -> torch.Tensor | None:
+    """Tensor ``key`` [rows, width] of the file the descriptor names under ``key`` (None when it names none)."""
+    if not desc.get(key):
+        return None
+    path = folder / desc[key]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (named by {folder / DESCRIPTOR} {key!r})")
+    tensors = load_file(str(path))
+    if key not in tensors:
+        raise ValueError(f"{path}: no tensor {key!r} (has {sorted(tensors)})")
+    tensor = tensors[key]
+    if tuple(tensor.shape) != (rows, width) or not tensor.is_floating_point():
+        raise ValueError(f"{path}: {key!r} is {tensor.dtype} {tuple(tensor.shape)}, expected floating "
+                         f"({rows}, {width}): num_items {rows} of {folder / DESCRIPTOR}, hidden size {width}")
+    return tensor.float()
 
 
 def _vision_after_training(rec: ReoLMRecommender, domain: Domain) -> VisionIdentity | None:
@@ -343,9 +401,12 @@ def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
     desc = read_descriptor(folder)
     model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
     rec = _with_vision_of(ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {})), folder)
-    if desc.get("item_vectors"):
-        path = folder / desc["item_vectors"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (named by {folder / DESCRIPTOR})")
-        rec.item_table = load_file(str(path))["item_vectors"]
+    rows, width = int(desc["num_items"]), int(model.backbone_config.hidden_size)
+    rec.item_table = _load_rows(folder, desc, "item_vectors", rows, width)
+    item_ids = _load_rows(folder, desc, "item_id_embedding", rows, width)
+    if rec.section.item_id_embedding and item_ids is None:
+        raise ValueError(f"{folder / DESCRIPTOR}: model_config.item_id_embedding is true but 'item_id_embedding' "
+                         f"names no {ITEM_ID_EMBEDDING}")
+    if item_ids is not None:
+        rec.item_ids = nn.Parameter(item_ids, requires_grad=False)
     return rec

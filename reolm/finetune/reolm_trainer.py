@@ -10,6 +10,9 @@
   sequence side trains with a full softmax over that table; validation and test use it.
   The final model is stage 2's best, unless stage 2 never beat stage 1's best validation
   score (then stage 1's weights, with the same table, are kept).
+* **Transductive variant** (``reolm.item_id_embedding``) — every candidate vector (stage-1 pools,
+  the stage-2 table, validation and test) is the content vector plus the item's learned ID row,
+  zero at the start; the rows train in both stages at ``reolm.item_id_lr``.
 
 Both stages run in the runner's epoch loop (:func:`~reolm.finetune.runner.train_with_early_stopping`:
 AdamW steps, clipping, early stopping on ``eval.metric``, best weights restored), one
@@ -40,7 +43,7 @@ from reolm.eval.frequency import item_train_counts
 from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMSection, ReoLMStageSection
-from reolm.finetune.reolm_recommender import ReoLMRecommender, save_reolm_folder, sized_for_domain
+from reolm.finetune.reolm_recommender import ID_SUFFIX, ReoLMRecommender, save_reolm_folder, sized_for_domain
 from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
 from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
                                    train_with_early_stopping)
@@ -50,7 +53,7 @@ from reolm.optim import adamw, lr_schedule, optim_settings
 from reolm.seeding import seed_everything
 
 __all__ = ["train_reolm", "build_finetune_model", "with_weights_source", "PrefixDataset", "PrefixCollate",
-           "MicroBatch", "StepBatch", "stage_rounds", "train_step", "TrainCost"]
+           "MicroBatch", "StepBatch", "stage_rounds", "train_step", "TrainCost", "parameter_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def build_finetune_model(cfg: FinetuneConfig, domain: Domain, init: str | Path |
                                                                 domain))
         name = "reolm-nopretrain"
     model.set_routing("gate")
-    return model, name
+    return model, name + (ID_SUFFIX if cfg.reolm.item_id_embedding else "")
 
 
 def with_weights_source(cfg: FinetuneConfig, model: ReoLM, init: str | Path | None,
@@ -163,13 +166,16 @@ class StepBatch:
 
     micro: list[MicroBatch]
     pools: list[PackedBatch] = field(default_factory=list)
+    pool_items: list[torch.Tensor] = field(default_factory=list)  # int64 item ids of each pool's rows
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "StepBatch":
         return StepBatch([m.to(device, non_blocking) for m in self.micro],
-                         [p.to(device, non_blocking) for p in self.pools])
+                         [p.to(device, non_blocking) for p in self.pools],
+                         [i.to(device, non_blocking=non_blocking) for i in self.pool_items])
 
     def pin_memory(self) -> "StepBatch":
-        return StepBatch([m.pin_memory() for m in self.micro], [p.pin_memory() for p in self.pools])
+        return StepBatch([m.pin_memory() for m in self.micro], [p.pin_memory() for p in self.pools],
+                         [i.pin_memory() for i in self.pool_items])
 
 
 class PrefixCollate:
@@ -206,7 +212,8 @@ class PrefixCollate:
         for i, (h, t) in enumerate(zip(histories, targets)):
             pool = 0 if self.shared else i
             micro.append(MicroBatch(h, torch.from_numpy(np.searchsorted(pools[pool], t).astype(np.int64)), pool))
-        return StepBatch(micro, [self.collator.collate_items(c.tolist()) for c in pools])
+        return StepBatch(micro, [self.collator.collate_items(c.tolist()) for c in pools],
+                         [torch.from_numpy(c.astype(np.int64)) for c in pools])
 
     def _candidates(self, targets: np.ndarray) -> np.ndarray:
         """Sorted unique ids of ``targets`` plus ``negatives`` fresh uniform (trained) items."""
@@ -294,17 +301,21 @@ def train_step(rec: ReoLMRecommender, batch: StepBatch, mlm_weight: float, cost:
     detached copies, so their backward passes only accumulate the copies' gradients, which then
     flow through the pool encodings in one backward pass at the end.  Gradients equal those of
     one large batch, while only one micro-batch of histories is held in memory at a time.
-    Stage 2 (no pools): plain accumulation against the frozen item table.
+    Stage 2 (no pools): plain accumulation against the frozen item table.  The transductive
+    variant adds the candidates' ID rows to the pool encodings and to the table, so they get
+    their gradients through the same backward passes.
     """
     model = rec.model
     micro = batch.micro
     total = sum(m.labels.shape[0] for m in micro)
     with rec.autocast():
         pools = [model.encode(p) for p in batch.pools]
+    pools = [rec.with_item_ids(p, items) for p, items in zip(pools, batch.pool_items)]
     copies = [p.detach().requires_grad_() for p in pools]
     table = None
     if not copies:  # stage 2: the frozen table, restricted to the items seen in training
-        table = rec.item_table if rec.train_items is None else rec.item_table[rec.train_items]
+        items = rec.train_items
+        table = rec.with_item_ids(rec.item_table if items is None else rec.item_table[items], items)
     losses = []
     for m in micro:
         candidates = copies[m.pool] if copies else table
@@ -350,7 +361,7 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
         return PrefixCollate(rec.collator(mlm_probability, seed=round_seed), rec.num_items, negatives,
                              micro_batch=stage.batch_size, shared=shared, train_items=train_items)
     cost = TrainCost()
-    optimizer = adamw(rec.model.parameters(), stage)
+    optimizer = adamw(parameter_groups(rec, cfg.reolm), stage)
     scheduler = lr_schedule(optimizer, stage, stage.epochs * steps_per_epoch(len(dataset), stage))
     train_cfg = dataclasses.replace(cfg.train, **optim_settings(stage), epochs=stage.epochs,
                                     batch_size=stage.batch_size, patience=stage.patience, eval_every=1)
@@ -364,6 +375,16 @@ def run_stage(number: int, rec: ReoLMRecommender, dataset: PrefixDataset, cfg: F
         evals_per_epoch=stage.evals_per_epoch, scheduler=scheduler)
     log.write({"stage": name, "event": "train_cost", **cost.to_json()})
     return best
+
+
+def parameter_groups(rec: ReoLMRecommender, section: ReoLMSection) -> list[dict[str, Any]]:
+    """The model's weights at the stage's settings, and the transductive ID rows (when on) at
+    ``item_id_lr``: they train in stage 2 too, next to the sequence side, since the frozen table
+    only fixes the content part of an item's vector."""
+    groups: list[dict[str, Any]] = [{"params": list(rec.model.parameters())}]
+    if rec.item_ids is not None:
+        groups.append({"params": [rec.item_ids], "lr": section.item_id_lr})
+    return groups
 
 
 def _stage_summary(best: BestState, offset: float) -> dict[str, Any]:
@@ -388,6 +409,8 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     seen = item_train_counts(domain) > 0
     if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax
         rec.train_items = torch.nonzero(seen).squeeze(1).to(device)
+    if cfg.reolm.item_id_embedding:  # so their ID rows get no gradient and stay exactly 0
+        rec.add_item_ids(domain.num_items)
     sequences = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
     dataset = PrefixDataset(sequences, cfg.reolm.max_history_items)
     if len(dataset) == 0 and (cfg.reolm.stage1.epochs or cfg.reolm.stage2.epochs):
@@ -404,7 +427,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
         run_log.write({"stage": "setup", "model": model_name, "domain": domain.name, "num_items": domain.num_items,
                        "num_train_prefixes": len(dataset), "device": str(device),
                        "precision": rec.precision,
-                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "parameters": sum(p.numel() for p in rec.parameters()),
                        "gradient_checkpointing": model.gradient_checkpointing,
                        "image_items": int(np.asarray(rec.images.has_image).sum())})
         if cfg.reolm.initial_validation:

@@ -38,7 +38,7 @@ from reolm.finetune.config import EvalSection, FinetuneConfig, TrainSection
 from reolm.finetune.registry import get_trainer
 
 __all__ = ["run_finetune", "RunLog", "BestState", "train_with_early_stopping", "evaluate_split",
-           "finish_run", "resolve_device", "evaluate_saved"]
+           "finish_run", "resolve_device", "evaluate_saved", "load_saved"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,6 +212,18 @@ def run_finetune(cfg: FinetuneConfig, domain_dir: str | Path, run_dir: str | Pat
     return trainer(cfg, domain, run_dir, init=init, backbone=backbone)
 
 
+def load_saved(folder: Path, desc: dict[str, Any], cfg: FinetuneConfig, domain: Domain) -> Recommender:
+    """The model saved at ``folder`` (as resolved by ``resolve_saved_model``, with its descriptor
+    ``desc``); a plain HF checkpoint is built, not loaded: its settings come from ``cfg.reolm`` and
+    its image MLP is sized to ``domain``."""
+    from reolm.finetune.registry import PLM_ZEROSHOT, get_loader
+
+    if desc["model"] == PLM_ZEROSHOT:
+        from reolm.finetune.reolm_recommender import load_plm
+        return load_plm(folder, cfg.reolm, domain)
+    return get_loader(desc["model"])(folder)
+
+
 def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",
                    overrides: Iterable[str] = (), device: str = "auto", progress: bool = True,
                    precision: str = "auto") -> dict[str, Any]:
@@ -225,7 +237,7 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     """
     from reolm.config import apply_overrides, load_saved_config
     from reolm.eval.saved import DESCRIPTOR
-    from reolm.finetune.registry import PLM_ZEROSHOT, get_loader, resolve_saved_model
+    from reolm.finetune.registry import resolve_saved_model
 
     folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, an export or an HF checkpoint
     saved_cfg = folder / "config.yaml"
@@ -234,11 +246,7 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     else:
         cfg = apply_overrides(FinetuneConfig(), overrides)
     domain = read_domain(domain_dir)
-    if desc["model"] == PLM_ZEROSHOT:  # built, not loaded: its settings come from the config
-        from reolm.finetune.reolm_recommender import load_plm
-        model = load_plm(folder, cfg.reolm, domain)
-    else:
-        model = get_loader(desc["model"])(folder)
+    model = load_saved(folder, desc, cfg, domain)
     if hasattr(model, "progress"):
         model.progress = progress  # item encoding's progress bar (Reo-LM)
     if isinstance(model, nn.Module):

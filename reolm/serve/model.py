@@ -10,6 +10,10 @@
   by those stage-1 weights (``RUN_DIR/stage1``) to land in the same space as the table. When
   ``best/`` is stage 1's own weights the two towers are one model. Without ``stage1/`` the
   catalogue is re-encoded by the final weights instead, so catalogue and new items still agree.
+* a **transductive run** (``reolm-id``, ``reolm.item_id_embedding``): the catalogue's vectors are
+  those content vectors plus ``best/``'s learned ID rows, as evaluation scores them. An item added
+  live has no ID row: it is its content vector alone, like an item never seen in training, until
+  a retrained model is served.
 
 Encoding goes through :class:`~reolm.finetune.reolm_recommender.ReoLMRecommender` (the code that
 fine-tuning and evaluation use), bound to a small table holding only the rows a request needs.
@@ -29,14 +33,14 @@ import torch
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable, tokenize_items_batched, tokenizer_key
 from reolm.finetune.registry import resolve_saved_model
-from reolm.finetune.reolm_recommender import ReoLMRecommender, load_reolm
+from reolm.finetune.reolm_recommender import ReoLMRecommender, check_item_rows, load_reolm
 from reolm.finetune.runner import resolve_device
 from reolm.io import sha256_file
 
 __all__ = ["ServingModel", "REOLM_KINDS", "weights_digest"]
 
 log = logging.getLogger(__name__)
-REOLM_KINDS = ("reolm", "reolm-nopretrain", "reolm-zeroshot")
+REOLM_KINDS = ("reolm", "reolm-nopretrain", "reolm-id", "reolm-nopretrain-id", "reolm-zeroshot")
 
 
 def weights_digest(folder: Path) -> str:
@@ -67,6 +71,8 @@ class ServingModel:
         user = self._load(folder)
         self.frozen_table: torch.Tensor | None = user.rec.item_table
         user.rec.item_table = None  # the service searches FAISS, not this tensor
+        # The ID rows scored with the frozen table (best/'s, whichever tower encodes items).
+        self.item_ids: torch.Tensor | None = None if user.rec.item_ids is None else user.rec.item_ids.detach().cpu()
         self.item_source = "encoded"
         item = user
         if self.frozen_table is not None:
@@ -134,7 +140,8 @@ class ServingModel:
         return {"path": str(self.path), "kind": self.kind,
                 "user_encoder": {"path": str(self.user.folder), "weights_sha256": self.user.digest},
                 "item_encoder": {"path": str(self.item.folder), "weights_sha256": self.item.digest},
-                "item_vectors": self.item_source, "temperature": self.temperature,
+                "item_vectors": self.item_source + (" + ID rows" if self.item_ids is not None else ""),
+                "temperature": self.temperature,
                 "hidden_size": int(self.user.rec.model.backbone_config.hidden_size),
                 "max_history": self.max_history}
 
@@ -157,14 +164,13 @@ class ServingModel:
 
     @torch.no_grad()
     def catalogue_vectors(self, domain: Domain) -> torch.Tensor:
-        """[num_items, H] float32: the frozen table of a fine-tuned run, else every item encoded."""
-        tokens, images = self.bind_domain(domain)
-        if self.frozen_table is not None:
-            if self.frozen_table.shape[0] != domain.num_items:
-                raise ValueError(f"{self.user.folder}: the frozen item table has {self.frozen_table.shape[0]} rows "
-                                 f"but domain {domain.name!r} has {domain.num_items} items: wrong domain?")
-            return self.frozen_table.float().cpu()
-        return self.item.rec.encode_all_items().cpu()
+        """[num_items, H] float32: the frozen table of a fine-tuned run, else every item encoded; plus
+        the ID rows of a transductive run."""
+        self.bind_domain(domain)
+        check_item_rows({"frozen item table": self.frozen_table, "item ID embedding": self.item_ids}, domain,
+                        f"{self.user.folder}: the")
+        content = self.frozen_table if self.frozen_table is not None else self.item.rec.encode_all_items()
+        return content.float().cpu() + (self.item_ids if self.item_ids is not None else 0.0)
 
     def tokenize(self, items: Sequence[Mapping[str, str]], attributes: Sequence[str]) -> ItemTokenTable:
         """New items' token rows, rendered exactly as the catalogue's (``tokenize_items_batched``)."""
