@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common import machine, save_random_roberta, synthetic_tables, write_result
+from common import PartialResult, machine, save_random_roberta, synthetic_tables
 from reolm.data.collate import SequenceExample
 from reolm.finetune.reolm_recommender import ReoLMRecommender
 from reolm.finetune.reolm_trainer import MicroBatch, StepBatch, TrainCost, train_step
@@ -172,7 +172,8 @@ class ReoLMRunner:
         collate = self.rec.collator(mlm_probability=0.15, seed=0)
         histories = collate([SequenceExample(h) for h, _ in self.inputs.step]).history
         pool = collate.collate_items(self.inputs.pool.tolist())
-        return self._train(StepBatch([MicroBatch(histories, self.inputs.labels, 0)], [pool]), 0.1)
+        items = torch.from_numpy(self.inputs.pool.astype(np.int64))
+        return self._train(StepBatch([MicroBatch(histories, self.inputs.labels, 0)], [pool], [items]), 0.1)
 
     def stage2(self) -> int:
         collate = self.rec.collator(mlm_probability=0.0, seed=0)
@@ -283,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         rates = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
         results: dict[str, dict[str, Any]] = {w: {} for w in args.workloads}
+        record = PartialResult(
+            args.out, machine={**machine(), "cpu_bf16_flags": cpu_bf16_flags(),
+                               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                               "allocator_keeps_freed_memory": allocator},
+            backbone=args.backbone or "random MiniLM-L6-shaped (6 x 384, 12 heads)",
+            domain=args.domain or "2,420 synthetic items of 20-100 tokens", repeats=args.repeats,
+            matmul_tflops_per_s={k: round(v / 1e12, 3) for k, v in rates.items()})
         for workload in args.workloads:
             names = [n for n in args.configs if not (workload == "pretrain" and n.startswith("hf"))]
             for name in names:  # warm-up (and the first allocation of everything)
@@ -304,18 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                     row["fraction_of_bf16_matmul"] = round(flops / seconds / rates["bf16"], 3)
                 results[workload][name] = row
             print(_format(workload, results[workload]), flush=True)
+            record.update(results=results, ratios=_ratios(results))  # kept if a later workload fails
         rec.item_table = None
         profile = [] if args.quick or "stage1" not in args.workloads else profile_top(
             lambda: runners.get("reolm-bf16", runners[args.configs[-1]]).stage1())
     ratios = _ratios(results)
-    record = {"machine": {**machine(), "cpu_bf16_flags": cpu_bf16_flags(),
-                          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                          "allocator_keeps_freed_memory": allocator},
-              "backbone": args.backbone or "random MiniLM-L6-shaped (6 x 384, 12 heads)",
-              "domain": args.domain or "2,420 synthetic items of 20-100 tokens",
-              "repeats": args.repeats, "matmul_tflops_per_s": {k: round(v / 1e12, 3) for k, v in rates.items()},
-              "results": results, "ratios": ratios, "profile_reolm_bf16_stage1_top10": profile}
-    path = write_result(args.out, record)
+    path = record.finish(profile_reolm_bf16_stage1_top10=profile)
     print(f"ratios: {ratios}\nwrote {path}")
     return 0
 

@@ -27,6 +27,7 @@ import pytest
 from serve_helpers import REPO, Server, build_assets, object_of
 from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
+from reolm.precision import resolve_precision
 from reolm.serve.catalogue import MANIFEST, Catalogue, write_revision
 from reolm.serve.config import ServeConfig
 from reolm.serve.index import IndexFileError
@@ -217,6 +218,8 @@ def test_health_names_model_and_index_by_identity(server, assets):
     assert health["model"]["user_encoder_sha256"] == manifest["model"]["user_encoder"]["weights_sha256"]
     assert health["model"]["item_encoder_sha256"] == manifest["model"]["item_encoder"]["weights_sha256"]
     assert health["index"]["revision"] == manifest["revision"] and health["index"]["kind"] == "flat"
+    # the precision the service runs in, as `auto` resolves it on this CPU; the index records its own
+    assert health["precision"] == manifest["precision"] == resolve_precision("auto", "cpu")
     assert str(assets["root"]) not in r.text and "/tmp" not in r.text and str(REPO) not in r.text
 
 

@@ -310,7 +310,8 @@ def train_step(rec: ReoLMRecommender, batch: StepBatch, mlm_weight: float, cost:
     total = sum(m.labels.shape[0] for m in micro)
     with rec.autocast():
         pools = [model.encode(p) for p in batch.pools]
-    pools = [rec.with_item_ids(p, items) for p, items in zip(pools, batch.pool_items)]
+    if batch.pool_items:  # the transductive variant: each pool's rows are its items' content + ID rows
+        pools = [rec.with_item_ids(p, items) for p, items in zip(pools, batch.pool_items, strict=True)]
     copies = [p.detach().requires_grad_() for p in pools]
     table = None
     if not copies:  # stage 2: the frozen table, restricted to the items seen in training
