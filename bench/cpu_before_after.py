@@ -65,6 +65,14 @@ def run_child(tree: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _commit(tree: str) -> str:
+    """The checkout's commit (and ``+changes`` when its work tree differs from it)."""
+    head = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return (head.stdout.strip() or tree) + ("+changes" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="checkout of the earlier version")
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key in ("catalogue_s", "stage1_step_s"):
                     best[name][key] = min(best[name][key], result[key])
     ratios = {key: round(best["before"][key] / best["after"][key], 2) for key in ("catalogue_s", "stage1_step_s")}
-    record = {"machine": machine(), "before": args.before, "after": args.after, "backbone": args.backbone,
+    record = {"machine": machine(), "before": _commit(args.before), "after": _commit(args.after), "backbone": args.backbone,
               "domain": args.domain, "rounds": args.rounds, "best": best, "speedup_after_over_before": ratios}
     print(f"speed-up: {ratios}\nwrote {write_result(args.out, record)}")
     return 0

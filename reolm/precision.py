@@ -6,10 +6,11 @@
   converts every activation back and forth around each LayerNorm and residual add, which costs
   more than the matmuls it speeds up on short item sequences.
 * **fp32** is plain float32 everywhere.
-* **auto** is bf16 on CUDA (as it always was) and on CPUs that report native bf16 matmuls in
-  /proc/cpuinfo (Intel AMX or AVX512-BF16, Arm BF16), where they run ~4x faster than fp32;
-  fp32 on other CPUs (and where /proc/cpuinfo is absent, e.g. macOS), where bf16 may be
-  emulated and slower than fp32.
+* **auto** is bf16 on CUDA (as it always was) and, for models at least
+  :data:`CPU_BF16_MIN_HIDDEN` wide, on CPUs that report native bf16 matmuls in /proc/cpuinfo
+  (Intel AMX or AVX512-BF16, Arm BF16), where they run ~4x faster than fp32; fp32 for narrower
+  models (too small for bf16 to pay for its casts) and on other CPUs (and where /proc/cpuinfo is
+  absent, e.g. macOS), where bf16 may be emulated and slower than fp32.
 
 Pre-training keeps its own ``optim.precision`` (it adds fp16 with loss scaling, through DeepSpeed);
 its ``auto`` on CPU asks :func:`cpu_has_fast_bf16` too.
@@ -26,13 +27,18 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "PRECISION_DOC", "cpu_has_fast_bf16", "cpu_bf16_flags", "resolve_precision",
+__all__ = ["PRECISIONS", "PRECISION_DOC", "CPU_BF16_MIN_HIDDEN", "cpu_has_fast_bf16", "cpu_bf16_flags", "resolve_precision",
            "autocast", "inference_copy"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_DOC = ("Numeric precision: auto = bf16 on CUDA and on CPUs with native bf16 matmuls (AMX, "
-                 "AVX512-BF16, Arm BF16), fp32 elsewhere; bf16 = bfloat16 matmuls with fp32 weights, "
-                 "losses and scores; fp32 = float32 throughout.")
+PRECISION_DOC = ("Numeric precision: auto = bf16 on CUDA and, for models at least 256 wide, on CPUs "
+                 "with native bf16 matmuls (AMX, AVX512-BF16, Arm BF16), fp32 elsewhere; bf16 = bfloat16 "
+                 "matmuls with fp32 weights, losses and scores; fp32 = float32 throughout.")
+
+# Below this width a CPU model's matmuls are too small for bf16 to pay for its casts: the demo's
+# 128-wide model fine-tuned 1.6-2x slower per epoch in bf16 than in fp32, while the 384-wide
+# all-MiniLM-L6-v2 ran a stage-1 step 2.2x faster (bench/cpu_speed.py, this project's AMX machine).
+CPU_BF16_MIN_HIDDEN = 256
 
 # /proc/cpuinfo flags (x86) and features (Arm) of CPUs that multiply bf16 natively.
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
@@ -57,15 +63,18 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_bf16_flags())
 
 
-def resolve_precision(requested: str, device: torch.device | str, fast_cpu_bf16: bool | None = None) -> str:
+def resolve_precision(requested: str, device: torch.device | str, fast_cpu_bf16: bool | None = None,
+                      hidden_size: int | None = None) -> str:
     """``fp32`` or ``bf16`` for ``requested`` on ``device`` (``fast_cpu_bf16``: the CPU check's
-    answer, asked when None)."""
+    answer, asked when None; ``hidden_size``: the model's width, when known)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested != "auto":
         return requested
     if torch.device(device).type == "cuda":
         return "bf16"
+    if hidden_size is not None and hidden_size < CPU_BF16_MIN_HIDDEN:
+        return "fp32"
     if fast_cpu_bf16 is None:
         fast_cpu_bf16 = cpu_has_fast_bf16()
     return "bf16" if fast_cpu_bf16 else "fp32"

@@ -40,6 +40,11 @@ def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively():
     assert resolve_precision("auto", "cpu", fast_cpu_bf16=False) == "fp32"  # e.g. an AVX2-only CPU
     assert resolve_precision("auto", "cuda", fast_cpu_bf16=False) == "bf16"  # CUDA: bf16 autocast, as before
     assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    # a narrow model stays fp32 on CPU (too small for bf16 to pay for its casts), not on CUDA
+    assert resolve_precision("auto", "cpu", fast_cpu_bf16=True, hidden_size=128) == "fp32"
+    assert resolve_precision("auto", "cpu", fast_cpu_bf16=True, hidden_size=384) == "bf16"
+    assert resolve_precision("auto", "cuda", hidden_size=128) == "bf16"
+    assert resolve_precision("bf16", "cpu", fast_cpu_bf16=False, hidden_size=32) == "bf16"  # asked: given
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         resolve_precision("fp16", "cpu")
 

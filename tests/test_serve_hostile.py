@@ -219,7 +219,8 @@ def test_health_names_model_and_index_by_identity(server, assets):
     assert health["model"]["item_encoder_sha256"] == manifest["model"]["item_encoder"]["weights_sha256"]
     assert health["index"]["revision"] == manifest["revision"] and health["index"]["kind"] == "flat"
     # the precision the service runs in, as `auto` resolves it on this CPU; the index records its own
-    assert health["precision"] == manifest["precision"] == resolve_precision("auto", "cpu")
+    width = manifest["model"]["hidden_size"]
+    assert health["precision"] == manifest["precision"] == resolve_precision("auto", "cpu", hidden_size=width)
     assert str(assets["root"]) not in r.text and "/tmp" not in r.text and str(REPO) not in r.text
 
 

@@ -227,7 +227,8 @@ class ReoLMRecommender(nn.Module):
         dtype = self.model.embeddings.LayerNorm.weight.dtype
         if dtype != torch.float32:
             return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-        return numerics.resolve_precision(self.requested_precision, self.device)
+        return numerics.resolve_precision(self.requested_precision, self.device,
+                                          hidden_size=self.model.backbone_config.hidden_size)
 
     def autocast(self) -> Any:
         """The context training forwards run in: bf16 autocast for ``bf16``, nothing for ``fp32``."""
