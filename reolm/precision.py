@@ -27,7 +27,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "PRECISION_DOC", "CPU_BF16_MIN_HIDDEN", "cpu_has_fast_bf16", "cpu_bf16_flags", "resolve_precision",
+__all__ = ["PRECISIONS", "PRECISION_DOC", "CPU_BF16_MIN_HIDDEN", "cpu_has_fast_bf16", "cpu_bf16_flags",
+           "check_precision", "resolve_precision",
            "autocast", "inference_copy"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -63,13 +64,18 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_bf16_flags())
 
 
+def check_precision(requested: str) -> str:
+    """``requested`` if it is one of :data:`PRECISIONS`, else a ValueError naming them."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    return requested
+
+
 def resolve_precision(requested: str, device: torch.device | str, fast_cpu_bf16: bool | None = None,
                       hidden_size: int | None = None) -> str:
     """``fp32`` or ``bf16`` for ``requested`` on ``device`` (``fast_cpu_bf16``: the CPU check's
     answer, asked when None; ``hidden_size``: the model's width, when known)."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
-    if requested != "auto":
+    if check_precision(requested) != "auto":
         return requested
     if torch.device(device).type == "cuda":
         return "bf16"

@@ -215,8 +215,7 @@ class ReoLMRecommender(nn.Module):
     # -- precision ------------------------------------------------------------------------------
     def set_precision(self, requested: str) -> "ReoLMRecommender":
         """``auto``, ``fp32`` or ``bf16`` (:mod:`reolm.precision`), resolved for the current device."""
-        numerics.resolve_precision(requested, "cpu", fast_cpu_bf16=False)  # validates the name
-        self.requested_precision = requested
+        self.requested_precision = numerics.check_precision(requested)
         return self
 
     @property
@@ -300,15 +299,10 @@ class ReoLMRecommender(nn.Module):
         key = self._weights_key()
         if self._encoded is not None and self._encoded[0] == key:
             return self._encoded[1]
-        was_training = self.training
-        self.eval()
         start = time.perf_counter()
         lengths = np.diff(self.tokens.offsets) + 2  # + [CLS] + the image token
         order = np.argsort(lengths, kind="stable")
-        try:
-            vectors = torch.cat([self._encode_item_chunk(chunk) for chunk in self._item_chunks(order)])
-        finally:
-            self.train(was_training)
+        vectors = torch.cat([self._encode_item_chunk(chunk) for chunk in self._item_chunks(order)])  # eval mode
         vectors = vectors.index_select(0, torch.from_numpy(np.argsort(order)).to(vectors.device))
         seconds = time.perf_counter() - start
         tokens = int(lengths.sum())
@@ -364,7 +358,10 @@ def _load_rows(folder: Path, desc: Mapping[str, Any], key: str, rows: int, width
     """Tensor ``key`` [rows, width] of the file the descriptor names under ``key`` (None when it names none)."""
     if not desc.get(key):
         return None
-    path = folder / desc[key]
+    name = str(desc[key])
+    if Path(name).name != name:  # a plain file name: a descriptor must not point outside its folder
+        raise ValueError(f"{folder / DESCRIPTOR}: {key!r} must name a file in the folder, got {name!r}")
+    path = folder / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (named by {folder / DESCRIPTOR} {key!r})")
     tensors = load_file(str(path))
