@@ -18,8 +18,18 @@ users (the whole target, or the budget's seeded sample of them) by full ranking 
 The budget fixes the configs (launch/configs/{pretrain,finetune}/transfer-<budget>.yaml), the
 number of evaluation users and of pre-training ranks; docs/transfer.md describes both budgets
 and the recorded run. Results: RUN_DIR/results.{md,png,json}; with --record, also
-bench/results/real_transfer_<cpu|gpu>.json (+ .md, .png) with the machine, stage timings and
-peak memory.
+bench/results/<record>.json (+ .md, .png) with the machine, stage timings and peak memory
+(real_transfer_<cpu|gpu> for those budgets).
+
+--budget cpu-real is the real-data quality benchmark (docs/transfer.md): the target is a real,
+time-ordered domain (e.g. ../shared/data/office/Office2014), every user is evaluated, Reo-LM
+fine-tunes to early stopping on validation, the backbone is evaluated zero-shot with [CLS] and
+mean pooling (both recorded), and two text + ID variants are added: transductive Reo-LM
+(reolm-id: the pre-trained export fine-tuned with reolm.item_id_embedding) and SASRec whose item
+rows start from the fine-tuned Reo-LM's item vectors (sasrec-textinit). It records
+bench/results/real_quality_<target>.{json,md,png} plus the validation learning curves of every
+Reo-LM run (NDCG@10 against optimiser step and wall time) in the JSON and in
+real_quality_<target>_curves.png.
 """
 
 from __future__ import annotations
@@ -52,8 +62,17 @@ class TransferBudget:
     eval_seed: int = 0
     nproc: int = 0             # pre-training ranks; 0 = every GPU, or 2 gloo ranks on CPU
     baselines: tuple[str, ...] = BASELINES
-    record: str = ""           # bench/results/<record>.json
+    record: str = ""           # bench/results/<record>.json; "{target}" is replaced by the target's name
     notes: list[str] = field(default_factory=list)
+    # Zero-shot poolings evaluated (each into runs/plm-zeroshot-<pooling>); the report's zero-shot
+    # column is `pooling`'s, the one the fine-tunes and pre-training use. () = the model default only.
+    zero_shot_poolings: tuple[str, ...] = ()
+    pooling: str = "cls"
+    variants: bool = False     # add reolm-id and sasrec-textinit (docs/transfer.md)
+    cold_items: float = 0.0    # > 0: also the target's cold-item split with this fraction of its items
+
+    def record_name(self, target: str) -> str:
+        return self.record.replace("{target}", target)
 
 
 BUDGETS = {
@@ -66,6 +85,12 @@ BUDGETS = {
         "gpu", "launch/configs/pretrain/transfer-gpu.yaml", "launch/configs/finetune/transfer-gpu.yaml",
         eval_users=0, record="real_transfer_gpu",
         notes=["the reference's fine-tuning recipe, every user evaluated; pre-training on all GPUs"]),
+    "cpu-real": TransferBudget(
+        "cpu-real", "launch/configs/pretrain/real-cpu.yaml", "launch/configs/finetune/real-cpu.yaml",
+        eval_users=0, nproc=2, record="real_quality_{target}", zero_shot_poolings=("cls", "mean"),
+        pooling="mean", variants=True, cold_items=0.2,
+        notes=["the real-data quality benchmark: a real ordered target, all users, Reo-LM to early stopping "
+               "on validation, the text + ID variants; sized to <= 90 minutes on 2 idle CPU cores"]),
 }
 
 
@@ -76,14 +101,11 @@ def _world_size(budget: TransferBudget) -> int:
     return torch.cuda.device_count() or 2
 
 
-def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path, budget: TransferBudget,
-                    pretrain_overrides: list[str] = (), finetune_overrides: list[str] = ()
-                    ) -> tuple[list[Stage], dict[str, Path]]:
-    """Every stage of the experiment, and the run directory of each compared model."""
+def _data_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path
+                 ) -> tuple[list[Stage], list[Path], Path]:
+    """Import every domain, shard the sources, token tables of the corpus and the target."""
     domains, shards = run_dir / "domains", run_dir / "shards"
-    pretrain_dir, export_dir, runs = run_dir / "pretrain", run_dir / "pretrained", run_dir / "runs"
-    stages: list[Stage] = []
-    imported = []
+    stages, imported = [], []
     for src in [*sources, target]:
         out = domains / src.name
         stages.append(Stage(f"import {src.name}", reolm_command("import", "recformer", str(src), "--name", src.name,
@@ -91,10 +113,6 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
                             out / "domain.json", inputs=[src]))
         imported.append(out)
     source_dirs, evaluated = imported[:-1], imported[-1]
-    # Every model on the target is validated and tested on the same users: the budget's seeded
-    # sample (eval.max_users / subset_seed) or all of them.
-    subset = [f"eval.max_users={budget.eval_users}", f"eval.subset_seed={budget.eval_seed}"]
-    finetune_overrides = [*subset, *finetune_overrides]
     stages += [
         Stage("shard the source domains", reolm_command("shard", "--out", str(shards), "--quiet",
                                                         *map(str, source_dirs)),
@@ -105,6 +123,56 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
         Stage("token table (target)", reolm_command("tables", "tokens", "--tokenizer", str(backbone), "--domain",
                                                     str(evaluated), "--quiet"),
               evaluated / "tables" / "tokens-*" / "table.json", inputs=[backbone, evaluated]),
+    ]
+    return stages, source_dirs, evaluated
+
+
+def _zero_shot_stage(label: str, domain: Path, backbone: Path, out: Path, overrides: list[str]) -> Stage:
+    return Stage(f"zero-shot: the backbone alone{label}",
+                 python_command("launch/evaluate.py", "--domain", str(domain), "--model", str(backbone),
+                                "--split", "test", "--no-progress", "--out", str(out / "metrics.json"), *overrides),
+                 out / "metrics.json", inputs=[domain, backbone])
+
+
+def _finetune_stage(label: str, domain: Path, config: Path, model: str, out: Path, args: list[str],
+                    overrides: list[str], inputs: list[Path]) -> Stage:
+    return Stage(label, python_command("launch/finetune.py", "--domain", str(domain), "--config", str(config),
+                                       "--model", model, *args, "--out", str(out), *overrides),
+                 out / "metrics.json", inputs=[domain, *inputs])
+
+
+def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path, budget: TransferBudget,
+                    pretrain_overrides: list[str] = (), finetune_overrides: list[str] = ()
+                    ) -> tuple[list[Stage], dict[str, Path]]:
+    """Every stage of the experiment, and the run directory of each compared model (the keys of
+    runs on the cold-item split start with ``cold:``).
+
+    Order: data, zero-shot and the ID baselines (cheap, and independent of pre-training), then
+    pre-training, the Reo-LM fine-tunes, the text + ID variants, the cold-item split, the report."""
+    shards, pretrain_dir, export_dir, runs = (run_dir / "shards", run_dir / "pretrain", run_dir / "pretrained",
+                                              run_dir / "runs")
+    stages, _, evaluated = _data_stages(run_dir, sources, target, backbone)
+    # Every model on the target is validated and tested on the same users: the budget's seeded
+    # sample (eval.max_users / subset_seed) or all of them.
+    subset = [f"eval.max_users={budget.eval_users}", f"eval.subset_seed={budget.eval_seed}"]
+    # The budget's pooling is that of every Reo-LM run (pre-training, hence the export, and the
+    # fine-tune from the backbone), so its zero-shot column is the one those runs start from.
+    pooling = [f"reolm.model.pooling={budget.pooling}"] if budget.zero_shot_poolings else []
+    finetune_overrides = [*subset, *pooling, *finetune_overrides]
+    pretrain_overrides = [*([f"model.pooling={budget.pooling}"] if pooling else []), *pretrain_overrides]
+    config = REPO / budget.finetune_config
+    models = {"reolm": runs / "reolm", "reolm-nopretrain": runs / "reolm-nopretrain",
+              **{m: runs / m for m in budget.baselines}}
+    for name in budget.zero_shot_poolings or ("",):
+        folder = runs / (f"plm-zeroshot-{name}" if name else "plm-zeroshot")
+        if name == (budget.pooling if budget.zero_shot_poolings else ""):
+            models["zero-shot"] = folder  # the report's column; every pooling's metrics are recorded
+        stages.append(_zero_shot_stage(f" ({name} pooling)" if name else "", evaluated, backbone, folder,
+                                       [*subset, *([f"reolm.model.pooling={name}"] if name else [])]))
+    for model in budget.baselines:
+        stages.append(_finetune_stage(f"baseline {model}", evaluated, config, model, models[model], [],
+                                      finetune_overrides, []))
+    stages += [
         Stage("pre-train on the sources (DeepSpeed)",
               [*deepspeed_launcher(_world_size(budget)), str(REPO / "launch" / "pretrain.py"),
                "--config", str(REPO / budget.pretrain_config), f"data.corpus={shards}", f"model.backbone={backbone}",
@@ -114,32 +182,55 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
         Stage("export the pre-trained model", reolm_command("export", "checkpoint", str(pretrain_dir),
                                                             str(export_dir)),
               export_dir / "model.safetensors", inputs=[pretrain_dir]),
+        _finetune_stage("fine-tune Reo-LM from the pre-trained export", evaluated, config, "reolm", models["reolm"],
+                        ["--init", str(export_dir)], finetune_overrides, [export_dir]),
+        _finetune_stage("fine-tune Reo-LM from the backbone alone", evaluated, config, "reolm",
+                        models["reolm-nopretrain"], ["--backbone", str(backbone)], finetune_overrides, [backbone]),
     ]
-    ft = ["--domain", str(evaluated), "--config", str(REPO / budget.finetune_config)]
-    models = {"zero-shot": runs / "plm-zeroshot", "reolm": runs / "reolm", "reolm-nopretrain": runs / "reolm-nopretrain",
-              **{m: runs / m for m in budget.baselines}}
-    stages.append(Stage("zero-shot: the backbone alone",
-                        python_command("launch/evaluate.py", "--domain", str(evaluated), "--model", str(backbone),
-                                       "--split", "test", "--no-progress", "--out",
-                                       str(models["zero-shot"] / "metrics.json"), *subset),
-                        models["zero-shot"] / "metrics.json", inputs=[evaluated, backbone]))
-    stages.append(Stage("fine-tune Reo-LM from the pre-trained export",
-                        python_command("launch/finetune.py", *ft, "--model", "reolm", "--init", str(export_dir),
-                                       "--out", str(models["reolm"]), *finetune_overrides),
-                        models["reolm"] / "metrics.json", inputs=[evaluated, export_dir]))
-    stages.append(Stage("fine-tune Reo-LM from the backbone alone",
-                        python_command("launch/finetune.py", *ft, "--model", "reolm", "--backbone", str(backbone),
-                                       "--out", str(models["reolm-nopretrain"]), *finetune_overrides),
-                        models["reolm-nopretrain"] / "metrics.json", inputs=[evaluated, backbone]))
-    for model in budget.baselines:
-        stages.append(Stage(f"baseline {model}", python_command("launch/finetune.py", *ft, "--model", model,
-                                                                "--out", str(models[model]), *finetune_overrides),
-                            models[model] / "metrics.json", inputs=[evaluated]))
+    if budget.variants:
+        models["reolm-id"], models["sasrec-textinit"] = runs / "reolm-id", runs / "sasrec-textinit"
+        stages += [
+            _finetune_stage("fine-tune transductive Reo-LM (content + ID) from the pre-trained export", evaluated,
+                            config, "reolm", models["reolm-id"], ["--init", str(export_dir)],
+                            ["reolm.item_id_embedding=true", *finetune_overrides], [export_dir]),
+            _finetune_stage("SASRec with item rows from the fine-tuned Reo-LM's item vectors", evaluated, config,
+                            "sasrec", models["sasrec-textinit"], ["--item-init", str(models["reolm"])],
+                            finetune_overrides, [models["reolm"] / "metrics.json"]),
+        ]
+    if budget.cold_items:
+        stages += _cold_item_stages(evaluated, run_dir, backbone, export_dir, budget, config, models,
+                                    finetune_overrides, subset)
     stages.append(Stage("report", reolm_command("report", *(str(d) for d in models.values()),
                                                 "--out", str(run_dir / "results.md"), "--plot",
                                                 str(run_dir / "results.png"), "--json", str(run_dir / "results.json")),
                         run_dir / "results.md", inputs=[d / "metrics.json" for d in models.values()]))
     return stages, models
+
+
+def _cold_item_stages(evaluated: Path, run_dir: Path, backbone: Path, export_dir: Path, budget: TransferBudget,
+                      config: Path, models: dict[str, Path], finetune_overrides: list[str],
+                      subset: list[str]) -> list[Stage]:
+    """The target's cold-item split (``reolm split cold-items``: a fraction of its items never
+    trained on): zero-shot, popularity, SASRec and the transductive Reo-LM, whose never-trained
+    items keep a zero ID part and are scored from content alone. Adds the runs to ``models``."""
+    cold, runs = run_dir / "domains" / f"{evaluated.name}-cold", run_dir / "runs-cold"
+    stages = [Stage(f"cold-item split ({budget.cold_items:.0%} of the target's items)",
+                    reolm_command("split", "cold-items", str(evaluated), "--fraction", str(budget.cold_items),
+                                  "--seed", "0", "--out", str(cold)),
+                    cold / "domain.json", inputs=[evaluated])]
+    zero_shot = runs / "plm-zeroshot"
+    models["cold:zero-shot"] = zero_shot
+    pooling = [f"reolm.model.pooling={budget.pooling}"] if budget.zero_shot_poolings else []
+    stages.append(_zero_shot_stage(" (cold-item split)", cold, backbone, zero_shot, [*subset, *pooling]))
+    for model in ("pop", "sasrec"):
+        models[f"cold:{model}"] = runs / model
+        stages.append(_finetune_stage(f"cold items: {model}", cold, config, model, runs / model, [],
+                                      finetune_overrides, []))
+    models["cold:reolm-id"] = runs / "reolm-id"
+    stages.append(_finetune_stage("cold items: transductive Reo-LM from the pre-trained export", cold, config,
+                                  "reolm", runs / "reolm-id", ["--init", str(export_dir)],
+                                  ["reolm.item_id_embedding=true", *finetune_overrides], [export_dir]))
+    return stages
 
 
 def _metrics_summary(path: Path) -> dict:
@@ -151,6 +242,42 @@ def _metrics_summary(path: Path) -> dict:
 
 def _domain_counts(folder: Path) -> dict:
     return json.loads((folder / "domain.json").read_text())["counts"]
+
+
+def learning_curve(log_path: Path, metric: str = "NDCG@10") -> list[dict]:
+    """Validation points of one run's log.jsonl: the stage, its epoch, the optimiser steps taken so
+    far (summed over the rounds' ``steps``, across stages) and the wall time."""
+    points, steps = [], 0
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        steps += record.get("steps", 0)
+        if "val" in record and metric in record["val"]:
+            points.append({"stage": record["stage"], "epoch": record["epoch"], "step": steps,
+                           "time_s": record["time_s"], metric: round(record["val"][metric], 5)})
+    return points
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, metric: str = "NDCG@10") -> None:
+    """Validation ``metric`` of each run against optimiser steps and against wall time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in curves.items():
+        if not points:
+            continue
+        values = [p[metric] for p in points]
+        by_step.plot([p["step"] for p in points], values, marker="o", label=name)
+        by_time.plot([p["time_s"] / 60 for p in points], values, marker="o", label=name)
+    by_step.set_xlabel("optimiser steps (stage 1 then stage 2)")
+    by_time.set_xlabel("wall time (min)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def record_run(budget: TransferBudget, run_dir: Path, models: dict[str, Path], timings: dict,
@@ -169,13 +296,22 @@ def record_run(budget: TransferBudget, run_dir: Path, models: dict[str, Path], t
         "runs": {name: _metrics_summary(d / "metrics.json") if (d / "metrics.json").is_file() else None
                  for name, d in models.items()},
     }
+    record = budget.record_name(inputs["target"].name)
+    if budget.zero_shot_poolings:
+        result["zero_shot_poolings"] = {
+            pooling: _metrics_summary(folder / "metrics.json") if (folder / "metrics.json").is_file() else None
+            for pooling in budget.zero_shot_poolings for folder in [run_dir / "runs" / f"plm-zeroshot-{pooling}"]}
+    curves = {name: learning_curve(d / "log.jsonl") for name, d in models.items() if (d / "log.jsonl").is_file()}
+    result["learning_curves"] = curves
     if (run_dir / "results.json").is_file():
         result["table"] = json.loads((run_dir / "results.json").read_text())
         result["table_markdown"] = (run_dir / "results.md").read_text()
-    path = write_result(f"{budget.record}.json", result)
+    path = write_result(f"{record}.json", result)
     for suffix in ("md", "png"):
         if (run_dir / f"results.{suffix}").is_file():
-            shutil.copyfile(run_dir / f"results.{suffix}", RESULTS / f"{budget.record}.{suffix}")
+            shutil.copyfile(run_dir / f"results.{suffix}", RESULTS / f"{record}.{suffix}")
+    plot_curves({name: points for name, points in curves.items() if name.startswith("reolm")},
+                RESULTS / f"{record}_curves.png")
     return path
 
 

@@ -152,8 +152,9 @@ def print_plan(stages: Sequence[Stage], out: TextIO | None = None) -> int:
     return len(missing)
 
 
-def _run_one(stage: Stage) -> tuple[int, float]:
-    """Run the stage's command; returns (exit code, peak RSS in GiB of the largest process of its tree)."""
+def _run_one(stage: Stage) -> tuple[int, float, float]:
+    """Run the stage's command; returns (exit code, peak RSS in GiB of the largest process of its
+    tree, CPU seconds (user + system) of the whole tree)."""
     proc = subprocess.Popen(stage.argv, env={**os.environ, **stage.env}, cwd=REPO_ROOT)
     # wait4 reports the child's usage including its waited-for descendants (the DeepSpeed
     # launcher's ranks): ru_maxrss is then the largest process of the tree, in KiB on Linux. It is
@@ -161,11 +162,14 @@ def _run_one(stage: Stage) -> tuple[int, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     scale = 2**30 if sys.platform == "darwin" else 2**20
-    return proc.returncode, usage.ru_maxrss / scale
+    # CPU seconds do not grow when other work shares the cores, unlike the wall time: on a busy
+    # host they say what the stage costs.
+    return proc.returncode, usage.ru_maxrss / scale, usage.ru_utime + usage.ru_stime
 
 
 def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict[str, dict[str, float]]:
-    """Run the stages not done yet; returns {stage: {"wall_s", "peak_rss_gib"}} (also in RUN_DIR/timings.json).
+    """Run the stages not done yet; returns {stage: {"wall_s", "cpu_s", "peak_rss_gib"}} (also in
+    RUN_DIR/timings.json).
 
     A failing stage stops the pipeline with ``resume_hint`` (how to continue after fixing it).
     """
@@ -179,11 +183,12 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
             continue
         print(f"[{i}/{total}] {stage.name}: {display_command(stage)}", flush=True)
         start = time.perf_counter()
-        code, peak_gib = _run_one(stage)
+        code, peak_gib, cpu_s = _run_one(stage)
         if code != 0:
             raise SystemExit(f"stage {stage.name!r} failed with exit code {code}; {resume_hint}")
         if stage.check is not None:
             stage.check()
-        timings[stage.name] = {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_gib": round(peak_gib, 3)}
+        timings[stage.name] = {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_s, 1),
+                               "peak_rss_gib": round(peak_gib, 3)}
         timings_path.write_text(json.dumps(timings, indent=2))
     return timings

@@ -93,8 +93,11 @@ def test_text_only_recipe_has_no_image_stages(tmp_path):
 def test_stage_runner_skips_done_stages_and_records_time_and_memory(tmp_path):
     marker = tmp_path / "a.txt"
     py = sys.executable
-    stages = [Stage("write a", [py, "-c", f"open({str(marker)!r}, 'w').write('x' * 10)"], marker),
-              Stage("grow memory", [py, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+    # "write a" sleeps (wall time, almost no CPU); "grow memory" also spins for 0.8 s of CPU time.
+    stages = [Stage("write a", [py, "-c", f"import time; time.sleep(0.8); open({str(marker)!r}, 'w').write('x' * 10)"],
+                    marker),
+              Stage("grow memory", [py, "-c", "import time\nb = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])\n"
+                                              "while time.process_time() < 0.8: pass\n"
                                               f"open({str(tmp_path / 'b.txt')!r}, 'w')"], tmp_path / "b.txt",
                     inputs=[marker])]
     # Run the stages from a small process: a child's peak RSS is never below its parent's (fork, then exec).
@@ -110,6 +113,8 @@ def test_stage_runner_skips_done_stages_and_records_time_and_memory(tmp_path):
     timings = json.loads(result.stdout.splitlines()[-1])
     assert set(timings) == {"write a", "grow memory"}
     assert timings["grow memory"]["peak_rss_gib"] > 0.19 > 0.1 > timings["write a"]["peak_rss_gib"]
+    assert timings["grow memory"]["cpu_s"] >= 0.8 > 0.5 > timings["write a"]["cpu_s"]  # CPU, not wall, time
+    assert timings["write a"]["wall_s"] >= 0.8
     assert json.loads((tmp_path / "run" / "timings.json").read_text()) == timings
     marker.write_text("kept")  # a done stage is not run again
     assert run(stages).returncode == 0 and marker.read_text() == "kept"
