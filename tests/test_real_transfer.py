@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -25,21 +26,37 @@ def plan(tmp_path: Path, budget: str) -> tuple[list, dict]:
                                          real_transfer.BUDGETS[budget])
 
 
+BASE_MODELS = {"zero-shot", "reolm", "reolm-nopretrain", "sasrec", "gru4rec", "bert4rec", "pop"}
+
+
+def target_runs(stages: list) -> list:
+    return [s for s in stages if "launch/finetune.py" in " ".join(s.argv) or "launch/evaluate.py" in " ".join(s.argv)]
+
+
+def argv_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
 @pytest.mark.parametrize("budget", sorted(real_transfer.BUDGETS))
 def test_every_target_model_gets_the_same_domain_and_users(tmp_path, budget):
     stages, models = plan(tmp_path, budget)
     b = real_transfer.BUDGETS[budget]
-    assert set(models) == {"zero-shot", "reolm", "reolm-nopretrain", "sasrec", "gru4rec", "bert4rec", "pop"}
-    target_runs = [s for s in stages if "launch/finetune.py" in " ".join(s.argv) or "launch/evaluate.py" in
-                   " ".join(s.argv)]
-    assert len(target_runs) == len(models)
+    extra = ({"reolm-id", "sasrec-textinit"} if b.variants else set()) | (
+        {"cold:zero-shot", "cold:pop", "cold:sasrec", "cold:reolm-id"} if b.cold_items else set())
+    assert set(models) == BASE_MODELS | extra
+    runs = target_runs(stages)
+    # every model once, plus the zero-shot poolings that are recorded but not in the report
+    assert len(runs) == len(models) + max(len(b.zero_shot_poolings) - 1, 0)
     subset = [f"eval.max_users={b.eval_users}", f"eval.subset_seed={b.eval_seed}"]
-    for stage in target_runs:
+    domains = {str(tmp_path / "run" / "domains" / "Tools"), str(tmp_path / "run" / "domains" / "Tools-cold")}
+    for stage in runs:
         argv = stage.argv
-        assert argv[argv.index("--domain") + 1] == str(tmp_path / "run" / "domains" / "Tools")
-        assert argv[-2:] == subset
+        assert argv_value(argv, "--domain") in domains
+        assert " ".join(subset) in " ".join(argv)
         if "launch/finetune.py" in argv[1]:
-            assert argv[argv.index("--config") + 1] == str(REPO / b.finetune_config)
+            assert argv_value(argv, "--config") == str(REPO / b.finetune_config)
+    cold_runs = [s for s in runs if argv_value(s.argv, "--domain").endswith("Tools-cold")]
+    assert len(cold_runs) == (4 if b.cold_items else 0)
     pretrain = next(s for s in stages if "launch/pretrain.py" in " ".join(s.argv))
     assert Path(pretrain.argv[0]).name == "deepspeed" and "--num_gpus" in pretrain.argv
     shard = next(s for s in stages if s.argv[3:4] == ["shard"])
@@ -49,6 +66,47 @@ def test_every_target_model_gets_the_same_domain_and_users(tmp_path, budget):
     ft = load_config(FinetuneConfig, [REPO / b.finetune_config])
     assert (pre.model.num_adapters, pre.model.adapter_rank) == (ft.reolm.model.num_adapters,
                                                                 ft.reolm.model.adapter_rank)
+    # Cheap, pre-training-independent runs come first: a stopped run has the baselines already.
+    names = [s.name for s in stages]
+    assert names.index("baseline sasrec") < names.index(pretrain.name) < names.index(
+        "fine-tune Reo-LM from the pre-trained export")
+
+
+def test_cpu_real_runs_every_reolm_model_with_one_pooling_and_adds_the_variants(tmp_path):
+    stages, models = plan(tmp_path, "cpu-real")
+    b = real_transfer.BUDGETS["cpu-real"]
+    pooling = f"reolm.model.pooling={b.pooling}"
+    pretrain = next(s for s in stages if "launch/pretrain.py" in " ".join(s.argv))
+    assert f"model.pooling={b.pooling}" in pretrain.argv  # the export, hence every --init run, pools the same way
+    reolm_runs = [s for s in target_runs(stages) if "reolm" in s.argv[s.argv.index("--model") + 1:][:1]]
+    assert len(reolm_runs) == 4 and all(pooling in s.argv for s in reolm_runs)
+    zero_shots = {s.done_marker.parent.name: s.argv for s in stages if "launch/evaluate.py" in " ".join(s.argv)}
+    assert {n for n in zero_shots} == {"plm-zeroshot-cls", "plm-zeroshot-mean", "plm-zeroshot"}
+    assert models["zero-shot"].name == f"plm-zeroshot-{b.pooling}"
+    by_out = {Path(argv_value(s.argv, "--out")): s for s in target_runs(stages) if "--out" in s.argv}
+    ids = [s for s in by_out.values() if "reolm.item_id_embedding=true" in s.argv]
+    assert {s.done_marker.parent for s in ids} == {models["reolm-id"], models["cold:reolm-id"]}
+    textinit = by_out[models["sasrec-textinit"]]
+    assert argv_value(textinit.argv, "--item-init") == str(models["reolm"])
+    assert models["reolm"] / "metrics.json" in textinit.inputs  # runs after the Reo-LM it starts from
+    report = stages[-1]
+    assert report.name == "report" and all(str(d) in report.argv for d in models.values())
+
+
+def test_learning_curve_counts_steps_across_stages(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [{"time_s": 0.0, "stage": "setup"},
+               {"time_s": 5.0, "stage": "reolm-stage1", "epoch": 0, "val": {"NDCG@10": 0.01}},
+               {"time_s": 60.0, "stage": "reolm-stage1", "epoch": 1, "steps": 200, "val": {"NDCG@10": 0.03}},
+               {"time_s": 70.0, "stage": "reolm-stage1", "epoch": 2, "steps": 200},
+               {"time_s": 120.0, "stage": "reolm-stage2", "epoch": 3, "steps": 150, "val": {"NDCG@10": 0.04}},
+               {"time_s": 130.0, "stage": "test", "epoch": 3, "test": {"NDCG@10": 0.05}}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    curve = real_transfer.learning_curve(log)
+    assert [(p["stage"], p["step"], p["time_s"], p["NDCG@10"]) for p in curve] == [
+        ("reolm-stage1", 0, 5.0, 0.01), ("reolm-stage1", 200, 60.0, 0.03), ("reolm-stage2", 550, 120.0, 0.04)]
+    real_transfer.plot_curves({"reolm": curve}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dry_run_lists_missing_inputs_and_rejects_same_names(tmp_path):
