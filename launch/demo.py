@@ -1,6 +1,9 @@
-"""`make demo`: the whole Reo-LM pipeline on an embedded synthetic corpus (see reolm/demo.py)."""
+#!/usr/bin/env python
+"""`make demo`: `reolm demo` as a script, the whole pipeline on an embedded synthetic corpus (see --help)."""
 
-from reolm.demo import main
+import sys
+
+from reolm.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["demo", *sys.argv[1:]]))

@@ -1,71 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a saved model (RUN_DIR or RUN_DIR/best of any model kind) by full ranking.
+"""`reolm evaluate` as a script: evaluate a saved model or a plain checkpoint by full ranking (see --help)."""
 
-    python launch/evaluate.py --domain data/Scientific --model runs/sci-sasrec --split test --out sci.json
-    python launch/evaluate.py --domain data/Scientific --model /models/MiniLM --max-users 1000 --seed 0 \
-        --out plm.json        # a plain HF checkpoint, zero-shot: "plm-zeroshot"
-
-Uses the run's own evaluation settings (best/config.yaml) unless eval.* overrides are given;
-writes a metrics document (reolm.eval.contract) to --out and prints NDCG@10/Recall@10/MRR.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from reolm.config import config_help_epilog  # noqa: E402
-from reolm.finetune.config import EvalSection  # noqa: E402
-from reolm.precision import PRECISION_DOC, PRECISIONS  # noqa: E402
-from reolm.runtime import setup_process  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=config_help_epilog(EvalSection).replace("\n  ", "\n  eval."))
-    parser.add_argument("--domain", required=True, metavar="DIR", help="processed domain folder")
-    parser.add_argument("--model", required=True, metavar="RUN_OR_EXPORT_DIR",
-                        help="run directory, its best/ folder, another saved model folder, a Reo-LM export "
-                             "(reolm-zeroshot) or a plain HF BERT/RoBERTa checkpoint (plm-zeroshot)")
-    parser.add_argument("--split", choices=("val", "test"), default="test", help="split to rank (default test)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="where to write the metrics JSON")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="Reo-LM / PLM encoding precision (default auto). " + PRECISION_DOC)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--max-users", type=int, metavar="N",
-                        help="evaluate a random subset of N users (same as eval.max_users=N)")
-    parser.add_argument("--seed", type=int, metavar="S", help="seed of that subset (eval.subset_seed=S)")
-    parser.add_argument("overrides", nargs="*", metavar="eval.key=value",
-                        help="evaluation overrides (eval.*; for an HF checkpoint also reolm.model.*, e.g. "
-                             "reolm.model.pooling=mean)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_process()
-    overrides = list(args.overrides)
-    overrides += [f"eval.max_users={args.max_users}"] if args.max_users is not None else []
-    overrides += [f"eval.subset_seed={args.seed}"] if args.seed is not None else []
-    try:
-        from reolm.eval.contract import write_metrics
-        from reolm.finetune.runner import evaluate_saved
-        doc = evaluate_saved(args.model, args.domain, args.split, overrides, device=args.device,
-                             progress=not args.no_progress, precision=args.precision)
-        write_metrics(args.out, doc, run=False)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
-    summary = {k: round(v, 4) for k, v in doc["metrics"].items() if k in ("NDCG@10", "Recall@10", "MRR")}
-    print(json.dumps({"model": doc["model"], "domain": doc["domain"], "split": doc["split"],
-                      "num_users": doc["num_users"], **summary}))
-    return 0
-
+from reolm.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["evaluate", *sys.argv[1:]]))

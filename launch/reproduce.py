@@ -15,10 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from reolm.config import config_help_epilog  # noqa: E402
-from reolm.recipe import RecipeConfig  # noqa: E402
+from reolm.config import config_help_epilog
+from reolm.recipe import RecipeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,11 +8,16 @@ import os
 import sys
 from typing import Sequence
 
+from reolm.commands import CommandError
 from reolm.runtime import setup_process
 
 # name -> (module under reolm.commands, one-line help).  Help text lives here too so
 # that `reolm --help` lists every command without importing any of them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "run the whole pipeline on an embedded synthetic corpus (what `make demo` runs)"),
+    "pretrain": ("pretrain", "pre-train Reo-LM with DeepSpeed on WebDataset shards (every rank runs it)"),
+    "finetune": ("finetune", "fine-tune Reo-LM or train a baseline on one domain, then test the best weights"),
+    "evaluate": ("evaluate", "evaluate a saved model, an export or a plain HF checkpoint (zero-shot) by full ranking"),
     "synth": ("synth", "generate a synthetic multi-domain corpus of processed domain folders"),
     "stats": ("stats", "print the dataset statistics table of processed domain folders"),
     "split": ("split", "derive a cold-item or few-shot version of a processed domain folder"),
@@ -62,24 +67,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_process()
     module = importlib.import_module(f"reolm.commands.{module_name}")
     parser = argparse.ArgumentParser(prog=f"reolm {name}", description=getattr(module, "DESCRIPTION", help_text),
+                                     epilog=getattr(module, "epilog", lambda: None)(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     # A command may rewrite its arguments first (e.g. `reolm export CKPT OUT` -> `export checkpoint ...`).
     rest = getattr(module, "normalize_args", lambda argv: argv)(rest)
-    args = parser.parse_args(rest)
+    args = parser.parse_intermixed_args(rest) if getattr(module, "INTERMIXED", False) else parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, CommandError) as err:
         # Library errors (DomainError, ConfigError, ShardError, ...) are ValueErrors with a
         # message written for the user, and OSErrors name their file: print the message without
-        # a traceback, unless --debug or REOLM_DEBUG=1 (as for launch/pretrain.py) asks for one.
+        # a traceback, unless --debug or REOLM_DEBUG=1 asks for one.
         if getattr(args, "debug", False) or debug_requested():
             raise
-        print(f"reolm {name}: error: {err}", file=sys.stderr)
+        print(f"reolm {name}: error{rank_suffix()}: {err}", file=sys.stderr)
         return 1
+
+
+def rank_suffix() -> str:
+    """' (rank N)' in a multi-process job (pre-training), so each rank's message says whose it is."""
+    return f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
 
 
 def debug_requested() -> bool:

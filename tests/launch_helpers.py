@@ -109,12 +109,12 @@ def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, log: Path,
 
 
 def finetune_main(args: list[str]) -> int:
-    """``launch/finetune.py`` in this process (exit code)."""
-    from launch.finetune import main
-    return main(args)
+    """``reolm finetune`` (= ``launch/finetune.py``) in this process (exit code)."""
+    from reolm.cli import main
+    return main(["finetune", *args])
 
 
 def evaluate_main(args: list[str]) -> int:
-    """``launch/evaluate.py`` in this process (exit code)."""
-    from launch.evaluate import main
-    return main(args)
+    """``reolm evaluate`` (= ``launch/evaluate.py``) in this process (exit code)."""
+    from reolm.cli import main
+    return main(["evaluate", *args])

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from reolm.config import ConfigError
 from reolm.model.objectives import info_nce, masked_lm_loss, mlm_predictions
@@ -21,7 +24,7 @@ from reolm.train.distributed import slurm_env
 from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
 from reolm.train.losses import PretrainLoss
 
-from launch_helpers import free_port
+from launch_helpers import free_port, run_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -423,14 +426,16 @@ def test_slurm_script_builds_the_rendezvous_from_the_allocation(tmp_path):
     assert "--ntasks-per-node=8" in out and "launch/pretrain.py" in out and "torch.distributed.run" not in out
 
 
-def test_pretrain_overrides_may_follow_resume():
-    """The Slurm script appends run_dir=... after the user's own `--resume latest`."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("pretrain_entry", os.path.join(REPO, "launch", "pretrain.py"))
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    args = entry.parse_args(["--config", "c.yaml", "optim.lr=1e-4", "--resume", "latest", "run_dir=r", "ckpt.run_id=x"])
-    assert args.resume == "latest" and args.overrides == ["optim.lr=1e-4", "run_dir=r", "ckpt.run_id=x"]
+def test_pretrain_overrides_may_follow_resume(tmp_path):
+    """The Slurm script appends run_dir=... after the user's own `--resume latest`: launch/pretrain.py
+    (the script every rank runs) parses them in any order and resolves them into the config."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "optim.lr=3e-4",
+                           "--resume", "latest", f"run_dir={tmp_path / 'r'}", "ckpt.run_id=x", "--print-config"],
+                          capture_output=True, text=True, cwd=REPO, env=run_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["optim"]["lr"] == 3e-4 and resolved["ckpt"]["resume"] == "latest"
+    assert resolved["run_dir"] == str(tmp_path / "r") and resolved["ckpt"]["run_id"] == "x"
 
 
 def test_orphaned_deepspeed_shm_files_are_removed_and_mapped_ones_kept(tmp_path):

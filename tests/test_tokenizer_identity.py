@@ -101,8 +101,7 @@ def test_pretraining_uses_the_cli_table(assets):
 
 
 def test_finetuning_and_evaluation_use_the_cli_table(assets, caplog):
-    from launch.evaluate import main as evaluate
-    from launch.finetune import main as finetune
+    from launch_helpers import evaluate_main as evaluate, finetune_main as finetune
 
     before = _tables(assets["domain"])
     table_json = assets["domain"] / "tables" / before[0] / "table.json"

@@ -33,7 +33,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 
 def _evaluate(assets, model: Path, out: str, *extra: str) -> dict:
-    from launch.evaluate import main
+    from launch_helpers import evaluate_main as main
     path = assets["root"] / out
     assert main(["--domain", str(assets["domain"]), "--model", str(model), "--split", "test", "--out", str(path),
                  "--device", "cpu", "--no-progress", *extra]) == 0
@@ -73,7 +73,7 @@ def test_user_subset_is_reproducible_and_recorded(assets):
 
 
 def test_neither_run_nor_checkpoint_is_a_clear_error(assets, tmp_path, capsys):
-    from launch.evaluate import main
+    from launch_helpers import evaluate_main as main
     assert main(["--domain", str(assets["domain"]), "--model", str(tmp_path), "--out", str(tmp_path / "m.json"),
                  "--no-progress"]) == 1
     err = capsys.readouterr().err

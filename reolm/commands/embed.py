@@ -7,7 +7,6 @@ import json
 
 from reolm.config import config_help_epilog
 
-HELP = "encode every item of a domain with a trained Reo-LM into vectors + a FAISS index (for reolm serve)"
 DESCRIPTION = """\
 reolm embed items --model RUN_OR_EXPORT --domain DIR --out INDEX_DIR [--index flat|hnsw|ivf] [key=value ...]
 

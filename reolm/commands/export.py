@@ -6,7 +6,6 @@ import argparse
 
 from reolm.data.interop import export_unisrec
 
-HELP = "export a training checkpoint or an HF backbone as a Reo-LM directory, or a domain to UniSRec files"
 DESCRIPTION = """Export in other projects' formats.
 
   reolm export checkpoint CKPT OUT     a pre-training checkpoint as an HF-style directory (config.json,

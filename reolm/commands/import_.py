@@ -9,7 +9,6 @@ from reolm.commands._ingest_common import (add_image_arguments, add_output_argum
 from reolm.data.images import import_features
 from reolm.data.interop import import_recformer, import_unisrec
 
-HELP = "import Recformer / UniSRec data or precomputed image features"
 DESCRIPTION = """Import data processed by other projects as a processed domain folder, or attach
 precomputed image features to one.  Every import validates its input and reports what it read,
 kept and dropped (and why); the report is also saved in domain.json.

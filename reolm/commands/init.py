@@ -6,7 +6,6 @@ import argparse
 
 from reolm.random_init import BACKBONE_SIZES, init_backbone, init_vision
 
-HELP = "write a random-weight backbone (from a tokenizer) or vision checkpoint directory"
 DESCRIPTION = ("Write Hugging Face checkpoint directories with random weights, for pre-training from scratch "
                "and for the demo (nothing is ever downloaded). Real checkpoints are local directories you "
                "point the configs to instead.")

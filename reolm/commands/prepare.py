@@ -12,7 +12,6 @@ from reolm.commands._ingest_common import (add_image_arguments, add_output_argum
 from reolm.data.amazon import CATEGORY_STYLES, DUPLICATE_POLICIES, AmazonOptions, build_amazon_domain
 from reolm.io import write_text
 
-HELP = "turn raw Amazon Reviews 2018 files into a processed domain folder"
 DESCRIPTION = """Turn raw data into a processed domain folder (train/val/test, smap, umap, meta_data, domain.json).
 
 Sources:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from reolm.io import write_text
 
-HELP = "build the results table and plots from run directories"
 DESCRIPTION = ("Read RUN_DIR/metrics.json of each run (launch/finetune.py output) and write the paper's "
                "Table 2 layout as markdown: rows = datasets x N@10/R@10/MRR, columns = models, the best "
                "value of each row in bold, and the improvement of Reo-LM over the best baseline in %. "

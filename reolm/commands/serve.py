@@ -7,7 +7,6 @@ import logging
 
 from reolm.config import config_help_epilog
 
-HELP = "serve recommendations over HTTP (recommend, add/delete items live, health, metrics)"
 DESCRIPTION = """\
 reolm serve --model RUN_OR_EXPORT --index INDEX_DIR [--host 127.0.0.1] [--port P] [key=value ...]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "write processed domains into a WebDataset corpus (items, train, dev shards)"
 DESCRIPTION = """\
 Write processed domain folders (in the order given: it fixes domain indices and
 global item indices) as a WebDataset corpus:

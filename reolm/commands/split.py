@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "derive a cold-item or few-shot version of a processed domain folder"
 DESCRIPTION = """\
 reolm split cold-items DOMAIN_DIR --fraction F --seed S --out DIR
     A random fraction F of the items never occurs in training: they are removed from

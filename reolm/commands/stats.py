@@ -8,7 +8,6 @@ import sys
 
 from reolm.data.domain import domain_stats, format_stats_table, read_domain, resolve_domain_dirs
 
-HELP = "print the dataset statistics table of processed domain folders"
 DESCRIPTION = ("Print #Users, #Items, #Img (coverage), #Inters (train + val + test items) and Avg.SL for each "
                "processed domain folder, as a markdown table (or JSON with --json).")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "generate a synthetic multi-domain corpus of processed domain folders"
 DESCRIPTION = """\
 Write one processed domain folder per domain under --out (train/val/test.json,
 smap/umap.json, meta_data.json, domain.json with "role": pretrain|downstream,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "build derived item tables: token table (per tokenizer), image features (per vision model)"
 DESCRIPTION = """\
 reolm tables tokens --tokenizer DIR (--corpus C | --domain D)
     Tokenise every item once (attributes in order, key then value tokens, cut to

@@ -7,7 +7,6 @@ import time
 
 from reolm.data.tokenizer import TOKENIZER_KINDS
 
-HELP = "train a small WordPiece/BPE tokenizer on a corpus (the embedded default)"
 DESCRIPTION = """\
 reolm tokenizer train --out DIR (--corpus C | --domain D...) [--kind wordpiece|words|bpe]
 

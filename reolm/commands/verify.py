@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "re-read every shard of a corpus and check it against its manifest"
 DESCRIPTION = """\
 Re-read every items/train/dev shard of a corpus: file size and sha256 against
 the manifest, sample counts, every json decoded and checked (item keys follow
