@@ -88,7 +88,7 @@ BUDGETS = {
     "cpu-real": TransferBudget(
         "cpu-real", "launch/configs/pretrain/real-cpu.yaml", "launch/configs/finetune/real-cpu.yaml",
         eval_users=0, nproc=2, record="real_quality_{target}", zero_shot_poolings=("cls", "mean"),
-        pooling="mean", variants=True, cold_items=0.2,
+        pooling="cls", variants=True, cold_items=0.2,
         notes=["the real-data quality benchmark: a real ordered target, all users, Reo-LM to early stopping "
                "on validation, the text + ID variants; sized to <= 90 minutes on 2 idle CPU cores"]),
 }

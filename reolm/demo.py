@@ -18,7 +18,7 @@ import torch
 
 from reolm.pipeline import Stage, deepspeed_launcher, reolm_command, run_stages
 
-__all__ = ["Stage", "demo_stages", "run_demo", "main"]
+__all__ = ["Stage", "demo_stages", "run_demo"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_PRESET = "demo"
