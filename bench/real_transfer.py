@@ -24,9 +24,10 @@ bench/results/<record>.json (+ .md, .png) with the machine, stage timings and pe
 --budget cpu-real is the real-data quality benchmark (docs/transfer.md): the target is a real,
 time-ordered domain (e.g. ../shared/data/office/Office2014), every user is evaluated, Reo-LM
 fine-tunes to early stopping on validation, the backbone is evaluated zero-shot with [CLS] and
-mean pooling (both recorded), and two text + ID variants are added: transductive Reo-LM
-(reolm-id: the pre-trained export fine-tuned with reolm.item_id_embedding) and SASRec whose item
-rows start from the fine-tuned Reo-LM's item vectors (sasrec-textinit). It records
+mean pooling (both recorded), and the text + ID variants are added: transductive Reo-LM
+(reolm.item_id_embedding, from the backbone: reolm-nopretrain-id, and from the pre-trained export:
+reolm-id) and SASRec whose item rows start from the item vectors of the Reo-LM fine-tuned from the
+backbone (sasrec-textinit). It records
 bench/results/real_quality_<target>.{json,md,png} plus the validation learning curves of every
 Reo-LM run (NDCG@10 against optimiser step and wall time) in the JSON and in
 real_quality_<target>_curves.png.
@@ -68,7 +69,7 @@ class TransferBudget:
     # column is `pooling`'s, the one the fine-tunes and pre-training use. () = the model default only.
     zero_shot_poolings: tuple[str, ...] = ()
     pooling: str = "cls"
-    variants: bool = False     # add reolm-id and sasrec-textinit (docs/transfer.md)
+    variants: bool = False     # add reolm-nopretrain-id, reolm-id and sasrec-textinit (docs/transfer.md)
     cold_items: float = 0.0    # > 0: also the target's cold-item split with this fraction of its items
 
     def record_name(self, target: str) -> str:
@@ -147,8 +148,9 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
     """Every stage of the experiment, and the run directory of each compared model (the keys of
     runs on the cold-item split start with ``cold:``).
 
-    Order: data, zero-shot and the ID baselines (cheap, and independent of pre-training), then
-    pre-training, the Reo-LM fine-tunes, the text + ID variants, the cold-item split, the report."""
+    Order: data, zero-shot, the ID baselines, then the Reo-LM runs that start from the backbone
+    (with the text + ID variants and the cold-item split), and last pre-training and the runs that
+    start from its export: a run stopped early has the results that cost least."""
     shards, pretrain_dir, export_dir, runs = (run_dir / "shards", run_dir / "pretrain", run_dir / "pretrained",
                                               run_dir / "runs")
     stages, _, evaluated = _data_stages(run_dir, sources, target, backbone)
@@ -172,6 +174,24 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
     for model in budget.baselines:
         stages.append(_finetune_stage(f"baseline {model}", evaluated, config, model, models[model], [],
                                       finetune_overrides, []))
+    id_part = ["reolm.item_id_embedding=true"]
+    from_backbone = ["--backbone", str(backbone)]
+    stages.append(_finetune_stage("fine-tune Reo-LM from the backbone alone", evaluated, config, "reolm",
+                                  models["reolm-nopretrain"], from_backbone, finetune_overrides, [backbone]))
+    if budget.variants:
+        # From the backbone first: they need no pre-training, the costliest and last stage to finish.
+        models["reolm-nopretrain-id"] = runs / "reolm-nopretrain-id"
+        models["sasrec-textinit"] = runs / "sasrec-textinit"
+        stages += [
+            _finetune_stage("fine-tune transductive Reo-LM (content + ID) from the backbone", evaluated, config,
+                            "reolm", models["reolm-nopretrain-id"], from_backbone, [*id_part, *finetune_overrides],
+                            [backbone]),
+            _finetune_stage("SASRec with item rows from the fine-tuned Reo-LM's item vectors", evaluated, config,
+                            "sasrec", models["sasrec-textinit"], ["--item-init", str(models["reolm-nopretrain"])],
+                            finetune_overrides, [models["reolm-nopretrain"] / "metrics.json"]),
+        ]
+    if budget.cold_items:
+        stages += _cold_item_stages(evaluated, run_dir, backbone, budget, config, models, finetune_overrides, subset)
     stages += [
         Stage("pre-train on the sources (DeepSpeed)",
               [*deepspeed_launcher(_world_size(budget)), str(REPO / "launch" / "pretrain.py"),
@@ -184,22 +204,12 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
               export_dir / "model.safetensors", inputs=[pretrain_dir]),
         _finetune_stage("fine-tune Reo-LM from the pre-trained export", evaluated, config, "reolm", models["reolm"],
                         ["--init", str(export_dir)], finetune_overrides, [export_dir]),
-        _finetune_stage("fine-tune Reo-LM from the backbone alone", evaluated, config, "reolm",
-                        models["reolm-nopretrain"], ["--backbone", str(backbone)], finetune_overrides, [backbone]),
     ]
     if budget.variants:
-        models["reolm-id"], models["sasrec-textinit"] = runs / "reolm-id", runs / "sasrec-textinit"
-        stages += [
-            _finetune_stage("fine-tune transductive Reo-LM (content + ID) from the pre-trained export", evaluated,
-                            config, "reolm", models["reolm-id"], ["--init", str(export_dir)],
-                            ["reolm.item_id_embedding=true", *finetune_overrides], [export_dir]),
-            _finetune_stage("SASRec with item rows from the fine-tuned Reo-LM's item vectors", evaluated, config,
-                            "sasrec", models["sasrec-textinit"], ["--item-init", str(models["reolm"])],
-                            finetune_overrides, [models["reolm"] / "metrics.json"]),
-        ]
-    if budget.cold_items:
-        stages += _cold_item_stages(evaluated, run_dir, backbone, export_dir, budget, config, models,
-                                    finetune_overrides, subset)
+        models["reolm-id"] = runs / "reolm-id"
+        stages.append(_finetune_stage("fine-tune transductive Reo-LM (content + ID) from the pre-trained export",
+                                      evaluated, config, "reolm", models["reolm-id"], ["--init", str(export_dir)],
+                                      [*id_part, *finetune_overrides], [export_dir]))
     stages.append(Stage("report", reolm_command("report", *(str(d) for d in models.values()),
                                                 "--out", str(run_dir / "results.md"), "--plot",
                                                 str(run_dir / "results.png"), "--json", str(run_dir / "results.json")),
@@ -207,12 +217,12 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
     return stages, models
 
 
-def _cold_item_stages(evaluated: Path, run_dir: Path, backbone: Path, export_dir: Path, budget: TransferBudget,
-                      config: Path, models: dict[str, Path], finetune_overrides: list[str],
-                      subset: list[str]) -> list[Stage]:
+def _cold_item_stages(evaluated: Path, run_dir: Path, backbone: Path, budget: TransferBudget, config: Path,
+                      models: dict[str, Path], finetune_overrides: list[str], subset: list[str]) -> list[Stage]:
     """The target's cold-item split (``reolm split cold-items``: a fraction of its items never
-    trained on): zero-shot, popularity, SASRec and the transductive Reo-LM, whose never-trained
-    items keep a zero ID part and are scored from content alone. Adds the runs to ``models``."""
+    trained on): zero-shot, popularity, SASRec and the transductive Reo-LM from the backbone, whose
+    never-trained items keep a zero ID part and are scored from content alone. Adds the runs to
+    ``models``."""
     cold, runs = run_dir / "domains" / f"{evaluated.name}-cold", run_dir / "runs-cold"
     stages = [Stage(f"cold-item split ({budget.cold_items:.0%} of the target's items)",
                     reolm_command("split", "cold-items", str(evaluated), "--fraction", str(budget.cold_items),
@@ -226,10 +236,10 @@ def _cold_item_stages(evaluated: Path, run_dir: Path, backbone: Path, export_dir
         models[f"cold:{model}"] = runs / model
         stages.append(_finetune_stage(f"cold items: {model}", cold, config, model, runs / model, [],
                                       finetune_overrides, []))
-    models["cold:reolm-id"] = runs / "reolm-id"
-    stages.append(_finetune_stage("cold items: transductive Reo-LM from the pre-trained export", cold, config,
-                                  "reolm", runs / "reolm-id", ["--init", str(export_dir)],
-                                  ["reolm.item_id_embedding=true", *finetune_overrides], [export_dir]))
+    models["cold:reolm-nopretrain-id"] = runs / "reolm-nopretrain-id"
+    stages.append(_finetune_stage("cold items: transductive Reo-LM from the backbone", cold, config, "reolm",
+                                  runs / "reolm-nopretrain-id", ["--backbone", str(backbone)],
+                                  ["reolm.item_id_embedding=true", *finetune_overrides], [backbone]))
     return stages
 
 

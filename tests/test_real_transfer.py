@@ -41,8 +41,8 @@ def argv_value(argv: list[str], flag: str) -> str:
 def test_every_target_model_gets_the_same_domain_and_users(tmp_path, budget):
     stages, models = plan(tmp_path, budget)
     b = real_transfer.BUDGETS[budget]
-    extra = ({"reolm-id", "sasrec-textinit"} if b.variants else set()) | (
-        {"cold:zero-shot", "cold:pop", "cold:sasrec", "cold:reolm-id"} if b.cold_items else set())
+    extra = ({"reolm-id", "reolm-nopretrain-id", "sasrec-textinit"} if b.variants else set()) | (
+        {"cold:zero-shot", "cold:pop", "cold:sasrec", "cold:reolm-nopretrain-id"} if b.cold_items else set())
     assert set(models) == BASE_MODELS | extra
     runs = target_runs(stages)
     # every model once, plus the zero-shot poolings that are recorded but not in the report
@@ -68,8 +68,8 @@ def test_every_target_model_gets_the_same_domain_and_users(tmp_path, budget):
                                                                 ft.reolm.model.adapter_rank)
     # Cheap, pre-training-independent runs come first: a stopped run has the baselines already.
     names = [s.name for s in stages]
-    assert names.index("baseline sasrec") < names.index(pretrain.name) < names.index(
-        "fine-tune Reo-LM from the pre-trained export")
+    assert (names.index("baseline sasrec") < names.index("fine-tune Reo-LM from the backbone alone")
+            < names.index(pretrain.name) < names.index("fine-tune Reo-LM from the pre-trained export"))
 
 
 def test_cpu_real_runs_every_reolm_model_with_one_pooling_and_adds_the_variants(tmp_path):
@@ -79,16 +79,22 @@ def test_cpu_real_runs_every_reolm_model_with_one_pooling_and_adds_the_variants(
     pretrain = next(s for s in stages if "launch/pretrain.py" in " ".join(s.argv))
     assert f"model.pooling={b.pooling}" in pretrain.argv  # the export, hence every --init run, pools the same way
     reolm_runs = [s for s in target_runs(stages) if "reolm" in s.argv[s.argv.index("--model") + 1:][:1]]
-    assert len(reolm_runs) == 4 and all(pooling in s.argv for s in reolm_runs)
+    assert len(reolm_runs) == 5 and all(pooling in s.argv for s in reolm_runs)
     zero_shots = {s.done_marker.parent.name: s.argv for s in stages if "launch/evaluate.py" in " ".join(s.argv)}
     assert {n for n in zero_shots} == {"plm-zeroshot-cls", "plm-zeroshot-mean", "plm-zeroshot"}
     assert models["zero-shot"].name == f"plm-zeroshot-{b.pooling}"
     by_out = {Path(argv_value(s.argv, "--out")): s for s in target_runs(stages) if "--out" in s.argv}
     ids = [s for s in by_out.values() if "reolm.item_id_embedding=true" in s.argv]
-    assert {s.done_marker.parent for s in ids} == {models["reolm-id"], models["cold:reolm-id"]}
+    assert {s.done_marker.parent for s in ids} == {models["reolm-id"], models["reolm-nopretrain-id"],
+                                                   models["cold:reolm-nopretrain-id"]}
+    assert [argv_value(s.argv, "--backbone") if "--backbone" in s.argv else argv_value(s.argv, "--init")
+            for s in ids].count(str(tmp_path / "minilm")) == 2
     textinit = by_out[models["sasrec-textinit"]]
-    assert argv_value(textinit.argv, "--item-init") == str(models["reolm"])
-    assert models["reolm"] / "metrics.json" in textinit.inputs  # runs after the Reo-LM it starts from
+    source = models["reolm-nopretrain"]
+    assert argv_value(textinit.argv, "--item-init") == str(source)
+    assert source / "metrics.json" in textinit.inputs  # runs after the Reo-LM it starts from
+    names = [s.name for s in stages]
+    assert names.index(by_out[source].name) < names.index(textinit.name)
     report = stages[-1]
     assert report.name == "report" and all(str(d) in report.argv for d in models.values())
 
