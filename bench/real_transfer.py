@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra launch/finetune.py override for every model on the target (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print every command with its inputs; run nothing")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="run only the stages whose name matches (e.g. a second lane beside a running "
+                             "command: --only 'baseline|popularity'); the report stage needs every run finished")
     parser.add_argument("--record", action="store_true",
                         help="write bench/results/real_transfer_<cpu|gpu>.{json,md,png} when the run finishes")
     parser.add_argument("--record-only", action="store_true",
@@ -361,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recorded {record_run(budget, run_dir, models, timings, inputs)}")
         return 0
     start = time.perf_counter()
+    if args.only:
+        stages = [s for s in stages if re.search(args.only, s.name)]
     timings = run_stages(run_dir, stages, resume_hint="fix the cause and run the same command again to resume")
     wall = time.perf_counter() - start
     print(f"\nfinished in {wall / 60:.1f} min; results in {run_dir}\n")

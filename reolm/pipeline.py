@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
+from reolm.io import write_text
+
 __all__ = ["Stage", "reolm_command", "deepspeed_launcher", "python_command", "run_stages", "plan_lines", "print_plan", "display_command",
            "missing_inputs"]
 
@@ -188,7 +190,10 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
             raise SystemExit(f"stage {stage.name!r} failed with exit code {code}; {resume_hint}")
         if stage.check is not None:
             stage.check()
+        # Re-read first: another runner on the same run directory (a second lane) may have added its stages.
+        if timings_path.exists():
+            timings = {**json.loads(timings_path.read_text()), **timings}
         timings[stage.name] = {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_s, 1),
                                "peak_rss_gib": round(peak_gib, 3)}
-        timings_path.write_text(json.dumps(timings, indent=2))
+        write_text(timings_path, json.dumps(timings, indent=2))
     return timings
