@@ -78,3 +78,21 @@ def test_neither_run_nor_checkpoint_is_a_clear_error(assets, tmp_path, capsys):
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "BERT/RoBERTa checkpoint" in err
+
+
+def test_validation_subset_bounds_validation_only(assets):
+    """eval.val_max_users: validation (early stopping) on a seeded subset, test on max_users' users."""
+    from reolm.eval.evaluate import evaluate_recommender
+    from reolm.finetune.config import EvalSection
+    from reolm.finetune.runner import evaluate_split
+    from reolm.baselines.popularity import Popularity
+
+    domain = read_domain(assets["domain"])
+    model = Popularity(domain.num_items).fit(domain.train.values())
+    cfg = EvalSection(val_max_users=12, subset_seed=3)
+    val, test = evaluate_split(model, domain, "val", cfg), evaluate_split(model, domain, "test", cfg)
+    assert (val.num_users, test.num_users) == (12, 40)
+    direct = evaluate_recommender(model, domain, "val", max_users=12, seed=3, progress=False)
+    assert val.metrics == direct.metrics  # the same 12 users as an explicit subset
+    both = evaluate_split(model, domain, "test", EvalSection(max_users=20, val_max_users=12))
+    assert both.num_users == 20

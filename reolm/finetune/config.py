@@ -67,6 +67,10 @@ class EvalSection:
     max_users: int = param(0, "Evaluate a random subset of this many users of the split (the same users "
                               "for every model, given subset_seed); 0 = all. Recorded in metrics.json.", ge=0)
     subset_seed: int = param(0, "Seed of the max_users subset.")
+    val_max_users: int = param(0, "Validation only (early stopping and best-weight selection): a random subset of "
+                                  "this many users (seed subset_seed); 0 = as max_users. Encoding every user's "
+                                  "history is most of a text model's validation, so this bounds its cost; the "
+                                  "test split always follows max_users.", ge=0)
     frequency_buckets: list[int] = param(list(DEFAULT_FREQUENCY_BUCKETS),
                                          "Lower bounds of the by_item_frequency buckets: users grouped by how "
                                          "often their target occurs in train.json (default 0, 1-4, 5-19, 20+).",

@@ -77,11 +77,13 @@ class RunLog:
 
 def evaluate_split(model: Recommender, domain: Domain, split: str, eval_cfg: EvalSection,
                    progress: bool = True) -> EvalResult:
-    """Full-ranking metrics with the run's evaluation settings."""
+    """Full-ranking metrics with the run's evaluation settings (validation on ``val_max_users``
+    users when set)."""
+    max_users = eval_cfg.val_max_users if split == "val" and eval_cfg.val_max_users else eval_cfg.max_users
     return evaluate_recommender(model, domain, split, max_history=eval_cfg.max_history_items,
                                 batch_size=eval_cfg.batch_size, item_chunk=eval_cfg.item_chunk,
                                 ks=tuple(eval_cfg.ks), frequency_buckets=tuple(eval_cfg.frequency_buckets),
-                                progress=progress, max_users=eval_cfg.max_users, seed=eval_cfg.subset_seed)
+                                progress=progress, max_users=max_users, seed=eval_cfg.subset_seed)
 
 
 @dataclass
