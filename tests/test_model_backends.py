@@ -305,7 +305,7 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
         torch.manual_seed(0)
         cfg = ModelConfig(top_routing="gate", attention=backend, max_tokens=128, image_feature_dim=8,
                           num_adapters=2, adapter_rank=4, hidden_dropout=0.0, attention_dropout=0.0)
-        rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
+        rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind(domain)
         assert next(rec.model.parameters()).dtype == torch.float32
         dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
         batch = PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(

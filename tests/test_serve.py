@@ -67,7 +67,7 @@ def test_embed_export_index_kinds_match_exact_search(assets, kind, tmp_path):
     cat = Catalogue.open(out)
     zero_shot = load_reolm(assets["export"])  # model A with the top adapters averaged, as evaluation loads it
     zero_shot.progress = False
-    expected = _unit(zero_shot.bind_domain(assets["domain"]).encode_all_items())
+    expected = _unit(zero_shot.bind(assets["domain"]).encode_all_items())
     np.testing.assert_allclose(cat.index.vectors(), expected, atol=1e-5)
     assert cat.manifest["model"]["item_vectors"] == "encoded" and cat.index.cfg.kind == kind
     queries = expected[:8]
