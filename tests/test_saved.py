@@ -81,3 +81,25 @@ def test_layering():
                           "print(sorted(m for m in sys.modules if m.startswith('reolm.finetune')))"],
                          capture_output=True, text=True, check=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "[]"
+
+
+def test_a_folder_written_by_an_earlier_version_loads(tmp_path):
+    """The format is unchanged: a descriptor as written before reolm/saved/ existed, by hand here."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from reolm.baselines.config import SASRecConfig
+    from reolm.saved import save_recommender
+
+    model = build_baseline("sasrec", 12)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    old = {"format_version": 1, "model": "sasrec", "num_items": 12, "domain": "d",
+           "model_config": dataclasses.asdict(SASRecConfig()), "epoch": 3, "val": {"ndcg@10": 0.5}}
+    (tmp_path / "recommender.json").write_text(json.dumps(old, indent=2))
+    loaded = resolve(tmp_path).load()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    again = save_recommender(tmp_path / "again", loaded, model_name="sasrec", num_items=12, domain="d",
+                             model_config=dataclasses.asdict(SASRecConfig()), extra={"epoch": 3, "val": {"ndcg@10": 0.5}})
+    assert (again / "recommender.json").read_text() == (tmp_path / "recommender.json").read_text()
