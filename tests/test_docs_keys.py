@@ -4,8 +4,9 @@ A backticked dotted name (`train.lr`, `reolm.model.max_tokens`, `optim.lr=1e-4`)
 is a top-level section of an entry point's config (pre-training, fine-tuning, embed, serve,
 reproduce) is read as a config key, and must name a field of that section (a renamed key is not
 one: the config refuses it). Not keys, and left alone: names whose last part is a file extension
-(`train.json`, `model.safetensors`) and Python paths inside the package (`reolm.eval.ranking`,
-`reolm.io.atomic_dir`), which must exist instead. A Python attribute that happens to start like a
+(`train.json`, `model.safetensors`) and Python names of the package (`reolm.eval.ranking`,
+`reolm.io.atomic_dir`, or `data.StreamTracker` for a class of a module `data.py`), which
+must exist instead. A Python attribute that happens to start like a
 section is written with its class (`ReoLM.tokenizer`, not `model.tokenizer`).
 """
 
@@ -73,22 +74,27 @@ def _top_level_names(module: Path) -> frozenset[str]:
     return frozenset(names)
 
 
-def is_python_path(path: list[str]) -> bool:
-    """``reolm.pkg.module[.attribute...]``: the modules exist and the first attribute is defined there."""
-    if path[0] != "reolm":
-        return False
-    where = REPO / "reolm"
-    for i, part in enumerate(path[1:], 1):
-        if (where / part / "__init__.py").is_file():
+def _names_in(where: Path, parts: list[str]) -> bool:
+    """``parts`` are submodules of the package or module ``where``, then at most one top-level name."""
+    for i, part in enumerate(parts):
+        if where.is_dir() and (where / part / "__init__.py").is_file():
             where = where / part
-        elif (where / f"{part}.py").is_file():
+        elif where.is_dir() and (where / f"{part}.py").is_file():
             where = where / f"{part}.py"
         else:
             module = where / "__init__.py" if where.is_dir() else where
-            return part in _top_level_names(module)
-        if i == len(path) - 1:
-            return True
-    return False
+            return i == len(parts) - 1 and part in _top_level_names(module)
+    return True
+
+
+def is_python_path(path: list[str]) -> bool:
+    """A Python name of the package: ``reolm.pkg.module[.name]``, or ``module.name`` for a module
+    of the package (`data.StreamTracker` in a page about ``reolm/train/``), where the modules
+    exist and the name is defined at the module's top level."""
+    if path[0] == "reolm":
+        return _names_in(REPO / "reolm", path[1:])
+    modules = [*(REPO / "reolm").rglob(f"{path[0]}.py"), *(REPO / "reolm").rglob(f"{path[0]}/__init__.py")]
+    return any(_names_in(m.parent if m.name == "__init__.py" else m, path[1:]) for m in modules)
 
 
 def config_like_names(text: str) -> list[tuple[int, str]]:
@@ -121,12 +127,14 @@ def test_the_check_tells_keys_files_and_python_apart():
     """The rule itself: it must have caught `loss.temperature` (the key is model.temperature)."""
     text = ("`loss.temperature` `model.temperature` `reolm.model.max_tokens=512` `train.json` `reolm.io.atomic_dir` "
             "`reolm.model.hf_checkpoint` `reolm.no_such_module` `index.kind=ivf index.ivf_nprobe=32` `cfg.reolm` "
-            "`model.tokenizer` `ckpt.max_items`")
+            "`model.tokenizer` `ckpt.max_items` `data.StreamTracker` `data.no_such_function` "
+            "`reolm.io.atomic_dir.deeper`")
     names = [name for _, name in config_like_names(text)]
     assert names == ["loss.temperature", "model.temperature", "reolm.model.max_tokens", "reolm.io.atomic_dir",
                      "reolm.model.hf_checkpoint", "reolm.no_such_module", "index.kind", "index.ivf_nprobe",
-                     "model.tokenizer", "ckpt.max_items"]
+                     "model.tokenizer", "ckpt.max_items", "data.StreamTracker", "data.no_such_function",
+                     "reolm.io.atomic_dir.deeper"]
     good = {name for name in names if is_config_key(name.split(".")) or is_python_path(name.split("."))}
     assert good == {"model.temperature", "reolm.model.max_tokens", "reolm.io.atomic_dir", "reolm.model.hf_checkpoint",
-                    "index.kind", "index.ivf_nprobe"}
+                    "index.kind", "index.ivf_nprobe", "data.StreamTracker"}
     assert not is_config_key(["model", "max_items"])  # renamed (to max_history_items): refused by the config
