@@ -240,7 +240,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[ReoLMRecommender, Inputs
     if args.domain:
         from reolm.data.domain import read_domain
         domain = read_domain(args.domain)
-        rec.bind_domain(domain)
+        rec.bind(domain)
         histories = [seq for _, seq in sorted(domain.train.items()) if len(seq) >= 2]
     else:
         tokens, images = synthetic_tables(2420, model.backbone_config.vocab_size, cfg.image_feature_dim)

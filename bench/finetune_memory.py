@@ -38,7 +38,7 @@ def build(backbone: str, domain_dir: str, negatives: int, device: str = "cpu", *
     domain = read_domain(domain_dir)
     torch.manual_seed(0)
     cfg = sized_for_domain(ModelConfig(top_routing="gate", **model), domain)
-    rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
+    rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind(domain)
     dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
     collate = PrefixCollate(rec.collator(rec.model.config.mlm_probability, seed=0), rec.num_items, negatives)
     return rec, dataset, collate

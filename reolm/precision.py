@@ -12,6 +12,9 @@
   models (too small for bf16 to pay for its casts) and on other CPUs (and where /proc/cpuinfo is
   absent, e.g. macOS), where bf16 may be emulated and slower than fp32.
 
+The device these settings resolve for is itself resolved once, by :func:`resolve_device` (``auto``:
+CUDA when there is one).
+
 Pre-training keeps its own ``optim.precision`` (it adds fp16 with loss scaling, through DeepSpeed);
 its ``auto`` on CPU asks :func:`cpu_has_fast_bf16` too.
 """
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "PRECISION_DOC", "CPU_BF16_MIN_HIDDEN", "cpu_has_fast_bf16", "cpu_bf16_flags",
-           "check_precision", "resolve_precision",
+           "check_precision", "resolve_device", "resolve_precision",
            "autocast", "inference_copy"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -69,6 +72,16 @@ def check_precision(requested: str) -> str:
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     return requested
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    return device
 
 
 def resolve_precision(requested: str, device: torch.device | str, fast_cpu_bf16: bool | None = None,

@@ -63,10 +63,10 @@ def build_assets(root: Path) -> dict:
     export = model_a.save_pretrained(root / "export")
     model_b = _noisy_model(backbone, seed=2, base=model_a, noise=0.05)
     run = root / "run"
-    rec_a = ReoLMRecommender(model_a, progress=False).bind_domain(domain)
+    rec_a = ReoLMRecommender(model_a, progress=False).bind(domain)
     save_reolm_folder(run / "stage1", rec_a, model_name="reolm", domain=domain, cfg=FinetuneConfig(),
                       extra={"stage": 1, "epoch": 1, "val": {}})
-    rec_b = ReoLMRecommender(model_b, progress=False).bind_domain(domain)
+    rec_b = ReoLMRecommender(model_b, progress=False).bind(domain)
     rec_b.item_table = rec_a.encode_all_items()  # the frozen table: stage-1 weights' item vectors
     save_reolm_folder(run / "best", rec_b, model_name="reolm", domain=domain, cfg=FinetuneConfig(),
                       extra={"stage": 2, "epoch": 2, "val": {}})

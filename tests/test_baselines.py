@@ -19,8 +19,8 @@ from reolm.config import load_config
 from reolm.data.domain import write_domain
 from reolm.eval.contract import validate_metrics
 from reolm.finetune.config import FinetuneConfig
-from reolm.finetune.registry import get_trainer
 from reolm.finetune.runner import run_finetune
+from reolm.saved import get_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 _ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}

@@ -144,17 +144,17 @@ def test_finetuning_refuses_image_features_of_another_vision_model(export_and_do
     section = ReoLMSection(init=str(paths["export"]))
     rec = ReoLMRecommender(model, section, progress=False)
     assert rec.vision == VisionIdentity("aaaaaaaaaaaa", "/models/vit", 8)
-    rec.bind_domain(read_domain(paths["vit"]))  # the same vision model: fine
+    rec.bind(read_domain(paths["vit"]))  # the same vision model: fine
     with pytest.raises(VisionMismatch, match=f"the Reo-LM at {paths['export']} was trained on image features of "
                                              r"vision model aaaaaaaaaaaa \(/models/vit\).*come from vision model "
                                              r"bbbbbbbbbbbb \(/models/clip\)"):
-        rec.bind_domain(read_domain(paths["clip"]))
+        rec.bind(read_domain(paths["clip"]))
 
     # An export from before identities were recorded still binds, with a warning naming it.
     old = ReoLMRecommender(ReoLM.from_pretrained(paths["old_export"]), ReoLMSection(init=str(paths["old_export"])),
                            progress=False)
     with caplog.at_level(logging.WARNING, logger="reolm.data.corpus"):
-        old.bind_domain(read_domain(paths["clip"]))
+        old.bind(read_domain(paths["clip"]))
     assert old.num_items == 12
     assert any("records no vision model" in r.getMessage() and str(paths["old_export"]) in r.getMessage()
                for r in caplog.records)

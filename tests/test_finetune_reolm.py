@@ -138,12 +138,12 @@ def test_evaluate_reproduces_run_test_metrics(run_dir, assets, tmp_path):
 def test_stage2_item_table_is_stage1_best_encoding(run_dir, assets):
     domain = read_domain(assets["domain"])
     table = load_file(str(run_dir / "best" / ITEM_VECTORS))["item_vectors"]
-    stage1 = load_reolm(run_dir / "stage1").bind_domain(domain)
+    stage1 = load_reolm(run_dir / "stage1").bind(domain)
     assert stage1.item_table is None  # stage 1 folders encode items live
     expected = stage1.encode_all_items()
     assert table.shape == (domain.num_items, stage1.model.backbone_config.hidden_size)
     torch.testing.assert_close(table, expected, rtol=1e-5, atol=1e-5)
-    best = load_reolm(run_dir / "best").bind_domain(domain)
+    best = load_reolm(run_dir / "best").bind(domain)
     if json.loads((run_dir / "metrics.json").read_text())["best_stage"] == 2:
         # Stage 2 moved the encoder but scores against the frozen table, not live item vectors.
         assert not torch.allclose(best.encode_all_items(), table, atol=1e-4)
@@ -191,7 +191,7 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     assert [data[i] for i in range(len(data))] == [([5], 6), ([5, 6], 7), ([6, 7], 8), ([2], 3)]
     model = ReoLM.from_backbone(assets["backbone"], ModelConfig(num_adapters=2, adapter_rank=8, max_tokens=128,
                                                                 image_feature_dim=8))
-    rec = ReoLMRecommender(model, progress=False).bind_domain(read_domain(assets["domain"]))
+    rec = ReoLMRecommender(model, progress=False).bind(read_domain(assets["domain"]))
     collator: PackedCollator = rec.collator(mlm_probability=0.15, seed=0)
     batch = PrefixCollate(collator, rec.num_items, negatives=20)([([1, 2], 3), ([4], 3), ([7, 8, 9], 11)])
     (micro,), (items,) = batch.micro, batch.pools
@@ -218,7 +218,7 @@ def _tiny_rec(assets) -> ReoLMRecommender:
     model = ReoLM.from_backbone(assets["backbone"], ModelConfig(
         num_adapters=2, adapter_rank=8, max_tokens=128, image_feature_dim=8, attention="sdpa", hidden_dropout=0.0,
         attention_dropout=0.0, top_routing="gate"))
-    return ReoLMRecommender(model.double(), progress=False).bind_domain(read_domain(assets["domain"]))
+    return ReoLMRecommender(model.double(), progress=False).bind(read_domain(assets["domain"]))
 
 
 EXAMPLES = [([1, 2], 3), ([4], 3), ([7, 8, 9], 11), ([5], 6), ([2, 3, 4], 9), ([10], 12)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 
@@ -264,21 +265,41 @@ def test_bf16_on_cpu_close_to_fp32_with_fp32_losses(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_backend_follows_the_autocast_dtype(tmp_path):
+def test_backend_follows_the_autocast_dtype(tmp_path, monkeypatch):
     """Fine-tuning keeps fp32 parameters under bf16 autocast: the backend must be chosen by the
     dtype attention runs in (autocast's), not by the parameters'."""
-    from reolm.model.attention import _flash_fn, _varlen_fn, compute_dtype
+    from reolm.model import encoder
 
-    assert compute_dtype("cpu", torch.float32) == torch.float32
     model = tiny_reolm(tmp_path, attention="auto")
+    assert model.embeddings.LayerNorm.weight.dtype == torch.float32
+    judged_by: list[torch.dtype] = []
+    resolve = encoder.resolve_backend
+
+    def spy(name, device, dtype=None, *args, **kwargs):
+        judged_by.append(dtype)
+        return resolve(name, device, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "resolve_backend", spy)
+    model(_batch())
+    assert set(judged_by) == {torch.float32}
+    judged_by.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert compute_dtype("cpu", torch.float32) == torch.bfloat16
         model(_batch())
-    assert list(model._backend_cache) == ["auto@cpu/torch.bfloat16"]  # judged by autocast's dtype
-    # On CUDA that dtype selects the fused kernels (resolution needs no GPU); fp32 alone would not.
-    fused = "flash" if _flash_fn() else "varlen" if _varlen_fn() else "sdpa"
-    assert resolve_backend("auto", "cuda", torch.bfloat16) == fused
-    assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    assert set(judged_by) == {torch.bfloat16}  # autocast's dtype, with the same fp32 parameters
+
+
+@pytest.mark.parametrize("flash,varlen,expected", [(True, True, "flash"), (False, True, "varlen"),
+                                                   (False, False, "sdpa")])
+def test_auto_picks_a_fused_kernel_only_for_half_precision_on_cuda(monkeypatch, flash, varlen, expected):
+    """Which kernels are installed is fixed here, so the expectation is written out, not derived."""
+    attn = importlib.import_module("reolm.model.attention")  # reolm.model.attention is also a function
+
+    monkeypatch.setattr(attn, "_flash_fn", lambda: (lambda *a, **k: None) if flash else None)
+    monkeypatch.setattr(attn, "_varlen_fn", lambda: ((lambda *a, **k: None), {}) if varlen else None)
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == expected
+    assert resolve_backend("auto", "cuda", torch.float16) == expected
+    assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"  # fp32 alone never gets a fused kernel
+    assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
     assert resolve_backend("varlen", "cuda", torch.bfloat16) == "varlen"
 
 
@@ -305,7 +326,7 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
         torch.manual_seed(0)
         cfg = ModelConfig(top_routing="gate", attention=backend, max_tokens=128, image_feature_dim=8,
                           num_adapters=2, adapter_rank=4, hidden_dropout=0.0, attention_dropout=0.0)
-        rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind_domain(domain)
+        rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind(domain)
         assert next(rec.model.parameters()).dtype == torch.float32
         dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
         batch = PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(

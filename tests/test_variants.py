@@ -126,7 +126,7 @@ def _bound(folder: Path, domain) -> "ReoLMRecommender":
     from reolm.finetune.reolm_recommender import load_reolm
     rec = load_reolm(folder)
     rec.progress = False
-    return rec.bind_domain(domain)
+    return rec.bind(domain)
 
 
 def test_id_part_is_zero_for_items_never_trained_and_they_score_from_content(id_run, assets):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ITEM_INIT_STD", "pad_right", "SequentialBaseline", "NextItemBaseline", "gather_last", "full_softmax_ce"]
+__all__ = ["ITEM_INIT_STD", "pad_right", "IDModel", "SequentialBaseline", "NextItemBaseline", "gather_last", "full_softmax_ce"]
 
 #: Std of the normal init of the item embedding rows (also the scale text-derived rows are given).
 ITEM_INIT_STD = 0.02
@@ -69,7 +69,15 @@ def full_softmax_ce(states: torch.Tensor, table: torch.Tensor, targets: torch.Te
     return total / states.shape[0]
 
 
-class SequentialBaseline(nn.Module):
+class IDModel(nn.Module):
+    """A model whose items are rows of its own tables (every baseline): it reads nothing from the
+    domain it scores, so :meth:`bind` (the Recommender interface) has nothing to do."""
+
+    def bind(self, domain: object) -> "IDModel":
+        return self
+
+
+class SequentialBaseline(IDModel):
     """Base class: subclasses define ``encode_histories``, ``training_loss`` and ``train_window``.
 
     Scores are dot products between user vectors and the (tied) item embedding rows.

@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-from torch import nn
+
+from reolm.baselines.base import IDModel
 
 __all__ = ["Popularity"]
 
 
-class Popularity(nn.Module):
+class Popularity(IDModel):
     similarity = "dot"
     temperature = 1.0
     default_max_history = 1  # the history is ignored

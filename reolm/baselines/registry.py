@@ -14,7 +14,7 @@ from reolm.baselines.gru4rec import GRU4Rec
 from reolm.baselines.popularity import Popularity
 from reolm.baselines.sasrec import SASRec
 from reolm.config import from_dict
-from reolm.eval.saved import load_weights, read_descriptor
+from reolm.saved.folder import load_weights, read_descriptor
 
 __all__ = ["BASELINES", "TEXT_INIT_SASREC", "build_baseline", "load_baseline"]
 
@@ -42,8 +42,9 @@ def build_baseline(name: str, num_items: int, section: Any = None) -> nn.Module:
     return make(num_items, section)
 
 
-def load_baseline(folder: str | Path) -> nn.Module:
-    """Rebuild a baseline from a saved folder (recommender.json + model.safetensors)."""
+def load_baseline(folder: str | Path, cfg: Any = None, domain: Any = None) -> nn.Module:
+    """Loader (:mod:`reolm.saved.kinds`) of every baseline: rebuilt from a saved folder
+    (recommender.json + model.safetensors), which holds every setting (``cfg`` and ``domain`` unused)."""
     desc = read_descriptor(folder)
     name = desc["model"]
     section_cls, _ = BASELINES[name]

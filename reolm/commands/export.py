@@ -66,9 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_backbone(args: argparse.Namespace) -> int:
     from reolm.config import load_config
-    from reolm.finetune.registry import BACKBONE_ORIGIN
     from reolm.finetune.reolm_recommender import fresh_plm
     from reolm.model import ModelConfig
+    from reolm.saved import BACKBONE_ORIGIN
 
     model = fresh_plm(args.backbone, load_config(ModelConfig, [], args.overrides))
     out = model.save_pretrained(args.out, extra_config={"origin": BACKBONE_ORIGIN, "origin_dir": args.backbone})

@@ -7,9 +7,9 @@ Only the last ``max_history`` items of the input are given to the model.  The ta
 ranked against **all** items of the domain; items already in the history are not
 filtered (the reference's protocol).
 
-A model plugs in by implementing :class:`Recommender`: item vectors [N, H] for the whole
-catalogue, user vectors [B, H] for a batch of histories, and how the two are compared
-(dot product, or cosine divided by a temperature).  Reo-LM and every baseline are
+A model plugs in by implementing :class:`Recommender`: binding to the domain it scores, item
+vectors [N, H] for the whole catalogue, user vectors [B, H] for a batch of histories, and how the
+two are compared (dot product, or cosine divided by a temperature).  Reo-LM and every baseline are
 evaluated by this same code.
 """
 
@@ -41,6 +41,10 @@ class Recommender(Protocol):
     temperature: float
     #: number of most recent history items the model sees when none is configured
     default_max_history: int
+
+    def bind(self, domain: Domain) -> "Recommender":
+        """Items are now ``domain``'s (returns self): a content model reads their text and images
+        from it; an ID model, whose items are rows of its own tables, does nothing."""
 
     def item_vectors(self) -> torch.Tensor:
         """[num_items, H] vectors of every item of the domain, row = item index."""

@@ -15,10 +15,11 @@ from reolm.config import save_resolved
 from reolm.data.domain import Domain
 from reolm.eval.evaluate import EvalResult
 from reolm.eval.frequency import item_train_counts
-from reolm.eval.saved import save_recommender
 from reolm.finetune.config import FinetuneConfig
-from reolm.finetune.runner import RunLog, evaluate_split, finish_run, resolve_device, train_with_early_stopping
+from reolm.finetune.runner import RunLog, evaluate_split, finish_run, train_with_early_stopping
 from reolm.optim import adamw, lr_schedule
+from reolm.precision import resolve_device
+from reolm.saved import save_recommender
 from reolm.seeding import seed_everything
 
 __all__ = ["train_baseline"]

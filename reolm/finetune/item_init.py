@@ -1,7 +1,7 @@
 """Text-derived initial item rows for an ID model (``sasrec.item_init``, ``--item-init``).
 
 The item vectors of the domain come from a content model, loaded the way evaluation loads it
-(:func:`reolm.finetune.registry.resolve_saved_model`, :func:`reolm.finetune.runner.load_saved`):
+(:func:`reolm.saved.resolve`):
 a Reo-LM fine-tuning run (the vectors it scores with: its frozen item table, plus its ID rows when
 transductive), a pre-trained
 export (zero-shot) or a plain HF checkpoint (zero-shot PLM).  They are mapped to the ID model's
@@ -38,22 +38,20 @@ log = logging.getLogger(__name__)
 def content_item_vectors(source: str | Path, domain: Domain, cfg: FinetuneConfig) -> torch.Tensor:
     """[num_items, D] float32 item vectors of ``domain`` from the content model at ``source``
     (a Reo-LM run or export, or a plain HF checkpoint), on the CPU."""
-    from reolm.finetune.registry import resolve_saved_model
-    from reolm.finetune.runner import load_saved, resolve_device
+    from reolm.precision import resolve_device
+    from reolm.saved import resolve
 
-    folder, desc = resolve_saved_model(source)
-    if "num_items" in desc and int(desc["num_items"]) != domain.num_items:
-        raise ValueError(f"item_init {source}: trained on {desc['num_items']} items but domain "
-                         f"{domain.name!r} has {domain.num_items}: wrong domain?")
-    model = load_saved(folder, desc, cfg, domain)
-    if not callable(getattr(model, "bind_domain", None)):
-        raise ValueError(f"item_init {source}: a {desc['model']!r} model has no item content to start from; "
+    saved = resolve(source)
+    saved.check_domain(domain, f"item_init {source}")
+    if not saved.kind.content:
+        raise ValueError(f"item_init {source}: a {saved.name!r} model has no item content to start from; "
                          f"give a Reo-LM run or export, or a plain HF checkpoint")
+    model = saved.load(cfg, domain)
     model.progress = cfg.train.progress
     model.to(resolve_device(cfg.train.device)).set_precision(cfg.train.precision).eval()
-    model.bind_domain(domain)
+    model.bind(domain)
     vectors = model.item_vectors()  # a run's frozen table, else every item encoded
-    log.info("item_init: %d item vectors of width %d from %s (%s)", *vectors.shape, folder, desc["model"])
+    log.info("item_init: %d item vectors of width %d from %s (%s)", *vectors.shape, saved.folder, saved.name)
     return vectors.detach().float().cpu()
 
 

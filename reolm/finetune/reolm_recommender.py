@@ -1,7 +1,7 @@
 """Reo-LM as a :class:`~reolm.eval.evaluate.Recommender`, its item tables, and its saved folder.
 
 The recommender wraps a :class:`~reolm.model.ReoLM` and reads item content (token table,
-image features) from the domain it is bound to (:meth:`ReoLMRecommender.bind_domain`):
+image features) from the domain it is bound to (:meth:`ReoLMRecommender.bind`):
 
 * ``item_vectors()`` — every item of the domain encoded as ``[CLS] item`` (chunked, no
   gradient), or the **frozen item table** once stage 2 of fine-tuning has set one; plus, for the
@@ -40,7 +40,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -51,15 +50,16 @@ from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
-from reolm.eval.saved import DESCRIPTOR, read_descriptor
 from reolm.finetune.reolm_config import ReoLMSection
 from reolm.io import atomic_dir, write_json
 from reolm.model import ModelConfig, ReoLM
 from reolm import precision as numerics
+from reolm.saved.folder import (BACKBONE_ORIGIN, DESCRIPTOR, check_item_rows, descriptor, is_reolm_export,
+                                load_item_rows, read_descriptor, save_item_rows)
 
 __all__ = ["ReoLMRecommender", "domain_token_table", "domain_image_table", "trained_vision",
            "save_reolm_folder", "load_reolm", "load_plm", "fresh_plm", "sized_for_domain", "ITEM_VECTORS",
-           "ITEM_ID_EMBEDDING", "ID_SUFFIX", "check_item_rows"]
+           "ITEM_ID_EMBEDDING", "ID_SUFFIX"]
 
 log = logging.getLogger(__name__)
 ITEM_VECTORS = "item_vectors.safetensors"
@@ -87,8 +87,6 @@ def trained_vision(folder: str | os.PathLike | None) -> VisionIdentity | None:
     None when there is nothing to check: no export (a fresh backbone), or an export of a plain
     checkpoint (`reolm export backbone`: its image MLP never saw features).
     """
-    from reolm.finetune.registry import BACKBONE_ORIGIN
-
     path = Path(folder) / "config.json" if folder else None
     if path is None or not path.is_file():
         return None
@@ -119,26 +117,16 @@ def fresh_plm(hf_dir: str | os.PathLike, model_cfg: ModelConfig) -> ReoLM:
         return ReoLM.from_backbone(hf_dir, dataclasses.replace(model_cfg, top_routing="mean"))
 
 
-def load_plm(folder: str | os.PathLike, section: ReoLMSection | None = None,
-             domain: Domain | None = None) -> ReoLMRecommender:
-    """Loader of ``plm-zeroshot``: a plain HF checkpoint (model settings from ``section.model``, the
-    image MLP sized to ``domain``) or the export ``reolm export backbone`` wrote of one."""
-    from reolm.finetune.registry import is_reolm_export
-
-    section = section or ReoLMSection()
+def load_plm(folder: str | os.PathLike, cfg: Any = None, domain: Domain | None = None) -> ReoLMRecommender:
+    """Loader of ``plm-zeroshot``: a plain HF checkpoint (model settings from ``cfg.reolm.model``, a
+    :class:`~reolm.finetune.config.FinetuneConfig`, defaults when None; the image MLP sized to
+    ``domain``) or the export ``reolm export backbone`` wrote of one."""
+    section = cfg.reolm if cfg is not None else ReoLMSection()
     if is_reolm_export(folder):
         model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
     else:
         model = fresh_plm(folder, sized_for_domain(section.model, domain))
     return ReoLMRecommender(model, section)
-
-
-def check_item_rows(rows: Mapping[str, torch.Tensor | None], domain: Domain, where: str) -> None:
-    """Refuse per-item tensors (item table, ID rows) whose row count is not the domain's item count."""
-    for name, tensor in rows.items():
-        if tensor is not None and tensor.shape[0] != domain.num_items:
-            raise ValueError(f"{where} {name} has {tensor.shape[0]} rows but domain {domain.name!r} has "
-                             f"{domain.num_items} items: wrong domain?")
 
 
 # ----------------------------------------------------------------------------- recommender
@@ -171,7 +159,7 @@ class ReoLMRecommender(nn.Module):
         self.vision: VisionIdentity | None = trained_vision(self.section.init)
 
     # -- binding to a domain ----------------------------------------------------------------
-    def bind_domain(self, domain: Domain) -> "ReoLMRecommender":
+    def bind(self, domain: Domain) -> "ReoLMRecommender":
         """Read (or build) the domain's token table and image features; items are rows of them."""
         cfg = self.model.config
         images = domain_image_table(domain, cfg)
@@ -191,7 +179,7 @@ class ReoLMRecommender(nn.Module):
 
     def collator(self, mlm_probability: float, seed: int | None = None) -> PackedCollator:
         if self.tokens is None:
-            raise RuntimeError("bind_domain(domain) first: the recommender reads item content from it")
+            raise RuntimeError("bind(domain) first: the recommender reads item content from it")
         return PackedCollator.from_config(self.tokens, self.images, self.model.tokenizer, self.model.config,
                                           mlm_probability=mlm_probability, seed=seed)
 
@@ -336,42 +324,13 @@ def save_reolm_folder(folder: str | os.PathLike, rec: ReoLMRecommender, *, model
     folder = Path(folder)
     with atomic_dir(folder) as partial:
         rec.model.save_pretrained(partial, extra_config=vision_record(_vision_after_training(rec, domain)))
-        files = {key: _save_rows(partial / name, key, rows)
+        files = {key: save_item_rows(partial / name, key, rows)
                  for key, name, rows in (("item_vectors", ITEM_VECTORS, rec.item_table),
                                          ("item_id_embedding", ITEM_ID_EMBEDDING, rec.item_ids))}
         save_resolved(cfg, partial)
-        write_json(partial / DESCRIPTOR, {
-            "format_version": 1, "model": model_name, "num_items": int(domain.num_items), "domain": domain.name,
-            "model_config": to_dict(rec.section), **files, **dict(extra or {})})
+        write_json(partial / DESCRIPTOR, descriptor(model_name, domain.num_items, domain.name, to_dict(rec.section),
+                                                    {**files, **dict(extra or {})}))
     return folder
-
-
-def _save_rows(path: Path, key: str, rows: torch.Tensor | None) -> str | None:
-    """Save ``rows`` as tensor ``key`` of ``path``; returns the file name for the descriptor (None: nothing)."""
-    if rows is None:
-        return None
-    save_file({key: rows.detach().float().contiguous().cpu()}, str(path))
-    return path.name
-
-
-def _load_rows(folder: Path, desc: Mapping[str, Any], key: str, rows: int, width: int) -> torch.Tensor | None:
-    """Tensor ``key`` [rows, width] of the file the descriptor names under ``key`` (None when it names none)."""
-    if not desc.get(key):
-        return None
-    name = str(desc[key])
-    if Path(name).name != name:  # a plain file name: a descriptor must not point outside its folder
-        raise ValueError(f"{folder / DESCRIPTOR}: {key!r} must name a file in the folder, got {name!r}")
-    path = folder / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (named by {folder / DESCRIPTOR} {key!r})")
-    tensors = load_file(str(path))
-    if key not in tensors:
-        raise ValueError(f"{path}: no tensor {key!r} (has {sorted(tensors)})")
-    tensor = tensors[key]
-    if tuple(tensor.shape) != (rows, width) or not tensor.is_floating_point():
-        raise ValueError(f"{path}: {key!r} is {tensor.dtype} {tuple(tensor.shape)}, expected floating "
-                         f"({rows}, {width}): num_items {rows} of {folder / DESCRIPTOR}, hidden size {width}")
-    return tensor.float()
 
 
 def _vision_after_training(rec: ReoLMRecommender, domain: Domain) -> VisionIdentity | None:
@@ -387,9 +346,10 @@ def _with_vision_of(rec: ReoLMRecommender, folder: Path) -> ReoLMRecommender:
     return rec
 
 
-def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
-    """Loader of the registry for ``reolm``, ``reolm-nopretrain`` (saved runs) and
-    ``reolm-zeroshot`` (a bare pre-trained export); bind it to a domain before use."""
+def load_reolm(folder: str | os.PathLike, cfg: Any = None, domain: Domain | None = None) -> ReoLMRecommender:
+    """Loader (:mod:`reolm.saved.kinds`) of ``reolm``, ``reolm-nopretrain``, their ``-id`` variants
+    (saved runs) and ``reolm-zeroshot`` (a bare pre-trained export); bind it to a domain before use.
+    ``cfg`` and ``domain`` are not needed: the folder holds every setting."""
     folder = Path(folder)
     if not (folder / DESCRIPTOR).is_file():  # a pre-trained export: zero-shot
         # Its gate was never trained (pre-training routes by domain) and the new domain has no
@@ -400,8 +360,8 @@ def load_reolm(folder: str | os.PathLike) -> ReoLMRecommender:
     model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
     rec = _with_vision_of(ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {})), folder)
     rows, width = int(desc["num_items"]), int(model.backbone_config.hidden_size)
-    rec.item_table = _load_rows(folder, desc, "item_vectors", rows, width)
-    item_ids = _load_rows(folder, desc, "item_id_embedding", rows, width)
+    rec.item_table = load_item_rows(folder, desc, "item_vectors", rows, width)
+    item_ids = load_item_rows(folder, desc, "item_id_embedding", rows, width)
     if rec.section.item_id_embedding and item_ids is None:
         raise ValueError(f"{folder / DESCRIPTOR}: model_config.item_id_embedding is true but 'item_id_embedding' "
                          f"names no {ITEM_ID_EMBEDDING}")

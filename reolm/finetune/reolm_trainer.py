@@ -40,16 +40,16 @@ from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.domain import Domain
 from reolm.eval.evaluate import EvalResult
 from reolm.eval.frequency import item_train_counts
-from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_config import ReoLMSection, ReoLMStageSection
 from reolm.finetune.reolm_recommender import ID_SUFFIX, ReoLMRecommender, save_reolm_folder, sized_for_domain
-from reolm.finetune.registry import BACKBONE_ORIGIN, export_origin
-from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, resolve_device,
+from reolm.finetune.runner import (BestState, RunLog, evaluate_split, finish_run, state_on_cpu,
                                    train_with_early_stopping)
 from reolm.model import ReoLM
 from reolm.model.objectives import info_nce
 from reolm.optim import adamw, lr_schedule, optim_settings
+from reolm.precision import resolve_device
+from reolm.saved import BACKBONE_ORIGIN, export_origin
 from reolm.seeding import seed_everything
 
 __all__ = ["train_reolm", "build_finetune_model", "with_weights_source", "PrefixDataset", "PrefixCollate",
@@ -406,7 +406,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
     model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
     rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device).set_precision(cfg.train.precision)
-    rec.bind_domain(domain)
+    rec.bind(domain)
     seen = item_train_counts(domain) > 0
     if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax
         rec.train_items = torch.nonzero(seen).squeeze(1).to(device)

@@ -1,7 +1,7 @@
 """The training runner shared by every model kind.
 
 ``run_finetune`` reads the domain, writes the resolved config and hands over to the
-trainer registered for ``cfg.model`` (:mod:`reolm.finetune.registry`).  Trainers use the
+trainer registered for ``cfg.model`` (:mod:`reolm.saved.kinds`).  Trainers use the
 pieces below so that every model has the same run directory::
 
     RUN_DIR/config.yaml    resolved FinetuneConfig
@@ -33,22 +33,17 @@ from reolm.data.domain import Domain, read_domain
 from reolm.data.splits import domain_provenance
 from reolm.eval.contract import metrics_document, write_metrics
 from reolm.eval.evaluate import EvalResult, Recommender, evaluate_recommender
-from reolm.eval.saved import state_on_cpu
 from reolm.finetune.config import EvalSection, FinetuneConfig, TrainSection
-from reolm.finetune.registry import get_trainer
+from reolm.precision import resolve_device
+from reolm.saved import get_trainer
 
 __all__ = ["run_finetune", "RunLog", "BestState", "train_with_early_stopping", "evaluate_split",
-           "finish_run", "resolve_device", "evaluate_saved", "load_saved"]
+           "finish_run", "state_on_cpu", "evaluate_saved"]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
-    return device
+def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the state dict (to restore the best weights later)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 class RunLog:
@@ -214,18 +209,6 @@ def run_finetune(cfg: FinetuneConfig, domain_dir: str | Path, run_dir: str | Pat
     return trainer(cfg, domain, run_dir, init=init, backbone=backbone)
 
 
-def load_saved(folder: Path, desc: dict[str, Any], cfg: FinetuneConfig, domain: Domain) -> Recommender:
-    """The model saved at ``folder`` (as resolved by ``resolve_saved_model``, with its descriptor
-    ``desc``); a plain HF checkpoint is built, not loaded: its settings come from ``cfg.reolm`` and
-    its image MLP is sized to ``domain``."""
-    from reolm.finetune.registry import PLM_ZEROSHOT, get_loader
-
-    if desc["model"] == PLM_ZEROSHOT:
-        from reolm.finetune.reolm_recommender import load_plm
-        return load_plm(folder, cfg.reolm, domain)
-    return get_loader(desc["model"])(folder)
-
-
 def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = "test",
                    overrides: Iterable[str] = (), device: str = "auto", progress: bool = True,
                    precision: str = "auto") -> dict[str, Any]:
@@ -238,34 +221,25 @@ def evaluate_saved(model_path: str | Path, domain_dir: str | Path, split: str = 
     Reo-LM and the zero-shot PLM; the document records the one used.
     """
     from reolm.config import apply_overrides, load_saved_config
-    from reolm.eval.saved import DESCRIPTOR
-    from reolm.finetune.registry import resolve_saved_model
+    from reolm.saved import DESCRIPTOR, resolve
 
-    folder, desc = resolve_saved_model(model_path)  # a run dir, its best/, an export or an HF checkpoint
-    saved_cfg = folder / "config.yaml"
-    if saved_cfg.is_file() and (folder / DESCRIPTOR).is_file():
+    saved = resolve(model_path)  # a run dir, its best/, an export or an HF checkpoint
+    saved_cfg = saved.folder / "config.yaml"
+    if saved_cfg.is_file() and (saved.folder / DESCRIPTOR).is_file():
         cfg = load_saved_config(FinetuneConfig, saved_cfg, overrides)  # a run of an older version, too
     else:
         cfg = apply_overrides(FinetuneConfig(), overrides)
     domain = read_domain(domain_dir)
-    model = load_saved(folder, desc, cfg, domain)
-    if hasattr(model, "progress"):
-        model.progress = progress  # item encoding's progress bar (Reo-LM)
-    if isinstance(model, nn.Module):
-        model.to(resolve_device(device))
-    set_precision = getattr(model, "set_precision", None)
+    model = saved.load(cfg, domain).to(resolve_device(device))
     numerics = {}
-    if callable(set_precision):  # the text models; the ID baselines always score in fp32
-        numerics = {"precision": set_precision(precision).precision}
-    if "num_items" in desc and int(desc["num_items"]) != domain.num_items:
-        raise ValueError(f"{folder} was trained on {desc['num_items']} items but {domain_dir} has "
-                         f"{domain.num_items}: wrong domain?")
-    bind = getattr(model, "bind_domain", None)
-    if callable(bind):
-        bind(domain)  # content-based models (Reo-LM) encode the evaluated domain's item text and images
+    if saved.kind.content:  # the text models; the ID baselines always score in fp32
+        model.progress = progress  # item encoding's progress bar
+        numerics = {"precision": model.set_precision(precision).precision}
+    saved.check_domain(domain, str(saved.folder))
+    model.bind(domain)  # a content model encodes the evaluated domain's item text and images
     result = evaluate_split(model, domain, split, cfg.eval, progress=progress)
-    return metrics_document(model=desc["model"], domain=domain.name, split=split, num_users=result.num_users,
+    return metrics_document(model=saved.name, domain=domain.name, split=split, num_users=result.num_users,
                             num_items=result.num_items, metrics=result.metrics,
-                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(folder),
+                            metrics_pessimistic=result.metrics_pessimistic, model_dir=str(saved.folder),
                             by_item_frequency=result.by_item_frequency, **numerics, **domain_provenance(domain),
                             **result.extra)

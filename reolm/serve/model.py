@@ -1,6 +1,6 @@
 """A trained Reo-LM as the two towers a service needs: an item encoder and a history encoder.
 
-``RUN_OR_EXPORT`` is what evaluation loads (:func:`reolm.finetune.registry.resolve_saved_model`):
+``RUN_OR_EXPORT`` is what evaluation loads (:func:`reolm.saved.resolve`), of a servable kind:
 
 * a **pre-trained export** (``ReoLM.save_pretrained``): one model, top adapters averaged (the
   zero-shot routing of ``reolm-zeroshot``), encodes both items and histories;
@@ -32,15 +32,14 @@ import torch
 
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable, tokenize_items_batched, tokenizer_key
-from reolm.finetune.registry import resolve_saved_model
-from reolm.finetune.reolm_recommender import ReoLMRecommender, check_item_rows, load_reolm
-from reolm.finetune.runner import resolve_device
 from reolm.io import sha256_file
+from reolm.precision import resolve_device
+from reolm.saved import KINDS, check_item_rows, resolve
 
 __all__ = ["ServingModel", "REOLM_KINDS", "weights_digest"]
 
 log = logging.getLogger(__name__)
-REOLM_KINDS = ("reolm", "reolm-nopretrain", "reolm-id", "reolm-nopretrain-id", "reolm-zeroshot")
+REOLM_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "reolm")
 
 
 def weights_digest(folder: Path) -> str:
@@ -50,7 +49,7 @@ def weights_digest(folder: Path) -> str:
 
 @dataclass
 class _Tower:
-    rec: ReoLMRecommender
+    rec: Any  # a ReoLMRecommender (reolm.finetune.reolm_recommender), as its kind's loader returns it
     folder: Path
     digest: str
 
@@ -62,8 +61,9 @@ class ServingModel:
                  precision: str = "auto"):
         self.path = Path(path).resolve()
         self.requested_precision = precision
-        folder, desc = resolve_saved_model(self.path)
-        self.kind = desc["model"]
+        saved = resolve(self.path)
+        folder, desc = saved.folder, saved.descriptor
+        self.kind = saved.name
         if self.kind not in REOLM_KINDS:
             raise ValueError(f"{path}: a {self.kind!r} model cannot be served: the service encodes new items "
                              f"from their text and image, which only Reo-LM does (kinds: {', '.join(REOLM_KINDS)})")
@@ -93,7 +93,7 @@ class ServingModel:
             raise ValueError(f"{user.folder} and {item.folder} carry different tokenizers")
 
     def _load(self, folder: Path) -> _Tower:
-        rec = load_reolm(folder)
+        rec = resolve(folder).load()
         rec.progress = False
         rec = rec.to(self.device).eval().set_precision(self.requested_precision)
         if rec.precision == "bf16" and self.device.type == "cpu":
@@ -159,7 +159,7 @@ class ServingModel:
     # ------------------------------------------------------------------ catalogue
     def bind_domain(self, domain: Domain) -> tuple[ItemTokenTable, ImageFeatureTable]:
         """The domain's token and image tables, read (or built) the way fine-tuning reads them."""
-        self.item.rec.bind_domain(domain)
+        self.item.rec.bind(domain)
         return self.item.rec.tokens, self.item.rec.images
 
     @torch.no_grad()
