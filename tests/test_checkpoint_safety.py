@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
-                                    merge_stream_states, plan_resume, resolve_resume, rng_state, run_layout,
-                                    set_rng_state, step_tag, write_manifest)
+from reolm.train.checkpoint import CheckpointManager
+from reolm.train.checkpoint_files import (CheckpointError, ResumePlan, complete_checkpoints, plan_resume,
+                                          resolve_resume, run_layout, step_tag, write_manifest)
+from reolm.train.data import Readers, StreamPosition, StreamTracker, merge_stream_states
 from reolm.train.safe_load import UnsafeCheckpointError, weights_only_loads
+from reolm.train.state import ProcessRNG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,14 +55,28 @@ def _plant(path: Path, marker: Path) -> None:
 def saved(tmp_path, world_of_one):
     """A real ZeRO-2 checkpoint of a tiny Reo-LM with our trainer state (what export needs)."""
     from reolm.config import to_dict
-    from tiny_models import tiny_zero2_engine
+    from tiny_models import Held, tiny_zero2_engine
 
     engine, model = tiny_zero2_engine(tmp_path / "backbone")
     shared = {"step": 3, "backbone": model.backbone_config.to_dict(), "model": to_dict(model.config),
               "layout": run_layout(1, 2, False, 1, False, True)}
     ckpt = CheckpointManager(tmp_path / "ckpt")
-    path = ckpt.save(engine, 3, shared, {"data": {"num_workers": 1, "streams": {"0": {"draw": 2, "offset": 5}}}})
-    return engine, ckpt, path
+    ckpt.register(shared={"trainer": Held(shared)},
+                  per_rank={"rng": ProcessRNG(), "data": StreamTracker(_READERS, {0: StreamPosition(2, 5)})})
+    path = ckpt.save(engine, 3)
+    return engine, _fresh_manager(path)[0], path
+
+
+_READERS = Readers(rank=0, world_size=1, workers=1, replicate=False)
+
+
+def _fresh_manager(path: Path) -> tuple[CheckpointManager, StreamTracker]:
+    """A manager of ``path``'s folder with fresh states registered (what a resumed run starts from)."""
+    from tiny_models import Held
+    streams = StreamTracker(_READERS)
+    ckpt = CheckpointManager(path.parent)
+    ckpt.register(shared={"trainer": Held()}, per_rank={"rng": ProcessRNG(), "data": streams})
+    return ckpt, streams
 
 
 def test_a_payload_in_every_checkpoint_file_never_runs(saved, tmp_path):
@@ -98,22 +114,25 @@ def test_a_pickle_in_our_rank_arrays_is_refused(saved, tmp_path):
 
 
 def test_clean_checkpoint_restores_rng_and_stream_positions(saved):
-    engine, ckpt, path = saved
+    engine, _, path = saved
     saved_rng = json.loads((path / "rank-00000.json").read_text())["rng"]
     torch.manual_seed(123)
-    _, restored = ckpt.load(engine, ResumePlan(path, universal=False, same_layout=True))
-    assert restored["streams"] == {0: {"draw": 2, "offset": 5}}
+    ckpt, streams = _fresh_manager(path)
+    ckpt.load(engine, ResumePlan(path, universal=False, same_layout=True))
+    assert streams.positions == {0: StreamPosition(2, 5)}
     assert saved_rng["numpy"]["pos"] == np.random.get_state()[2]
 
 
 def test_rng_state_round_trips_as_plain_arrays():
     import random
-    meta, arrays = rng_state()
-    json.dumps(meta)  # the scalars are JSON
-    assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
+    state = ProcessRNG().state_dict()
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    json.dumps({k: v for k, v in state.items() if k not in arrays})  # the scalars are JSON
+    assert set(arrays) >= {"python_mt", "numpy_keys", "torch"}  # the names rank-R.npz has always used
+    assert all(a.dtype != object for a in arrays.values())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    set_rng_state(meta, arrays)
+    ProcessRNG().load_state_dict(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
