@@ -155,7 +155,7 @@ def test_finetuning_refuses_image_features_of_another_vision_model(export_and_do
     # An export from before identities were recorded still binds, with a warning naming it.
     old = ReoLMRecommender(ReoLM.from_pretrained(paths["old_export"]), ReoLMSection(init=str(paths["old_export"])),
                            progress=False)
-    with caplog.at_level(logging.WARNING, logger="reolm.data.tables"):
+    with caplog.at_level(logging.WARNING, logger="reolm.data.corpus"):
         old.bind_domain(read_domain(paths["clip"]))
     assert old.num_items == 12
     assert any("records no vision model" in r.getMessage() and str(paths["old_export"]) in r.getMessage()
