@@ -258,7 +258,7 @@ class SeededCollate:
     batch (``data.replicate_stream``) and makes resumed runs mask the same way.
     """
 
-    def __init__(self, collator: Any) -> None:
+    def __init__(self, collator: PackedCollator) -> None:
         self.collator = collator
 
     def __call__(self, examples: list[SequenceExample], batch_seed: int) -> TrainingBatch:

@@ -122,11 +122,11 @@ def resolve_tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None = 
         key, folder = _vision_key(data.vision) if data.vision else (None, None)
         return corpus.item_tables(tokenizer, model.max_attr_tokens, model.image_feature_dim, vision_key=key,
                                   vision_dir=folder, token_dir=data.token_table, image_dir=data.image_table)
+    if not data.token_table:
+        raise ConfigError("data.token_table or data.corpus must be set")
     if data.vision:
         raise ConfigError("data.vision picks one of a corpus' image tables, but data.corpus is not set; "
                           "name the table folder with data.image_table instead")
-    if not data.token_table:
-        raise ConfigError("data.token_table or data.corpus must be set")
     images = ImageFeatureTable.load(data.image_table) if data.image_table else None
     return ItemTables.checked(ItemTokenTable.load(data.token_table), images, model.image_feature_dim,
                               data.image_table or None)
