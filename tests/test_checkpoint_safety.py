@@ -8,6 +8,7 @@
 * The newest checkpoint with a missing rank file is reported by name and the previous one used;
   none complete is an error, never a fresh start.
 * Resume plans: what cannot work is refused with a message naming the fix.
+* Rank files keep the format earlier versions wrote; data streams re-split by global stream id.
 * metrics.jsonl rows past the resumed step are moved aside.
 """
 
@@ -24,7 +25,8 @@ import torch
 
 from reolm.train.checkpoint import CheckpointManager
 from reolm.train.checkpoint_files import (CheckpointError, ResumePlan, complete_checkpoints, plan_resume,
-                                          resolve_resume, run_layout, step_tag, write_manifest)
+                                          read_rank_states, resolve_resume, run_layout, step_tag, write_manifest,
+                                          write_rank_states)
 from reolm.train.data import Readers, StreamPosition, StreamTracker, merge_stream_states
 from reolm.train.safe_load import UnsafeCheckpointError, weights_only_loads
 from reolm.train.state import ProcessRNG
@@ -238,6 +240,49 @@ def test_stream_states_merge_by_global_id_keeping_the_furthest_position():
         {"streams": {"1": {"draw": 0, "offset": 4}, "2": {"draw": 2, "offset": 0}}, "bad": {"tar": 1, "short": 1}}])
     assert positions == {0: {"draw": 3, "offset": 1}, 1: {"draw": 0, "offset": 4}, 2: {"draw": 2, "offset": 0}}
     assert bad == {"tar": 3, "short": 1}
+
+
+def test_rank_files_keep_the_format_earlier_versions_wrote(tmp_path):
+    """rank-R.json holds each per-rank state under its name, rank-R.npz the RNG's arrays by their own
+    names: a pair written by hand the way the writer before the Stateful protocol did reads back,
+    and the writer now produces the same pair."""
+    rng = ProcessRNG().state_dict()
+    arrays = {k: v for k, v in rng.items() if isinstance(v, np.ndarray)}
+    meta = {k: v for k, v in rng.items() if k not in arrays}
+    data = {"num_workers": 1, "streams": {"0": {"draw": 2, "offset": 5}}, "bad": {"tar": 1}}
+    old = tmp_path / "old"
+    old.mkdir()
+    np.savez(old / "rank-00000.npz", **arrays)
+    (old / "rank-00000.json").write_text(json.dumps({"rank": 0, "world_size": 1, "rng": meta, "data": data}))
+    back = read_rank_states(old, 0)
+    assert back["data"] == data and set(back["rng"]) == set(rng)
+    assert all(np.array_equal(back["rng"][k], v) for k, v in arrays.items())
+
+    new = tmp_path / "new"
+    new.mkdir()
+    write_rank_states(new, 0, 1, {"rng": rng, "data": data})
+    assert json.loads((new / "rank-00000.json").read_text()) == json.loads((old / "rank-00000.json").read_text())
+    with np.load(new / "rank-00000.npz") as written:
+        assert sorted(written.files) == sorted(arrays)
+    with pytest.raises(CheckpointError, match="per-rank state 'data' holds arrays"):
+        write_rank_states(new, 0, 1, {"data": {"x": np.zeros(2)}})
+
+
+def test_streams_reshard_by_global_id_and_rank_zero_keeps_the_dormant_ones():
+    """2 ranks -> 1 rank -> 2 ranks (one worker each): the stream of the vanished rank stays dormant
+    on rank 0 and continues on rank 1 when the run grows again; bad-sample totals are counted once."""
+    saved = [{"num_workers": 1, "streams": {"0": {"draw": 3, "offset": 1}}, "bad": {"tar": 2}},
+             {"num_workers": 1, "streams": {"1": {"draw": 5, "offset": 4}}, "bad": {"tar": 1}}]
+    alone = StreamTracker(Readers(rank=0, world_size=1, workers=1, replicate=False))
+    alone.load_state_dict(alone.reshard(saved))
+    assert alone.positions == {0: StreamPosition(3, 1)} and alone.bad_counts() == {"tar": 3}
+    assert alone.state_dict()["streams"] == {"0": {"draw": 3, "offset": 1}, "1": {"draw": 5, "offset": 4}}
+
+    grown = [StreamTracker(Readers(rank=r, world_size=2, workers=1, replicate=False)) for r in range(2)]
+    for tracker in grown:
+        tracker.load_state_dict(tracker.reshard([alone.state_dict()]))
+    assert [t.positions for t in grown] == [{0: StreamPosition(3, 1)}, {0: StreamPosition(5, 4)}]  # by worker
+    assert [t.bad_counts() for t in grown] == [{"tar": 3}, {}] and [t.dormant for t in grown] == [{}, {}]
 
 
 def test_metrics_rows_after_the_resumed_step_are_moved_aside(tmp_path):
