@@ -18,7 +18,7 @@ import pytest
 from reolm.cli import main
 from reolm.data.domain import DomainError, read_domain, write_domain
 from reolm.data.shards import ShardOptions, write_corpus
-from reolm.train.data import BadSampleCounter, DataError, ShardStream, corpus_shards, read_examples
+from reolm.train.data import BadSampleCounter, DataError, ShardStream, open_corpus, read_examples
 
 from conftest import make_domain
 
@@ -160,7 +160,7 @@ def test_bad_manifest_is_refused_by_verify_and_training(case, clean, tmp_path, c
     _fails(["verify", str(corpus), "--quiet"], capsys, f"{corpus / 'manifest.json'}: {expected}")
     # the training stream reads the same manifest through the same checks
     with pytest.raises(DataError, match=r"data\.corpus: .*manifest\.json: key "):
-        corpus_shards(corpus, "train")
+        open_corpus(corpus)
 
 
 def test_malformed_or_non_utf8_manifest_names_the_line(clean, tmp_path, capsys):

@@ -8,6 +8,7 @@
 * The newest checkpoint with a missing rank file is reported by name and the previous one used;
   none complete is an error, never a fresh start.
 * Resume plans: what cannot work is refused with a message naming the fix.
+* Rank files keep the format earlier versions wrote; data streams re-split by global stream id.
 * metrics.jsonl rows past the resumed step are moved aside.
 """
 
@@ -22,10 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from reolm.train.checkpoint import (CheckpointError, CheckpointManager, ResumePlan, complete_checkpoints,
-                                    merge_stream_states, plan_resume, resolve_resume, rng_state, run_layout,
-                                    set_rng_state, step_tag, write_manifest)
+from reolm.train.checkpoint import CheckpointManager
+from reolm.train.checkpoint_files import (CheckpointError, ResumePlan, complete_checkpoints, plan_resume,
+                                          read_rank_states, resolve_resume, run_layout, step_tag, write_manifest,
+                                          write_rank_states)
+from reolm.train.data import Readers, StreamPosition, StreamTracker, merge_stream_states
 from reolm.train.safe_load import UnsafeCheckpointError, weights_only_loads
+from reolm.train.state import ProcessRNG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,14 +57,28 @@ def _plant(path: Path, marker: Path) -> None:
 def saved(tmp_path, world_of_one):
     """A real ZeRO-2 checkpoint of a tiny Reo-LM with our trainer state (what export needs)."""
     from reolm.config import to_dict
-    from tiny_models import tiny_zero2_engine
+    from tiny_models import Held, tiny_zero2_engine
 
     engine, model = tiny_zero2_engine(tmp_path / "backbone")
     shared = {"step": 3, "backbone": model.backbone_config.to_dict(), "model": to_dict(model.config),
               "layout": run_layout(1, 2, False, 1, False, True)}
     ckpt = CheckpointManager(tmp_path / "ckpt")
-    path = ckpt.save(engine, 3, shared, {"data": {"num_workers": 1, "streams": {"0": {"draw": 2, "offset": 5}}}})
-    return engine, ckpt, path
+    ckpt.register(shared={"trainer": Held(shared)},
+                  per_rank={"rng": ProcessRNG(), "data": StreamTracker(_READERS, {0: StreamPosition(2, 5)})})
+    path = ckpt.save(engine, 3)
+    return engine, _fresh_manager(path)[0], path
+
+
+_READERS = Readers(rank=0, world_size=1, workers=1, replicate=False)
+
+
+def _fresh_manager(path: Path) -> tuple[CheckpointManager, StreamTracker]:
+    """A manager of ``path``'s folder with fresh states registered (what a resumed run starts from)."""
+    from tiny_models import Held
+    streams = StreamTracker(_READERS)
+    ckpt = CheckpointManager(path.parent)
+    ckpt.register(shared={"trainer": Held()}, per_rank={"rng": ProcessRNG(), "data": streams})
+    return ckpt, streams
 
 
 def test_a_payload_in_every_checkpoint_file_never_runs(saved, tmp_path):
@@ -98,22 +116,25 @@ def test_a_pickle_in_our_rank_arrays_is_refused(saved, tmp_path):
 
 
 def test_clean_checkpoint_restores_rng_and_stream_positions(saved):
-    engine, ckpt, path = saved
+    engine, _, path = saved
     saved_rng = json.loads((path / "rank-00000.json").read_text())["rng"]
     torch.manual_seed(123)
-    _, restored = ckpt.load(engine, ResumePlan(path, universal=False, same_layout=True))
-    assert restored["streams"] == {0: {"draw": 2, "offset": 5}}
+    ckpt, streams = _fresh_manager(path)
+    ckpt.load(engine, ResumePlan(path, universal=False, same_layout=True))
+    assert streams.positions == {0: StreamPosition(2, 5)}
     assert saved_rng["numpy"]["pos"] == np.random.get_state()[2]
 
 
 def test_rng_state_round_trips_as_plain_arrays():
     import random
-    meta, arrays = rng_state()
-    json.dumps(meta)  # the scalars are JSON
-    assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
+    state = ProcessRNG().state_dict()
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    json.dumps({k: v for k, v in state.items() if k not in arrays})  # the scalars are JSON
+    assert set(arrays) >= {"python_mt", "numpy_keys", "torch"}  # the names rank-R.npz has always used
+    assert all(a.dtype != object for a in arrays.values())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    set_rng_state(meta, arrays)
+    ProcessRNG().load_state_dict(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -219,6 +240,49 @@ def test_stream_states_merge_by_global_id_keeping_the_furthest_position():
         {"streams": {"1": {"draw": 0, "offset": 4}, "2": {"draw": 2, "offset": 0}}, "bad": {"tar": 1, "short": 1}}])
     assert positions == {0: {"draw": 3, "offset": 1}, 1: {"draw": 0, "offset": 4}, 2: {"draw": 2, "offset": 0}}
     assert bad == {"tar": 3, "short": 1}
+
+
+def test_rank_files_keep_the_format_earlier_versions_wrote(tmp_path):
+    """rank-R.json holds each per-rank state under its name, rank-R.npz the RNG's arrays by their own
+    names: a pair written by hand the way the writer before the Stateful protocol did reads back,
+    and the writer now produces the same pair."""
+    rng = ProcessRNG().state_dict()
+    arrays = {k: v for k, v in rng.items() if isinstance(v, np.ndarray)}
+    meta = {k: v for k, v in rng.items() if k not in arrays}
+    data = {"num_workers": 1, "streams": {"0": {"draw": 2, "offset": 5}}, "bad": {"tar": 1}}
+    old = tmp_path / "old"
+    old.mkdir()
+    np.savez(old / "rank-00000.npz", **arrays)
+    (old / "rank-00000.json").write_text(json.dumps({"rank": 0, "world_size": 1, "rng": meta, "data": data}))
+    back = read_rank_states(old, 0)
+    assert back["data"] == data and set(back["rng"]) == set(rng)
+    assert all(np.array_equal(back["rng"][k], v) for k, v in arrays.items())
+
+    new = tmp_path / "new"
+    new.mkdir()
+    write_rank_states(new, 0, 1, {"rng": rng, "data": data})
+    assert json.loads((new / "rank-00000.json").read_text()) == json.loads((old / "rank-00000.json").read_text())
+    with np.load(new / "rank-00000.npz") as written:
+        assert sorted(written.files) == sorted(arrays)
+    with pytest.raises(CheckpointError, match="per-rank state 'data' holds arrays"):
+        write_rank_states(new, 0, 1, {"data": {"x": np.zeros(2)}})
+
+
+def test_streams_reshard_by_global_id_and_rank_zero_keeps_the_dormant_ones():
+    """2 ranks -> 1 rank -> 2 ranks (one worker each): the stream of the vanished rank stays dormant
+    on rank 0 and continues on rank 1 when the run grows again; bad-sample totals are counted once."""
+    saved = [{"num_workers": 1, "streams": {"0": {"draw": 3, "offset": 1}}, "bad": {"tar": 2}},
+             {"num_workers": 1, "streams": {"1": {"draw": 5, "offset": 4}}, "bad": {"tar": 1}}]
+    alone = StreamTracker(Readers(rank=0, world_size=1, workers=1, replicate=False))
+    alone.load_state_dict(alone.reshard(saved))
+    assert alone.positions == {0: StreamPosition(3, 1)} and alone.bad_counts() == {"tar": 3}
+    assert alone.state_dict()["streams"] == {"0": {"draw": 3, "offset": 1}, "1": {"draw": 5, "offset": 4}}
+
+    grown = [StreamTracker(Readers(rank=r, world_size=2, workers=1, replicate=False)) for r in range(2)]
+    for tracker in grown:
+        tracker.load_state_dict(tracker.reshard([alone.state_dict()]))
+    assert [t.positions for t in grown] == [{0: StreamPosition(3, 1)}, {0: StreamPosition(5, 4)}]  # by worker
+    assert [t.bad_counts() for t in grown] == [{"tar": 3}, {}] and [t.dormant for t in grown] == [{}, {}]
 
 
 def test_metrics_rows_after_the_resumed_step_are_moved_aside(tmp_path):

@@ -1,5 +1,5 @@
 """reolm.data.corpus: a corpus is opened through its manifest's checks; image tables are found by the
-vision model that made them; that identity travels with the model and fine-tuning refuses features
+vision model that made them (reolm.data.tables.VisionIdentity); that identity travels with the model and fine-tuning refuses features
 of another vision model (and loads an older export, which records none, with a warning)."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from conftest import make_domain
 from launch_helpers import TINY
 
 from reolm.config import ConfigError, load_config
-from reolm.data.corpus import (UNKNOWN_VISION, Corpus, VisionIdentity, VisionMismatch, check_same_vision,
-                               recorded_vision, vision_record)
+from reolm.data.corpus import Corpus
 from reolm.data.domain import read_domain, write_domain
 from reolm.data.shards import ShardError, ShardOptions, write_corpus
 from reolm.data.synth import generate_corpus, preset_config
-from reolm.data.tables import ImageFeatureTable, TableError
+from reolm.data.tables import (UNKNOWN_VISION, ImageFeatureTable, TableError, VisionIdentity, VisionMismatch,
+                               check_same_vision, recorded_vision, vision_record)
 from reolm.train.config import PretrainConfig
 
 
@@ -70,26 +70,28 @@ def test_image_tables_are_found_by_the_vision_model_that_made_them(corpus, tmp_p
         opened.image_table("dddddddddddd")
 
     # Pre-training takes the table data.image_table names and knows which vision model made it.
-    from reolm.train.setup import _tables
+    from reolm.train.setup import resolve_tables
     from tiny_models import tiny_tables
     tokens, _ = tiny_tables(opened.num_items)
     tokens.save(tmp_path / "tokens")
     cfg = load_config(PretrainConfig, [str(TINY)], [f"data.corpus={root}", "model.image_feature_dim=4",
                                                     f"data.token_table={tmp_path / 'tokens'}",
                                                     f"data.image_table={root / 'tables' / 'images-aaaaaaaaaaaa'}"])
-    _, images, vision = _tables(cfg, None, opened)
-    assert vision == VisionIdentity("aaaaaaaaaaaa", "/models/vit", 4) and float(images.features[0, 0]) == 1.0
+    tables = resolve_tables(cfg, None, opened)
+    assert tables.vision == VisionIdentity("aaaaaaaaaaaa", "/models/vit", 4)
+    assert float(tables.images.features[0, 0]) == 1.0
 
     # ... or the table of the vision model data.vision names (here by its table key).
     base = [f"data.corpus={root}", "model.image_feature_dim=4", f"data.token_table={tmp_path / 'tokens'}"]
     cfg = load_config(PretrainConfig, [str(TINY)], base + ["data.vision=bbbbbbbbbbbb"])
-    _, images, vision = _tables(cfg, None, opened)
-    assert vision == VisionIdentity("bbbbbbbbbbbb", "/models/clip", 4) and float(images.features[0, 0]) == 2.0
+    tables = resolve_tables(cfg, None, opened)
+    assert tables.vision == VisionIdentity("bbbbbbbbbbbb", "/models/clip", 4)
+    assert float(tables.images.features[0, 0]) == 2.0
     with pytest.raises(TableError, match="no image features of vision model dddddddddddd"):
-        _tables(load_config(PretrainConfig, [str(TINY)], base + ["data.vision=dddddddddddd"]), None, opened)
+        resolve_tables(load_config(PretrainConfig, [str(TINY)], base + ["data.vision=dddddddddddd"]), None, opened)
     with pytest.raises(ConfigError, match="data.vision: .*nowhere is neither a vision model folder"):
-        _tables(load_config(PretrainConfig, [str(TINY)], base + [f"data.vision={tmp_path / 'nowhere'}"]), None,
-                opened)
+        resolve_tables(load_config(PretrainConfig, [str(TINY)], base + [f"data.vision={tmp_path / 'nowhere'}"]),
+                       None, opened)
     with pytest.raises(ConfigError, match="data.vision and data.image_table both choose"):
         load_config(PretrainConfig, [str(TINY)], base + ["data.vision=bbbbbbbbbbbb",
                                                           f"data.image_table={root / 'tables' / 'images-aaaaaaaaaaaa'}"])

@@ -109,12 +109,12 @@ def zero2_run(inputs, tmp_path_factory):
     """ZeRO-2 on 2 ranks (deepspeed launcher) over a corpus with one corrupt train shard, killed
     with SIGKILL once the step-20 checkpoint is complete, then resumed with --resume latest to step
     40.  The one expensive run of the tests below, which each check one thing of its outputs."""
-    from reolm.train.data import corpus_shards
+    from reolm.data.corpus import Corpus
 
     tmp_path = tmp_path_factory.mktemp("zero2_run")
     corpus = tmp_path / "corpus"  # a copy with one corrupt train shard
     shutil.copytree(inputs["corpus"], corpus)
-    shards = corpus_shards(corpus, "train")
+    shards = Corpus.open(corpus).shards("train")
     _corrupt(Path(shards[1]))
     run_dir = tmp_path / "run"
     log = tmp_path / "log.txt"
@@ -283,16 +283,21 @@ def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_pat
     from reolm.train.config import PretrainConfig
     from reolm.train.export import export_checkpoint
     from reolm.model import ReoLM
-    from reolm.train.setup import TrainSetup as _Setup, resolve_tables
+    from reolm.train.data import Readers, open_corpus
+    from reolm.train.distributed import DistInfo
+    from reolm.train.setup import BatchShape, RankContext, TrainInputs, TrainSetup as _Setup, resolve_tables
     from reolm.train.validation import validate, validation_set as _validation_set
 
     out = export_checkpoint(run_dir / "checkpoints", tmp_path / "export")
     model = ReoLM.from_pretrained(out).eval()
     cfg = load_config(PretrainConfig, run_dir / "config.yaml")
-    tokens, images = resolve_tables(cfg, model.tokenizer)
-    collator = PackedCollator.from_config(tokens, images, model.tokenizer, cfg.model, seed=cfg.seed)
-    setup = _Setup(cfg, None, torch.device("cpu"), SimpleNamespace(module=model), collator, tokens, images,
-                   len(tokens), 1, cfg.optim.micro_batch_size, "fp32", 0)
+    corpus = open_corpus(cfg.data.corpus)
+    tables = resolve_tables(cfg, model.tokenizer, corpus)
+    collator = PackedCollator.from_config(tables.tokens, tables.images, model.tokenizer, cfg.model, seed=cfg.seed)
+    setup = _Setup(cfg=cfg, rank=RankContext(info=DistInfo(), device=torch.device("cpu"), precision="fp32",
+                                             readers=Readers(rank=0, world_size=1, workers=0, replicate=False)),
+                   inputs=TrainInputs(corpus=corpus, tables=tables, collator=collator),
+                   engine=SimpleNamespace(module=model), batch=BatchShape(micro=cfg.optim.micro_batch_size, accum=1))
     again = validate(setup, *_validation_set(setup))
     for key in ("val_recall@10", "val_ndcg@10"):
         assert again[key] == pytest.approx(val[key], abs=1e-6)
@@ -398,7 +403,7 @@ def test_sigterm_with_data_workers_checkpoints_exits_and_resumes(inputs, tmp_pat
                                                            "rank-00001.json", "rank-00001.npz"]
     manifest = json.loads((ckpt / "manifest.json").read_text())  # written last: the save completed
     assert manifest["step"] == last_step and manifest["world_size"] == 2
-    from reolm.train.checkpoint import verify_checkpoint
+    from reolm.train.checkpoint_files import verify_checkpoint
     assert verify_checkpoint(ckpt) is None  # every listed file present, sizes and sha256 match
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == last_step

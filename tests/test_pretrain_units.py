@@ -16,10 +16,11 @@ import yaml
 
 from reolm.config import ConfigError
 from reolm.model.objectives import info_nce, masked_lm_loss, mlm_predictions
-from reolm.train.checkpoint import CheckpointManager, ResumePlan, complete_checkpoints, step_tag
-from reolm.train.config import PretrainOptimConfig
-from reolm.train.data import (BadSampleCounter, DataError, ShardStream, StreamPosition, TrainStream,
-                              decode_example, default_num_workers, expand_shards)
+from reolm.train.checkpoint import CheckpointManager
+from reolm.train.checkpoint_files import ResumePlan, complete_checkpoints, step_tag
+from reolm.train.config import DataConfig, PretrainOptimConfig
+from reolm.train.data import (BadSampleCounter, DataError, Readers, SeededCollate, ShardStream, StreamPosition,
+                              StreamTracker, TrainStream, decode_example, default_num_workers, expand_shards)
 from reolm.train.distributed import slurm_env
 from reolm.train.ds_config import batch_layout, fill_ds_config, load_ds_config, lr_scheduler_factory
 from reolm.train.losses import PretrainLoss
@@ -207,9 +208,13 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     x = torch.randn(2, 4)
     engine.backward(engine(x).pow(2).sum())
     engine.step()
+    from tiny_models import Held
+    trainer = Held({"step": 1})
+    streams = StreamTracker(Readers(rank=0, world_size=1, workers=1, replicate=False), {0: StreamPosition(3, 7)})
     ckpt = CheckpointManager(tmp_path / "ckpt", keep_last=1)
-    path = ckpt.save(engine, 1, {"step": 1}, {"data": {"streams": {"0": {"draw": 3, "offset": 7}}}},
-                     write_extra=lambda folder: (folder / "extra.txt").write_text("x"))
+    ckpt.register(shared={"trainer": trainer}, per_rank={"data": streams},
+                  write_extra=lambda folder: (folder / "extra.txt").write_text("x"))
+    path = ckpt.save(engine, 1)
     assert (path / "extra.txt").is_file() and (path / "rank-00000.json").is_file()
     assert not list(path.glob("rank-*.pt"))  # our state is JSON + arrays, no pickle
     manifest = json.loads((path / "manifest.json").read_text())
@@ -219,14 +224,16 @@ def test_checkpoint_save_load_with_a_real_engine(tmp_path, world_of_one):
     engine.backward(engine(x).pow(2).sum())
     engine.step()
     assert not torch.equal(engine.module.weight, expected)
-    ckpt.save(engine, 2, {"step": 2}, {})
+    trainer.state["step"], streams.positions = 2, {}
+    ckpt.save(engine, 2)
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == [step_tag(2)]  # keep_last=1
     after_two = engine.module.weight.detach().clone()
     engine.backward(engine(x).pow(2).sum())
     engine.step()
-    shared, per_rank = ckpt.load(engine, ResumePlan(tmp_path / "ckpt" / step_tag(2), universal=False,
-                                                    same_layout=True))
-    assert shared["step"] == 2 and shared["world_size"] == 1 and per_rank == {"streams": {}, "bad": {}}
+    streams.positions = {0: StreamPosition(9, 9)}
+    shared = ckpt.load(engine, ResumePlan(tmp_path / "ckpt" / step_tag(2), universal=False, same_layout=True))
+    assert shared["step"] == 2 and shared["world_size"] == 1 and trainer.loaded == shared
+    assert streams.positions == {} and streams.bad_counts() == {}
     assert torch.equal(engine.module.weight, after_two)  # weights restored
     assert engine.lr_scheduler.last_epoch == 2  # scheduler state restored
 
@@ -329,8 +336,9 @@ def test_shard_stream_resumes_exactly_and_counts_bad_samples(tmp_path):
         ShardStream(shards, 0, 0, 4, resample=False, counter=counter)
     # The per-rank dataset checks the whole layout (ranks x workers) before any worker starts.
     with pytest.raises(DataError, match="3 train shards for 4 readers"):
-        TrainStream(shards, lambda examples, seed: {}, 2, 10, seed=0, rank=0, world_size=2, num_workers=2,
-                    resample=False, shuffle_buffer=4, shuffle_initial=2)
+        TrainStream(DataConfig(resample=False, shuffle_buffer=4, shuffle_initial=2), shards,
+                    lambda examples, seed: {}, micro_batch=2, num_items=10, seed=0,
+                    readers=Readers(rank=0, world_size=2, workers=2, replicate=False))
     # Without resampling each reader owns a disjoint subset and a pass covers it exactly once.
     owned = [ShardStream(shards, 0, i, 3, resample=False, counter=counter) for i in range(3)]
     assert sorted(s for o in owned for s in o.shards) == shards
@@ -366,13 +374,12 @@ def test_train_stream_skips_corrupt_tar_and_keeps_fixed_batch_size(tmp_path):
     (tmp_path / "train-000002.tar").write_bytes(b"this is not a tar file at all" * 50)
 
     from reolm.data.batch import StreamInfo, TrainingBatch
-    from reolm.train.step import SeededCollate
     from tiny_models import tiny_collator, tiny_tables
 
     collate = SeededCollate(tiny_collator(*tiny_tables(num_items=7), mlm_probability=0.0))
-    ds = TrainStream([str(good), str(bad), str(tmp_path / "train-000002.tar")], collate, micro_batch=4,
-                     num_items=7, seed=0, rank=0, world_size=1, num_workers=0, resample=True, shuffle_buffer=8,
-                     shuffle_initial=4)
+    ds = TrainStream(DataConfig(resample=True, shuffle_buffer=8, shuffle_initial=4),
+                     [str(good), str(bad), str(tmp_path / "train-000002.tar")], collate, micro_batch=4,
+                     num_items=7, seed=0, readers=Readers(rank=0, world_size=1, workers=0, replicate=False))
     it = iter(ds)
     batches = [next(it) for _ in range(30)]
     assert all(isinstance(b, TrainingBatch) and b.num_sequences == len(b.keys) == b.target_items.shape[0] == 4

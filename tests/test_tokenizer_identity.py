@@ -95,7 +95,8 @@ def test_pretraining_uses_the_cli_table(assets):
     cfg = load_config(PretrainConfig, [str(TINY)], [f"data.corpus={assets['corpus']}",
                                                     f"model.backbone={assets['backbone']}"])
     model = build_model(cfg)
-    tokens, images = resolve_tables(cfg, model.tokenizer)
+    tables = resolve_tables(cfg, model.tokenizer)
+    tokens, images = tables.tokens, tables.images
     assert tokens.key == before[0].removeprefix("tokens-") and len(images) == len(tokens)
     assert _tables(assets["corpus"]) == before
 

@@ -79,6 +79,24 @@ def tiny_zero2_engine(directory: Path):
     return engine, model
 
 
+class Held:
+    """A checkpoint state that is just a dict (``state``): what a test registers with a CheckpointManager
+    to save given values, and reads back after a load (``loaded``)."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.state = dict(state or {})
+        self.loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state) -> None:
+        self.loaded = dict(state)
+
+    def reshard(self, saved):
+        return saved[0] if saved else None
+
+
 def tiny_tables(num_items: int = 20, seed: int = 0, min_len: int = 2, max_len: int = 7,
                 image_every: int = 2) -> tuple[ItemTokenTable, ImageFeatureTable]:
     """Random item texts over the 3 default attributes; every ``image_every``-th item has an image."""

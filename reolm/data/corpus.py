@@ -11,8 +11,9 @@ folder (``domain.json``).  Its derived tables live next to it (``shards/README.m
 A token table is found by the identity of the tokenizer (several tokenizers share a source; a
 table not found says which part of each existing table's identity differs).  An image table
 is found by the vision model that made it, read from its ``table.json``: the
-:class:`VisionIdentity` of the features travels with the model into checkpoints and exports,
-and fine-tuning refuses image features of another vision model (:func:`check_same_vision`).
+:class:`~reolm.data.tables.VisionIdentity` of the features (defined with the tables) travels
+with the model into checkpoints and exports.  :meth:`Corpus.item_tables` is what a
+pre-training run reads: both tables of one tokenizer and one vision model, checked together.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from reolm.data.tables import (DEFAULT_BATCH, ImageFeatureTable, ItemTokenTable, TableError,
-                               build_token_table_batched, identity_difference, key_of_identity, tokenizer_identity,
-                               vision_model_key)
+from reolm.data.tables import (DEFAULT_BATCH, UNKNOWN_VISION, ImageFeatureTable, ItemTables, ItemTokenTable,
+                               TableError, VisionIdentity, build_token_table_batched, identity_difference,
+                               key_of_identity, tokenizer_identity, vision_model_key)
+# Defined with ImageFeatureTable in reolm.data.tables; still importable from here for fine-tuning
+# (reolm/finetune/reolm_recommender.py), which imports them from this module.
+from reolm.data.tables import check_same_vision, recorded_vision, vision_record  # noqa: F401
 
-__all__ = ["Corpus", "VisionIdentity", "VisionMismatch", "UNKNOWN_VISION", "VISION_FIELD", "vision_record",
-           "recorded_vision", "check_same_vision", "domain_vision", "source_attributes", "iter_source_items",
-           "token_table_dir", "image_table_dir", "build_source_token_table", "MissingTokenTable",
-           "why_no_token_table", "find_token_table", "find_image_table", "domain_token_table", "domain_image_table"]
+__all__ = ["Corpus", "domain_vision", "source_attributes", "iter_source_items", "token_table_dir",
+           "image_table_dir", "build_source_token_table", "MissingTokenTable", "why_no_token_table",
+           "find_token_table", "find_image_table", "domain_token_table", "domain_image_table"]
 
 if TYPE_CHECKING:
     from reolm.data.domain import Domain
@@ -41,83 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NO_TABLES_YET = "no token table has been built there yet"
-VISION_FIELD = "vision"  # the key under which checkpoints and exports record the VisionIdentity
 
 
-# ----------------------------------------------------------------------------- vision identity
-
-@dataclass(frozen=True)
-class VisionIdentity:
-    """Which vision checkpoint computed a set of image features (``key``: :func:`vision_model_key`).
-
-    ``key == ""`` means the features' origin is not known (imported features, or a record
-    written before identities were kept); then nothing can be compared but the width.
-    """
-
-    key: str
-    model: str = ""  # where the checkpoint was when the features were computed (informative)
-    dim: int = 0
-
-    @property
-    def known(self) -> bool:
-        return bool(self.key)
-
-    def describe(self) -> str:
-        if not self.known:
-            return "an unrecorded vision model"
-        return f"vision model {self.key}" + (f" ({self.model})" if self.model else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "model": self.model, "dim": self.dim}
-
-    @classmethod
-    def of_table(cls, table: ImageFeatureTable) -> "VisionIdentity":
-        return cls(table.key, table.vision, table.dim)
-
-
-UNKNOWN_VISION = VisionIdentity("")
-
-
-class VisionMismatch(TableError):
-    """Image features from another vision model than the one the model was trained with."""
-
-
-def vision_record(identity: VisionIdentity | None) -> dict[str, Any]:
-    """``{"vision": ...}`` as checkpoints and exports record it (``null``: no image features)."""
-    return {VISION_FIELD: identity.to_dict() if identity is not None else None}
-
-
-def recorded_vision(record: Mapping[str, Any], where: str) -> VisionIdentity | None:
-    """The identity a checkpoint state or export config records; None when it was trained without
-    image features, :data:`UNKNOWN_VISION` when it records nothing (written by an older reolm)."""
-    if VISION_FIELD not in record:
-        return UNKNOWN_VISION
-    value = record[VISION_FIELD]
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or not isinstance(value.get("key"), str):
-        raise TableError(f"{where}: key {VISION_FIELD}: expected {{key, model, dim}} or null, got {value!r}")
-    return VisionIdentity(value["key"], str(value.get("model", "")), int(value.get("dim", 0)))
-
-
-def check_same_vision(trained: VisionIdentity | None, features: VisionIdentity | None, model_where: str,
-                      features_where: str) -> None:
-    """Refuse ``features`` computed by another vision model than the one ``trained`` names.
-
-    Nothing to compare when either side has no image features or the features' origin is
-    unknown; a model that records no identity (an older checkpoint) loads with a warning.
-    """
-    if trained is None or features is None:
-        return
-    if not trained.known:
-        log.warning("%s records no vision model (written by an older reolm): cannot check that the image "
-                    "features of %s come from the model it was trained with", model_where, features_where)
-        return
-    if features.known and features.key != trained.key:
-        raise VisionMismatch(f"{model_where} was trained on image features of {trained.describe()}, but the "
-                             f"features of {features_where} come from {features.describe()}: compute them with "
-                             f"the same model (`reolm tables images --vision ...`)")
-
+# ----------------------------------------------------------------------------- sources
 
 def domain_vision(domain_path: str | os.PathLike | None) -> VisionIdentity:
     """The identity of a domain folder's ``image_features.npy`` (from ``image_features.json``)."""
@@ -129,9 +57,6 @@ def domain_vision(domain_path: str | os.PathLike | None) -> VisionIdentity:
     except (OSError, ValueError):  # imported features carry no record: origin unknown
         return UNKNOWN_VISION
     return VisionIdentity(str(info.get("key") or ""), str(info.get("vision", "")), int(info.get("dim", 0) or 0))
-
-
-# ----------------------------------------------------------------------------- sources
 
 def _is_corpus(root: Path) -> bool:
     return (root / "manifest.json").is_file()
@@ -216,9 +141,13 @@ def why_no_token_table(root: str | os.PathLike, identity: dict[str, str]) -> str
 
 
 def find_token_table(root: str | os.PathLike, tokenizer: Any, max_attr_tokens: int = 32,
-                     mmap: bool = True) -> ItemTokenTable:
-    """Load the token table of ``tokenizer`` under a corpus or domain folder (memory-mapped)."""
-    identity = tokenizer_identity(tokenizer, source_attributes(root), max_attr_tokens)
+                     mmap: bool = True, attributes: list[str] | None = None) -> ItemTokenTable:
+    """Load the token table of ``tokenizer`` under a corpus or domain folder (memory-mapped).
+
+    ``attributes``: the source's attribute order when the caller already has it (an opened
+    :class:`Corpus`), so the manifest is not read a second time."""
+    identity = tokenizer_identity(tokenizer, attributes if attributes is not None else source_attributes(root),
+                                  max_attr_tokens)
     directory = token_table_dir(root, key_of_identity(identity))
     if not (directory / "table.json").is_file():
         flag = "corpus" if _is_corpus(Path(root)) else "domain"
@@ -338,7 +267,7 @@ class Corpus:
 
     def token_table(self, tokenizer: Any, max_attr_tokens: int = 32, mmap: bool = True) -> ItemTokenTable:
         """The token table of ``tokenizer`` (memory-mapped); MissingTokenTable says how to build it."""
-        return find_token_table(self.root, tokenizer, max_attr_tokens, mmap)
+        return find_token_table(self.root, tokenizer, max_attr_tokens, mmap, self.attributes)
 
     def image_tables(self) -> dict[Path, dict[str, Any]]:
         """{folder: its table.json} of every complete image table (a build in progress has none yet)."""
@@ -371,3 +300,21 @@ class Corpus:
             raise TableError(f"{self.root}/tables has several image tables ({listing}); choose one with "
                              f"data.image_table=PATH")
         return ImageFeatureTable.load(next(iter(tables))) if tables else None
+
+    def item_tables(self, tokenizer: Any, max_attr_tokens: int, image_feature_dim: int, *,
+                    vision_key: str | None = None, vision_dir: str | os.PathLike | None = None,
+                    token_dir: str = "", image_dir: str = "") -> ItemTables:
+        """The tables a run on this corpus reads, checked against each other.
+
+        Tokens: the folder ``token_dir`` if given, else this corpus' table of ``tokenizer`` and
+        ``max_attr_tokens`` (never one built with another tokenizer).  Images: the folder
+        ``image_dir`` if given, else the table of the vision model ``vision_key`` (``vision_dir``:
+        its folder, for the messages), else the corpus' only image table, else none (every item
+        uses the void image).
+        """
+        tokens = ItemTokenTable.load(token_dir) if token_dir else self.token_table(tokenizer, max_attr_tokens)
+        if image_dir:
+            images = ImageFeatureTable.load(image_dir)
+        else:
+            images = self.image_table(vision_key, vision_dir)
+        return ItemTables.checked(tokens, images, image_feature_dim, image_dir or self.root / "tables")

@@ -24,12 +24,19 @@ what decides the token ids plus the rendering settings; :func:`vision_model_key`
 the vision checkpoint), so several tokenizers and vision models can share one
 corpus.  Where the tables of a corpus or domain folder live and how they are
 found is :mod:`reolm.data.corpus`.
+
+**Vision identity** (:class:`VisionIdentity`): which vision checkpoint computed an image
+table.  It travels with the model into checkpoints and exports (:func:`vision_record`,
+:func:`recorded_vision`), and resuming or fine-tuning refuses image features of another vision
+model (:func:`check_same_vision`).  :class:`ItemTables` is what a run reads: both tables and
+the identity of the image features, checked against each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +46,24 @@ import numpy as np
 
 from reolm.io import atomic_dir
 
+log = logging.getLogger(__name__)
+
 TOKEN_TABLE_VERSION = 1
 VOID_VALUE = "void"
+VISION_FIELD = "vision"  # the key under which checkpoints and exports record the VisionIdentity
 
 __all__ = [
     "ItemTokenTable",
     "ImageFeatureTable",
+    "ItemTables",
     "TableError",
+    "VisionIdentity",
+    "VisionMismatch",
+    "UNKNOWN_VISION",
+    "VISION_FIELD",
+    "vision_record",
+    "recorded_vision",
+    "check_same_vision",
     "tokenizer_key",
     "tokenizer_identity",
     "key_of_identity",
@@ -310,6 +328,114 @@ class ImageFeatureTable:
     def empty(cls, num_items: int, dim: int) -> "ImageFeatureTable":
         """A table where no item has an image (every item uses the void image)."""
         return cls(np.zeros((num_items, dim), dtype=np.float16), np.zeros(num_items, dtype=bool))
+
+
+# ----------------------------------------------------------------------------- vision identity
+
+@dataclass(frozen=True)
+class VisionIdentity:
+    """Which vision checkpoint computed a set of image features (``key``: :func:`vision_model_key`).
+
+    ``key == ""`` means the features' origin is not known (imported features, or a record
+    written before identities were kept); then nothing can be compared but the width.
+    """
+
+    key: str
+    model: str = ""  # where the checkpoint was when the features were computed (informative)
+    dim: int = 0
+
+    @property
+    def known(self) -> bool:
+        return bool(self.key)
+
+    def describe(self) -> str:
+        if not self.known:
+            return "an unrecorded vision model"
+        return f"vision model {self.key}" + (f" ({self.model})" if self.model else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "model": self.model, "dim": self.dim}
+
+    @classmethod
+    def of_table(cls, table: ImageFeatureTable) -> "VisionIdentity":
+        return cls(table.key, table.vision, table.dim)
+
+
+UNKNOWN_VISION = VisionIdentity("")
+
+
+class VisionMismatch(TableError):
+    """Image features from another vision model than the one the model was trained with."""
+
+
+def vision_record(identity: VisionIdentity | None) -> dict[str, Any]:
+    """``{"vision": ...}`` as checkpoints and exports record it (``null``: no image features)."""
+    return {VISION_FIELD: identity.to_dict() if identity is not None else None}
+
+
+def recorded_vision(record: Mapping[str, Any], where: str) -> VisionIdentity | None:
+    """The identity a checkpoint state or export config records; None when it was trained without
+    image features, :data:`UNKNOWN_VISION` when it records nothing (written by an older reolm)."""
+    if VISION_FIELD not in record:
+        return UNKNOWN_VISION
+    value = record[VISION_FIELD]
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not isinstance(value.get("key"), str):
+        raise TableError(f"{where}: key {VISION_FIELD}: expected {{key, model, dim}} or null, got {value!r}")
+    return VisionIdentity(value["key"], str(value.get("model", "")), int(value.get("dim", 0)))
+
+
+def check_same_vision(trained: VisionIdentity | None, features: VisionIdentity | None, model_where: str,
+                      features_where: str) -> None:
+    """Refuse ``features`` computed by another vision model than the one ``trained`` names.
+
+    Nothing to compare when either side has no image features or the features' origin is
+    unknown; a model that records no identity (an older checkpoint) loads with a warning.
+    """
+    if trained is None or features is None:
+        return
+    if not trained.known:
+        log.warning("%s records no vision model (written by an older reolm): cannot check that the image "
+                    "features of %s come from the model it was trained with", model_where, features_where)
+        return
+    if features.known and features.key != trained.key:
+        raise VisionMismatch(f"{model_where} was trained on image features of {trained.describe()}, but the "
+                             f"features of {features_where} come from {features.describe()}: compute them with "
+                             f"the same model (`reolm tables images --vision ...`)")
+
+
+# ----------------------------------------------------------------------------- a run's tables
+
+@dataclass(frozen=True)
+class ItemTables:
+    """The token and image tables a run reads, row for row, and the vision model behind the images.
+
+    ``vision`` is None when there are no image features (``images`` is then all void).
+    """
+
+    tokens: ItemTokenTable
+    images: ImageFeatureTable
+    vision: VisionIdentity | None
+
+    @property
+    def num_items(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def checked(cls, tokens: ItemTokenTable, images: ImageFeatureTable | None, image_feature_dim: int,
+                where: object) -> "ItemTables":
+        """Both tables, refused when the image rows or width do not fit (``where``: the image table, for
+        the message); without an image table every item uses the void image."""
+        vision = VisionIdentity.of_table(images) if images is not None else None
+        if images is None:
+            images = ImageFeatureTable.empty(len(tokens), image_feature_dim)
+        if images.dim != image_feature_dim:
+            raise TableError(f"model.image_feature_dim={image_feature_dim} but the image table {where} holds "
+                             f"{images.dim}-d features")
+        if len(images) != len(tokens):
+            raise TableError(f"image table {where} has {len(images)} rows, the token table {len(tokens)}")
+        return cls(tokens, images, vision)
 
 
 # ----------------------------------------------------------------------------- batched builder

@@ -21,15 +21,23 @@ newest ``keep_last``.  Resume verifies the manifest (every file present with its
 own files' sha256, one rank file per rank of the saving world): the newest checkpoint that
 verifies is used and every newer one that does not is reported by name.
 
+What goes into a checkpoint besides the engine is registered once (:meth:`CheckpointManager.register`):
+objects with ``state_dict()`` / ``load_state_dict(state)`` (:class:`Stateful`, torchtitan's
+idea).  *Shared* states (the trainer's counters, the run's description) are merged into
+``trainer_state.json`` and DeepSpeed's client state, written by rank 0; *per-rank* states (the
+data streams, the RNG) go to ``rank-R.json`` under their names, the RNG's arrays to
+``rank-R.npz`` (:func:`~reolm.train.checkpoint_files.write_rank_states`).
+
 Nothing here unpickles: our files are JSON and ``.npz`` (``allow_pickle=False``); DeepSpeed's
 ``.pt`` files are checked and loaded weights-only (:mod:`reolm.train.safe_load`).
 
 Elastic resume: a checkpoint saved on N ranks loads on M ranks through DeepSpeed's universal
 checkpoint (``ds_to_universal``, converted once by rank 0 into ``<tag>/universal``, then
-``checkpoint.load_universal``); the data streams are re-split by global stream id
-(:func:`merge_stream_states`).  :func:`plan_resume` decides before anything is written.
+``checkpoint.load_universal``); each per-rank state rebuilds its own part from every saved
+rank's (:meth:`RankStateful.reshard`: the data streams are re-split by global stream id).
+:func:`~reolm.train.checkpoint_files.plan_resume` decides before anything is written.
 
-The files themselves (RNG as data, the manifest, choosing and planning a resume) are
+The files themselves (rank files, the manifest, choosing and planning a resume) are
 :mod:`reolm.train.checkpoint_files`; this module is the collective save and load.
 """
 
@@ -39,45 +47,75 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from reolm.io import atomic_dir, write_json, write_text
 from reolm.train import distributed as D
-from reolm.train.checkpoint_files import (MANIFEST, STATE_FILE, TAG_RE, UNIVERSAL, CheckpointError, ResumePlan,
-                                          checkpoint_folders, complete_checkpoints, merge_stream_states,
-                                          newest_complete, plan_resume, rank_file_names, read_json_file,
-                                          read_rank_state, readers, resolve_resume, rng_state, run_layout,
-                                          set_rng_state, step_tag, verify_checkpoint, write_manifest)
+from reolm.train.checkpoint_files import (MANIFEST, STATE_FILE, UNIVERSAL, CheckpointError, ResumePlan,
+                                          checkpoint_folders, plan_resume, read_json_file, read_rank_states,
+                                          resolve_resume, step_tag, write_manifest, write_rank_states)
 from reolm.train.safe_load import check_folder, weights_only_loads
 
-# The manager, and the names of checkpoint_files that callers reach through this module.
-__all__ = ["CheckpointManager", "CheckpointError", "ResumePlan", "rng_state", "set_rng_state", "step_tag",
-           "complete_checkpoints", "checkpoint_folders", "verify_checkpoint", "resolve_resume", "plan_resume",
-           "newest_complete", "read_json_file", "read_rank_state", "merge_stream_states", "run_layout", "readers",
-           "write_manifest", "STATE_FILE", "MANIFEST", "TAG_RE"]
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+__all__ = ["CheckpointManager", "Stateful", "RankStateful"]
 
 log = logging.getLogger("reolm.train.checkpoint")
 
 
 # ----------------------------------------------------------------------------- manager
 
+class Stateful(Protocol):
+    """Something a checkpoint saves and a resume restores: JSON-able state in, the same state out."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class RankStateful(Stateful, Protocol):
+    """Per-rank state, which also knows how to continue on another layout (ranks x workers)."""
+
+    def reshard(self, saved: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+        """This rank's state from every rank's of the saving run (in rank order); None = keep the fresh one."""
+
+
 class CheckpointManager:
-    """Save and restore engine + trainer state; rank 0 owns renames, rotation and ``latest``."""
+    """Save and restore the engine and the registered states; rank 0 owns renames, rotation and ``latest``."""
 
     def __init__(self, ckpt_dir: str | os.PathLike, keep_last: int = 3) -> None:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
+        self.shared: dict[str, Stateful] = {}
+        self.per_rank: dict[str, RankStateful] = {}
+        self.write_extra: Callable[[Path], None] | None = None
 
-    # ------------------------------------------------------------------ save
-    def save(self, engine: Any, step: int, shared: dict[str, Any], per_rank: dict[str, Any],
-             write_extra: Callable[[Path], None] | None = None) -> Path:
-        """Collective: every rank calls it with its own JSON-able ``per_rank`` state.
+    def register(self, *, shared: Mapping[str, Stateful], per_rank: Mapping[str, RankStateful],
+                 write_extra: Callable[[Path], None] | None = None) -> None:
+        """What every checkpoint of this run holds besides the engine (once, before the first load or save).
 
         ``write_extra(folder)`` runs on rank 0 inside the temporary folder before the manifest
         (e.g. tokenizer files), so it is part of the atomic, verified checkpoint.
         """
+        if self.shared or self.per_rank:
+            raise RuntimeError("CheckpointManager.register: the states are already registered")
+        self.shared, self.per_rank, self.write_extra = dict(shared), dict(per_rank), write_extra
+
+    def _shared_record(self) -> dict[str, Any]:
+        """The shared states merged into one record (``trainer_state.json`` is flat)."""
+        record: dict[str, Any] = {}
+        for name, stateful in self.shared.items():
+            state = stateful.state_dict()
+            clash = sorted(set(record) & set(state))
+            if clash:
+                raise CheckpointError(f"shared state {name!r} repeats the keys {clash} of another shared state")
+            record.update(state)
+        return record
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine: "DeepSpeedEngine", step: int) -> Path:
+        """Collective: every rank calls it; each rank writes its own registered per-rank states."""
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
         info = D.info()
@@ -89,21 +127,19 @@ class CheckpointManager:
             for stale in self.dir.glob("*.tmp"):  # an earlier save that died half-way
                 shutil.rmtree(stale, ignore_errors=True)
         D.barrier()
+        shared = self._shared_record()
         # The universal-checkpoint marker lets ds_to_universal convert this checkpoint later.
         client = {"trainer": shared,
                   UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client, save_latest=False)
         tmp = self.dir / tmp_tag
         tmp.mkdir(parents=True, exist_ok=True)
-        meta, arrays = rng_state()
-        json_name, npz_name = rank_file_names(info.rank)
-        np.savez(tmp / npz_name, **arrays)
-        write_json(tmp / json_name, {"rank": info.rank, "world_size": info.world_size, "rng": meta, **per_rank},
-                   indent=None)
+        write_rank_states(tmp, info.rank, info.world_size,
+                          {name: stateful.state_dict() for name, stateful in self.per_rank.items()})
         D.barrier()
         if info.rank == 0:
-            if write_extra is not None:
-                write_extra(tmp)
+            if self.write_extra is not None:
+                self.write_extra(tmp)
             write_json(tmp / STATE_FILE, {**shared, "world_size": info.world_size})
             write_manifest(tmp, step, info.world_size, int(shared.get("layout", {}).get("zero_stage", 0)))
             if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
@@ -153,8 +189,8 @@ class CheckpointManager:
         D.barrier()
         return out
 
-    def load(self, engine: Any, plan: ResumePlan) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load engine state; returns (shared trainer state, this rank's restored per-rank state)."""
+    def load(self, engine: "DeepSpeedEngine", plan: ResumePlan) -> dict[str, Any]:
+        """Load the engine and every registered state; returns the shared record (``world_size`` included)."""
         path = plan.path
         check_folder(path)  # every .pt: only tensors, containers and allow-listed DeepSpeed classes
         load_dir, tag = (path, UNIVERSAL) if plan.universal else (path.parent, path.name)
@@ -167,24 +203,27 @@ class CheckpointManager:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
         shared = read_json_file(path / STATE_FILE)
         shared.update((client or {}).get("trainer", {}))
-        return shared, self._restore_rank(path, int(shared["world_size"]), plan.same_layout)
+        for stateful in self.shared.values():
+            stateful.load_state_dict(shared)
+        self._restore_rank(path, int(shared["world_size"]), plan.same_layout)
+        return shared
 
-    @staticmethod
-    def _restore_rank(path: Path, saved_world: int, same_layout: bool) -> dict[str, Any]:
-        """This rank's RNG states and the data-stream positions it continues from.
+    def _restore_rank(self, path: Path, saved_world: int, same_layout: bool) -> None:
+        """This rank's registered per-rank states.
 
-        Same layout: its own file.  Otherwise every saved rank's streams are merged (global
-        stream ids), rank r < saved world restores old rank r's RNG (the others keep their
-        fresh seeds), and only rank 0 carries the old bad-sample totals (they are summed).
+        Same layout: each from this rank's own file.  Otherwise each state rebuilds its part from
+        every saved rank's (:meth:`RankStateful.reshard`); one the saving run did not write keeps
+        its fresh state.
         """
         rank = D.info().rank
         if same_layout:
-            meta, arrays = read_rank_state(path, rank)
-            set_rng_state(meta["rng"], arrays)
-            positions, bad = merge_stream_states([meta.get("data", {})])
-            return {"streams": positions, "bad": bad}
-        states = [read_rank_state(path, r) for r in range(saved_world)]
-        if rank < saved_world:
-            set_rng_state(states[rank][0]["rng"], states[rank][1])
-        positions, bad = merge_stream_states([meta.get("data", {}) for meta, _ in states])
-        return {"streams": positions, "bad": bad if rank == 0 else {}}
+            own = read_rank_states(path, rank)
+            for name, stateful in self.per_rank.items():
+                if name in own:
+                    stateful.load_state_dict(own[name])
+            return
+        saved = [read_rank_states(path, r) for r in range(saved_world)]
+        for name, stateful in self.per_rank.items():
+            state = stateful.reshard([ranks.get(name, {}) for ranks in saved])
+            if state is not None:
+                stateful.load_state_dict(state)

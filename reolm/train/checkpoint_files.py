@@ -1,6 +1,7 @@
 """The files of a checkpoint folder, and choosing the checkpoint to resume: no engine involved.
 
-Per-rank state is JSON + ``.npz`` (RNG states as data, never pickled); ``manifest.json`` lists
+Per-rank state is JSON + ``.npz`` (:func:`write_rank_states`: the arrays of the ``rng`` state,
+never pickled); ``manifest.json`` lists
 every file with its size (and sha256 of ours) and is written last, so a folder verifies only when
 its save completed.  :func:`plan_resume` decides whether and how a checkpoint can be resumed with
 this run's layout before anything is written.  The layout of a checkpoint folder and the save
@@ -13,21 +14,19 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 
 from reolm.io import write_json
 
-__all__ = ["CheckpointError", "ResumePlan", "rng_state", "set_rng_state", "step_tag", "rank_file_names",
-           "read_json_file", "read_rank_state", "write_manifest", "verify_checkpoint", "checkpoint_folders",
+__all__ = ["CheckpointError", "ResumePlan", "step_tag", "rank_file_names", "read_json_file", "read_rank_state",
+           "write_rank_states", "read_rank_states", "write_manifest", "verify_checkpoint", "checkpoint_folders",
            "complete_checkpoints", "newest_complete", "resolve_resume", "run_layout", "readers", "plan_resume",
-           "merge_stream_states", "TAG_RE", "STATE_FILE", "MANIFEST", "UNIVERSAL"]
+           "TAG_RE", "STATE_FILE", "MANIFEST", "UNIVERSAL", "ARRAY_STATE"]
 
 log = logging.getLogger("reolm.train.checkpoint")
 
@@ -36,6 +35,11 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 UNIVERSAL = "universal"
 MANIFEST_VERSION = 1
+# The per-rank state whose arrays rank-R.npz holds (the RNG's, saved before states were named):
+# the .npz keys are the array names alone, so only one state may store arrays.
+ARRAY_STATE = "rng"
+# The keys of rank-R.json that say who wrote it; every other key is one registered state.
+_RANK_FILE_KEYS = ("rank", "world_size")
 
 
 class CheckpointError(ValueError):
@@ -50,31 +54,7 @@ def rank_file_names(rank: int) -> tuple[str, str]:
     return f"rank-{rank:05d}.json", f"rank-{rank:05d}.npz"
 
 
-# ----------------------------------------------------------------------------- RNG as data
-
-def rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """This process' RNG states as (JSON-able scalars, arrays): nothing that needs a pickle."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": {"version": version, "gauss": gauss},
-            "numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    arrays = {"python_mt": np.asarray(mt, dtype=np.int64), "numpy_keys": np.asarray(keys, dtype=np.uint32),
-              "torch": torch.get_rng_state().numpy()}
-    if torch.cuda.is_available():
-        arrays["cuda"] = torch.cuda.get_rng_state().numpy()
-    return meta, arrays
-
-
-def set_rng_state(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    py = meta["python"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in arrays["python_mt"]), py["gauss"]))
-    npm = meta["numpy"]
-    np.random.set_state(("MT19937", np.asarray(arrays["numpy_keys"], dtype=np.uint32), int(npm["pos"]),
-                         int(npm["has_gauss"]), float(npm["cached_gaussian"])))
-    torch.set_rng_state(torch.from_numpy(np.asarray(arrays["torch"], dtype=np.uint8).copy()))
-    if "cuda" in arrays and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.from_numpy(np.asarray(arrays["cuda"], dtype=np.uint8).copy()))
-
+# ----------------------------------------------------------------------------- per-rank files
 
 def read_json_file(path: Path) -> dict[str, Any]:
     """A JSON object file of a checkpoint; unreadable or malformed is a CheckpointError naming it."""
@@ -97,6 +77,34 @@ def read_rank_state(folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder}: rank {rank} state unreadable ({type(err).__name__}: {err})") from None
     return meta, arrays
+
+
+def write_rank_states(folder: Path, rank: int, world_size: int, states: Mapping[str, Mapping[str, Any]]) -> None:
+    """``rank-R.json`` (every state's JSON part under its name) and ``rank-R.npz`` (the arrays of
+    :data:`ARRAY_STATE`); an array in any other state is refused, the file format has no place for it."""
+    json_name, npz_name = rank_file_names(rank)
+    record: dict[str, Any] = {"rank": rank, "world_size": world_size}
+    arrays: dict[str, np.ndarray] = {}
+    for name, state in states.items():
+        found = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+        if found and name != ARRAY_STATE:
+            raise CheckpointError(f"per-rank state {name!r} holds arrays ({', '.join(found)}); only "
+                                  f"{ARRAY_STATE!r} may (rank-R.npz)")
+        arrays.update(found)
+        record[name] = {k: v for k, v in state.items() if k not in found}
+    np.savez(folder / npz_name, **arrays)
+    write_json(folder / json_name, record, indent=None)
+
+
+def read_rank_states(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """One rank's saved states by name (:data:`ARRAY_STATE` with its arrays back); the inverse of
+    :func:`write_rank_states`, and reads the files any earlier reolm wrote."""
+    meta, arrays = read_rank_state(folder, rank)
+    states = {name: dict(value) for name, value in meta.items()
+              if name not in _RANK_FILE_KEYS and isinstance(value, Mapping)}
+    if ARRAY_STATE in states:
+        states[ARRAY_STATE].update(arrays)
+    return states
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -258,24 +266,3 @@ def plan_resume(path: Path, now: Mapping[str, Any]) -> ResumePlan:
     universal = world_changed and int(saved["zero_stage"]) > 0
     same = not world_changed and readers(saved) == readers(now) and saved["num_workers"] == now["num_workers"]
     return ResumePlan(path, universal, same)
-
-
-# ----------------------------------------------------------------------------- data streams
-
-def merge_stream_states(states: list[Mapping[str, Any]]) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
-    """Positions by global stream id and summed bad-sample counts over the saved ranks' states.
-
-    A stream saved by several ranks (a replicated stream) keeps its furthest position, so no
-    reader goes back over samples one of them already consumed.
-    """
-    positions: dict[int, dict[str, int]] = {}
-    bad: dict[str, int] = {}
-    for state in states:
-        for sid, pos in state.get("streams", {}).items():
-            pos = {"draw": int(pos["draw"]), "offset": int(pos["offset"])}
-            old = positions.get(int(sid))
-            if old is None or (pos["draw"], pos["offset"]) > (old["draw"], old["offset"]):
-                positions[int(sid)] = pos
-        for kind, n in state.get("bad", {}).items():
-            bad[str(kind)] = bad.get(str(kind), 0) + int(n)
-    return positions, bad

@@ -10,9 +10,9 @@ One ``wds.DataPipeline`` per DataLoader worker, built from small stages (OpenCLI
                        whole (the collator cuts it); bad samples skipped + counted
     wds.batched        fixed-size lists of examples (partial batches dropped: every rank's
                        micro-batch has the same size, which the all-gather needs)
-    CollateStage       item-table lookups (memory-mapped token table + image features) and the
-                       packing collator: a TrainingBatch, with the stream state attached
-                       (``TrainingBatch.stream``, a StreamInfo)
+    SeededCollate      item-table lookups (memory-mapped token table + image features) and the
+                       packing collator, its masking seeded per batch: a TrainingBatch, with the
+                       stream state attached (``TrainingBatch.stream``, a StreamInfo)
 
 The stream never ends: the number of steps is fixed by the run config, so every rank takes the
 same number of steps whatever the shard sizes.  Bad samples (corrupt tar, undecodable json,
@@ -21,11 +21,13 @@ few and then only when the count doubles; the counts travel with each batch to t
 which reports them as metrics.
 
 Samples, their decoding and the counting of bad ones are :mod:`reolm.train.samples` (its
-names are importable from here too).
+names are importable from here too).  :func:`build_train_data` is the one builder of a rank's
+batch stream; :func:`list_shards` the one way a run lists its train or dev shards.
 
 Resume: each batch carries its worker's reading position *after* the samples it was built from
-were read.  The trainer saves the position of the last batch it consumed from each worker; a
-resumed worker reopens that shard draw and skips to that offset.  Samples that were in the
+were read.  :class:`StreamTracker` keeps the position of the last batch consumed from each
+worker and is checkpointed per rank (``state_dict``/``load_state_dict``, keyed by global stream
+id); a resumed worker reopens that shard draw and skips to that offset.  Samples that were in the
 shuffle buffer at that moment are not re-read, so a resume replays nothing and skips at most one
 shuffle buffer (plus the samples of batches prefetched but not consumed are read again, which
 is not a replay since they were never trained on).
@@ -44,10 +46,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from reolm.config import ConfigError
 from reolm.data.batch import StreamInfo, TrainingBatch
-from reolm.data.collate import SequenceExample
+from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.corpus import Corpus
 from reolm.data.shards import ShardError
+from reolm.train.config import DataConfig
 from reolm.train.distributed import ignore_stop_signals_in_worker
 from reolm.train.samples import (BAD_SAMPLE_KINDS, BadSampleCounter, DataError, decode_example, read_examples,
                                  tar_samples)
@@ -61,12 +65,15 @@ __all__ = [
     "decode_example",
     "expand_shards",
     "open_corpus",
-    "corpus_shards",
+    "list_shards",
     "default_num_workers",
-    "build_train_loader",
+    "Readers",
+    "SeededCollate",
+    "TrainStream",
+    "build_train_data",
     "read_examples",
     "StreamTracker",
-    "stream_id",
+    "merge_stream_states",
 ]
 
 
@@ -95,13 +102,25 @@ def open_corpus(corpus: str | os.PathLike) -> Corpus:
         raise DataError(f"data.corpus: {err}") from None
 
 
-def corpus_shards(corpus: str | os.PathLike | Corpus, split: str) -> list[str]:
-    """The ``split`` shards (train/dev) listed in a corpus manifest, as paths."""
-    opened = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    try:
-        return opened.shards(split)
-    except ShardError as err:
-        raise DataError(str(err)) from None
+def list_shards(data: DataConfig, split: str, corpus: Corpus | None) -> list[str]:
+    """The train/dev shards: ``data.<split>_shards`` if given, else those the corpus manifest lists.
+
+    A ConfigError when neither is set or none of the shards exists; a DataError when the
+    manifest lists none (a missing shard among others is the reader's to skip and count)."""
+    spec = data.train_shards if split == "train" else data.dev_shards
+    if spec:
+        shards = expand_shards(spec)
+    elif corpus is not None:
+        try:
+            shards = corpus.shards(split)
+        except ShardError as err:
+            raise DataError(str(err)) from None
+    else:
+        raise ConfigError(f"data.corpus (or data.{split}_shards) must be set")
+    missing = [s for s in shards if not os.path.exists(s)]
+    if len(missing) == len(shards):
+        raise ConfigError(f"none of the {len(shards)} {split} shards exists (e.g. {shards[0]})")
+    return shards
 
 
 def default_num_workers(local_world_size: int) -> int:
@@ -200,52 +219,87 @@ def _decode_stage(num_items: int, counter: BadSampleCounter) -> Callable:
 
 # ----------------------------------------------------------------------------- pipeline
 
-def stream_id(rank: int, worker: int, num_workers: int, replicate: bool) -> int:
-    """The global id of the shard stream a (rank, worker) reads: readers are numbered rank-major.
+@dataclass(frozen=True)
+class Readers:
+    """This rank's place among the run's shard readers (ranks x DataLoader workers).
 
-    Replicated streams ignore the rank (every rank reads the same samples).  Checkpoints key
-    reading positions by this id, which is what lets a resume on another layout re-split them.
+    Readers are numbered rank-major.  With ``replicate`` every rank reads the same streams, so
+    the rank does not count.  Checkpoints key reading positions by these global stream ids,
+    which is what lets a resume on another layout re-split them.
     """
-    return (0 if replicate else rank) * max(num_workers, 1) + worker
+
+    rank: int
+    world_size: int
+    workers: int  # DataLoader workers of this rank; 0 = the rank reads in its own process
+    replicate: bool
+
+    @property
+    def per_rank(self) -> int:
+        """Streams this rank reads: one per worker, and one in-process stream without workers."""
+        return max(self.workers, 1)
+
+    @property
+    def count(self) -> int:
+        """Streams of the whole run (what ``data.resample=false`` splits the shards among)."""
+        return self.per_rank * (1 if self.replicate else self.world_size)
+
+    def stream_id(self, worker: int) -> int:
+        return (0 if self.replicate else self.rank) * self.per_rank + worker
+
+    def stream_ids(self) -> dict[int, int]:
+        """worker -> global stream id of this rank's readers."""
+        return {worker: self.stream_id(worker) for worker in range(self.per_rank)}
+
+
+class SeededCollate:
+    """Collate with a per-batch masking RNG so a batch's masks depend only on (seed, batch id).
+
+    This makes the data of a step independent of how ranks x accumulation split the global
+    batch (``data.replicate_stream``) and makes resumed runs mask the same way.
+    """
+
+    def __init__(self, collator: PackedCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[SequenceExample], batch_seed: int) -> TrainingBatch:
+        self.collator.reseed(batch_seed)
+        return self.collator(examples)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """The per-rank dataset; each DataLoader worker builds its own pipeline in ``__iter__``."""
+    """The per-rank dataset; each DataLoader worker builds its own pipeline in ``__iter__``.
 
-    def __init__(self, shards: Sequence[str], collate: Callable[[list[SequenceExample], int], TrainingBatch],
-                 micro_batch: int, num_items: int, *, seed: int, rank: int, world_size: int,
-                 num_workers: int, resample: bool, shuffle_buffer: int, shuffle_initial: int,
-                 replicate: bool = False, max_bad_logs: int = 20,
-                 start: dict[int, StreamPosition] | None = None, generation: int = 0,
-                 expected_counts: Mapping[str, int] | None = None) -> None:
+    ``start``: worker -> the position its stream continues from; ``generation``: the run's
+    resume generation, which re-seeds the shuffle buffers and masks (they restart empty after a
+    resume, so reusing the old sequence would not reproduce the order anyway).
+    """
+
+    def __init__(self, data: DataConfig, shards: Sequence[str],
+                 collate: Callable[[list[SequenceExample], int], TrainingBatch], *, micro_batch: int,
+                 num_items: int, seed: int, readers: Readers, start: Mapping[int, StreamPosition] | None = None,
+                 generation: int = 0, expected_counts: Mapping[str, int] | None = None) -> None:
         super().__init__()
-        self.shards, self.collate, self.micro_batch = list(shards), collate, micro_batch
-        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
-        self.num_workers, self.resample, self.replicate = max(num_workers, 1), resample, replicate
-        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
-        self.max_bad_logs = max_bad_logs
-        self.start, self.generation = start or {}, generation
+        self.data, self.shards, self.collate = data, list(shards), collate
+        self.micro_batch, self.num_items, self.seed, self.readers = micro_batch, num_items, seed, readers
+        self.start, self.generation = dict(start or {}), generation
         self.expected_counts = dict(expected_counts or {})
         # Validate the layout in the parent so the error is raised before workers start.
-        streams = self.num_workers * (1 if replicate else world_size)
-        if not resample and len(self.shards) < streams:
-            ShardStream(self.shards, seed, 0, streams, resample, BadSampleCounter(0))
+        if not data.resample and len(self.shards) < readers.count:
+            ShardStream(self.shards, seed, 0, readers.count, data.resample, BadSampleCounter(0))
 
     def __iter__(self) -> Iterator[TrainingBatch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        sid = stream_id(self.rank, worker, self.num_workers, self.replicate)
-        num_streams = self.num_workers * (1 if self.replicate else self.world_size)
-        counter = BadSampleCounter(self.max_bad_logs, where=f" [rank {self.rank} worker {worker}]")
-        reader = ShardStream(self.shards, self.seed, sid, num_streams, self.resample, counter,
+        sid = self.readers.stream_id(worker)
+        counter = BadSampleCounter(self.data.max_bad_sample_logs,
+                                   where=f" [rank {self.readers.rank} worker {worker}]")
+        reader = ShardStream(self.shards, self.seed, sid, self.readers.count, self.data.resample, counter,
                              self.start.get(worker), self.expected_counts)
-        # The shuffle buffer's RNG also depends on the resume generation: after a resume the
-        # buffer restarts empty, so reusing the old sequence would not reproduce the order anyway.
         shuffle_rng = random.Random(_seed(self.seed, sid, self.generation, 11))
         pipeline = wds.DataPipeline(
             lambda: iter(reader),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=shuffle_rng)
-            if self.shuffle_buffer > 1 else None,
+            wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_initial, rng=shuffle_rng)
+            if self.data.shuffle_buffer > 1 else None,
             _decode_stage(self.num_items, counter),
             wds.batched(self.micro_batch, collation_fn=list, partial=False),
         )
@@ -256,19 +310,44 @@ class TrainStream(torch.utils.data.IterableDataset):
                                                                dict(counter.counts)))
 
 
+# ----------------------------------------------------------------------------- stream state
+
+def merge_stream_states(states: Sequence[Mapping[str, Any]]) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+    """Positions by global stream id and summed bad-sample counts over the saved ranks' states.
+
+    A stream saved by several ranks (a replicated stream) keeps its furthest position, so no
+    reader goes back over samples one of them already consumed.
+    """
+    positions: dict[int, dict[str, int]] = {}
+    bad: dict[str, int] = {}
+    for state in states:
+        for sid, pos in state.get("streams", {}).items():
+            pos = {"draw": int(pos["draw"]), "offset": int(pos["offset"])}
+            old = positions.get(int(sid))
+            if old is None or (pos["draw"], pos["offset"]) > (old["draw"], old["offset"]):
+                positions[int(sid)] = pos
+        for kind, n in state.get("bad", {}).items():
+            bad[str(kind)] = bad.get(str(kind), 0) + int(n)
+    return positions, bad
+
+
 class StreamTracker:
-    """Main-process view of the workers: last consumed position and bad-sample counts per worker.
+    """Main-process view of this rank's workers: last consumed position and bad-sample counts per
+    worker; checkpointed per rank (``rank-R.json``'s ``data``) by global stream id.
 
     Workers count from zero in every process; counts restored from a checkpoint are kept as a
-    base so that the reported totals stay cumulative over resumptions.
+    base so that the reported totals stay cumulative over resumptions.  Rank 0 also carries the
+    ``dormant`` streams of a larger earlier layout (ids beyond this run's readers) from
+    checkpoint to checkpoint, until a larger layout reads them again.
     """
 
-    def __init__(self, num_workers: int, positions: dict[int, StreamPosition] | None = None,
-                 base_bad: dict[str, int] | None = None) -> None:
-        self.num_workers = num_workers
+    def __init__(self, readers: Readers, positions: Mapping[int, StreamPosition] | None = None,
+                 base_bad: Mapping[str, int] | None = None) -> None:
+        self.readers = readers
         self.positions: dict[int, StreamPosition] = dict(positions or {})
         self.base_bad: dict[str, int] = dict(base_bad or {})
         self.bad: dict[int, dict[str, int]] = {}
+        self.dormant: dict[str, dict[str, int]] = {}
 
     def update(self, stream: StreamInfo) -> None:
         worker = int(stream.worker)
@@ -282,15 +361,55 @@ class StreamTracker:
                 total[kind] = total.get(kind, 0) + n
         return total
 
-    def state(self, stream_ids: Mapping[int, int]) -> dict[str, Any]:
-        """Positions keyed by global stream id (``stream_ids``: worker -> id) and bad-sample totals."""
-        return {"num_workers": self.num_workers,
-                "streams": {str(stream_ids[w]): vars(p) for w, p in self.positions.items()},
-                "bad": self.bad_counts()}
+    def state_dict(self) -> dict[str, Any]:
+        """Positions keyed by global stream id (dormant ones included) and bad-sample totals."""
+        ids = self.readers.stream_ids()
+        streams = {str(ids[w]): vars(p) for w, p in self.positions.items()}
+        streams.update(self.dormant)
+        return {"num_workers": self.readers.per_rank, "streams": streams, "bad": self.bad_counts()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the streams of ``state`` (by global stream id) that this rank's readers own.
+
+        Ids beyond this layout's readers (the run shrank) stay dormant on rank 0; ids new to
+        this layout (the run grew) start at their first draw, which nobody has read.
+        """
+        saved, bad = merge_stream_states([state])
+        self.positions = {w: StreamPosition(**saved[sid]) for w, sid in self.readers.stream_ids().items()
+                          if sid in saved}
+        self.base_bad, self.bad = bad, {}
+        self.dormant = ({str(sid): pos for sid, pos in saved.items() if sid >= self.readers.count}
+                        if self.readers.rank == 0 else {})
+
+    def reshard(self, saved: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """This rank's state from every rank's of a run with another layout: all streams merged by
+        global stream id; the old bad-sample totals only on rank 0 (they are summed, once)."""
+        positions, bad = merge_stream_states(saved)
+        return {"streams": {str(sid): pos for sid, pos in positions.items()},
+                "bad": bad if self.readers.rank == 0 else {}}
 
 
-def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: int,
-                       pin_memory: bool) -> torch.utils.data.DataLoader:
+# ----------------------------------------------------------------------------- the builder
+
+def build_train_data(data: DataConfig, corpus: Corpus | None, collator: PackedCollator, readers: Readers,
+                     streams: StreamTracker, *, micro_batch: int, seed: int, generation: int,
+                     device: torch.device) -> Iterator[TrainingBatch]:
+    """This rank's endless stream of collated micro-batches, continuing where ``streams`` is.
+
+    One DataLoader over a :class:`TrainStream` of ``list_shards(data, "train", corpus)``; each
+    batch consumed updates ``streams``.  Closing the returned generator shuts the workers down.
+    """
+    dataset = TrainStream(data, list_shards(data, "train", corpus), SeededCollate(collator),
+                          micro_batch=micro_batch, num_items=len(collator.tokens), seed=seed, readers=readers,
+                          start=streams.positions, generation=generation,
+                          expected_counts=corpus.shard_counts() if corpus is not None else None)
+    pin = data.pin_memory == "true" or (data.pin_memory == "auto" and device.type == "cuda")
+    loader = _loader(dataset, readers.workers, data.prefetch_factor, pin)
+    return _this_ranks_batches(loader, streams, data.replicate_stream, readers)
+
+
+def _loader(dataset: TrainStream, num_workers: int, prefetch_factor: int,
+            pin_memory: bool) -> torch.utils.data.DataLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         # Workers ignore stop signals: the rank decides when to stop (and checkpoints first).
@@ -301,3 +420,11 @@ def build_train_loader(dataset: TrainStream, num_workers: int, prefetch_factor: 
                                        pin_memory=pin_memory, **kwargs)
 
 
+def _this_ranks_batches(loader: Any, streams: StreamTracker, replicate: bool,
+                        readers: Readers) -> Iterator[TrainingBatch]:
+    """Micro-batches for this rank; with a replicated stream keep every world-th one."""
+    for index, batch in enumerate(loader):
+        streams.update(batch.stream)
+        if replicate and index % readers.world_size != readers.rank:
+            continue
+        yield batch

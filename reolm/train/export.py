@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reolm.data.corpus import VISION_FIELD
-from reolm.train.checkpoint import STATE_FILE, TAG_RE, CheckpointError, newest_complete, verify_checkpoint
+from reolm.data.tables import VISION_FIELD
+from reolm.train.checkpoint_files import STATE_FILE, TAG_RE, CheckpointError, newest_complete, verify_checkpoint
 from reolm.train.safe_load import check_folder, weights_only_loads
 
 __all__ = ["ExportError", "find_checkpoint", "load_checkpoint_model", "export_checkpoint"]

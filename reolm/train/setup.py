@@ -1,9 +1,10 @@
 """Building a pre-training run on one rank: process group, model, corpus tables, DeepSpeed engine, resume plan.
 
 :func:`build_setup` does it in the order that keeps a failing start harmless: everything that
-can be refused (the corpus, its tables, the checkpoint to resume and its layout) is checked
-before rank 0 writes anything into the run directory.  The result, :class:`TrainSetup`, is
-what the loop (:mod:`reolm.train.trainer`), validation and checkpointing read.
+can be refused (the corpus, its tables, the checkpoint to resume, its layout and the vision model
+of its image features) is checked before rank 0 writes anything into the run directory.  The
+result, :class:`TrainSetup`, is a few typed pieces that the loop (:mod:`reolm.train.trainer`),
+validation and checkpointing read.
 """
 
 from __future__ import annotations
@@ -13,79 +14,89 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from reolm.config import ConfigError, save_resolved
-from reolm.data.corpus import Corpus, VisionIdentity, check_same_vision, recorded_vision
-from reolm.data.tables import ImageFeatureTable, ItemTokenTable, vision_model_key
+from reolm.data.collate import PackedCollator
+from reolm.data.corpus import Corpus
+from reolm.data.tables import (ImageFeatureTable, ItemTables, ItemTokenTable, VisionIdentity, check_same_vision,
+                               recorded_vision, vision_model_key)
 from reolm.io import write_json
 from reolm.seeding import seed_everything
 from reolm.train import distributed as D
-from reolm.train.checkpoint import STATE_FILE, CheckpointManager, ResumePlan, read_json_file, run_layout
+from reolm.train.checkpoint import CheckpointManager
+from reolm.train.checkpoint_files import STATE_FILE, ResumePlan, read_json_file, run_layout
 from reolm.train.config import PretrainConfig
-from reolm.train.data import corpus_shards, default_num_workers, expand_shards, open_corpus
+from reolm.train.data import Readers, default_num_workers, open_corpus
 from reolm.train.ds_config import fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision, write_ds_config
 
-__all__ = ["TrainSetup", "build_setup", "build_model", "resolve_tables", "shard_list", "weight_decay_groups"]
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+__all__ = ["TrainSetup", "RankContext", "TrainInputs", "BatchShape", "Checkpoints", "build_setup", "build_model",
+           "resolve_tables", "weight_decay_groups"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
+# ----------------------------------------------------------------------------- the pieces of a setup
+
+@dataclass(frozen=True)
+class RankContext:
+    """Where this rank runs: its place in the process group, its device and precision, its data readers."""
+
+    info: D.DistInfo
+    device: torch.device
+    precision: str
+    readers: Readers
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What the run reads: the corpus (None with explicit shards and tables), its tables, the collator."""
+
+    corpus: Corpus | None
+    tables: ItemTables
+    collator: PackedCollator
+
+    @property
+    def num_items(self) -> int:
+        return self.tables.num_items
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """Sequences per rank per micro-step, and micro-steps per optimizer step."""
+
+    micro: int
+    accum: int
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where checkpoints go, the layout they record, and the checkpoint to resume (None: a fresh start)."""
+
+    manager: CheckpointManager
+    layout: dict[str, Any]
+    plan: ResumePlan | None
+
+
+@dataclass(frozen=True)
 class TrainSetup:
     """One rank's view of a run: what is built once and read by every step."""
 
     cfg: PretrainConfig
-    info: D.DistInfo
-    device: torch.device
-    engine: Any
-    collator: Any
-    tokens: ItemTokenTable
-    images: ImageFeatureTable
-    num_items: int
-    accum: int
-    micro: int
-    precision: str
-    num_workers: int
-    # Checkpointing (None where a setup is only used to validate a model, e.g. after export).
-    ckpt: CheckpointManager | None = None
-    layout: dict[str, Any] | None = None
-    plan: ResumePlan | None = None  # the checkpoint to resume and how; None = a fresh start
-    corpus: Corpus | None = None    # data.corpus, opened once (None with explicit shards and tables)
-    vision: VisionIdentity | None = None  # which vision model made the image features (None: no images)
-
-    def __post_init__(self) -> None:
-        if self.corpus is None and self.cfg.data.corpus:
-            self.corpus = open_corpus(self.cfg.data.corpus)
+    rank: RankContext
+    inputs: TrainInputs
+    engine: "DeepSpeedEngine"
+    batch: BatchShape
+    # None where a setup is only used to validate a model (e.g. after export).
+    checkpoints: Checkpoints | None = None
 
 
-# ----------------------------------------------------------------------------- data
-
-def shard_list(cfg: PretrainConfig, split: str, corpus: Corpus | None) -> list[str]:
-    """The train/dev shards: ``data.<split>_shards`` if given, else the corpus manifest's."""
-    spec = cfg.data.train_shards if split == "train" else cfg.data.dev_shards
-    if spec:
-        shards = expand_shards(spec)
-    elif corpus is not None:
-        shards = corpus_shards(corpus, split)
-    else:
-        raise ConfigError(f"data.corpus (or data.{split}_shards) must be set")
-    missing = [s for s in shards if not os.path.exists(s)]
-    if len(missing) == len(shards):
-        raise ConfigError(f"none of the {len(shards)} {split} shards exists (e.g. {shards[0]})")
-    return shards
-
-
-def _token_table(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None) -> ItemTokenTable:
-    # The corpus' table for THIS tokenizer and max_attr_tokens, never one built with another.
-    if cfg.data.token_table:
-        return ItemTokenTable.load(cfg.data.token_table)
-    if corpus is not None:
-        return corpus.token_table(tokenizer, cfg.model.max_attr_tokens)
-    raise ConfigError("data.token_table or data.corpus must be set")
-
+# ----------------------------------------------------------------------------- tables
 
 def _vision_key(vision: str) -> tuple[str, str | None]:
     """(table key, vision folder or None) of ``data.vision``: a table key as is, else a model folder."""
@@ -96,42 +107,29 @@ def _vision_key(vision: str) -> tuple[str, str | None]:
     return vision_model_key(vision), vision
 
 
-def _tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None
-            ) -> tuple[ItemTokenTable, ImageFeatureTable, VisionIdentity | None]:
-    """(token table, image table, the vision model behind the image table or None without one)."""
-    tokens = _token_table(cfg, tokenizer, corpus)
-    where = cfg.data.image_table or (corpus.root / "tables" if corpus is not None else None)
-    if cfg.data.image_table:
-        images = ImageFeatureTable.load(cfg.data.image_table)
-    elif cfg.data.vision and corpus is None:
-        raise ConfigError("data.vision picks one of a corpus' image tables, but data.corpus is not set; "
-                          "name the table folder with data.image_table instead")
-    elif cfg.data.vision:
-        images = corpus.image_table(*_vision_key(cfg.data.vision))
-    else:
-        images = corpus.image_table() if corpus is not None else None
-    vision = VisionIdentity.of_table(images) if images is not None else None
-    if images is None:  # every item uses the void image
-        images = ImageFeatureTable.empty(len(tokens), cfg.model.image_feature_dim)
-    if images.dim != cfg.model.image_feature_dim:
-        raise ConfigError(f"model.image_feature_dim={cfg.model.image_feature_dim} but the image table "
-                          f"{where} holds {images.dim}-d features")
-    if len(images) != len(tokens):
-        raise ConfigError(f"image table {where} has {len(images)} rows, the token table {len(tokens)}")
-    return tokens, images, vision
-
-
-def resolve_tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None = None
-                   ) -> tuple[ItemTokenTable, ImageFeatureTable]:
-    """(ItemTokenTable, ImageFeatureTable) memory-mapped from the configured folders.
+def resolve_tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None = None) -> ItemTables:
+    """The run's token and image tables (memory-mapped) and the vision model behind the images.
 
     Without an explicit ``data.token_table`` the corpus' table for this tokenizer is used;
-    without ``data.image_table`` the corpus' image table (several: an error naming each one's
-    vision model); without image features every item uses the void image.
+    without ``data.image_table`` the corpus' image table of ``data.vision``, or its only one
+    (several: an error naming each one's vision model); without image features every item uses
+    the void image.  ``corpus``: ``data.corpus`` when the caller has opened it already.
     """
-    if corpus is None and cfg.data.corpus:
-        corpus = open_corpus(cfg.data.corpus)
-    return _tables(cfg, tokenizer, corpus)[:2]
+    data, model = cfg.data, cfg.model
+    if corpus is None and data.corpus:
+        corpus = open_corpus(data.corpus)
+    if corpus is not None:
+        key, folder = _vision_key(data.vision) if data.vision else (None, None)
+        return corpus.item_tables(tokenizer, model.max_attr_tokens, model.image_feature_dim, vision_key=key,
+                                  vision_dir=folder, token_dir=data.token_table, image_dir=data.image_table)
+    if not data.token_table:
+        raise ConfigError("data.token_table or data.corpus must be set")
+    if data.vision:
+        raise ConfigError("data.vision picks one of a corpus' image tables, but data.corpus is not set; "
+                          "name the table folder with data.image_table instead")
+    images = ImageFeatureTable.load(data.image_table) if data.image_table else None
+    return ItemTables.checked(ItemTokenTable.load(data.token_table), images, model.image_feature_dim,
+                              data.image_table or None)
 
 
 # ----------------------------------------------------------------------------- model and engine
@@ -207,41 +205,48 @@ def _check_resumed_vision(plan: ResumePlan | None, vision: VisionIdentity | None
                       f"checkpoint {plan.path}", "this run's image table")
 
 
+def _rank_context(cfg: PretrainConfig, info: D.DistInfo) -> RankContext:
+    """This rank's device (its local GPU, else the CPU), precision and data readers."""
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(info.local_world_size)
+    readers = Readers(rank=info.rank, world_size=info.world_size, workers=workers,
+                      replicate=cfg.data.replicate_stream)
+    return RankContext(info=info, device=device, precision=resolve_precision(cfg.optim.precision, device.type),
+                       readers=readers)
+
+
 def build_setup(cfg: PretrainConfig) -> TrainSetup:
     """Everything one rank needs before its first step (collective: every rank calls it)."""
     import deepspeed
 
-    from reolm.data.collate import PackedCollator
-
     info = D.init(cfg.dist.timeout_minutes)
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rank = _rank_context(cfg, info)
     _limit_threads(info.local_world_size)
     model = build_model(cfg)
     if model.tokenizer is None:
         raise ConfigError(f"model.backbone={cfg.model.backbone} has no tokenizer files")
     corpus = open_corpus(cfg.data.corpus) if cfg.data.corpus else None
-    tokens, images, vision = _tables(cfg, model.tokenizer, corpus)
+    tables = resolve_tables(cfg, model.tokenizer, corpus)
     seed_everything(cfg.seed, info.rank)  # dropout and masking differ between ranks; the init did not
-    precision = resolve_precision(cfg.optim.precision, device.type)
-    ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, device.type, cfg.dist.zero_stage,
+    ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, rank.device.type, cfg.dist.zero_stage,
                             hidden_size=model.backbone_config.hidden_size)
-    num_workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(info.local_world_size)
-    layout = _layout(cfg, info, ds_cfg, num_workers)
+    layout = _layout(cfg, info, ds_cfg, rank.readers.workers)
     # The checkpoint to resume is picked and checked against this run's layout BEFORE anything
     # in the run directory is written: a resume that cannot work changes nothing.
-    ckpt = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
-    plan = ckpt.plan(cfg.ckpt.resume, layout) if cfg.ckpt.resume else None
-    _check_resumed_vision(plan, vision)
+    manager = CheckpointManager(cfg.checkpoint_dir(), cfg.ckpt.keep_last)
+    plan = manager.plan(cfg.ckpt.resume, layout) if cfg.ckpt.resume else None
+    _check_resumed_vision(plan, tables.vision)
     if plan is not None and plan.universal:
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     if info.rank == 0:
         write_ds_config(ds_cfg, cfg.run_dir)
         save_resolved(cfg, cfg.run_dir)
-        _write_run_info(cfg.run_dir, info, device, precision)
+        _write_run_info(cfg.run_dir, info, rank.device, rank.precision)
     scheduler = None if "scheduler" in ds_cfg else lr_scheduler_factory(cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(
         model, cfg.optim.weight_decay), config=ds_cfg, lr_scheduler=scheduler)
-    collator = PackedCollator.from_config(tokens, images, model.tokenizer, cfg.model, seed=cfg.seed)
-    return TrainSetup(cfg, info, device, engine, collator, tokens, images, len(tokens),
-                      ds_cfg["gradient_accumulation_steps"], ds_cfg["train_micro_batch_size_per_gpu"], precision,
-                      num_workers, ckpt, layout, plan, corpus, vision)
+    collator = PackedCollator.from_config(tables.tokens, tables.images, model.tokenizer, cfg.model, seed=cfg.seed)
+    return TrainSetup(cfg=cfg, rank=rank, inputs=TrainInputs(corpus=corpus, tables=tables, collator=collator),
+                      engine=engine, batch=BatchShape(micro=ds_cfg["train_micro_batch_size_per_gpu"],
+                                                      accum=ds_cfg["gradient_accumulation_steps"]),
+                      checkpoints=Checkpoints(manager=manager, layout=layout, plan=plan))

@@ -1,28 +1,35 @@
 """What a pre-training run carries from step to step and from checkpoint to resume.
 
-:class:`TrainerState` holds the run's counters and saves/loads itself through the
-:class:`~reolm.train.checkpoint.CheckpointManager` (``trainer_state.json`` plus DeepSpeed's
-client state); :class:`DataStreams` holds the reading positions of this rank's data workers
-and, on rank 0, the dormant streams of a larger earlier layout, saved per rank
-(``rank-R.json``).
+Every piece implements ``state_dict()`` / ``load_state_dict(state)`` and is registered once with
+the :class:`~reolm.train.checkpoint.CheckpointManager` (:func:`register_run_state`):
+
+* :class:`TrainerState`: the run's counters (shared: ``trainer_state.json``);
+* :class:`RunRecord`: the resolved config, architecture, layout and vision model, which export
+  and resume checks read (shared, written with the counters);
+* the data streams (:class:`~reolm.train.data.StreamTracker`, per rank: ``rank-R.json`` ``data``);
+* :class:`ProcessRNG`: Python, NumPy, torch and CUDA generators (per rank: ``rank-R.json`` ``rng``
+  and the arrays in ``rank-R.npz``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
 
 from reolm.config import to_dict
-from reolm.data.corpus import vision_record
+from reolm.data.tables import vision_record
 from reolm.train import distributed as D
-from reolm.train.checkpoint import readers
-from reolm.train.data import StreamPosition, StreamTracker, stream_id
+from reolm.train.data import StreamTracker
 from reolm.train.setup import TrainSetup
 
-__all__ = ["TrainerState", "DataStreams"]
+__all__ = ["TrainerState", "RunRecord", "ProcessRNG", "register_run_state", "resume"]
 
 log = logging.getLogger("reolm.train")
 
@@ -41,44 +48,71 @@ class TrainerState:
     skipped_steps: int = 0
     generation: int = 0
 
-    def counters(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def resumed_from(cls, shared: Mapping[str, Any]) -> "TrainerState":
-        """The state continuing a checkpoint's ``shared`` record: its counters, the next generation."""
-        saved = {f.name: int(shared[f.name]) for f in dataclasses.fields(cls) if f.name in shared}
-        return cls(**{**saved, "generation": saved.get("generation", 0) + 1})
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a checkpoint's counters; loading starts the next generation (a resume is a new start)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state.get(f.name, 0)))
+        self.generation += 1
 
-    def checkpoint_record(self, setup: TrainSetup) -> dict[str, Any]:
-        """``trainer_state.json``: the counters, the resolved config, the architecture (what export
-        rebuilds), the layout (what a resume checks) and the vision model behind the image features."""
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What every checkpoint records about the run besides its counters: the resolved config, the
+    architecture (what export rebuilds), the layout (what a resume checks) and the vision model
+    behind the image features (what a resume and fine-tuning check)."""
+
+    record: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, setup: TrainSetup) -> "RunRecord":
         module = setup.engine.module
-        return {**self.counters(), "config": to_dict(setup.cfg), "backbone": module.backbone_config.to_dict(),
-                "model": to_dict(module.config), "layout": setup.layout, **vision_record(setup.vision)}
+        return cls({"config": to_dict(setup.cfg), "backbone": module.backbone_config.to_dict(),
+                    "model": to_dict(module.config), "layout": setup.checkpoints.layout,
+                    **vision_record(setup.inputs.tables.vision)})
 
-    def save(self, setup: TrainSetup, streams: "DataStreams") -> Path:
-        """Checkpoint the engine and this state at ``self.step`` (collective: every rank calls it)."""
-        tokenizer = setup.engine.module.tokenizer
-        return setup.ckpt.save(setup.engine, self.step, self.checkpoint_record(setup),
-                               {"data": streams.checkpoint_record(setup)},
-                               write_extra=lambda folder: _save_tokenizer(tokenizer, folder))
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.record)
 
-    @classmethod
-    def resume(cls, setup: TrainSetup) -> tuple["TrainerState", dict[str, Any] | None]:
-        """(state, the restored stream positions and bad counts or None) after loading ``setup.plan``."""
-        if setup.plan is None:
-            if setup.cfg.ckpt.resume and D.is_main():
-                log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", setup.cfg.ckpt.resume,
-                         setup.cfg.checkpoint_dir())
-            return cls(), None
-        shared, restored = setup.ckpt.load(setup.engine, setup.plan)
-        state = cls.resumed_from(shared)
-        if D.is_main():
-            saved_world = shared.get("world_size")
-            how = "" if saved_world == setup.info.world_size else f" (saved on {saved_world} ranks, universal checkpoint)"
-            log.info("resumed from %s at step %d%s", setup.plan.path, state.step, how)
-        return state, restored
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: the run describes itself from its config, and whatever a resume must
+        agree on (layout, vision model) was checked by :func:`~reolm.train.setup.build_setup` first."""
+
+
+class ProcessRNG:
+    """This process' random generators as data: JSON-able scalars and plain arrays, never a pickle.
+
+    On another layout rank r continues old rank r's generators; ranks the saving run did not
+    have keep their fresh seeds.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, mt, gauss = random.getstate()
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": {"version": version, "gauss": gauss},
+            "numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python_mt": np.asarray(mt, dtype=np.int64), "numpy_keys": np.asarray(keys, dtype=np.uint32),
+            "torch": torch.get_rng_state().numpy()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state().numpy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((int(py["version"]), tuple(int(x) for x in state["python_mt"]), py["gauss"]))
+        npm = state["numpy"]
+        np.random.set_state(("MT19937", np.asarray(state["numpy_keys"], dtype=np.uint32), int(npm["pos"]),
+                             int(npm["has_gauss"]), float(npm["cached_gaussian"])))
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["torch"], dtype=np.uint8).copy()))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8).copy()))
+
+    def reshard(self, saved: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+        rank = D.info().rank
+        return saved[rank] if rank < len(saved) else None
 
 
 def _save_tokenizer(tokenizer: Any, ckpt_path: Path) -> None:
@@ -87,38 +121,25 @@ def _save_tokenizer(tokenizer: Any, ckpt_path: Path) -> None:
         tokenizer.save_pretrained(str(ckpt_path / "tokenizer"))
 
 
-def _stream_ids(setup: TrainSetup) -> dict[int, int]:
-    """worker -> global stream id of this rank's readers."""
-    workers = max(setup.num_workers, 1)
-    return {w: stream_id(setup.info.rank, w, workers, setup.cfg.data.replicate_stream) for w in range(workers)}
+def register_run_state(setup: TrainSetup, state: TrainerState, streams: StreamTracker) -> None:
+    """Register what this run's checkpoints hold with its checkpoint manager (once per run)."""
+    tokenizer = setup.engine.module.tokenizer
+    # The RNG first: rank-R.json keeps the key order that earlier versions wrote.
+    setup.checkpoints.manager.register(shared={"trainer": state, "run": RunRecord.of(setup)},
+                                       per_rank={"rng": ProcessRNG(), "data": streams},
+                                       write_extra=lambda folder: _save_tokenizer(tokenizer, folder))
 
 
-@dataclass
-class DataStreams:
-    """This rank's reading positions (``tracker``) and the ``dormant`` streams rank 0 keeps saving."""
-
-    tracker: StreamTracker
-    dormant: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def restore(cls, setup: TrainSetup, restored: dict[str, Any] | None) -> "DataStreams":
-        """The streams this rank continues from, re-split by global stream id.
-
-        A stream some reader of this layout owns continues at its saved position; ids beyond
-        this layout's readers (the run shrank) stay dormant, their positions carried in rank 0's
-        checkpoints until a larger layout reads them again; ids new to this layout (the run
-        grew) start at their first draw, which nobody has read.
-        """
-        workers = max(setup.num_workers, 1)
-        if not restored:
-            return cls(StreamTracker(workers))
-        saved = restored["streams"]
-        mine = {w: StreamPosition(**saved[sid]) for w, sid in _stream_ids(setup).items() if sid in saved}
-        dormant = {str(sid): pos for sid, pos in saved.items() if sid >= readers(setup.layout)}
-        return cls(StreamTracker(workers, mine, restored["bad"]), dormant if setup.info.rank == 0 else {})
-
-    def checkpoint_record(self, setup: TrainSetup) -> dict[str, Any]:
-        """``rank-R.json``'s ``data``: positions by global stream id (dormant ones included), bad counts."""
-        data = self.tracker.state(_stream_ids(setup))
-        data["streams"].update(self.dormant)
-        return data
+def resume(setup: TrainSetup) -> bool:
+    """Load the planned checkpoint into the engine and the registered states; False on a fresh start."""
+    cfg, checkpoints = setup.cfg, setup.checkpoints
+    if checkpoints.plan is None:
+        if cfg.ckpt.resume and D.is_main():
+            log.info("ckpt.resume=%s: no checkpoint in %s, starting fresh", cfg.ckpt.resume, cfg.checkpoint_dir())
+        return False
+    shared = checkpoints.manager.load(setup.engine, checkpoints.plan)
+    if D.is_main():
+        saved_world = shared.get("world_size")
+        how = "" if saved_world == setup.rank.info.world_size else f" (saved on {saved_world} ranks, universal checkpoint)"
+        log.info("resumed from %s at step %d%s", checkpoints.plan.path, int(shared.get("step", 0)), how)
+    return True

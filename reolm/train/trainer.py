@@ -5,7 +5,7 @@ Every rank takes exactly ``optim.steps`` optimizer steps of ``accum`` micro-step
 (:mod:`reolm.train.metrics`), validates (:mod:`reolm.train.validation`) and checkpoints
 (:class:`~reolm.train.state.TrainerState`) on their schedules, and stops early, with a
 checkpoint, when a stop signal was agreed on.  What is built before the first step is
-:mod:`reolm.train.setup`.
+:mod:`reolm.train.setup`; what a checkpoint holds is registered once (:mod:`reolm.train.state`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from reolm.train import distributed as D
-from reolm.train.checkpoint import complete_checkpoints
+from reolm.train.checkpoint_files import complete_checkpoints
 from reolm.train.config import PretrainConfig
-from reolm.train.data import BAD_SAMPLE_KINDS
+from reolm.train.data import BAD_SAMPLE_KINDS, StreamTracker, build_train_data
 from reolm.train.losses import PretrainLoss
 from reolm.train.metrics import (DeviceAccumulator, MetricsWriter, Progress, Window, move_rows_after,
                                  peak_device_tflops, window_metrics)
 from reolm.train.runstate import claim_run_dir, mark_running, write_status
 from reolm.train.setup import TrainSetup, build_setup
-from reolm.train.state import DataStreams, TrainerState
-from reolm.train.step import consumed_log, micro_step, train_batches
+from reolm.train.state import TrainerState, register_run_state, resume
+from reolm.train.step import consumed_log, micro_step
 from reolm.train.stopsignal import restore_default_action
 from reolm.train.validation import validate, validation_set
 
@@ -68,20 +68,20 @@ class NonFiniteGuard:
 def _peak_tflops(setup: TrainSetup) -> float | None:
     """Peak device TFLOP/s for MFU: the GPU's tensor-core peak in bf16/fp16, else only a configured one."""
     flag = setup.cfg.log.peak_tflops
-    return peak_device_tflops(flag) if setup.precision in ("bf16", "fp16") else (flag or None)
+    return peak_device_tflops(flag) if setup.rank.precision in ("bf16", "fp16") else (flag or None)
 
 
-def _log_window(step: int, acc: DeviceAccumulator, window: Window, setup: TrainSetup, streams: DataStreams,
+def _log_window(step: int, acc: DeviceAccumulator, window: Window, setup: TrainSetup, streams: StreamTracker,
                 peak: float | None, writer: MetricsWriter, state: TrainerState) -> dict[str, Any]:
     """Read the window's sums to the host (one transfer), derive rates, write JSONL/TB."""
     engine = setup.engine
     elapsed = window.elapsed()
-    totals, bad_by_kind = window.totals(streams.tracker.bad_counts(), BAD_SAMPLE_KINDS, setup.device)
+    totals, bad_by_kind = window.totals(streams.bad_counts(), BAD_SAMPLE_KINDS, setup.rank.device)
     micro_steps = max(acc.count, 1)
     sums = acc.pop()
     state.tokens += int(totals[0])
     grad_norm = engine.get_global_grad_norm()
-    values = window_metrics(sums, micro_steps=micro_steps, ranks=setup.info.world_size, totals=totals,
+    values = window_metrics(sums, micro_steps=micro_steps, ranks=setup.rank.info.world_size, totals=totals,
                             elapsed=elapsed, lr=engine.get_lr()[0],
                             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                             counters={"skipped_steps": state.skipped_steps, "samples_seen": state.samples,
@@ -99,13 +99,16 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         restore_default_action()
     cfg = claim_run_dir(cfg, complete_checkpoints(cfg.checkpoint_dir()))
     setup = build_setup(cfg)
-    engine, main = setup.engine, setup.info.rank == 0
-    state, restored = TrainerState.resume(setup)
-    streams = DataStreams.restore(setup, restored)
+    engine, main = setup.engine, setup.rank.info.rank == 0
+    state, streams = TrainerState(), StreamTracker(setup.rank.readers)
+    register_run_state(setup, state, streams)
+    resume(setup)
     if main:
         # Rows the interrupted run logged after the checkpoint would repeat steps: move them aside.
         move_rows_after(Path(cfg.run_dir) / "metrics.jsonl", state.step)
-    batches = train_batches(setup, streams.tracker, state.generation)
+    batches = build_train_data(cfg.data, setup.inputs.corpus, setup.inputs.collator, setup.rank.readers, streams,
+                               micro_batch=setup.batch.micro, seed=cfg.seed, generation=state.generation,
+                               device=setup.rank.device)
     val_set = validation_set(setup)
 
     loss_fn = PretrainLoss(cfg.model.temperature, cfg.loss.mlm_weight, cfg.loss.negatives,
@@ -115,7 +118,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     acc = DeviceAccumulator()
     peak = _peak_tflops(setup)
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
-    consumed = consumed_log(cfg.run_dir, setup.info.rank) if cfg.data.record_keys else None
+    consumed = consumed_log(cfg.run_dir, setup.rank.info.rank) if cfg.data.record_keys else None
     window = Window()
     last: dict[str, Any] = {}
     engine.train()
@@ -125,13 +128,13 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         mark_running(cfg, start_step)
     try:
         while state.step < cfg.optim.steps:
-            for _ in range(setup.accum):
+            for _ in range(setup.batch.accum):
                 micro_step(setup, batches, loss_fn, window, acc, consumed, state.step + 1)
             state.step += 1
             step = state.step
             if guard.update(engine.was_step_applied(), step):
                 state.skipped_steps += 1
-            state.samples += setup.micro * setup.accum * setup.info.world_size
+            state.samples += setup.batch.micro * setup.batch.accum * setup.rank.info.world_size
             progress.update(1)
 
             stopping = stop is not None and stop.agreed()
@@ -153,7 +156,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                     write_status(cfg.run_dir, "finished" if final else "stopped", step, start_step,
                                  stop.reason if stopping and stop else "")
                 t0 = time.perf_counter()
-                state.save(setup, streams)
+                setup.checkpoints.manager.save(engine, state.step)
                 window.excluded += time.perf_counter() - t0
             if stopping and not final:
                 if main:

@@ -24,8 +24,8 @@ from reolm.eval.metrics import MetricAccumulator
 from reolm.eval.ranking import rank_targets
 from reolm.model.objectives import mlm_predictions
 from reolm.train import distributed as D
-from reolm.train.data import BadSampleCounter, DataError, read_examples
-from reolm.train.setup import TrainSetup, shard_list
+from reolm.train.data import BadSampleCounter, DataError, list_shards, read_examples
+from reolm.train.setup import TrainSetup
 
 __all__ = ["ValidationSet", "validation_set", "validate", "ranking_metrics"]
 
@@ -41,18 +41,18 @@ class ValidationSet(NamedTuple):
 
 def validation_set(setup: TrainSetup) -> ValidationSet | None:
     """The dev examples and candidate pool of this run; None (warned) when there is nothing to validate on."""
-    cfg = setup.cfg
+    cfg, corpus, num_items = setup.cfg, setup.inputs.corpus, setup.inputs.num_items
     if cfg.val.every == 0:
         return None
     try:
-        shards = shard_list(cfg, "dev", setup.corpus)
+        shards = list_shards(cfg.data, "dev", corpus)
     except (ConfigError, DataError) as err:
         log.warning("no validation: %s", err)
         return None
     # Missing/unreadable dev shards and bad samples are skipped and counted, as in training.
     counter = BadSampleCounter(max_logs=5, where=" [dev]")
-    expected = setup.corpus.shard_counts() if setup.corpus is not None and not cfg.data.dev_shards else None
-    examples = read_examples(shards, setup.num_items, cfg.val.max_users, counter, expected)
+    expected = corpus.shard_counts() if corpus is not None and not cfg.data.dev_shards else None
+    examples = read_examples(shards, num_items, cfg.val.max_users, counter, expected)
     skipped = {"val_skipped_samples": counter.total,
                **{f"val_skipped_samples_{kind}": n for kind, n in counter.counts.items()}}
     if counter.total:
@@ -60,7 +60,7 @@ def validation_set(setup: TrainSetup) -> ValidationSet | None:
     if not examples:
         log.warning("no validation: no readable dev samples in %d shard(s)", len(shards))
         return None
-    return ValidationSet(examples, _candidate_pool(examples, cfg.val.num_candidates, setup.num_items, cfg.seed),
+    return ValidationSet(examples, _candidate_pool(examples, cfg.val.num_candidates, num_items, cfg.seed),
                          skipped)
 
 
@@ -107,9 +107,9 @@ class _Encoder:
     """Forward passes of the run's module over dev histories and candidate items (no gradient)."""
 
     def __init__(self, setup: TrainSetup) -> None:
-        self.module, self.collator = setup.engine.module, setup.collator
-        self.device = setup.device
-        self.mlm_stats = torch.zeros(2, device=setup.device)  # (correct predictions, masked tokens)
+        self.module, self.collator = setup.engine.module, setup.inputs.collator
+        self.device = setup.rank.device
+        self.mlm_stats = torch.zeros(2, device=self.device)  # (correct predictions, masked tokens)
 
     def _histories(self, chunk: list[SequenceExample]) -> PackedBatch:
         """The chunk's histories (without their targets) as a batch on the device."""
@@ -150,7 +150,7 @@ def validate(setup: TrainSetup, examples: list[SequenceExample], pool: np.ndarra
     a second, masked pass with a fixed seed.  Every rank encodes an equal share (ZeRO-3 needs all
     ranks in every forward).
     """
-    module, collator, cfg = setup.engine.module, setup.collator, setup.cfg
+    module, collator, cfg = setup.engine.module, setup.inputs.collator, setup.cfg
     encoder = _Encoder(setup)
     configured_masking = collator.mlm_probability
     was_training = module.training
