@@ -29,9 +29,6 @@ import numpy as np
 from reolm.data.tables import (DEFAULT_BATCH, UNKNOWN_VISION, ImageFeatureTable, ItemTables, ItemTokenTable,
                                TableError, VisionIdentity, build_token_table_batched, identity_difference,
                                key_of_identity, tokenizer_identity, vision_model_key)
-# Defined with ImageFeatureTable in reolm.data.tables; still importable from here for fine-tuning
-# (reolm/finetune/reolm_recommender.py), which imports them from this module.
-from reolm.data.tables import check_same_vision, recorded_vision, vision_record  # noqa: F401
 
 __all__ = ["Corpus", "domain_vision", "source_attributes", "iter_source_items", "token_table_dir",
            "image_table_dir", "build_source_token_table", "MissingTokenTable", "why_no_token_table",

@@ -47,7 +47,7 @@ from reolm.config import from_dict, save_resolved, to_dict
 from reolm.data import corpus
 from reolm.data.batch import PackedBatch
 from reolm.data.collate import PackedCollator, SequenceExample
-from reolm.data.corpus import VisionIdentity, check_same_vision, recorded_vision, vision_record
+from reolm.data.tables import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.finetune.reolm_config import ReoLMSection
