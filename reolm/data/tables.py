@@ -444,13 +444,24 @@ DEFAULT_BATCH = 4096
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """An HF tokenizer from a local directory (never downloads)."""
+    """The HF tokenizer of a local directory: a tokenizer, an HF checkpoint or a Reo-LM export
+    (never downloads; the one loader every stage uses, so all of them tokenize alike)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     if not path.is_dir():
         raise TableError(f"tokenizer directory not found: {path} (train one with `reolm tokenizer train`)")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # An export's config.json says model_type "reolm", which transformers does not know; it warns
+    # on every load although only the tokenizer files are read. Silence that one call.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise TableError(f"{path}: cannot load its tokenizer with AutoTokenizer: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _word_starts(word_ids: Sequence[int | None]) -> list[int]:

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from reolm.config import from_dict, upgrade_renamed_keys
 from reolm.data.batch import PackedBatch
+from reolm.data.tables import load_tokenizer as read_tokenizer
 from reolm.model import hf_checkpoint as hf
 from reolm.model import objectives
 from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
@@ -404,7 +405,7 @@ class ReoLM(nn.Module):
         model = cls(hf.read_backbone_config(hf_dir), cfg)
         hf.load_backbone_weights(model, hf.read_state_dict(hf_dir), source=str(hf_dir))
         if load_tokenizer:
-            model.tokenizer = hf.load_tokenizer(hf_dir)
+            model.tokenizer = read_tokenizer(hf_dir)
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping[str, Any] | None = None) -> Path:
@@ -430,7 +431,7 @@ class ReoLM(nn.Module):
         hf.load_complete_state(model, hf.read_state_dict(directory),
                                f"{directory}: weights do not match its config.json")
         if load_tokenizer:
-            model.tokenizer = hf.load_tokenizer(directory)
+            model.tokenizer = read_tokenizer(directory)
         return model
 
     # ------------------------------------------------------------------ routing / backend

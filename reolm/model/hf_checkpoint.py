@@ -41,7 +41,7 @@ from reolm.io import atomic_dir
 __all__ = ["BackboneConfig", "CheckpointError", "read_backbone_config", "read_state_dict",
            "normalise_hf_keys", "has_untied_decoder", "SUPPORTED_MODEL_TYPES", "TIED_KEY", "FORMAT_VERSION",
            "key_mismatch", "backbone_keys", "load_backbone_weights", "load_complete_state", "weights_to_save",
-           "save_export", "read_export_config", "load_tokenizer"]
+           "save_export", "read_export_config"]
 
 log = logging.getLogger(__name__)
 
@@ -337,18 +337,3 @@ def read_export_config(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Any:
-    """``AutoTokenizer`` of a checkpoint or export directory."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # An export's config.json says model_type "reolm", which transformers does not know; it warns
-    # on every load although only the tokenizer files are read. Silence that one call.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{directory}: cannot load its tokenizer with AutoTokenizer: {err}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
