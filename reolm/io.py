@@ -1,4 +1,6 @@
-"""Atomic writes: a reader (or a resumed run after a crash) sees the old file or the new one, never half.
+"""Files Reo-LM writes and reads back.
+
+Atomic writes: a reader (or a resumed run after a crash) sees the old file or the new one, never half.
 
 Every file or folder that Reo-LM writes for later use goes through here: the content is written
 under a temporary name next to the target (same filesystem, so the rename is atomic) and renamed
@@ -17,7 +19,8 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_open", "write_bytes", "write_text", "write_json", "save_npy", "sha256_file"]
+__all__ = ["atomic_path", "atomic_dir", "atomic_open", "write_bytes", "write_text", "write_json", "save_npy", "sha256_file",
+           "read_json"]
 
 
 def _remove(path: Path) -> None:
@@ -123,3 +126,27 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, expect: type | None = dict,
+              missing: str = "") -> Any:
+    """The value of a JSON file, of type ``expect`` (None = any); a missing, unreadable or malformed
+    file, or one of another type, raises ``error`` with a message that names the file and what is
+    wrong (``missing`` adds a hint for the missing case, e.g. which command writes the file)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: missing{f' ({missing})' if missing else ''}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (ValueError, RecursionError) as err:  # an over-long integer, nesting past the decoder's depth
+        raise error(f"{path}: malformed JSON ({type(err).__name__})") from None
+    if expect is not None and not isinstance(value, expect):
+        wanted = "object" if expect is dict else "array" if expect is list else expect.__name__
+        raise error(f"{path}: expected a JSON {wanted}, found {type(value).__name__}")
+    return value

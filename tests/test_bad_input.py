@@ -206,14 +206,10 @@ def test_image_path_that_is_a_directory_is_no_image(clean, tmp_path, capsys):
 @pytest.mark.parametrize("value", ["inf", ".inf", "-inf", "nan", ".nan"])
 def test_non_finite_rate_is_refused(value, capsys):
     """`optim.lr=inf` passed `gt=0`; every float setting must now be a finite number."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "launch" / "pretrain.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    assert entry.main([f"optim.lr={value}", "--print-config"]) == 2
-    assert "optim.lr: expected a finite number, got " in capsys.readouterr().err
-    assert entry.main(["optim.lr=1e-3", "loss.mlm_weight=0", "--print-config"]) == 0
+    assert main(["pretrain", f"optim.lr={value}", "--print-config"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reolm pretrain: error: ") and "optim.lr: expected a finite number, got " in err
+    assert main(["pretrain", "optim.lr=1e-3", "loss.mlm_weight=0", "--print-config"]) == 0
 
 
 # ----------------------------------------------------------------------------- faulty shards in the stream

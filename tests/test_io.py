@@ -50,3 +50,32 @@ def test_save_npy_round_trips_and_refuses_objects(tmp_path):
     with pytest.raises(TypeError, match="object array"):
         io.save_npy(tmp_path / "b.npy", np.array([{"a": 1}], dtype=object))
     assert not (tmp_path / "b.npy").exists()
+
+
+@pytest.mark.parametrize("content, expect, message", [
+    (None, dict, "x.json: missing (run `make x`)"),
+    (b'{"a": 1,\n  oops}', dict, "x.json: malformed JSON at line 2 column 3"),
+    (b"\xff\xfe{}", dict, "x.json: unreadable (UnicodeDecodeError"),
+    (b"[1, 2]", dict, "x.json: expected a JSON object, found list"),
+    (b"[" * 100_000 + b"]" * 100_000, None, "x.json: malformed JSON (RecursionError)"),
+    (b"1" * 5000, None, "x.json: malformed JSON (ValueError)"),
+])
+def test_read_json_names_the_file_and_what_is_wrong(tmp_path, content, expect, message):
+    from reolm.io import read_json
+
+    class Refused(ValueError):
+        pass
+    path = tmp_path / "x.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(Refused) as err:
+        read_json(path, Refused, expect=expect, missing="run `make x`")
+    assert str(err.value).startswith(str(tmp_path / message.split(":")[0]) + ":" + message.split(":", 1)[1])
+
+
+def test_read_json_returns_the_value(tmp_path):
+    from reolm.io import read_json
+    (tmp_path / "a.json").write_text('{"k": [1, 2.5, "é"]}', encoding="utf-8")
+    (tmp_path / "b.json").write_text("[3]")
+    assert read_json(tmp_path / "a.json") == {"k": [1, 2.5, "é"]}
+    assert read_json(tmp_path / "b.json", expect=list) == [3]

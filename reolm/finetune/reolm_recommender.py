@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -51,7 +50,7 @@ from reolm.data.tables import VisionIdentity, check_same_vision, recorded_vision
 from reolm.data.domain import Domain
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable
 from reolm.finetune.reolm_config import ReoLMSection
-from reolm.io import atomic_dir, write_json
+from reolm.io import atomic_dir, read_json, write_json
 from reolm.model import ModelConfig, ReoLM
 from reolm import precision as numerics
 from reolm.saved.folder import (BACKBONE_ORIGIN, DESCRIPTOR, check_item_rows, descriptor, is_reolm_export,
@@ -90,7 +89,7 @@ def trained_vision(folder: str | os.PathLike | None) -> VisionIdentity | None:
     path = Path(folder) / "config.json" if folder else None
     if path is None or not path.is_file():
         return None
-    config = json.loads(path.read_text())
+    config = read_json(path)
     if config.get("origin") == BACKBONE_ORIGIN:
         return None
     return recorded_vision(config, str(path))

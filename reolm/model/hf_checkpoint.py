@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from reolm.config import to_dict
-from reolm.io import atomic_dir
+from reolm.io import atomic_dir, read_json
 
 __all__ = ["BackboneConfig", "CheckpointError", "read_backbone_config", "read_state_dict",
            "normalise_hf_keys", "has_untied_decoder", "SUPPORTED_MODEL_TYPES", "TIED_KEY", "FORMAT_VERSION",
@@ -115,10 +115,7 @@ def read_backbone_config(directory: str | os.PathLike) -> BackboneConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    data = read_json(path, CheckpointError)
     model_type = data.get("model_type", "bert")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not a BERT/RoBERTa architecture "
@@ -327,7 +324,7 @@ def read_export_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
-    data = json.loads(path.read_text())
+    data = read_json(path, CheckpointError)
     if data.get("model_type") != "reolm":
         raise CheckpointError(f"{path}: not a Reo-LM export (model_type={data.get('model_type')!r}); "
                               f"use ReoLM.from_backbone for a plain HF checkpoint")

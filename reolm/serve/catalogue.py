@@ -39,7 +39,7 @@ from safetensors.numpy import load_file, save_file
 
 from reolm.config import from_dict, to_dict
 from reolm.data.tables import ImageFeatureTable, ItemTokenTable, TableError
-from reolm.io import atomic_path, sha256_file, write_json
+from reolm.io import atomic_path, read_json, sha256_file, write_json
 from reolm.serve.config import IndexConfig
 from reolm.serve.index import IndexFileError, VectorIndex, normalise
 
@@ -96,13 +96,9 @@ def _decode_ids(data: np.ndarray, offsets: np.ndarray, where: Path) -> list[str]
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (not an index folder; write one with `reolm embed items`)") \
-            from None
-    except json.JSONDecodeError as err:
-        raise IndexFileError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (not an index folder; write one with `reolm embed items`)")
+    manifest = read_json(path, IndexFileError)
     for key in ("format_version", "revision", "files", "rows", "dim", "index", "model", "tables"):
         if key not in manifest:
             raise IndexFileError(f"{path}: missing key {key!r}")

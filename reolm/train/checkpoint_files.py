@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from reolm.io import write_json
+from reolm.io import read_json, write_json
 
 __all__ = ["CheckpointError", "ResumePlan", "step_tag", "rank_file_names", "read_json_file", "read_rank_state",
            "write_rank_states", "read_rank_states", "write_manifest", "verify_checkpoint", "checkpoint_folders",
@@ -58,13 +58,7 @@ def rank_file_names(rank: int) -> tuple[str, str]:
 
 def read_json_file(path: Path) -> dict[str, Any]:
     """A JSON object file of a checkpoint; unreadable or malformed is a CheckpointError naming it."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
+    return read_json(path, CheckpointError)
 
 
 def read_rank_state(folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

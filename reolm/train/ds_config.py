@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from reolm.config import ConfigError
-from reolm.io import write_text
+from reolm.io import read_json, write_text
 from reolm.optim import lr_schedule
 from reolm.train.config import PretrainOptimConfig
 
@@ -135,10 +135,7 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dist.ds_config: DeepSpeed config not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+    return read_json(path, ConfigError)
 
 
 def write_ds_config(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> Path:

@@ -14,7 +14,6 @@ folder as it was.  Rank 0 writes both files (atomically) once training starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reolm.config import ConfigError, to_dict
-from reolm.io import write_json
+from reolm.io import read_json, write_json
 
 __all__ = ["RunDirError", "claim_run_dir", "mark_running", "write_status", "read_status", "OWNER_FILE",
            "STATUS_FILE"]
@@ -53,15 +52,12 @@ def identity_config(cfg: Any) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError) as err:
-        raise RunDirError(f"{path}: unreadable ({err}); remove it or choose another run_dir") from None
-    if not isinstance(value, dict):
-        raise RunDirError(f"{path}: expected a JSON object")
-    return value
+    try:
+        return read_json(path, RunDirError)
+    except RunDirError as err:
+        raise RunDirError(f"{err}; remove it or choose another run_dir") from None
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
