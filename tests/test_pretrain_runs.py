@@ -390,7 +390,7 @@ def test_sigterm_with_data_workers_checkpoints_exits_and_resumes(inputs, tmp_pat
             with contextlib.suppress(psutil.Error):
                 p.kill()
     text = log.read_text()
-    assert "killed by signal" not in text and "pretrain.py: error" not in text, text[-3000:]
+    assert "killed by signal" not in text and "reolm pretrain: error" not in text, text[-3000:]
     assert "stopped after step" in text, text[-3000:]
     first = _metrics(run_dir)
     last_step = first[-1]["step"]
