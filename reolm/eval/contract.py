@@ -23,13 +23,12 @@ writes the same document for any split, without ``best_val``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from reolm.io import write_json
+from reolm.io import read_json, write_json
 
 __all__ = ["MODEL_NAMES", "REQUIRED_METRICS", "ContractError", "metrics_document", "validate_metrics",
            "write_metrics", "read_metrics"]
@@ -138,11 +137,8 @@ def write_metrics(path: str | Path, doc: Mapping[str, Any], run: bool = True) ->
 def read_metrics(path: str | Path, run: bool = True) -> dict[str, Any]:
     """Read and validate a metrics document."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except json.JSONDecodeError as err:
-        raise ContractError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    doc = read_json(path, ContractError)
     validate_metrics(doc, run=run, where=str(path))
     return doc

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reolm.io import atomic_path, write_json
+from reolm.io import atomic_path, read_json, write_json
 
 __all__ = ["DESCRIPTOR", "WEIGHTS", "FORMAT_VERSION", "BACKBONE_ORIGIN", "descriptor", "save_recommender",
            "read_descriptor", "load_weights", "resolve_model_dir", "save_item_rows", "load_item_rows",
@@ -74,12 +74,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def read_descriptor(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / DESCRIPTOR
-    try:
-        desc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (not a saved model folder)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (not a saved model folder)")
+    desc = read_json(path)
     for key in ("model", "num_items"):
         if key not in desc:
             raise ValueError(f"{path}: missing key {key!r}")
