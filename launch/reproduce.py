@@ -7,6 +7,11 @@
 --dry-run prints every command with its inputs (and whether each exists or which earlier stage
 makes it) and the expected pre-training GPU-hours; without it the stages run in order, finished
 ones skipped, so the same command resumes. docs/reproduce.md explains every stage.
+
+At tiny scale, with inputs made on this machine (raw files, their images served on 127.0.0.1,
+random-weight models from `reolm init`) and the same stages:
+
+    python launch/reproduce.py --config launch/configs/reproduce/tiny.yaml --tiny-inputs
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="recipe YAML (repeatable; later files override earlier ones)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and their inputs; run nothing")
+    parser.add_argument("--tiny-inputs", action="store_true",
+                        help="first write small raw Amazon 2018 files into raw_dir, a tokenizer and random-weight "
+                             "backbone/vision models (reolm init), and serve the images on 127.0.0.1 while the "
+                             "recipe runs (reolm/tiny_amazon.py; the tiny preset)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. nodes=4")
     return parser
 
@@ -41,11 +50,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 1
-    if args.dry_run:
+    hint = "fix the cause and run the same command again to resume"
+    if args.tiny_inputs:
+        from reolm.tiny_amazon import ImageServer, recorded_port, tiny_input_stages
+        try:
+            server = ImageServer(recorded_port(cfg.raw_dir) or 0)
+        except OSError as err:
+            print(f"reproduce: error: cannot serve the tiny inputs' images on 127.0.0.1 ({err}); the port is "
+                  f"recorded in {Path(cfg.raw_dir) / 'image_server.json'}", file=sys.stderr)
+            return 1
+        with server:
+            stages = tiny_input_stages(cfg, server.port) + stages
+            if args.dry_run:
+                print_plan(stages)
+                return 0
+            print(f"serving the tiny inputs' images on 127.0.0.1:{server.port}", flush=True)
+            run_stages(Path(cfg.work_dir), stages, resume_hint=hint)
+            print(f"image server: {server.requests}")
+    elif args.dry_run:
         print_plan(stages)
         return 0
-    run_stages(Path(cfg.work_dir), stages, resume_hint="fix the cause and run the same command again to resume")
-    print(f"done: {Path(cfg.work_dir) / 'results' / 'table2.md'}")
+    else:
+        run_stages(Path(cfg.work_dir), stages, resume_hint=hint)
+    results = Path(cfg.work_dir).resolve() / "results"
+    for name in ("datasets.md", "table2.md"):
+        print(f"\n{results / name}:\n{(results / name).read_text()}")
+    print(f"done: {results}")
     return 0
 
 

@@ -41,6 +41,7 @@ class Stage:
     inputs: list[Path] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)  # besides done_marker: what later stages may read
     note: str = ""  # one line shown by the dry run (e.g. an estimate of the stage's cost)
+    before: Callable[[], None] | None = None  # run before the command; raises SystemExit to refuse it
 
     def made_paths(self) -> list[Path]:
         return [self.done_marker, *self.outputs]
@@ -178,6 +179,8 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
             print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
             continue
         print(f"[{i}/{total}] {stage.name}: {display_command(stage)}", flush=True)
+        if stage.before is not None:
+            stage.before()
         start = time.perf_counter()
         code, peak_gib = _run_one(stage)
         if code != 0:

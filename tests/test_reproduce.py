@@ -46,8 +46,8 @@ def test_dry_run_prints_every_stage_wired_to_raw_files_only(tmp_path):
                                      f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}"])
     stages = recipe_stages(cfg)
     # 8 categories + 6 domains x (text pass, img2dataset, final pass); shard; 2 tables; Slurm; export;
-    # CDs features + zero-shot; 6 x (features + 2 Reo-LM + 4 baselines); report.
-    assert len(stages) == 14 * 3 + 1 + 2 + 1 + 1 + 2 + 6 * 7 + 1
+    # CDs features + zero-shot; 6 x (features + zero-shot + 2 Reo-LM + 4 baselines); dataset table; report.
+    assert len(stages) == 14 * 3 + 1 + 2 + 1 + 1 + 2 + 6 * 8 + 1 + 1
     assert text.count("\n    $ ") == len(stages)
     # Nothing a stage reads is missing except what the user brings: the raw files and the two models.
     raw = {tmp_path / "raw" / f"{c}_5.json.gz" for c in [*RECFORMER_PRETRAIN, RECFORMER_DEV, *PAPER_DOWNSTREAM.values()]}
@@ -57,9 +57,12 @@ def test_dry_run_prints_every_stage_wired_to_raw_files_only(tmp_path):
     for category in RECFORMER_PRETRAIN:  # sharded for pre-training; CDs only evaluated zero-shot
         assert f"data/pretrain/{category}" in text.split("reolm shard", 1)[1].split("\n", 1)[0]
     assert "CDs_and_Vinyl" not in text.split("reolm shard", 1)[1].split("\n", 1)[0]
-    assert "sbatch --wait --nodes 2 --gpus-per-node 8 launch/slurm/pretrain.sbatch" in text
+    assert "sbatch --wait --nodes 2 --gpus-per-node 8 --output " in text
+    assert "launch/slurm/pretrain.sbatch --config launch/configs/pretrain/paper.yaml" in text
+    assert "--resume latest" in text  # the recipe owns its run directory: a re-run continues it
     for name in PAPER_DOWNSTREAM:
         assert f"runs/{name}/reolm/metrics.json" in text and f"runs/{name}/bert4rec" in text
+        assert f"runs/{name}/reolm-zeroshot/metrics.json" in text
     assert "--write-image-urls" in text and "img2dataset --url_list" in text and "--image-shards" in text
 
 
@@ -88,6 +91,7 @@ def test_text_only_recipe_has_no_image_stages(tmp_path):
                          "baselines=[pop]", "no_pretrain_ablation=false")
     assert code == 0 and "img2dataset" not in text and "tables images" not in text
     assert text.count("launch/finetune.py") == 2  # Reo-LM + pop on the one domain
+    assert "reolm stats" in text and "--paper-layout" in text
 
 
 def test_stage_runner_skips_done_stages_and_records_time_and_memory(tmp_path):
