@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-__all__ = ["Stage", "reolm_command", "deepspeed_launcher", "python_command", "run_stages", "plan_lines", "print_plan", "display_command",
+__all__ = ["Stage", "reolm_command", "console_script", "deepspeed_launcher", "python_command", "run_stages", "plan_lines", "print_plan", "display_command",
            "missing_inputs"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,12 @@ def python_command(script: str | Path, *args: str) -> list[str]:
     """``python SCRIPT ARGS`` with this interpreter; a relative script is taken from the repository."""
     path = Path(script)
     return [sys.executable, str(path if path.is_absolute() else REPO_ROOT / path), *args]
+
+
+def console_script(name: str) -> str:
+    """A console script of this environment (``torchrun``), found next to this interpreter, else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
 
 
 def deepspeed_launcher(nproc: int) -> list[str]:

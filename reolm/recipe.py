@@ -29,7 +29,7 @@ from pathlib import Path
 from reolm.config import ConfigError, load_config, param
 from reolm.model.encoder import training_flops
 from reolm.model.hf_checkpoint import BackboneConfig
-from reolm.pipeline import REPO_ROOT, Stage, deepspeed_launcher, python_command, reolm_command
+from reolm.pipeline import REPO_ROOT, Stage, console_script, deepspeed_launcher, python_command, reolm_command
 from reolm.train.checkpoint import step_tag
 
 __all__ = ["RecipeConfig", "PrepareFilters", "CostModel", "recipe_stages", "pretraining_cost", "RECFORMER_PRETRAIN",
@@ -244,7 +244,7 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
     if cfg.vision:
         stages.append(Stage("image features (corpus)",
                             # On CPU one process: torch already spreads one forward over the cores.
-                            ["torchrun", "--nproc-per-node", "1" if cfg.cpu else str(cfg.gpus_per_node), "-m",
+                            [console_script("torchrun"), "--nproc-per-node", "1" if cfg.cpu else str(cfg.gpus_per_node), "-m",
                              "reolm", "tables",
                              "images", "--vision", cfg.vision, "--corpus", str(shards)],
                             shards / "tables" / "images-*" / "table.json",

@@ -87,7 +87,7 @@ def _failure(category: str, index: int, spec: TinyCategorySpec) -> str:
         return "slow"
     if index % 19 == 4:
         return "404"
-    if index % 23 == 9:
+    if index % 23 == 10:
         return "junk"
     return ""
 

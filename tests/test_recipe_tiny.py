@@ -9,9 +9,11 @@ answer 404, time out or return bytes that are not an image; shards, tables, pre-
 launcher on 2 CPU ranks), export, zero-shot, fine-tunes of Reo-LM with and without pre-training
 and the four baselines, the dataset table and Table 2.
 
-The first invocation is killed in the middle of pre-training (and on Slurm its orphaned job is
-cancelled, after checking that a re-run refuses to start a second job beside it); the second
-resumes from the checkpoint and finishes; the third skips every stage and changes no file.
+The first invocation is killed in the middle of pre-training. On Slurm its job outlives it: the
+test suspends the job (else, at this scale, it would finish first), checks that a re-run refuses
+to submit a second job beside it, and cancels it with `scancel`, as the refusal says; the ranks
+checkpoint on the way out. The second invocation resumes from the newest checkpoint and finishes;
+the third skips every stage and changes no file.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group the recipe leads (its stages and, with deepspeed, the ranks)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class Recipe:
     """The tiny recipe in a temporary folder, started like a user starts it."""
 
@@ -78,7 +88,7 @@ class Recipe:
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
         if cluster is not None:
-            self.env.update(cluster.env)
+            self.env["SLURM_CONF"] = cluster.env["SLURM_CONF"]
         self.overrides = [f"work_dir={self.work}", f"raw_dir={self.raw}", f"backbone={root / 'models' / 'backbone'}",
                           f"vision={root / 'models' / 'vision'}"]
         if launcher == "slurm":
@@ -97,8 +107,7 @@ class Recipe:
         try:
             proc.wait(timeout=RUN_TIMEOUT)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc)
         return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(errors="replace"), "")
 
     def train_rows(self) -> list[dict]:
@@ -143,8 +152,12 @@ def _kill_mid_pretraining(recipe: Recipe, log: Path) -> int:
         else:
             raise AssertionError("pre-training did not reach its first checkpoint:\n"
                                  + log.read_text(errors="replace")[-4000:])
+        if recipe.cluster is not None:
+            # Freeze the job where it is (SIGSTOP through Slurm): the killed recipe's job outlives it, and
+            # at tiny scale it would otherwise finish before the re-run below looks at it.
+            recipe.cluster.run("scontrol", "suspend", recipe.slurm_job())
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         proc.wait()
     return recipe.train_rows()[-1]["step"]
 
@@ -169,8 +182,8 @@ def recipe_run(tmp_path_factory, launcher):
     start = time.perf_counter()
     facts["killed_after_step"] = _kill_mid_pretraining(recipe, recipe.root / "run1.log")
     if kind == "slurm":
-        # The killed recipe's `sbatch --wait` job is still training: a re-run must not start a second
-        # job in the same run directory.
+        # The killed recipe's `sbatch --wait` job is still there (suspended): a re-run must not start a
+        # second job in the same run directory.
         job = recipe.slurm_job()
         refused = recipe.run(recipe.root / "run1b.log")
         facts["refused"] = (refused.returncode, refused.stdout)
