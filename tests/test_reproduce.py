@@ -146,3 +146,32 @@ def test_prepare_writes_image_urls_that_join_back(tmp_path):
     assert result.returncode == 0, result.stderr
     assert read_domain(final).has_image.tolist() == [True, True, False, False, False]
     assert read_domain(final).smap == read_domain(text_dir).smap
+
+
+TINY = REPO / "launch" / "configs" / "reproduce" / "tiny.yaml"
+
+
+def test_tiny_preset_is_the_same_recipe_with_every_input_made_by_a_stage(tmp_path):
+    from reolm.config import ConfigError
+    from reolm.recipe import load_recipe, recipe_stages
+    from reolm.tiny_amazon import tiny_input_stages
+    paths = [f"work_dir={tmp_path / 'work'}", f"raw_dir={tmp_path / 'raw'}", f"backbone={tmp_path / 'bb'}",
+             f"vision={tmp_path / 'vit'}"]
+    cfg = load_recipe([str(TINY)], paths)
+    # A config file's mapping replaces the default one (not merged into the paper's six domains).
+    assert list(cfg.downstream) == ["Scientific", "Instruments"]
+    stages = recipe_stages(cfg)
+    paper = recipe_stages(load_recipe([str(PAPER)], paths))
+    # The same kinds of stages as the paper's recipe, fewer categories and domains.
+    kinds = lambda ss: {s.name.split(":")[-1].split(" (")[0].split(" ")[0] for s in ss}  # noqa: E731
+    assert kinds(stages) == kinds(paper)
+    assert missing_inputs(tiny_input_stages(cfg, 12345) + stages) == {}
+    assert [s.name for s in stages if s.name.startswith("pre-train")] == ["pre-train (deepspeed launcher)"]
+    slurm = recipe_stages(load_recipe([str(TINY)], paths + ["pretrain_launcher=slurm", "nodes=2", "gpus_per_node=1"]))
+    (pre,) = [s for s in slurm if s.name.startswith("pre-train")]
+    assert pre.argv[:7] == ["sbatch", "--wait", "--nodes", "2", "--gpus-per-node", "0", "--output"]
+    assert pre.env["GPUS_PER_NODE"] == "1" and pre.argv[-2:] == ["--resume", "latest"]
+    assert stages[[s.name for s in stages].index("download images of Automotive (img2dataset)")].argv[0] == \
+        str(REPO / ".venv-img2dataset" / "bin" / "img2dataset")
+    with pytest.raises(ConfigError, match="deepspeed launcher runs on this machine only"):
+        load_recipe([str(TINY)], ["nodes=2"])
