@@ -232,23 +232,32 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
     pretrain_dirs = [data / "pretrain" / c for c in cfg.pretrain_categories]
     for category, out in zip(cfg.pretrain_categories, pretrain_dirs):
         stages += _prepare_stages(cfg, category, category, out, cfg.pretrain_filters)
+    dev_dir = data / "heldout" / cfg.dev_category
     if cfg.dev_category:
-        dev_dir = data / "heldout" / cfg.dev_category
         stages += _prepare_stages(cfg, cfg.dev_category, cfg.dev_category, dev_dir, cfg.pretrain_filters)
+    downstream = {name: data / "downstream" / name for name in cfg.downstream}
+    for name, category in cfg.downstream.items():
+        stages += _prepare_stages(cfg, name, category, downstream[name], cfg.downstream_filters)
     stages.append(Stage("shard the pre-training corpus",
                         reolm_command("shard", "--out", str(shards), *map(str, pretrain_dirs)),
                         shards / "manifest.json", inputs=list(pretrain_dirs)))
     stages.append(Stage("token table (corpus)",
                         reolm_command("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
                         shards / "tables" / "tokens-*" / "table.json", inputs=[backbone, shards / "manifest.json"]))
+    evaluated = [*([dev_dir] if cfg.dev_category else []), *downstream.values()]
     if cfg.vision:
         stages.append(Stage("image features (corpus)",
                             # On CPU one process: torch already spreads one forward over the cores.
-                            [console_script("torchrun"), "--nproc-per-node", "1" if cfg.cpu else str(cfg.gpus_per_node), "-m",
-                             "reolm", "tables",
-                             "images", "--vision", cfg.vision, "--corpus", str(shards)],
+                            [console_script("torchrun"), "--nproc-per-node",
+                             "1" if cfg.cpu else str(cfg.gpus_per_node), "-m", "reolm", "tables", "images",
+                             "--vision", cfg.vision, "--corpus", str(shards)],
                             shards / "tables" / "images-*" / "table.json",
                             inputs=[Path(cfg.vision), shards / "manifest.json"]))
+        # One process for every evaluated domain (their token tables are built by the first run that needs them).
+        stages.append(Stage("image features (held-out and downstream domains)",
+                            reolm_command("tables", "images", "--vision", cfg.vision, "--domain", *map(str, evaluated)),
+                            evaluated[-1] / "image_features.npy", inputs=[Path(cfg.vision), *evaluated],
+                            outputs=[d / "image_features.npy" for d in evaluated[:-1]]))
     cost = pretraining_cost(cfg)
     pretrain_run = runs / "pretrain"
     stages.append(_pretrain_stage(cfg, backbone, shards, pretrain_run, cost))
@@ -256,16 +265,13 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
                         reolm_command("export", "checkpoint", str(pretrain_run), str(export)),
                         export / "model.safetensors", inputs=[pretrain_run / "checkpoints"]))
     if cfg.dev_category:
-        stages += _domain_tables(cfg, dev_dir)
         stages.append(Stage(f"zero-shot on {cfg.dev_category} (held out of pre-training)",
                             python_command("launch/evaluate.py", "--domain", str(dev_dir), "--model", str(export),
-                                           "--split", "test", "--out", str(runs / "zeroshot" / f"{cfg.dev_category}.json")),
+                                           "--split", "test", "--no-progress",
+                                           "--out", str(runs / "zeroshot" / f"{cfg.dev_category}.json")),
                             runs / "zeroshot" / f"{cfg.dev_category}.json", inputs=[dev_dir, export]))
     run_dirs: list[Path] = []
-    for name, category in cfg.downstream.items():
-        domain = data / "downstream" / name
-        stages += _prepare_stages(cfg, name, category, domain, cfg.downstream_filters)
-        stages += _domain_tables(cfg, domain)
+    for name, domain in downstream.items():
         stages.append(Stage(f"{name}: zero-shot Reo-LM (the export, no fine-tuning)", python_command(
             "launch/evaluate.py", "--domain", str(domain), "--model", str(export), "--split", "test", "--no-progress",
             "--out", str(runs / name / "reolm-zeroshot" / "metrics.json")),
@@ -288,8 +294,7 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
                 "--out", str(runs / name / model)), runs / name / model / "metrics.json", inputs=[domain]))
             run_dirs.append(runs / name / model)
     results = work / "results"
-    domain_dirs = [*pretrain_dirs, *([dev_dir] if cfg.dev_category else []),
-                   *(data / "downstream" / name for name in cfg.downstream)]
+    domain_dirs = [*pretrain_dirs, *evaluated]
     stages.append(Stage("dataset statistics (the paper's table)",
                         reolm_command("stats", *map(str, domain_dirs), "--paper-layout",
                                       "--out", str(results / "datasets.md"), "--json-out", str(results / "datasets.json")),
@@ -355,15 +360,6 @@ def refuse_if_job_active(run_dir: Path) -> None:
         raise SystemExit(f"pre-training job {job} of an earlier run of the recipe is still {state} in {run_dir}: "
                          f"wait for it to end (squeue -j {job}) or cancel it (scancel {job}), then run the same "
                          f"command again; it resumes from the newest checkpoint")
-
-
-def _domain_tables(cfg: RecipeConfig, domain: Path) -> list[Stage]:
-    """Image features of one domain folder (its token table is built by the first run that needs it)."""
-    if not cfg.vision:
-        return []
-    return [Stage(f"image features ({domain.name})",
-                  reolm_command("tables", "images", "--vision", cfg.vision, "--domain", str(domain)),
-                  domain / "image_features.npy", inputs=[Path(cfg.vision), domain])]
 
 
 def load_recipe(files: list[str], overrides: list[str]) -> RecipeConfig:

@@ -45,9 +45,10 @@ def test_dry_run_prints_every_stage_wired_to_raw_files_only(tmp_path):
     cfg = load_recipe([str(PAPER)], [f"backbone={tmp_path / 'minilm'}", f"vision={tmp_path / 'clip'}",
                                      f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}"])
     stages = recipe_stages(cfg)
-    # 8 categories + 6 domains x (text pass, img2dataset, final pass); shard; 2 tables; Slurm; export;
-    # CDs features + zero-shot; 6 x (features + zero-shot + 2 Reo-LM + 4 baselines); dataset table; report.
-    assert len(stages) == 14 * 3 + 1 + 2 + 1 + 1 + 2 + 6 * 8 + 1 + 1
+    # 8 categories + 6 domains x (text pass, img2dataset, final pass); shard; token table; image features
+    # of the corpus and of the 7 evaluated domains; Slurm; export; CDs zero-shot; 6 x (zero-shot + 2 Reo-LM
+    # + 4 baselines); dataset table; report.
+    assert len(stages) == 14 * 3 + 1 + 1 + 2 + 1 + 1 + 1 + 6 * 7 + 1 + 1
     assert text.count("\n    $ ") == len(stages)
     # Nothing a stage reads is missing except what the user brings: the raw files and the two models.
     raw = {tmp_path / "raw" / f"{c}_5.json.gz" for c in [*RECFORMER_PRETRAIN, RECFORMER_DEV, *PAPER_DOWNSTREAM.values()]}
