@@ -141,12 +141,19 @@ def test_prepare_writes_image_urls_that_join_back(tmp_path):
     with wds.TarWriter(str(shard_dir / "00000.tar")) as sink:  # what img2dataset writes for that list
         for k, url in enumerate(urls.read_text().splitlines()[:2]):
             sink.write({"__key__": f"{k:09d}", "jpg": image_bytes((64, 64)), "json": {"url": url}})
+    # img2dataset's account of the shard: the other two URLs failed (they wrote no sample).
+    (shard_dir / "00000_stats.json").write_text(json.dumps({
+        "count": 4, "successes": 2, "failed_to_download": 2, "failed_to_resize": 0,
+        "status_dict": {"success": 2, "HTTP Error 404: Not Found": 1, "timed out": 1}}))
     final = tmp_path / "Toys"
     result = subprocess.run([*common, "--out", str(final), "--image-shards", str(shard_dir / "*.tar")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert read_domain(final).has_image.tolist() == [True, True, False, False, False]
     assert read_domain(final).smap == read_domain(text_dir).smap
+    report = json.loads((final / "domain.json").read_text())["ingest"]["report"]
+    assert report["read"]["image_urls_tried"] == 4 and report["dropped"]["image_download_failed"] == 2
+    assert sorted(report["examples"]["image_download_failed"]) == ["HTTP Error 404: Not Found x1", "timed out x1"]
 
 
 TINY = REPO / "launch" / "configs" / "reproduce" / "tiny.yaml"
