@@ -246,10 +246,10 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
                         shards / "tables" / "tokens-*" / "table.json", inputs=[backbone, shards / "manifest.json"]))
     evaluated = [*([dev_dir] if cfg.dev_category else []), *downstream.values()]
     if cfg.vision:
+        # Data-parallel over one node's GPUs; on CPU one process (torch already spreads a forward over the cores).
+        parallel = [console_script("torchrun"), "--nproc-per-node", str(cfg.gpus_per_node), "-m", "reolm"]
         stages.append(Stage("image features (corpus)",
-                            # On CPU one process: torch already spreads one forward over the cores.
-                            [console_script("torchrun"), "--nproc-per-node",
-                             "1" if cfg.cpu else str(cfg.gpus_per_node), "-m", "reolm", "tables", "images",
+                            [*(reolm_command() if cfg.cpu else parallel), "tables", "images",
                              "--vision", cfg.vision, "--corpus", str(shards)],
                             shards / "tables" / "images-*" / "table.json",
                             inputs=[Path(cfg.vision), shards / "manifest.json"]))
