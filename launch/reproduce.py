@@ -17,6 +17,7 @@ random-weight models from `reolm init`) and the same stages:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -43,39 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reolm.pipeline import print_plan, run_stages
-    from reolm.recipe import load_recipe, recipe_stages
-    try:
-        cfg = load_recipe(args.config, args.overrides)
-        stages = recipe_stages(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"reproduce: error: {err}", file=sys.stderr)
-        return 1
-    hint = "fix the cause and run the same command again to resume"
-    if args.tiny_inputs:
-        from reolm.tiny_amazon import ImageServer, recorded_port, tiny_input_stages
+    from reolm.recipe import load_recipe, print_results, recipe_stages
+    from reolm.tiny_amazon import serve_tiny_inputs
+    with contextlib.ExitStack() as stack:
         try:
-            server = ImageServer(recorded_port(cfg.raw_dir) or 0)
-        except OSError as err:
-            print(f"reproduce: error: cannot serve the tiny inputs' images on 127.0.0.1 ({err}); the port is "
-                  f"recorded in {Path(cfg.raw_dir) / 'image_server.json'}", file=sys.stderr)
+            cfg = load_recipe(args.config, args.overrides)
+            stages = recipe_stages(cfg)
+            if args.tiny_inputs:
+                server, stages = stack.enter_context(serve_tiny_inputs(cfg, stages))
+        except (ValueError, OSError) as err:
+            print(f"reproduce: error: {err}", file=sys.stderr)
             return 1
-        with server:
-            stages = tiny_input_stages(cfg, server.port) + stages
-            if args.dry_run:
-                print_plan(stages)
-                return 0
+        if args.dry_run:
+            print_plan(stages)
+            return 0
+        if args.tiny_inputs:
             print(f"serving the tiny inputs' images on 127.0.0.1:{server.port}", flush=True)
-            run_stages(Path(cfg.work_dir), stages, resume_hint=hint)
+        run_stages(Path(cfg.work_dir), stages, resume_hint="fix the cause and run the same command again to resume")
+        if args.tiny_inputs:
             print(f"image server: {server.requests}")
-    elif args.dry_run:
-        print_plan(stages)
-        return 0
-    else:
-        run_stages(Path(cfg.work_dir), stages, resume_hint=hint)
-    results = Path(cfg.work_dir).resolve() / "results"
-    for name in ("datasets.md", "table2.md"):
-        print(f"\n{results / name}:\n{(results / name).read_text()}")
-    print(f"done: {results}")
+    print_results(cfg)
     return 0
 
 

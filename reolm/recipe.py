@@ -32,7 +32,8 @@ from reolm.model.hf_checkpoint import BackboneConfig
 from reolm.pipeline import REPO_ROOT, Stage, console_script, deepspeed_launcher, python_command, reolm_command
 from reolm.train.checkpoint import step_tag
 
-__all__ = ["RecipeConfig", "PrepareFilters", "CostModel", "recipe_stages", "pretraining_cost", "RECFORMER_PRETRAIN",
+__all__ = ["RecipeConfig", "PrepareFilters", "CostModel", "recipe_stages", "pretraining_cost", "print_results",
+           "refuse_if_job_active", "load_recipe", "RECFORMER_PRETRAIN",
            "RECFORMER_DEV", "PAPER_DOWNSTREAM"]
 
 # The reference implementation's pre-training categories (Recformer, pretrain_data/*.py): seven
@@ -360,6 +361,14 @@ def refuse_if_job_active(run_dir: Path) -> None:
         raise SystemExit(f"pre-training job {job} of an earlier run of the recipe is still {state} in {run_dir}: "
                          f"wait for it to end (squeue -j {job}) or cancel it (scancel {job}), then run the same "
                          f"command again; it resumes from the newest checkpoint")
+
+
+def print_results(cfg: RecipeConfig) -> None:
+    """The dataset table and Table 2 the recipe wrote, as the last thing it prints."""
+    results = Path(cfg.work_dir).resolve() / "results"
+    for name in ("datasets.md", "table2.md"):
+        print(f"\n{results / name}:\n{(results / name).read_text()}")
+    print(f"done: {results}")
 
 
 def load_recipe(files: list[str], overrides: list[str]) -> RecipeConfig:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 __all__ = ["TinyCategorySpec", "write_raw_files", "write_tokenizer", "ImageServer", "expected_image_color",
-           "FAILURE_KINDS", "SERVER_FILE", "serve_images"]
+           "FAILURE_KINDS", "SERVER_FILE", "tiny_specs", "tiny_input_stages", "serve_tiny_inputs"]
 
 SERVER_FILE = "image_server.json"  # in the raw folder: the port the URLs of the metadata name
 FAILURE_KINDS = ("404", "slow", "junk")
@@ -189,7 +189,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, b"bad path", "text/plain")
             return
         kind, asin = parts[0], parts[2][:-4].split("-")[0]
-        self.server.requests[kind] += 1  # type: ignore[attr-defined]
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.requests[kind] += 1  # type: ignore[attr-defined]
         if kind == "404":
             self._send(404, b"not found", "text/plain")
         elif kind == "junk":
@@ -220,6 +221,7 @@ class ImageServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.requests = {k: 0 for k in ("img", *FAILURE_KINDS)}  # type: ignore[attr-defined]
+        self.httpd.lock = threading.Lock()  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="tiny-image-server", daemon=True)
 
@@ -234,19 +236,6 @@ class ImageServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-@contextlib.contextmanager
-def serve_images(raw_dir: str | Path) -> Iterator[ImageServer]:
-    """Serve on the port the raw files' URLs name (``RAW/image_server.json``)."""
-    port = json.loads((Path(raw_dir) / SERVER_FILE).read_text())["port"]
-    try:
-        server = ImageServer(port)
-    except OSError as err:
-        raise OSError(f"cannot serve the tiny recipe's images on 127.0.0.1:{port}, the port its metadata's "
-                      f"URLs name ({err}); free the port or delete {raw_dir} to draw new files") from None
-    with server:
-        yield server
 
 
 # ----------------------------------------------------------------------------- the tiny recipe's inputs
@@ -299,6 +288,21 @@ def tiny_input_stages(cfg, port: int) -> list:
               vision / "config.json", inputs=[raw / SERVER_FILE], outputs=[backbone]),
     ]
     return stages
+
+
+@contextlib.contextmanager
+def serve_tiny_inputs(cfg, stages: list) -> Iterator[tuple[ImageServer, list]]:
+    """Serve the images on 127.0.0.1 (on the port the raw files' URLs name once they exist) and
+    yield ``(server, the tiny-input stages + stages)``; the server stops when the block ends."""
+    port = recorded_port(cfg.raw_dir) or 0
+    try:
+        server = ImageServer(port)
+    except OSError as err:
+        raise OSError(f"cannot serve the tiny inputs' images on 127.0.0.1:{port}, the port their URLs name "
+                      f"({Path(cfg.raw_dir) / SERVER_FILE}): {err}; free the port, or delete {cfg.raw_dir} to draw "
+                      f"the files again") from None
+    with server:
+        yield server, tiny_input_stages(cfg, server.port) + list(stages)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
