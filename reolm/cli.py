@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "pre-train Reo-LM with DeepSpeed on WebDataset shards (every rank runs it)"),
     "finetune": ("finetune", "fine-tune Reo-LM or train a baseline on one domain, then test the best weights"),
     "evaluate": ("evaluate", "evaluate a saved model, an export or a plain HF checkpoint (zero-shot) by full ranking"),
+    "reproduce": ("reproduce", "the paper's recipe end to end: raw Amazon 2018 files -> Slurm pre-training -> Table 2"),
     "synth": ("synth", "generate a synthetic multi-domain corpus of processed domain folders"),
     "stats": ("stats", "print the dataset statistics table of processed domain folders"),
     "split": ("split", "derive a cold-item or few-shot version of a processed domain folder"),

@@ -355,10 +355,15 @@ def _set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], update: Mapping[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """Merge ``update`` into ``base``: sections (nested dataclasses) key by key; any other value,
+    a mapping-valued field such as ``downstream: {name: file}`` included, is replaced whole."""
+    hints = _resolved_hints(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
     for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+        section = _is_optional(hints[k])[1] if k in hints else None
+        nested = section is not None and dataclasses.is_dataclass(section)
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict) and (cls is None or nested):
+            _merge(base[k], v, section if nested else None)
         else:
             base[k] = v
     return base
@@ -390,7 +395,7 @@ def load_config(cls: type[T], files: str | os.PathLike | Sequence[str | os.PathL
             _check_keys(cls, loaded, "")
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-        _merge(tree, loaded)
+        _merge(tree, loaded, cls)
     for text in overrides:
         path_parts, value = parse_override(text)
         _check_keys(cls, _nest(path_parts, value), "")
@@ -407,7 +412,7 @@ def load_saved_config(cls: type[T], path: str | os.PathLike, overrides: Iterable
         _check_keys(cls, loaded, "")
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    return apply_overrides(from_dict(cls, _merge(to_dict(cls()), loaded)), overrides)
+    return apply_overrides(from_dict(cls, _merge(to_dict(cls()), loaded, cls)), overrides)
 
 
 def _read_yaml_mapping(path: Path) -> Mapping[str, Any]:

@@ -25,7 +25,8 @@ from typing import Callable, Sequence, TextIO
 
 from reolm.io import write_text
 
-__all__ = ["Stage", "reolm_command", "deepspeed_launcher", "python_command", "run_stages", "plan_lines", "print_plan", "display_command",
+__all__ = ["Stage", "reolm_command", "console_script", "deepspeed_launcher", "python_command", "run_stages", "plan_lines",
+           "print_plan", "display_command",
            "missing_inputs"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ class Stage:
     inputs: list[Path] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)  # besides done_marker: what later stages may read
     note: str = ""  # one line shown by the dry run (e.g. an estimate of the stage's cost)
+    before: Callable[[], None] | None = None  # run before the command; raises SystemExit to refuse it
 
     def made_paths(self) -> list[Path]:
         return [self.done_marker, *self.outputs]
@@ -57,6 +59,12 @@ def python_command(script: str | Path, *args: str) -> list[str]:
     """``python SCRIPT ARGS`` with this interpreter; a relative script is taken from the repository."""
     path = Path(script)
     return [sys.executable, str(path if path.is_absolute() else REPO_ROOT / path), *args]
+
+
+def console_script(name: str) -> str:
+    """A console script of this environment (``torchrun``), found next to this interpreter, else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
 
 
 def deepspeed_launcher(nproc: int) -> list[str]:
@@ -184,6 +192,8 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
             print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
             continue
         print(f"[{i}/{total}] {stage.name}: {display_command(stage)}", flush=True)
+        if stage.before is not None:
+            stage.before()
         start = time.perf_counter()
         code, peak_gib, cpu_s = _run_one(stage)
         if code != 0:

@@ -19,18 +19,21 @@ evaluation on the held-out pre-training category, fine-tuning of every downstrea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reolm.config import ConfigError, load_config, param
 from reolm.model.encoder import training_flops
 from reolm.model.hf_checkpoint import BackboneConfig
-from reolm.pipeline import REPO_ROOT, Stage, python_command, reolm_command
+from reolm.pipeline import REPO_ROOT, Stage, console_script, deepspeed_launcher, python_command, reolm_command
 from reolm.train.checkpoint import step_tag
 
-__all__ = ["RecipeConfig", "PrepareFilters", "CostModel", "recipe_stages", "pretraining_cost", "RECFORMER_PRETRAIN",
+__all__ = ["RecipeConfig", "PrepareFilters", "CostModel", "recipe_stages", "pretraining_cost", "print_results",
+           "refuse_if_job_active", "load_recipe", "RECFORMER_PRETRAIN",
            "RECFORMER_DEV", "PAPER_DOWNSTREAM"]
 
 # The reference implementation's pre-training categories (Recformer, pretrain_data/*.py): seven
@@ -96,11 +99,23 @@ class RecipeConfig:
     pretrain_filters: PrepareFilters = field(default_factory=PrepareFilters)
     downstream_filters: PrepareFilters = field(
         default_factory=lambda: PrepareFilters(user_k=4, require_title=False))
+    downloader: list[str] = param(["img2dataset"], "The img2dataset command (it pins webdataset<0.3, so it usually "
+                                                   "lives in its own virtual environment: name its bin/img2dataset "
+                                                   "here; a relative path with a '/' is taken from the repository).")
     img2dataset_processes: int = param(16, "img2dataset --processes_count.", ge=1)
     img2dataset_threads: int = param(64, "img2dataset --thread_count.", ge=1)
+    img2dataset_timeout: int = param(10, "img2dataset --timeout: seconds per URL before it counts as failed.", ge=1)
+    img2dataset_retries: int = param(0, "img2dataset --retries per failed URL.", ge=0)
     image_size: int = param(512, "img2dataset --image_size (keep_ratio, no upscaling); prepare re-checks it.", ge=32)
+    pretrain_launcher: str = param("slurm", "slurm = sbatch --wait launch/slurm/pretrain.sbatch on `nodes` nodes; "
+                                            "deepspeed = the deepspeed launcher on this machine (nodes must be 1).",
+                                   choices=("slurm", "deepspeed"))
     nodes: int = param(2, "Slurm nodes for pre-training.", ge=1)
-    gpus_per_node: int = param(8, "GPUs per node (pre-training; the vision features use one node's GPUs).", ge=1)
+    gpus_per_node: int = param(8, "GPUs per node (pre-training; the vision features use one node's GPUs); with "
+                                  "cpu=true the number of CPU ranks per node.", ge=1)
+    cpu: bool = param(False, "Train on CPU ranks (gloo): no GPUs are requested from Slurm (the tiny preset).")
+    sbatch_options: list[str] = param([], "Extra sbatch options for pre-training, e.g. [--partition=gpu, "
+                                          "--account=me, --time=24:00:00].")
     pretrain_config: str = param("launch/configs/pretrain/paper.yaml", "Pre-training config (PretrainConfig YAML).")
     pretrain_overrides: list[str] = param([], "Extra key=value overrides of the pre-training config.")
     finetune_config: str = param("launch/configs/finetune/reolm.yaml", "Reo-LM fine-tuning config.")
@@ -115,6 +130,11 @@ class RecipeConfig:
             raise ConfigError("pretrain_categories: at least one category is needed")
         if not self.downstream:
             raise ConfigError("downstream: at least one domain is needed")
+        if not self.downloader:
+            raise ConfigError("downloader: name the img2dataset command")
+        if self.pretrain_launcher == "deepspeed" and self.nodes != 1:
+            raise ConfigError(f"nodes={self.nodes}: the deepspeed launcher runs on this machine only (nodes=1); "
+                              f"use pretrain_launcher=slurm for several nodes")
 
 
 def _repo_path(path: str) -> Path:
@@ -149,18 +169,29 @@ def _prepare_stages(cfg: RecipeConfig, name: str, category: str, out: Path, filt
               reolm_command(*base, "--out", str(text), "--write-image-urls", str(urls)), text / "domain.json",
               inputs=[reviews, meta], outputs=[urls]),
         Stage(f"download images of {name} (img2dataset)",
-              ["img2dataset", "--url_list", str(urls), "--input_format", "txt", "--output_format", "webdataset",
+              [*_downloader(cfg), "--url_list", str(urls), "--input_format", "txt", "--output_format", "webdataset",
                "--output_folder", str(images), "--image_size", str(cfg.image_size), "--resize_mode", "keep_ratio",
                "--resize_only_if_bigger", "True", "--processes_count", str(cfg.img2dataset_processes),
                "--thread_count", str(cfg.img2dataset_threads), "--encode_format", "jpg",
+               "--timeout", str(cfg.img2dataset_timeout), "--retries", str(cfg.img2dataset_retries),
                "--incremental_mode", "incremental"],
               # img2dataset leaves no completion marker; re-running it resumes (incremental mode), so the
               # download counts as done once the final pass that reads it is.
-              out / "domain.json", inputs=[urls], outputs=[images]),
+              out / "domain.json", inputs=[urls], outputs=[images],
+              # albumentations (imported by img2dataset) asks PyPI for a newer version on every start.
+              env={"NO_ALBUMENTATIONS_UPDATE": "1"}),
         Stage(f"prepare {name} (with images)",
               reolm_command(*base, "--out", str(out), "--image-shards", str(images / "*.tar")), out / "domain.json",
               inputs=[reviews, meta, images]),
     ]
+
+
+def _downloader(cfg: RecipeConfig) -> list[str]:
+    """The img2dataset command; a relative path (``.venv-img2dataset/bin/img2dataset``) is the repository's."""
+    first, *rest = cfg.downloader
+    if "/" in first and not Path(first).is_absolute():
+        first = str(REPO_ROOT / first)
+    return [first, *rest]
 
 
 def pretraining_cost(cfg: RecipeConfig) -> dict[str, float]:
@@ -202,48 +233,51 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
     pretrain_dirs = [data / "pretrain" / c for c in cfg.pretrain_categories]
     for category, out in zip(cfg.pretrain_categories, pretrain_dirs):
         stages += _prepare_stages(cfg, category, category, out, cfg.pretrain_filters)
+    dev_dir = data / "heldout" / cfg.dev_category
     if cfg.dev_category:
-        dev_dir = data / "heldout" / cfg.dev_category
         stages += _prepare_stages(cfg, cfg.dev_category, cfg.dev_category, dev_dir, cfg.pretrain_filters)
+    downstream = {name: data / "downstream" / name for name in cfg.downstream}
+    for name, category in cfg.downstream.items():
+        stages += _prepare_stages(cfg, name, category, downstream[name], cfg.downstream_filters)
     stages.append(Stage("shard the pre-training corpus",
                         reolm_command("shard", "--out", str(shards), *map(str, pretrain_dirs)),
                         shards / "manifest.json", inputs=list(pretrain_dirs)))
     stages.append(Stage("token table (corpus)",
                         reolm_command("tables", "tokens", "--tokenizer", str(backbone), "--corpus", str(shards)),
                         shards / "tables" / "tokens-*" / "table.json", inputs=[backbone, shards / "manifest.json"]))
+    evaluated = [*([dev_dir] if cfg.dev_category else []), *downstream.values()]
     if cfg.vision:
+        # Data-parallel over one node's GPUs; on CPU one process (torch already spreads a forward over the cores).
+        parallel = [console_script("torchrun"), "--nproc-per-node", str(cfg.gpus_per_node), "-m", "reolm"]
         stages.append(Stage("image features (corpus)",
-                            ["torchrun", "--nproc-per-node", str(cfg.gpus_per_node), "-m", "reolm", "tables",
-                             "images", "--vision", cfg.vision, "--corpus", str(shards)],
+                            [*(reolm_command() if cfg.cpu else parallel), "tables", "images",
+                             "--vision", cfg.vision, "--corpus", str(shards)],
                             shards / "tables" / "images-*" / "table.json",
                             inputs=[Path(cfg.vision), shards / "manifest.json"]))
+        # One process for every evaluated domain (their token tables are built by the first run that needs them).
+        stages.append(Stage("image features (held-out and downstream domains)",
+                            reolm_command("tables", "images", "--vision", cfg.vision, "--domain", *map(str, evaluated)),
+                            evaluated[-1] / "image_features.npy", inputs=[Path(cfg.vision), *evaluated],
+                            outputs=[d / "image_features.npy" for d in evaluated[:-1]]))
     cost = pretraining_cost(cfg)
     pretrain_run = runs / "pretrain"
-    stages.append(Stage(
-        "pre-train (Slurm)",
-        ["sbatch", "--wait", "--nodes", str(cfg.nodes), "--gpus-per-node", str(cfg.gpus_per_node),
-         "launch/slurm/pretrain.sbatch", "--config", cfg.pretrain_config, f"model.backbone={backbone}",
-         f"data.corpus={shards}", *cfg.pretrain_overrides],
-        pretrain_run / "checkpoints" / step_tag(int(cost["steps"])), env={"RUN_DIR": str(pretrain_run)},
-        inputs=[backbone, shards / "tables"],
-        note=(f"{cost['steps']:,} steps x {cost['global_batch']:,} sequences (~{cost['tokens_per_sequence']:.0f} "
-              f"tokens each): {cost['flops']:.2e} FLOPs = ~{math.ceil(cost['gpu_hours'])} GPU-hours at "
-              f"{cfg.cost.mfu:.0%} MFU of {cfg.cost.gpu_peak_tflops:g} TFLOP/s, ~{cost['wall_hours']:.1f} h on "
-              f"{cfg.nodes} x {cfg.gpus_per_node} GPUs (estimate: reolm/recipe.py CostModel)")))
+    stages.append(_pretrain_stage(cfg, backbone, shards, pretrain_run, cost))
     stages.append(Stage("export the pre-trained model",
                         reolm_command("export", "checkpoint", str(pretrain_run), str(export)),
                         export / "model.safetensors", inputs=[pretrain_run / "checkpoints"]))
     if cfg.dev_category:
-        stages += _domain_tables(cfg, dev_dir)
         stages.append(Stage(f"zero-shot on {cfg.dev_category} (held out of pre-training)",
                             python_command("launch/evaluate.py", "--domain", str(dev_dir), "--model", str(export),
-                                           "--split", "test", "--out", str(runs / "zeroshot" / f"{cfg.dev_category}.json")),
+                                           "--split", "test", "--no-progress",
+                                           "--out", str(runs / "zeroshot" / f"{cfg.dev_category}.json")),
                             runs / "zeroshot" / f"{cfg.dev_category}.json", inputs=[dev_dir, export]))
     run_dirs: list[Path] = []
-    for name, category in cfg.downstream.items():
-        domain = data / "downstream" / name
-        stages += _prepare_stages(cfg, name, category, domain, cfg.downstream_filters)
-        stages += _domain_tables(cfg, domain)
+    for name, domain in downstream.items():
+        stages.append(Stage(f"{name}: zero-shot Reo-LM (the export, no fine-tuning)", python_command(
+            "launch/evaluate.py", "--domain", str(domain), "--model", str(export), "--split", "test", "--no-progress",
+            "--out", str(runs / name / "reolm-zeroshot" / "metrics.json")),
+            runs / name / "reolm-zeroshot" / "metrics.json", inputs=[domain, export]))
+        run_dirs.append(runs / name / "reolm-zeroshot")
         finetune = ["--domain", str(domain), "--config", cfg.finetune_config]
         stages.append(Stage(f"{name}: fine-tune Reo-LM", python_command(
             "launch/finetune.py", *finetune, "--model", "reolm", "--init", str(export), "--out",
@@ -261,6 +295,11 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
                 "--out", str(runs / name / model)), runs / name / model / "metrics.json", inputs=[domain]))
             run_dirs.append(runs / name / model)
     results = work / "results"
+    domain_dirs = [*pretrain_dirs, *evaluated]
+    stages.append(Stage("dataset statistics (the paper's table)",
+                        reolm_command("stats", *map(str, domain_dirs), "--paper-layout",
+                                      "--out", str(results / "datasets.md"), "--json-out", str(results / "datasets.json")),
+                        results / "datasets.md", inputs=domain_dirs, outputs=[results / "datasets.json"]))
     stages.append(Stage("report (Table 2 layout)",
                         reolm_command("report", *map(str, run_dirs), "--out", str(results / "table2.md"),
                                       "--plot", str(results / "table2.png"), "--json", str(results / "table2.json")),
@@ -268,13 +307,68 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
     return stages
 
 
-def _domain_tables(cfg: RecipeConfig, domain: Path) -> list[Stage]:
-    """Image features of one domain folder (its token table is built by the first run that needs it)."""
-    if not cfg.vision:
-        return []
-    return [Stage(f"image features ({domain.name})",
-                  reolm_command("tables", "images", "--vision", cfg.vision, "--domain", str(domain)),
-                  domain / "image_features.npy", inputs=[Path(cfg.vision), domain])]
+def _pretrain_stage(cfg: RecipeConfig, backbone: Path, shards: Path, run_dir: Path,
+                    cost: dict[str, float]) -> Stage:
+    """Pre-training on Slurm (``sbatch --wait``) or with the deepspeed launcher on this machine.
+
+    The recipe owns ``run_dir``: the command passes ``--resume latest``, so running the recipe again
+    after an interruption continues from the newest complete checkpoint instead of starting over.
+    """
+    args = ["--config", cfg.pretrain_config, f"model.backbone={backbone}", f"data.corpus={shards}",
+            *cfg.pretrain_overrides, "--resume", "latest"]
+    ranks = f"{cfg.nodes} x {cfg.gpus_per_node} {'CPU ranks' if cfg.cpu else 'GPUs'}"
+    note = (f"{cost['steps']:,} steps x {cost['global_batch']:,} sequences (~{cost['tokens_per_sequence']:.0f} "
+            f"tokens each): {cost['flops']:.2e} FLOPs = ~{math.ceil(cost['gpu_hours'])} GPU-hours at "
+            f"{cfg.cost.mfu:.0%} MFU of {cfg.cost.gpu_peak_tflops:g} TFLOP/s, ~{cost['wall_hours']:.1f} h on "
+            f"{ranks} (estimate: reolm/recipe.py CostModel)")
+    done = run_dir / "checkpoints" / step_tag(int(cost["steps"]))
+    inputs = [backbone, shards / "tables"]
+    if cfg.pretrain_launcher == "deepspeed":
+        return Stage("pre-train (deepspeed launcher)",
+                     [*deepspeed_launcher(cfg.gpus_per_node), str(REPO_ROOT / "launch" / "pretrain.py"), *args,
+                      f"run_dir={run_dir}"], done, inputs=inputs, note=note)
+    env = {"RUN_DIR": str(run_dir)}
+    if cfg.cpu:
+        env["GPUS_PER_NODE"] = str(cfg.gpus_per_node)  # ranks per node: there is no GPU to count
+    return Stage("pre-train (Slurm)",
+                 ["sbatch", "--wait", "--nodes", str(cfg.nodes), "--gpus-per-node",
+                  "0" if cfg.cpu else str(cfg.gpus_per_node),
+                  "--output", str(Path(cfg.work_dir) / "slurm-pretrain-%j.out"), *cfg.sbatch_options,
+                  "launch/slurm/pretrain.sbatch", *args],
+                 done, env=env, inputs=inputs, note=note, before=functools.partial(refuse_if_job_active, run_dir))
+
+
+def refuse_if_job_active(run_dir: Path) -> None:
+    """Stop before submitting when the Slurm job that owns ``run_dir`` is still queued or running.
+
+    An earlier invocation of the recipe that was killed leaves its ``sbatch --wait`` job behind;
+    a second job would train in the same folder at the same time.
+    """
+    try:
+        run_id = json.loads((run_dir / "owner.json").read_text()).get("run_id", "")
+    except (OSError, ValueError):
+        return
+    if not run_id.startswith("slurm:"):
+        return
+    job = run_id.rsplit(":", 1)[-1]
+    try:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if state and state not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                               "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
+        raise SystemExit(f"pre-training job {job} of an earlier run of the recipe is still {state} in {run_dir}: "
+                         f"wait for it to end (squeue -j {job}) or cancel it (scancel {job}), then run the same "
+                         f"command again; it resumes from the newest checkpoint")
+
+
+def print_results(cfg: RecipeConfig) -> None:
+    """The dataset table and Table 2 the recipe wrote, as the last thing it prints."""
+    results = Path(cfg.work_dir).resolve() / "results"
+    for name in ("datasets.md", "table2.md"):
+        print(f"\n{results / name}:\n{(results / name).read_text()}")
+    print(f"done: {results}")
 
 
 def load_recipe(files: list[str], overrides: list[str]) -> RecipeConfig:

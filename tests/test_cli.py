@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from launch_helpers import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHIMS = {"finetune": "launch/finetune.py", "evaluate": "launch/evaluate.py", "pretrain": "launch/pretrain.py",
-         "demo": "launch/demo.py"}
+         "demo": "launch/demo.py", "reproduce": "launch/reproduce.py"}
 
 
 def run(argv: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -26,8 +27,8 @@ def run(argv: list[str], **env: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_command_once():
     out = run(["-m", "reolm", "--help"]).stdout
-    for name in ("pretrain", "finetune", "evaluate", "demo", "embed", "serve"):
-        assert f"    {name} " in out, out
+    for name in ("pretrain", "finetune", "evaluate", "reproduce", "demo", "embed", "serve"):
+        assert re.search(rf"^    {name}(\s|$)", out, re.M), out
     assert len(COMMANDS) == len({module for module, _ in COMMANDS.values()})
 
 

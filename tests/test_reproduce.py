@@ -25,16 +25,15 @@ from test_images import image_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "launch" / "configs" / "reproduce" / "paper.yaml"
-sys.path.insert(0, str(REPO / "launch"))
 
 
 def dry_run(tmp_path: Path, *overrides: str) -> tuple[int, str]:
-    import reproduce
+    from reolm.cli import main
     backbone, vision = tmp_path / "minilm", tmp_path / "clip"
     out = io.StringIO()
     with redirect_stdout(out):
-        code = reproduce.main(["--config", str(PAPER), f"backbone={backbone}", f"vision={vision}",
-                               f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}", *overrides, "--dry-run"])
+        code = main(["reproduce", "--config", str(PAPER), f"backbone={backbone}", f"vision={vision}",
+                     f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}", *overrides, "--dry-run"])
     return code, out.getvalue()
 
 
@@ -45,9 +44,10 @@ def test_dry_run_prints_every_stage_wired_to_raw_files_only(tmp_path):
     cfg = load_recipe([str(PAPER)], [f"backbone={tmp_path / 'minilm'}", f"vision={tmp_path / 'clip'}",
                                      f"raw_dir={tmp_path / 'raw'}", f"work_dir={tmp_path / 'work'}"])
     stages = recipe_stages(cfg)
-    # 8 categories + 6 domains x (text pass, img2dataset, final pass); shard; 2 tables; Slurm; export;
-    # CDs features + zero-shot; 6 x (features + 2 Reo-LM + 4 baselines); report.
-    assert len(stages) == 14 * 3 + 1 + 2 + 1 + 1 + 2 + 6 * 7 + 1
+    # 8 categories + 6 domains x (text pass, img2dataset, final pass); shard; token table; image features
+    # of the corpus and of the 7 evaluated domains; Slurm; export; CDs zero-shot; 6 x (zero-shot + 2 Reo-LM
+    # + 4 baselines); dataset table; report.
+    assert len(stages) == 14 * 3 + 1 + 1 + 2 + 1 + 1 + 1 + 6 * 7 + 1 + 1
     assert text.count("\n    $ ") == len(stages)
     # Nothing a stage reads is missing except what the user brings: the raw files and the two models.
     raw = {tmp_path / "raw" / f"{c}_5.json.gz" for c in [*RECFORMER_PRETRAIN, RECFORMER_DEV, *PAPER_DOWNSTREAM.values()]}
@@ -57,9 +57,12 @@ def test_dry_run_prints_every_stage_wired_to_raw_files_only(tmp_path):
     for category in RECFORMER_PRETRAIN:  # sharded for pre-training; CDs only evaluated zero-shot
         assert f"data/pretrain/{category}" in text.split("reolm shard", 1)[1].split("\n", 1)[0]
     assert "CDs_and_Vinyl" not in text.split("reolm shard", 1)[1].split("\n", 1)[0]
-    assert "sbatch --wait --nodes 2 --gpus-per-node 8 launch/slurm/pretrain.sbatch" in text
+    assert "sbatch --wait --nodes 2 --gpus-per-node 8 --output " in text
+    assert "launch/slurm/pretrain.sbatch --config launch/configs/pretrain/paper.yaml" in text
+    assert "--resume latest" in text  # the recipe owns its run directory: a re-run continues it
     for name in PAPER_DOWNSTREAM:
         assert f"runs/{name}/reolm/metrics.json" in text and f"runs/{name}/bert4rec" in text
+        assert f"runs/{name}/reolm-zeroshot/metrics.json" in text
     assert "--write-image-urls" in text and "img2dataset --url_list" in text and "--image-shards" in text
 
 
@@ -88,6 +91,7 @@ def test_text_only_recipe_has_no_image_stages(tmp_path):
                          "baselines=[pop]", "no_pretrain_ablation=false")
     assert code == 0 and "img2dataset" not in text and "tables images" not in text
     assert text.count("launch/finetune.py") == 2  # Reo-LM + pop on the one domain
+    assert "reolm stats" in text and "--paper-layout" in text
 
 
 def test_stage_runner_skips_done_stages_and_records_time_and_memory(tmp_path):
@@ -141,9 +145,45 @@ def test_prepare_writes_image_urls_that_join_back(tmp_path):
     with wds.TarWriter(str(shard_dir / "00000.tar")) as sink:  # what img2dataset writes for that list
         for k, url in enumerate(urls.read_text().splitlines()[:2]):
             sink.write({"__key__": f"{k:09d}", "jpg": image_bytes((64, 64)), "json": {"url": url}})
+    # img2dataset's account of the shard: the other two URLs failed (they wrote no sample).
+    (shard_dir / "00000_stats.json").write_text(json.dumps({
+        "count": 4, "successes": 2, "failed_to_download": 2, "failed_to_resize": 0,
+        "status_dict": {"success": 2, "HTTP Error 404: Not Found": 1, "timed out": 1}}))
     final = tmp_path / "Toys"
     result = subprocess.run([*common, "--out", str(final), "--image-shards", str(shard_dir / "*.tar")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert read_domain(final).has_image.tolist() == [True, True, False, False, False]
     assert read_domain(final).smap == read_domain(text_dir).smap
+    report = json.loads((final / "domain.json").read_text())["ingest"]["report"]
+    assert report["read"]["image_urls_tried"] == 4 and report["dropped"]["image_download_failed"] == 2
+    assert sorted(report["examples"]["image_download_failed"]) == ["HTTP Error 404: Not Found x1", "timed out x1"]
+
+
+TINY = REPO / "launch" / "configs" / "reproduce" / "tiny.yaml"
+
+
+def test_tiny_preset_is_the_same_recipe_with_every_input_made_by_a_stage(tmp_path):
+    from reolm.config import ConfigError
+    from reolm.recipe import load_recipe, recipe_stages
+    from reolm.tiny_amazon import tiny_input_stages
+    paths = [f"work_dir={tmp_path / 'work'}", f"raw_dir={tmp_path / 'raw'}", f"backbone={tmp_path / 'bb'}",
+             f"vision={tmp_path / 'vit'}"]
+    cfg = load_recipe([str(TINY)], paths)
+    # A config file's mapping replaces the default one (not merged into the paper's six domains).
+    assert list(cfg.downstream) == ["Scientific", "Instruments"]
+    stages = recipe_stages(cfg)
+    paper = recipe_stages(load_recipe([str(PAPER)], paths))
+    # The same kinds of stages as the paper's recipe, fewer categories and domains.
+    kinds = lambda ss: {s.name.split(":")[-1].split(" (")[0].split(" ")[0] for s in ss}  # noqa: E731
+    assert kinds(stages) == kinds(paper)
+    assert missing_inputs(tiny_input_stages(cfg, 12345) + stages) == {}
+    assert [s.name for s in stages if s.name.startswith("pre-train")] == ["pre-train (deepspeed launcher)"]
+    slurm = recipe_stages(load_recipe([str(TINY)], paths + ["pretrain_launcher=slurm", "nodes=2", "gpus_per_node=1"]))
+    (pre,) = [s for s in slurm if s.name.startswith("pre-train")]
+    assert pre.argv[:7] == ["sbatch", "--wait", "--nodes", "2", "--gpus-per-node", "0", "--output"]
+    assert pre.env["GPUS_PER_NODE"] == "1" and pre.argv[-2:] == ["--resume", "latest"]
+    assert stages[[s.name for s in stages].index("download images of Automotive (img2dataset)")].argv[0] == \
+        str(REPO / ".venv-img2dataset" / "bin" / "img2dataset")
+    with pytest.raises(ConfigError, match="deepspeed launcher runs on this machine only"):
+        load_recipe([str(TINY)], ["nodes=2"])

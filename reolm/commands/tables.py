@@ -6,13 +6,13 @@ import argparse
 import time
 
 DESCRIPTION = """\
-reolm tables tokens --tokenizer DIR (--corpus C | --domain D)
+reolm tables tokens --tokenizer DIR (--corpus C | --domain D [D ...])
     Tokenise every item once (attributes in order, key then value tokens, cut to
     --max-attr-tokens, empty values as "void") into ROOT/tables/tokens-<key>/,
     rows = global item index (corpus) or item index (domain). <key> identifies the
     tokenizer and rendering settings, so tables of several tokenizers coexist.
 
-reolm tables images --vision DIR (--corpus C | --domain D) [--batch-size N]
+reolm tables images --vision DIR (--corpus C | --domain D [D ...]) [--batch-size N]
     Run a local HF vision checkpoint (AutoModel + AutoImageProcessor: CLIP/SigLIP,
     BEiT, DINOv2, ViT...) over every item image; pooled output as float16
     [num_items, d] + has_image. Corpus: CORPUS/tables/images-<key>/; domain:
@@ -38,13 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (tokens, images):
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--corpus", help="shard corpus (folder with manifest.json)")
-        src.add_argument("--domain", help="processed domain folder")
+        src.add_argument("--domain", nargs="+", metavar="DIR",
+                         help="processed domain folder(s); several are done one after the other in one process")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    roots = [args.corpus] if args.corpus else args.domain
+    for root in roots:
+        _build(args, root)
+    return 0
+
+
+def _build(args: argparse.Namespace, root: str) -> None:
     start = time.perf_counter()
-    root = args.corpus or args.domain
     if args.table == "tokens":
         from reolm.data.corpus import build_source_token_table
         from reolm.data.tables import load_tokenizer
@@ -53,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
         out = build_source_token_table(root, tokenizer, args.max_attr_tokens, args.batch_size,
                                        progress=not args.quiet)
         print(f"wrote token table {out} in {time.perf_counter() - start:.1f}s")
-        return 0
+        return
     from reolm.vision.features import build_image_features
 
     out = build_image_features(root, args.vision, batch_size=args.batch_size, device=args.device,
                                chunk_items=args.units_per_chunk, progress=not args.quiet)
     if out is not None:  # only rank 0 merges and reports
         print(f"wrote image features {out} in {time.perf_counter() - start:.1f}s")
-    return 0

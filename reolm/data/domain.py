@@ -459,13 +459,17 @@ def domain_stats(domain: Domain) -> dict[str, Any]:
     return row
 
 
-def format_stats_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    """Markdown table in the layout of the paper's dataset statistics (+ cold items)."""
-    lines = ["| Dataset | #Users | #Items | #Img (Cover./%) | #Inters | Avg.SL | #Cold items (test users/%) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def format_stats_table(rows: Iterable[Mapping[str, Any]], paper_layout: bool = False) -> str:
+    """Markdown table in the layout of the paper's dataset statistics (+ cold items unless ``paper_layout``)."""
+    header = "| Dataset | #Users | #Items | #Img (Cover./%) | #Inters | Avg.SL |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|"] if paper_layout else \
+        [header + " #Cold items (test users/%) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = r["domain"] + (f" ({'+'.join(r['splits'])})" if r.get("splits") else "")
-        lines.append(f"| {name} | {r['users']:,} | {r['items']:,} | "
-                     f"{r['images']:,} ({100 * r['image_coverage']:.1f}%) | {r['interactions']:,} | "
-                     f"{r['avg_seq_len']:.2f} | {r['cold_items']:,} ({100 * r['cold_test_share']:.1f}%) |")
+        line = (f"| {name} | {r['users']:,} | {r['items']:,} | "
+                f"{r['images']:,} ({100 * r['image_coverage']:.1f}%) | {r['interactions']:,} | "
+                f"{r['avg_seq_len']:.2f} |")
+        if not paper_layout:
+            line += f" {r['cold_items']:,} ({100 * r['cold_test_share']:.1f}%) |"
+        lines.append(line)
     return "\n".join(lines)

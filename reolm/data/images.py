@@ -35,7 +35,7 @@ from reolm.data.ingest_report import IngestReport
 from reolm.io import atomic_path, save_npy, write_json
 
 __all__ = ["ImageOptions", "ImageSink", "normalize_image", "from_directory", "from_shards", "iter_shard_samples",
-           "import_features", "FLOAT16_MAX"]
+           "count_failed_downloads", "import_features", "FLOAT16_MAX"]
 
 FLOAT16_MAX = 65504.0
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -186,6 +186,31 @@ def from_shards(pattern: str, sink: ImageSink, url_to_items: Mapping[str, Sequen
             continue
         for index in targets:
             sink.add(index, sample[image_ext], where)
+    count_failed_downloads(paths, sink.report)
+
+
+def count_failed_downloads(shard_paths: Sequence[str | os.PathLike], report: IngestReport) -> None:
+    """Add img2dataset's per-shard ``<shard>_stats.json`` to the report: URLs tried, and every failed
+    download by img2dataset's reason (HTTP errors, timeouts, bytes that are not an image).
+
+    Those URLs wrote no sample, so their items simply have no image (the coverage counts them).
+    Shards without a stats file (not written by img2dataset) add nothing.
+    """
+    failed: dict[str, int] = {}
+    for path in shard_paths:
+        stats_path = Path(path).with_name(Path(path).name.split(".")[0] + "_stats.json")
+        try:
+            stats = json.loads(stats_path.read_text())
+            statuses = {str(k): int(v) for k, v in stats.get("status_dict", {}).items()}
+            tried = int(stats["count"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        report.read["image_urls_tried"] += tried
+        for status, n in statuses.items():
+            if status != "success" and n > 0:
+                failed[status] = failed.get(status, 0) + n
+    for status, n in sorted(failed.items()):
+        report.drop("image_download_failed", f"{status} x{n}", count=n)
 
 
 # ----------------------------------------------------------------------------- features
