@@ -73,6 +73,10 @@ class TransferBudget:
     variants: bool = False     # add reolm-nopretrain-id, reolm-id and sasrec-textinit (docs/transfer.md)
     cold_items: float = 0.0    # > 0: also the target's cold-item split with this fraction of its items
 
+    def pooling_override(self, section: str = "reolm.model") -> list[str]:
+        """``SECTION.pooling=P`` for every Reo-LM run when the budget fixes a pooling, else nothing."""
+        return [f"{section}.pooling={self.pooling}"] if self.zero_shot_poolings else []
+
     def record_name(self, target: str) -> str:
         return self.record.replace("{target}", target)
 
@@ -160,9 +164,8 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
     subset = [f"eval.max_users={budget.eval_users}", f"eval.subset_seed={budget.eval_seed}"]
     # The budget's pooling is that of every Reo-LM run (pre-training, hence the export, and the
     # fine-tune from the backbone), so its zero-shot column is the one those runs start from.
-    pooling = [f"reolm.model.pooling={budget.pooling}"] if budget.zero_shot_poolings else []
-    finetune_overrides = [*subset, *pooling, *finetune_overrides]
-    pretrain_overrides = [*([f"model.pooling={budget.pooling}"] if pooling else []), *pretrain_overrides]
+    finetune_overrides = [*subset, *budget.pooling_override(), *finetune_overrides]
+    pretrain_overrides = [*budget.pooling_override("model"), *pretrain_overrides]
     config = REPO / budget.finetune_config
     models = {"reolm": runs / "reolm", "reolm-nopretrain": runs / "reolm-nopretrain",
               **{m: runs / m for m in budget.baselines}}
@@ -231,8 +234,8 @@ def _cold_item_stages(evaluated: Path, run_dir: Path, backbone: Path, budget: Tr
                     cold / "domain.json", inputs=[evaluated])]
     zero_shot = runs / "plm-zeroshot"
     models["cold:zero-shot"] = zero_shot
-    pooling = [f"reolm.model.pooling={budget.pooling}"] if budget.zero_shot_poolings else []
-    stages.append(_zero_shot_stage(" (cold-item split)", cold, backbone, zero_shot, [*subset, *pooling]))
+    stages.append(_zero_shot_stage(" (cold-item split)", cold, backbone, zero_shot,
+                                   [*subset, *budget.pooling_override()]))
     for model in ("pop", "sasrec"):
         models[f"cold:{model}"] = runs / model
         stages.append(_finetune_stage(f"cold items: {model}", cold, config, model, runs / model, [],
