@@ -328,7 +328,7 @@ class StopFlag:
         self._group: Any = None
         self._group_ready = False
         self._watch = LauncherWatch() if watch_launcher else None
-        stopsignal.catch_stop_signals()  # (launch/pretrain.py already did, before its imports)
+        stopsignal.catch_stop_signals()  # (reolm/commands/pretrain.py already did, before its imports)
 
     @property
     def raised(self) -> bool:
