@@ -75,8 +75,9 @@ def synthetic_examples(batch_size: int, num_items: int, num_domains: int, seed: 
                             int(rng.integers(0, num_domains))) for n in counts]
 
 
-def collator(tokens: ItemTokenTable, images: ImageFeatureTable, model: Any, layout: str) -> PackedCollator:
-    return PackedCollator.from_config(tokens, images, model.tokenizer, model.config, layout=layout, seed=0)
+def collator(tokens: ItemTokenTable, images: ImageFeatureTable, tokenizer: Any, cfg: Any, layout: str
+             ) -> PackedCollator:
+    return PackedCollator.from_config(tokens, images, tokenizer, cfg, layout=layout, seed=0)
 
 
 def result_path(out: str | os.PathLike[str]) -> Path:

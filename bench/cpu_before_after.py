@@ -31,6 +31,7 @@ try:
 except ImportError:
     pass
 from reolm.data.domain import read_domain
+from reolm.data.tables import load_tokenizer
 from reolm.finetune.reolm_recommender import ReoLMRecommender
 from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, TrainCost, train_step
 from reolm.model import ModelConfig, ReoLM
@@ -38,7 +39,7 @@ backbone, domain_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 domain = read_domain(domain_dir)
 torch.manual_seed(0)
 model = ReoLM.from_backbone(backbone, ModelConfig(top_routing="gate", max_tokens=512))
-rec = ReoLMRecommender(model, progress=False).bind(domain)
+rec = ReoLMRecommender(model, load_tokenizer(backbone), progress=False).bind(domain)
 start = time.perf_counter(); rec.encode_all_items(); catalogue = time.perf_counter() - start
 dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], 10)
 collate = PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, 1000, micro_batch=16)

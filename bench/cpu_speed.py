@@ -40,6 +40,7 @@ import torch
 
 from common import PartialResult, machine, save_random_roberta, synthetic_tables
 from reolm.data.collate import SequenceExample
+from reolm.data.tables import load_tokenizer
 from reolm.finetune.reolm_recommender import ReoLMRecommender
 from reolm.finetune.reolm_trainer import MicroBatch, StepBatch, TrainCost, train_step
 from reolm.model import ModelConfig, ReoLM
@@ -236,7 +237,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[ReoLMRecommender, Inputs
     cfg = ModelConfig(top_routing="gate", max_tokens=512)
     torch.manual_seed(0)
     model = ReoLM.from_backbone(folder, cfg)
-    rec = ReoLMRecommender(model, progress=False)
+    rec = ReoLMRecommender(model, load_tokenizer(folder), progress=False)
     if args.domain:
         from reolm.data.domain import read_domain
         domain = read_domain(args.domain)
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     allocator = keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         rec, inputs, folder = build(args, Path(tmp))
-        tok = rec.model.tokenizer
+        tok = rec.tokenizer
         runners: dict[str, Any] = {}
         for name in args.configs:
             if name.startswith("hf"):

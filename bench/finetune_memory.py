@@ -31,6 +31,7 @@ import torch  # noqa: E402
 def build(backbone: str, domain_dir: str, negatives: int, device: str = "cpu", **model: object):
     """(recommender bound to the domain, its training prefixes, a stage-1 collate) as the trainer builds them."""
     from reolm.data.domain import read_domain
+    from reolm.data.tables import load_tokenizer
     from reolm.finetune.reolm_recommender import ReoLMRecommender, sized_for_domain
     from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset
     from reolm.model import ModelConfig, ReoLM
@@ -38,7 +39,8 @@ def build(backbone: str, domain_dir: str, negatives: int, device: str = "cpu", *
     domain = read_domain(domain_dir)
     torch.manual_seed(0)
     cfg = sized_for_domain(ModelConfig(top_routing="gate", **model), domain)
-    rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind(domain)
+    model = ReoLM.from_backbone(backbone, cfg)
+    rec = ReoLMRecommender(model, load_tokenizer(backbone), progress=False).to(device).bind(domain)
     dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
     collate = PrefixCollate(rec.collator(rec.model.config.mlm_probability, seed=0), rec.num_items, negatives)
     return rec, dataset, collate

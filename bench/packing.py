@@ -22,6 +22,7 @@ import torch
 from common import (collator, machine, save_random_roberta, synthetic_examples, synthetic_tables,
                     training_loss, write_result)
 from reolm.data.collate import split_sequences
+from reolm.data.tables import load_tokenizer
 from reolm.model import ModelConfig, ReoLM
 
 VOCAB = 4096  # keeps the MLM head ~10% of the step, as with L12 H384 and a 50k vocabulary
@@ -55,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_random_roberta(Path(tmp), args.layers, args.hidden, heads=max(1, args.hidden // 64), vocab=VOCAB)
         model = ReoLM.from_backbone(tmp, cfg).train()
+        tokenizer = load_tokenizer(tmp)  # read before the folder goes
     tokens, images = synthetic_tables(5000, VOCAB, cfg.image_feature_dim)
     examples = synthetic_examples(args.batch_size, len(tokens), cfg.num_adapters)
-    batches = {layout: collator(tokens, images, model, layout)(examples) for layout in ("packed", "padded")}
+    batches = {layout: collator(tokens, images, tokenizer, model.config, layout)(examples)
+               for layout in ("packed", "padded")}
     same = [torch.equal(a, b) for a, b in zip(*(split_sequences(batches[k].history.input_ids, batches[k].history)
                                                  for k in batches))]
     assert all(same), "packed and padded batches must hold the same sequences"

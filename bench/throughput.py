@@ -33,6 +33,7 @@ from common import (PartialResult, machine, save_random_roberta, synthetic_examp
                     training_loss)
 from common import collator as make_collator
 from reolm.data.collate import TrainingBatch, move_batch
+from reolm.data.tables import load_tokenizer
 from reolm.model import ModelConfig, ReoLM
 from reolm.model.attention import flash_available, varlen_available
 
@@ -128,6 +129,7 @@ def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace,
     with tempfile.TemporaryDirectory() as tmp:
         save_random_roberta(Path(tmp), layers, hidden, heads, vocab=vocab, max_positions=args.max_tokens + 2)
         model = ReoLM.from_backbone(tmp, cfg).to(device=device, dtype=dtype).train()
+        tokenizer = load_tokenizer(tmp)  # read before the folder goes
         from transformers import RobertaModel
         hf = RobertaModel.from_pretrained(tmp, attn_implementation="eager", add_pooling_layer=False)
         hf = hf.to(device=device, dtype=dtype).train()
@@ -136,7 +138,7 @@ def run_config(name: str, shape: tuple[int, int, int], args: argparse.Namespace,
             module.p = 0.0
     tokens, images = synthetic_tables(20000 if not args.smoke else 500, vocab, args.image_dim)
     examples = synthetic_examples(args.batch_size, len(tokens), cfg.num_adapters)
-    batch = make_collator(tokens, images, model, "packed")(examples)
+    batch = make_collator(tokens, images, tokenizer, model.config, "packed")(examples)
     hf_inputs = [move_batch(x, device) for x in padded_hf_inputs(batch, model.backbone_config.pad_token_id)]
     batch = batch.to(device)
     n_tokens, flops = real_tokens(batch), step_flops(model, batch)

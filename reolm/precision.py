@@ -25,7 +25,6 @@ import contextlib
 import copy
 import functools
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -106,9 +105,6 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def inference_copy(module: nn.Module, keep: Iterable[object] = ()) -> nn.Module:
-    """A bfloat16 copy of ``module`` in eval mode for encoding without gradient (``keep``: objects
-    the copy shares rather than duplicates, e.g. a tokenizer)."""
-    memo = {id(obj): obj for obj in keep}
-    clone = copy.deepcopy(module, memo)
-    return clone.to(torch.bfloat16).eval().requires_grad_(False)
+def inference_copy(module: nn.Module) -> nn.Module:
+    """A bfloat16 copy of ``module`` in eval mode for encoding without gradient."""
+    return copy.deepcopy(module).to(torch.bfloat16).eval().requires_grad_(False)

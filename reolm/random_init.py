@@ -32,12 +32,14 @@ def init_backbone(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, size
                   arch: str = "bert", max_position_embeddings: int = 512, seed: int = 0) -> Path:
     """Write a random-weight ``BertForMaskedLM``/``RobertaForMaskedLM`` checkpoint + tokenizer to ``out``."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    from reolm.data.tables import load_tokenizer
 
     if size not in BACKBONE_SIZES:
         raise ValueError(f"unknown backbone size {size!r}; choose from {', '.join(BACKBONE_SIZES)}")
     layers, hidden, heads, inter = BACKBONE_SIZES[size]
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)  # the one loader: local only, read as every stage reads it
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, intermediate_size=inter, type_vocab_size=2,
                   pad_token_id=tokenizer.pad_token_id)

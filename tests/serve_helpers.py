@@ -23,6 +23,7 @@ import torch
 from conftest import make_domain
 
 from reolm.data.domain import read_domain, write_domain
+from reolm.data.tables import load_tokenizer
 from reolm.data.tokenizer import item_texts, train_tokenizer
 from reolm.finetune.config import FinetuneConfig
 from reolm.finetune.reolm_recommender import ReoLMRecommender, save_reolm_folder
@@ -59,14 +60,14 @@ def build_assets(root: Path) -> dict:
     tok = train_tokenizer(item_texts([domain_dir]), root / "tok", kind="wordpiece", vocab_size=300)
     backbone = init_backbone(tok, root / "bert", size="tiny", max_position_embeddings=128)
     domain = read_domain(domain_dir)
-    model_a = _noisy_model(backbone, seed=1)
-    export = model_a.save_pretrained(root / "export")
+    model_a, tokenizer = _noisy_model(backbone, seed=1), load_tokenizer(backbone)
+    export = model_a.save_pretrained(root / "export", tokenizer)
     model_b = _noisy_model(backbone, seed=2, base=model_a, noise=0.05)
     run = root / "run"
-    rec_a = ReoLMRecommender(model_a, progress=False).bind(domain)
+    rec_a = ReoLMRecommender(model_a, tokenizer, progress=False).bind(domain)
     save_reolm_folder(run / "stage1", rec_a, model_name="reolm", domain=domain, cfg=FinetuneConfig(),
                       extra={"stage": 1, "epoch": 1, "val": {}})
-    rec_b = ReoLMRecommender(model_b, progress=False).bind(domain)
+    rec_b = ReoLMRecommender(model_b, tokenizer, progress=False).bind(domain)
     rec_b.item_table = rec_a.encode_all_items()  # the frozen table: stage-1 weights' item vectors
     save_reolm_folder(run / "best", rec_b, model_name="reolm", domain=domain, cfg=FinetuneConfig(),
                       extra={"stage": 2, "epoch": 2, "val": {}})

@@ -31,14 +31,15 @@ def setup(tmp_path, world_of_one):
     from reolm.train.checkpoint_files import run_layout
     from reolm.train.config import PretrainConfig
     from reolm.train.setup import BatchShape, Checkpoints, RankContext, TrainInputs, TrainSetup
-    from tiny_models import tiny_tables, tiny_zero2_engine
+    from tiny_models import tiny_tables, tiny_tokenizer, tiny_zero2_engine
 
     engine, _ = tiny_zero2_engine(tmp_path / "backbone")
     tokens, images = tiny_tables()
     cfg = PretrainConfig(run_dir=str(tmp_path / "run"))
     return TrainSetup(
         cfg=cfg, rank=RankContext(info=D.info(), device=torch.device("cpu"), precision="fp32", readers=READERS),
-        inputs=TrainInputs(corpus=None, tables=ItemTables(tokens, images, VIT), collator=None),
+        inputs=TrainInputs(corpus=None, tables=ItemTables(tokens, images, VIT), tokenizer=tiny_tokenizer(),
+                           collator=None),
         engine=engine, batch=BatchShape(micro=2, accum=1),
         checkpoints=Checkpoints(manager=CheckpointManager(cfg.checkpoint_dir()),
                                 layout=run_layout(1, 2, False, 1, False, True), plan=None))

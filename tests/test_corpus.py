@@ -19,7 +19,7 @@ from reolm.data.domain import read_domain, write_domain
 from reolm.data.shards import ShardError, ShardOptions, write_corpus
 from reolm.data.synth import generate_corpus, preset_config
 from reolm.data.tables import (UNKNOWN_VISION, ImageFeatureTable, TableError, VisionIdentity, VisionMismatch,
-                               check_same_vision, recorded_vision, vision_record)
+                               check_same_vision, load_tokenizer, recorded_vision, vision_record)
 from reolm.train.config import PretrainConfig
 
 
@@ -119,8 +119,7 @@ def export_and_domains(tmp_path_factory) -> dict[str, Path]:
     from tiny_models import IMAGE_DIM, tiny_reolm, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("vision_check")
-    model = tiny_reolm(root / "backbone")
-    model.tokenizer = tiny_tokenizer()
+    model, tokenizer = tiny_reolm(root / "backbone"), tiny_tokenizer()
     out = {}
     for name, key in (("vit", "aaaaaaaaaaaa"), ("clip", "bbbbbbbbbbbb")):
         domain = make_domain(num_items=12, num_users=6)
@@ -131,8 +130,8 @@ def export_and_domains(tmp_path_factory) -> dict[str, Path]:
                                                                 "dim": IMAGE_DIM}))
         out[name] = folder
     vit = VisionIdentity("aaaaaaaaaaaa", "/models/vit", IMAGE_DIM)
-    out["export"] = model.save_pretrained(root / "export", extra_config=vision_record(vit))
-    out["old_export"] = model.save_pretrained(root / "old_export")
+    out["export"] = model.save_pretrained(root / "export", tokenizer, extra_config=vision_record(vit))
+    out["old_export"] = model.save_pretrained(root / "old_export", tokenizer)
     return out
 
 
@@ -144,7 +143,7 @@ def test_finetuning_refuses_image_features_of_another_vision_model(export_and_do
     paths = export_and_domains
     model = ReoLM.from_pretrained(paths["export"])
     section = ReoLMSection(init=str(paths["export"]))
-    rec = ReoLMRecommender(model, section, progress=False)
+    rec = ReoLMRecommender(model, load_tokenizer(paths["export"]), section, progress=False)
     assert rec.vision == VisionIdentity("aaaaaaaaaaaa", "/models/vit", 8)
     rec.bind(read_domain(paths["vit"]))  # the same vision model: fine
     with pytest.raises(VisionMismatch, match=f"the Reo-LM at {paths['export']} was trained on image features of "
@@ -153,8 +152,8 @@ def test_finetuning_refuses_image_features_of_another_vision_model(export_and_do
         rec.bind(read_domain(paths["clip"]))
 
     # An export from before identities were recorded still binds, with a warning naming it.
-    old = ReoLMRecommender(ReoLM.from_pretrained(paths["old_export"]), ReoLMSection(init=str(paths["old_export"])),
-                           progress=False)
+    old = ReoLMRecommender(ReoLM.from_pretrained(paths["old_export"]), load_tokenizer(paths["old_export"]),
+                           ReoLMSection(init=str(paths["old_export"])), progress=False)
     with caplog.at_level(logging.WARNING, logger="reolm.data.corpus"):
         old.bind(read_domain(paths["clip"]))
     assert old.num_items == 12

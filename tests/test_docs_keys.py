@@ -7,7 +7,7 @@ one: the config refuses it). Not keys, and left alone: names whose last part is 
 (`train.json`, `model.safetensors`) and Python names of the package (`reolm.eval.ranking`,
 `reolm.io.atomic_dir`, or `data.StreamTracker` for a class of a module `data.py`), which
 must exist instead. A Python attribute that happens to start like a
-section is written with its class (`ReoLM.tokenizer`, not `model.tokenizer`).
+section is written with its class (`ReoLM.backbone_config`, not `model.backbone_config`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from single_thread import one_thread  # noqa: F401  (autouse, module-scoped)
 
 from reolm.data.collate import PackedCollator, split_sequences
 from reolm.data.domain import read_domain, write_domain
-from reolm.data.tables import TableError
+from reolm.data.tables import TableError, load_tokenizer
 from reolm.data.tokenizer import item_texts, train_tokenizer
 from reolm.eval.contract import read_metrics
 from reolm.finetune.reolm_recommender import (ITEM_VECTORS, ReoLMRecommender, domain_image_table, load_reolm)
@@ -153,7 +153,7 @@ def test_stage2_item_table_is_stage1_best_encoding(run_dir, assets):
 def test_finetune_from_pretrained_export_and_zero_shot(assets, tmp_path):
     cfg = ModelConfig(num_adapters=2, adapter_rank=8, max_tokens=128, image_feature_dim=8, attention="sdpa")
     model = ReoLM.from_backbone(assets["backbone"], cfg)
-    export = model.save_pretrained(tmp_path / "export")
+    export = model.save_pretrained(tmp_path / "export", load_tokenizer(assets["backbone"]))
     # Zero-shot: evaluate.py on the bare export.
     out = tmp_path / "zeroshot.json"
     assert _evaluate(["--domain", str(assets["domain"]), "--model", str(export), "--split", "test",
@@ -191,7 +191,8 @@ def test_prefix_dataset_and_stage1_candidates(assets):
     assert [data[i] for i in range(len(data))] == [([5], 6), ([5, 6], 7), ([6, 7], 8), ([2], 3)]
     model = ReoLM.from_backbone(assets["backbone"], ModelConfig(num_adapters=2, adapter_rank=8, max_tokens=128,
                                                                 image_feature_dim=8))
-    rec = ReoLMRecommender(model, progress=False).bind(read_domain(assets["domain"]))
+    tokenizer = load_tokenizer(assets["backbone"])
+    rec = ReoLMRecommender(model, tokenizer, progress=False).bind(read_domain(assets["domain"]))
     collator: PackedCollator = rec.collator(mlm_probability=0.15, seed=0)
     batch = PrefixCollate(collator, rec.num_items, negatives=20)([([1, 2], 3), ([4], 3), ([7, 8, 9], 11)])
     (micro,), (items,) = batch.micro, batch.pools
@@ -218,7 +219,8 @@ def _tiny_rec(assets) -> ReoLMRecommender:
     model = ReoLM.from_backbone(assets["backbone"], ModelConfig(
         num_adapters=2, adapter_rank=8, max_tokens=128, image_feature_dim=8, attention="sdpa", hidden_dropout=0.0,
         attention_dropout=0.0, top_routing="gate"))
-    return ReoLMRecommender(model.double(), progress=False).bind(read_domain(assets["domain"]))
+    tokenizer = load_tokenizer(assets["backbone"])
+    return ReoLMRecommender(model.double(), tokenizer, progress=False).bind(read_domain(assets["domain"]))
 
 
 EXAMPLES = [([1, 2], 3), ([4], 3), ([7, 8, 9], 11), ([5], 6), ([2, 3, 4], 9), ([10], 12)]

@@ -311,6 +311,7 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
     from conftest import make_domain
 
     from reolm.data.domain import read_domain, write_domain
+    from reolm.data.tables import load_tokenizer
     from reolm.data.tokenizer import item_texts, train_tokenizer
     from reolm.finetune.reolm_recommender import ReoLMRecommender
     from reolm.finetune.reolm_trainer import PrefixCollate, PrefixDataset, TrainCost, train_step
@@ -326,7 +327,8 @@ def test_finetuning_under_autocast_uses_varlen(tmp_path):
         torch.manual_seed(0)
         cfg = ModelConfig(top_routing="gate", attention=backend, max_tokens=128, image_feature_dim=8,
                           num_adapters=2, adapter_rank=4, hidden_dropout=0.0, attention_dropout=0.0)
-        rec = ReoLMRecommender(ReoLM.from_backbone(backbone, cfg), progress=False).to(device).bind(domain)
+        model = ReoLM.from_backbone(backbone, cfg)
+        rec = ReoLMRecommender(model, load_tokenizer(backbone), progress=False).to(device).bind(domain)
         assert next(rec.model.parameters()).dtype == torch.float32
         dataset = PrefixDataset([s for _, s in sorted(domain.train.items()) if len(s) >= 2], max_history=10)
         batch = PrefixCollate(rec.collator(0.15, seed=0), rec.num_items, negatives=10)(

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reolm.config import ConfigError
 from reolm.data.collate import SequenceExample
+from reolm.data.tables import load_tokenizer
 from reolm.model import CheckpointError, ReoLM
 from reolm.model.encoder import training_flops
 from tiny_models import save_tiny_checkpoint, tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
@@ -31,16 +32,21 @@ def test_save_and_load_round_trip_reproduces_outputs(tmp_path):
         for name, p in model.named_parameters():
             p.add_(0.01 * torch.randn_like(p))
     batch = _batch(cfg)
-    out_dir = model.save_pretrained(tmp_path / "export")
+    tokenizer = load_tokenizer(tmp_path / "hf")
+    out_dir = model.save_pretrained(tmp_path / "export", tokenizer)
     assert sorted(p.name for p in out_dir.iterdir()) >= ["config.json", "model.safetensors"]
-    assert (out_dir / "tokenizer_config.json").is_file()
+    # the folder holds the tokenizer's files exactly as the tokenizer writes them itself
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    for path in (tmp_path / "tokenizer").iterdir():
+        assert (out_dir / path.name).read_bytes() == path.read_bytes()
     assert not (tmp_path / "export.tmp").exists()
     loaded = ReoLM.from_pretrained(out_dir).eval()
     # the MLM decoder is tied to the word embeddings, stored once
     assert "lm_head.decoder.weight" not in load_file(str(out_dir / "model.safetensors"))
     assert loaded.lm_head.decoder.weight is loaded.embeddings.word_embeddings.weight
     assert loaded.config == model.config
-    assert loaded.tokenizer is not None and loaded.tokenizer.cls_token_id == model.tokenizer.cls_token_id
+    assert not hasattr(loaded, "tokenizer")  # as in HF, the model holds none: the folder does
+    assert load_tokenizer(out_dir).cls_token_id == tokenizer.cls_token_id
     with torch.no_grad():
         a, b = model(batch.history), loaded(batch.history)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)
@@ -58,7 +64,7 @@ def test_an_export_written_before_the_max_items_rename_loads_upgraded(tmp_path):
     model = ReoLM.from_backbone(tmp_path / "hf", cfg).eval()
     with torch.no_grad():
         model.embeddings.item_position_embeddings.weight.normal_()  # item positions matter
-    out_dir = model.save_pretrained(tmp_path / "export")
+    out_dir = model.save_pretrained(tmp_path / "export", load_tokenizer(tmp_path / "hf"))
     config = json.loads((out_dir / "config.json").read_text())
     assert config["reolm"]["max_history_items"] == 5 and "max_items" not in config["reolm"]
     config["reolm"] = {("max_items" if k == "max_history_items" else k): v for k, v in config["reolm"].items()}
@@ -81,7 +87,7 @@ def test_from_pretrained_rejects_plain_hf_and_tampered_dirs(tmp_path):
     with pytest.raises(CheckpointError, match="not a Reo-LM export"):
         ReoLM.from_pretrained(tmp_path / "hf")
     model = ReoLM.from_backbone(tmp_path / "hf", tiny_model_config())
-    model.save_pretrained(tmp_path / "export")
+    model.save_pretrained(tmp_path / "export", load_tokenizer(tmp_path / "hf"))
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())
     cfg["reolm"]["num_adapters"] = 3
     (tmp_path / "export" / "config.json").write_text(json.dumps(cfg))

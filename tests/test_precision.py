@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables
+from tiny_models import tiny_collator, tiny_model_config, tiny_reolm, tiny_tables, tiny_tokenizer
 
 from reolm.config import ConfigError, apply_overrides
 from reolm.data.collate import SequenceExample
@@ -63,9 +63,8 @@ def _rec(tmp_path, requested: str, pooling: str = "cls") -> ReoLMRecommender:
     with torch.no_grad():  # non-zero adapters: every path of the layer matters
         for layer in model.encoder.layer:
             layer.adapter.up_weight.normal_(std=0.05)
-    model.tokenizer = __import__("tiny_models").tiny_tokenizer()
     tokens, images = tiny_tables(num_items=60, seed=1)
-    rec = ReoLMRecommender(model, progress=False).set_precision(requested)
+    rec = ReoLMRecommender(model, tiny_tokenizer(), progress=False).set_precision(requested)
     return rec.bind_tables(tokens, images)
 
 

@@ -236,27 +236,28 @@ def test_zero2_export_reproduces_the_engine_weights_and_outputs(zero2_export, ze
     reference = ReoLM.from_pretrained(zero2_export).eval()
     loaded = reference.load_state_dict(module_state, strict=False)
     assert not loaded.missing_keys  # every weight of the reference is the engine's
-    batch = _probe_batch(exported, inputs)
+    from reolm.data.tables import load_tokenizer
+
+    batch = _probe_batch(exported, load_tokenizer(zero2_export), inputs)
     torch.testing.assert_close(exported(batch).pooled, reference(batch).pooled, rtol=1e-5, atol=1e-6)
 
 
 def test_zero2_export_carries_the_run_tokenizer(zero2_export, inputs):
     from transformers import AutoTokenizer
 
-    from reolm.model import ReoLM
+    from reolm.data.tables import load_tokenizer
 
-    exported = ReoLM.from_pretrained(zero2_export)
-    assert len(exported.tokenizer) == len(AutoTokenizer.from_pretrained(str(inputs["tokenizer"])))
+    assert len(load_tokenizer(zero2_export)) == len(AutoTokenizer.from_pretrained(str(inputs["tokenizer"])))
 
 
-def _probe_batch(model, inputs) -> dict:
+def _probe_batch(model, tokenizer, inputs) -> dict:
     from reolm.data.collate import PackedCollator, SequenceExample
     from reolm.data.corpus import find_token_table
     from reolm.data.tables import ImageFeatureTable
 
-    tokens = find_token_table(inputs["corpus"], model.tokenizer, model.config.max_attr_tokens)
+    tokens = find_token_table(inputs["corpus"], tokenizer, model.config.max_attr_tokens)
     images = ImageFeatureTable.empty(len(tokens), model.config.image_feature_dim)
-    collator = PackedCollator.from_config(tokens, images, model.tokenizer, model.config, mlm_probability=0.0)
+    collator = PackedCollator.from_config(tokens, images, tokenizer, model.config, mlm_probability=0.0)
     return collator([SequenceExample([1, 5, 9], None, 0), SequenceExample([120, 130], None, 1)]).history
 
 
@@ -280,6 +281,7 @@ def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_pat
     # reproduces the run's last validation (same weights, same candidates, same users).
     from reolm.config import load_config
     from reolm.data.collate import PackedCollator
+    from reolm.data.tables import load_tokenizer
     from reolm.train.config import PretrainConfig
     from reolm.train.export import export_checkpoint
     from reolm.model import ReoLM
@@ -289,14 +291,14 @@ def test_zero3_two_ranks_learns_and_export_reproduces_validation(inputs, tmp_pat
     from reolm.train.validation import validate, validation_set as _validation_set
 
     out = export_checkpoint(run_dir / "checkpoints", tmp_path / "export")
-    model = ReoLM.from_pretrained(out).eval()
+    model, tokenizer = ReoLM.from_pretrained(out).eval(), load_tokenizer(out)
     cfg = load_config(PretrainConfig, run_dir / "config.yaml")
     corpus = open_corpus(cfg.data.corpus)
-    tables = resolve_tables(cfg, model.tokenizer, corpus)
-    collator = PackedCollator.from_config(tables.tokens, tables.images, model.tokenizer, cfg.model, seed=cfg.seed)
+    tables = resolve_tables(cfg, tokenizer, corpus)
+    collator = PackedCollator.from_config(tables.tokens, tables.images, tokenizer, cfg.model, seed=cfg.seed)
     setup = _Setup(cfg=cfg, rank=RankContext(info=DistInfo(), device=torch.device("cpu"), precision="fp32",
                                              readers=Readers(rank=0, world_size=1, workers=0, replicate=False)),
-                   inputs=TrainInputs(corpus=corpus, tables=tables, collator=collator),
+                   inputs=TrainInputs(corpus=corpus, tables=tables, tokenizer=tokenizer, collator=collator),
                    engine=SimpleNamespace(module=model), batch=BatchShape(micro=cfg.optim.micro_batch_size, accum=1))
     again = validate(setup, *_validation_set(setup))
     for key in ("val_recall@10", "val_ndcg@10"):

@@ -85,17 +85,16 @@ def test_cli_table_is_found_by_a_fresh_tokenizer_and_a_rebuild_says_why(assets):
 
 
 def test_pretraining_uses_the_cli_table(assets):
-    """The pre-training setup (model and tokenizer from the backbone, then its tables) finds the
+    """The pre-training setup (the tokenizer from the backbone, then its tables) finds the
     table; the DeepSpeed run around it is covered by test_pretrain_runs."""
     from reolm.config import load_config
     from reolm.train.config import PretrainConfig
-    from reolm.train.setup import build_model, resolve_tables
+    from reolm.train.setup import resolve_tables
 
     before = _tables(assets["corpus"])
     cfg = load_config(PretrainConfig, [str(TINY)], [f"data.corpus={assets['corpus']}",
                                                     f"model.backbone={assets['backbone']}"])
-    model = build_model(cfg)
-    tables = resolve_tables(cfg, model.tokenizer)
+    tables = resolve_tables(cfg, load_tokenizer(cfg.model.backbone))
     tokens, images = tables.tokens, tables.images
     assert tokens.key == before[0].removeprefix("tokens-") and len(images) == len(tokens)
     assert _tables(assets["corpus"]) == before

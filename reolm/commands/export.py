@@ -66,12 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_backbone(args: argparse.Namespace) -> int:
     from reolm.config import load_config
+    from reolm.data.tables import load_tokenizer
     from reolm.finetune.reolm_recommender import fresh_plm
     from reolm.model import ModelConfig
     from reolm.saved import BACKBONE_ORIGIN
 
     model = fresh_plm(args.backbone, load_config(ModelConfig, [], args.overrides))
-    out = model.save_pretrained(args.out, extra_config={"origin": BACKBONE_ORIGIN, "origin_dir": args.backbone})
+    out = model.save_pretrained(args.out, load_tokenizer(args.backbone),
+                                extra_config={"origin": BACKBONE_ORIGIN, "origin_dir": args.backbone})
     print(f"exported {args.backbone} -> {out} (no pre-training; evaluates as plm-zeroshot)")
     return 0
 

@@ -1,7 +1,9 @@
 """Reo-LM as a :class:`~reolm.eval.evaluate.Recommender`, its item tables, and its saved folder.
 
-The recommender wraps a :class:`~reolm.model.ReoLM` and reads item content (token table,
-image features) from the domain it is bound to (:meth:`ReoLMRecommender.bind`):
+The recommender wraps a :class:`~reolm.model.ReoLM` and the tokenizer of its folder (the model
+holds none: the recommender is what collates items, so it holds the tokenizer, as an HF pipeline
+holds model and tokenizer side by side) and reads item content (token table, image features) from
+the domain it is bound to (:meth:`ReoLMRecommender.bind`):
 
 * ``item_vectors()`` — every item of the domain encoded as ``[CLS] item`` (chunked, no
   gradient), or the **frozen item table** once stage 2 of fine-tuning has set one; plus, for the
@@ -48,7 +50,7 @@ from reolm.data.batch import PackedBatch
 from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.tables import VisionIdentity, check_same_vision, recorded_vision, vision_record
 from reolm.data.domain import Domain
-from reolm.data.tables import ImageFeatureTable, ItemTokenTable
+from reolm.data.tables import ImageFeatureTable, ItemTokenTable, load_tokenizer
 from reolm.finetune.reolm_config import ReoLMSection
 from reolm.io import atomic_dir, read_json, write_json
 from reolm.model import ModelConfig, ReoLM
@@ -125,7 +127,7 @@ def load_plm(folder: str | os.PathLike, cfg: Any = None, domain: Domain | None =
         model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
     else:
         model = fresh_plm(folder, sized_for_domain(section.model, domain))
-    return ReoLMRecommender(model, section)
+    return ReoLMRecommender(model, load_tokenizer(folder), section)
 
 
 # ----------------------------------------------------------------------------- recommender
@@ -135,9 +137,10 @@ class ReoLMRecommender(nn.Module):
 
     similarity = "cosine"
 
-    def __init__(self, model: ReoLM, section: ReoLMSection | None = None, progress: bool = True):
+    def __init__(self, model: ReoLM, tokenizer: Any, section: ReoLMSection | None = None, progress: bool = True):
         super().__init__()
         self.model = model
+        self.tokenizer = tokenizer  # renders the bound domain's items and gives the collator its special ids
         self.section = section or ReoLMSection()
         self.progress = progress
         self.register_buffer("item_table", None, persistent=False)  # frozen item vectors (stage 2)
@@ -165,7 +168,7 @@ class ReoLMRecommender(nn.Module):
         if domain.image_features is not None:
             check_same_vision(self.vision, VisionIdentity.of_table(images), f"the Reo-LM at {self.vision_from}",
                               f"{domain.path or domain.name}/image_features.npy")
-        self.bind_tables(domain_token_table(domain, self.model.tokenizer, cfg, self.progress), images)
+        self.bind_tables(domain_token_table(domain, self.tokenizer, cfg, self.progress), images)
         check_item_rows({"item table": self.item_table, "item ID embedding": self.item_ids}, domain, "the saved")
         return self
 
@@ -179,7 +182,7 @@ class ReoLMRecommender(nn.Module):
     def collator(self, mlm_probability: float, seed: int | None = None) -> PackedCollator:
         if self.tokens is None:
             raise RuntimeError("bind(domain) first: the recommender reads item content from it")
-        return PackedCollator.from_config(self.tokens, self.images, self.model.tokenizer, self.model.config,
+        return PackedCollator.from_config(self.tokens, self.images, self.tokenizer, self.model.config,
                                           mlm_probability=mlm_probability, seed=seed)
 
     @property
@@ -231,7 +234,7 @@ class ReoLMRecommender(nn.Module):
         key = self._weights_key()
         if self._bf16_copy is None or self._bf16_copy[0] != key:
             self._bf16_copy = None  # free the old copy before making the new one
-            self._bf16_copy = (key, numerics.inference_copy(model, keep=[model.tokenizer]))
+            self._bf16_copy = (key, numerics.inference_copy(model))
         return self._bf16_copy[1]
 
     @torch.no_grad()
@@ -322,7 +325,8 @@ def save_reolm_folder(folder: str | os.PathLike, rec: ReoLMRecommender, *, model
     """Write ``folder`` (export + item table + config + descriptor) next to it, then swap it in."""
     folder = Path(folder)
     with atomic_dir(folder) as partial:
-        rec.model.save_pretrained(partial, extra_config=vision_record(_vision_after_training(rec, domain)))
+        vision = vision_record(_vision_after_training(rec, domain))
+        rec.model.save_pretrained(partial, rec.tokenizer, extra_config=vision)
         files = {key: save_item_rows(partial / name, key, rows)
                  for key, name, rows in (("item_vectors", ITEM_VECTORS, rec.item_table),
                                          ("item_id_embedding", ITEM_ID_EMBEDDING, rec.item_ids))}
@@ -354,10 +358,11 @@ def load_reolm(folder: str | os.PathLike, cfg: Any = None, domain: Domain | None
         # Its gate was never trained (pre-training routes by domain) and the new domain has no
         # adapter of its own: the mean of the adapters uses what pre-training learned, guessing nothing.
         model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
-        return _with_vision_of(ReoLMRecommender(model, ReoLMSection()), folder)
+        return _with_vision_of(ReoLMRecommender(model, load_tokenizer(folder), ReoLMSection()), folder)
     desc = read_descriptor(folder)
     model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
-    rec = _with_vision_of(ReoLMRecommender(model, from_dict(ReoLMSection, desc.get("model_config") or {})), folder)
+    section = from_dict(ReoLMSection, desc.get("model_config") or {})
+    rec = _with_vision_of(ReoLMRecommender(model, load_tokenizer(folder), section), folder)
     rows, width = int(desc["num_items"]), int(model.backbone_config.hidden_size)
     rec.item_table = load_item_rows(folder, desc, "item_vectors", rows, width)
     item_ids = load_item_rows(folder, desc, "item_id_embedding", rows, width)

@@ -38,6 +38,7 @@ from reolm.config import save_resolved
 from reolm.data.batch import PackedBatch
 from reolm.data.collate import PackedCollator, SequenceExample
 from reolm.data.domain import Domain
+from reolm.data.tables import load_tokenizer
 from reolm.eval.evaluate import EvalResult
 from reolm.eval.frequency import item_train_counts
 from reolm.finetune.config import FinetuneConfig
@@ -403,9 +404,12 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     start = time.time()
     model, model_name = build_finetune_model(cfg, domain, init, backbone)
     cfg = with_weights_source(cfg, model, init, backbone)
+    # The folder the weights come from (export or backbone) holds the tokenizer that goes with them.
+    tokenizer = load_tokenizer(cfg.reolm.init or cfg.reolm.model.backbone)
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
     model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
-    rec = ReoLMRecommender(model, cfg.reolm, progress=cfg.train.progress).to(device).set_precision(cfg.train.precision)
+    rec = ReoLMRecommender(model, tokenizer, cfg.reolm, progress=cfg.train.progress).to(device)
+    rec.set_precision(cfg.train.precision)
     rec.bind(domain)
     seen = item_train_counts(domain) > 0
     if not bool(seen.all()):  # items unseen in training: never negatives, never in the stage-2 softmax

@@ -29,7 +29,6 @@ from torch.utils.checkpoint import checkpoint
 
 from reolm.config import from_dict, upgrade_renamed_keys
 from reolm.data.batch import PackedBatch
-from reolm.data.tables import load_tokenizer as read_tokenizer
 from reolm.model import hf_checkpoint as hf
 from reolm.model import objectives
 from reolm.model.attention import AttentionLayout, BACKENDS, compute_dtype, resolve_backend
@@ -337,14 +336,15 @@ class ReoLM(nn.Module):
     """Reo-LM encoder over packed batches (see ``docs/model.md`` for the batch fields).
 
     Build with :meth:`from_backbone` (a plain HF BERT/RoBERTa directory) or
-    :meth:`from_pretrained` (a directory written by :meth:`save_pretrained`).
+    :meth:`from_pretrained` (a directory written by :meth:`save_pretrained`).  As in HF, the model
+    holds no tokenizer: load it from the same folder with :func:`reolm.data.tables.load_tokenizer`
+    and give it to what collates items (and to :meth:`save_pretrained`, which writes its files).
     """
 
     def __init__(self, backbone: BackboneConfig, cfg: ModelConfig):
         super().__init__()
         self.backbone_config = backbone
         self.config = cfg
-        self.tokenizer: Any = None
         hidden_dropout = backbone.hidden_dropout_prob if cfg.hidden_dropout is None else cfg.hidden_dropout
         attn_dropout = (backbone.attention_probs_dropout_prob if cfg.attention_dropout is None
                         else cfg.attention_dropout)
@@ -397,27 +397,26 @@ class ReoLM(nn.Module):
             nn.init.zeros_(self.lm_head.bias)
 
     @classmethod
-    def from_backbone(cls, hf_dir: str | os.PathLike, cfg: ModelConfig | None = None,
-                      load_tokenizer: bool = True) -> "ReoLM":
+    def from_backbone(cls, hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> "ReoLM":
         """A fresh Reo-LM on top of a plain HF BERT/RoBERTa checkpoint directory (strict key check,
         :func:`~reolm.model.hf_checkpoint.load_backbone_weights`)."""
         cfg = dataclasses.replace(cfg or ModelConfig(), backbone=str(hf_dir))
         model = cls(hf.read_backbone_config(hf_dir), cfg)
         hf.load_backbone_weights(model, hf.read_state_dict(hf_dir), source=str(hf_dir))
-        if load_tokenizer:
-            model.tokenizer = read_tokenizer(hf_dir)
         return model
 
-    def save_pretrained(self, directory: str | os.PathLike, extra_config: Mapping[str, Any] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` + tokenizer files (one folder, swapped in atomically).
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any | None,
+                        extra_config: Mapping[str, Any] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` + ``tokenizer``'s files (one folder, swapped in
+        atomically: the tokenizer is passed here, not kept on the model, so that it still lands in
+        the same folder as the weights and the folder appears complete or not at all).
 
         ``extra_config`` adds top-level entries to config.json (e.g. ``origin``: where the weights
         came from), which :meth:`from_pretrained` ignores."""
-        return hf.save_export(self, directory, extra_config)
+        return hf.save_export(self, directory, tokenizer, extra_config)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
-                        load_tokenizer: bool = True) -> "ReoLM":
+    def from_pretrained(cls, directory: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> "ReoLM":
         """Load a directory written by :meth:`save_pretrained` (all keys must match exactly).
 
         ``overrides`` replaces run-time settings such as ``attention``, ``top_routing`` or
@@ -430,8 +429,6 @@ class ReoLM(nn.Module):
         model = cls(BackboneConfig.from_dict(data["backbone"]), cfg)
         hf.load_complete_state(model, hf.read_state_dict(directory),
                                f"{directory}: weights do not match its config.json")
-        if load_tokenizer:
-            model.tokenizer = read_tokenizer(directory)
         return model
 
     # ------------------------------------------------------------------ routing / backend

@@ -297,9 +297,9 @@ def weights_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
 
 
-def save_export(model: nn.Module, directory: str | os.PathLike,
+def save_export(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None,
                 extra_config: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` + tokenizer files as one folder swapped in
+    """Write ``config.json`` + ``model.safetensors`` + ``tokenizer``'s files as one folder swapped in
     atomically; ``extra_config`` adds top-level config.json entries that loading ignores."""
     from safetensors.torch import save_file
 
@@ -311,10 +311,10 @@ def save_export(model: nn.Module, directory: str | os.PathLike,
         # Inside the temporary folder: the folder's rename makes every file appear at once.
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(weights_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         else:
-            log.warning("no tokenizer attached; %s will hold no tokenizer files", directory)
+            log.warning("no tokenizer given; %s will hold no tokenizer files", directory)
     return directory
 
 

@@ -107,7 +107,7 @@ class ServingModel:
 
     @staticmethod
     def _tokenizer_key(tower: _Tower) -> str:
-        return tokenizer_key(tower.rec.model.tokenizer, (), 0)
+        return tokenizer_key(tower.rec.tokenizer, (), 0)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -116,7 +116,7 @@ class ServingModel:
 
     @property
     def tokenizer(self) -> Any:
-        return self.item.rec.model.tokenizer
+        return self.item.rec.tokenizer
 
     @property
     def temperature(self) -> float:

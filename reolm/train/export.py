@@ -5,8 +5,9 @@
 ZeRO optimizer partitions, so it works for ZeRO-1/2 and for ZeRO-3 where the parameters
 themselves are sharded), rebuilds the model from the architecture recorded in the checkpoint
 (``trainer_state.json``: backbone + model config), and writes ``config.json`` +
-``model.safetensors`` + the tokenizer files via ``ReoLM.save_pretrained`` (temp folder, then
-rename).  It runs on one CPU process; the training world size does not matter.
+``model.safetensors`` + the tokenizer files the checkpoint holds (``tokenizer/``, written by
+pre-training) via ``ReoLM.save_pretrained`` (temp folder, then rename).  It runs on one CPU
+process; the training world size does not matter.
 
 Only a checkpoint whose manifest verifies is exported, and nothing is unpickled: every ``.pt``
 file is checked against the allow-list first and read weights-only (:mod:`reolm.train.safe_load`).
@@ -20,11 +21,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reolm.data.tables import VISION_FIELD
+from reolm.data.tables import VISION_FIELD, load_tokenizer
 from reolm.train.checkpoint_files import STATE_FILE, TAG_RE, CheckpointError, newest_complete, verify_checkpoint
 from reolm.train.safe_load import check_folder, weights_only_loads
 
-__all__ = ["ExportError", "find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
+__all__ = ["ExportError", "find_checkpoint", "load_checkpoint_model", "load_checkpoint_tokenizer",
+           "export_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint_model(path: str | os.PathLike) -> Any:
-    """The ReoLM of a checkpoint with its consolidated fp32 weights and tokenizer (CPU, eval mode)."""
+    """The ReoLM of a checkpoint with its consolidated fp32 weights (CPU, eval mode)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from reolm.config import from_dict
@@ -73,11 +75,14 @@ def load_checkpoint_model(path: str | os.PathLike) -> Any:
     weights.pop(TIED_KEY, None)  # the decoder weight IS the word embedding table
     load_complete_state(model, weights, f"{ckpt}: consolidated weights do not match the recorded architecture",
                         error=ExportError)
-    tokenizer_dir = ckpt / "tokenizer"
-    if tokenizer_dir.is_dir():
-        from transformers import AutoTokenizer
-        model.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     return model.eval()
+
+
+def load_checkpoint_tokenizer(ckpt: Path) -> Any | None:
+    """The tokenizer pre-training saved in the checkpoint folder ``ckpt`` (``tokenizer/``, next to
+    the weights), None without one."""
+    tokenizer_dir = ckpt / "tokenizer"
+    return load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -87,10 +92,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     features it was trained on), so fine-tuning can refuse features of another one.
     """
     ckpt = find_checkpoint(path)
-    model = load_checkpoint_model(ckpt)
+    model, tokenizer = load_checkpoint_model(ckpt), load_checkpoint_tokenizer(ckpt)
     state = json.loads((ckpt / STATE_FILE).read_text())
     if VISION_FIELD not in state:
         log.warning("%s records no vision model (written by an older reolm); neither will the export",
                     ckpt / STATE_FILE)
-        return model.save_pretrained(out)
-    return model.save_pretrained(out, extra_config={VISION_FIELD: state[VISION_FIELD]})
+        return model.save_pretrained(out, tokenizer)
+    return model.save_pretrained(out, tokenizer, extra_config={VISION_FIELD: state[VISION_FIELD]})

@@ -22,7 +22,7 @@ from reolm.config import ConfigError, save_resolved
 from reolm.data.collate import PackedCollator
 from reolm.data.corpus import Corpus
 from reolm.data.tables import (ImageFeatureTable, ItemTables, ItemTokenTable, VisionIdentity, check_same_vision,
-                               recorded_vision, vision_model_key)
+                               load_tokenizer, recorded_vision, vision_model_key)
 from reolm.io import write_json
 from reolm.seeding import seed_everything
 from reolm.train import distributed as D
@@ -55,10 +55,12 @@ class RankContext:
 
 @dataclass(frozen=True)
 class TrainInputs:
-    """What the run reads: the corpus (None with explicit shards and tables), its tables, the collator."""
+    """What the run reads: the corpus (None with explicit shards and tables), its tables, the tokenizer
+    they were rendered with (the backbone's; checkpoints save its files), the collator."""
 
     corpus: Corpus | None
     tables: ItemTables
+    tokenizer: Any
     collator: PackedCollator
 
     @property
@@ -141,7 +143,7 @@ def build_model(cfg: PretrainConfig) -> Any:
     if not cfg.model.backbone:
         raise ConfigError("model.backbone: set the local Hugging Face checkpoint directory of the backbone")
     seed_everything(cfg.seed)  # the same init on every rank
-    model = ReoLM.from_backbone(cfg.model.backbone, cfg.model, load_tokenizer=True)
+    model = ReoLM.from_backbone(cfg.model.backbone, cfg.model)
     model.set_routing("domain")
     return model
 
@@ -223,10 +225,9 @@ def build_setup(cfg: PretrainConfig) -> TrainSetup:
     rank = _rank_context(cfg, info)
     _limit_threads(info.local_world_size)
     model = build_model(cfg)
-    if model.tokenizer is None:
-        raise ConfigError(f"model.backbone={cfg.model.backbone} has no tokenizer files")
+    tokenizer = load_tokenizer(cfg.model.backbone)  # the backbone's: its ids are the model's vocabulary
     corpus = open_corpus(cfg.data.corpus) if cfg.data.corpus else None
-    tables = resolve_tables(cfg, model.tokenizer, corpus)
+    tables = resolve_tables(cfg, tokenizer, corpus)
     seed_everything(cfg.seed, info.rank)  # dropout and masking differ between ranks; the init did not
     ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, rank.device.type, cfg.dist.zero_stage,
                             hidden_size=model.backbone_config.hidden_size)
@@ -245,8 +246,8 @@ def build_setup(cfg: PretrainConfig) -> TrainSetup:
     scheduler = None if "scheduler" in ds_cfg else lr_scheduler_factory(cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(
         model, cfg.optim.weight_decay), config=ds_cfg, lr_scheduler=scheduler)
-    collator = PackedCollator.from_config(tables.tokens, tables.images, model.tokenizer, cfg.model, seed=cfg.seed)
-    return TrainSetup(cfg=cfg, rank=rank, inputs=TrainInputs(corpus=corpus, tables=tables, collator=collator),
-                      engine=engine, batch=BatchShape(micro=ds_cfg["train_micro_batch_size_per_gpu"],
-                                                      accum=ds_cfg["gradient_accumulation_steps"]),
+    collator = PackedCollator.from_config(tables.tokens, tables.images, tokenizer, cfg.model, seed=cfg.seed)
+    inputs = TrainInputs(corpus=corpus, tables=tables, tokenizer=tokenizer, collator=collator)
+    batch = BatchShape(micro=ds_cfg["train_micro_batch_size_per_gpu"], accum=ds_cfg["gradient_accumulation_steps"])
+    return TrainSetup(cfg=cfg, rank=rank, inputs=inputs, engine=engine, batch=batch,
                       checkpoints=Checkpoints(manager=manager, layout=layout, plan=plan))

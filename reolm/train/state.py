@@ -123,7 +123,7 @@ def _save_tokenizer(tokenizer: Any, ckpt_path: Path) -> None:
 
 def register_run_state(setup: TrainSetup, state: TrainerState, streams: StreamTracker) -> None:
     """Register what this run's checkpoints hold with its checkpoint manager (once per run)."""
-    tokenizer = setup.engine.module.tokenizer
+    tokenizer = setup.inputs.tokenizer
     # The RNG first: rank-R.json keeps the key order that earlier versions wrote.
     setup.checkpoints.manager.register(shared={"trainer": state, "run": RunRecord.of(setup)},
                                        per_rank={"rng": ProcessRNG(), "data": streams},
