@@ -34,7 +34,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AttentionLayout", "BACKENDS", "math_attention", "resolve_backend", "compute_dtype", "attention", "flash_available",
            "varlen_available", "fused_head_dim_ok"]
+
+_K = TypeVar("_K")  # a packed-only backend's kernel (or kernel and keyword arguments)
 
 
 @dataclass
@@ -198,10 +200,15 @@ def _query_layout(layout: AttentionLayout, cls_only: bool) -> tuple[torch.Tensor
     return torch.arange(layout.num_sequences + 1, dtype=torch.int32, device=layout.cu_seqlens.device), 1
 
 
-def _require_packed(layout: AttentionLayout, name: str) -> None:
+def _packed_kernel(layout: AttentionLayout, name: str, kernel: _K | None, missing: str) -> _K:
+    """The kernel of a backend that runs packed batches only (varlen, flash): refused on a padded
+    batch, then ``missing`` raised when this install lacks it."""
     if layout.padded:
         raise ValueError(f"the {name} attention backend needs a packed batch (layout='packed'); "
                          f"use eager or sdpa for padded batches")
+    if kernel is None:
+        raise RuntimeError(missing)
+    return kernel
 
 
 @functools.lru_cache(maxsize=1)
@@ -227,12 +234,8 @@ def varlen_available() -> bool:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                      dropout_p: float = 0.0, training: bool = False, cls_only: bool = False) -> torch.Tensor:
     """PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA; no attention dropout)."""
-    _require_packed(layout, "varlen")
-    found = _varlen_fn()
-    if found is None:
-        raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not available in this torch "
-                           f"({torch.__version__}); use attention=sdpa")
-    fn, extra = found
+    fn, extra = _packed_kernel(layout, "varlen", _varlen_fn(), "torch.nn.attention.varlen.varlen_attn is not "
+                               f"available in this torch ({torch.__version__}); use attention=sdpa")
     cu_q, max_q = _query_layout(layout, cls_only)
     return fn(q, k, v, cu_q, layout.cu_seqlens, max_q, layout.max_seqlen, **extra)
 
@@ -253,10 +256,8 @@ def flash_available() -> bool:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                     dropout_p: float = 0.0, training: bool = False, cls_only: bool = False) -> torch.Tensor:
     """flash-attn's ``flash_attn_varlen_func`` (CUDA, optional dependency)."""
-    _require_packed(layout, "flash")
-    fn = _flash_fn()
-    if fn is None:
-        raise RuntimeError("attention=flash but flash_attn is not installed (pip install flash-attn)")
+    fn = _packed_kernel(layout, "flash", _flash_fn(),
+                        "attention=flash but flash_attn is not installed (pip install flash-attn)")
     cu_q, max_q = _query_layout(layout, cls_only)
     return fn(q, k, v, cu_q, layout.cu_seqlens, max_q, layout.max_seqlen,
               dropout_p=dropout_p if training else 0.0, causal=False)
