@@ -217,7 +217,7 @@ def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: 
     stages.append(Stage("report", reolm_command("report", *(str(d) for d in models.values()),
                                                 "--out", str(run_dir / "results.md"), "--plot",
                                                 str(run_dir / "results.png"), "--json", str(run_dir / "results.json")),
-                        run_dir / "results.md", inputs=[d / "metrics.json" for d in models.values()]))
+                        run_dir / "results.md", inputs=[d / "metrics.json" for d in models.values()], refresh=True))
     return stages, models
 
 

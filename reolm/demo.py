@@ -57,10 +57,31 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
         return [sys.executable, str(REPO_ROOT / "launch" / "evaluate.py"), "--domain", str(domain),
                 "--model", str(export_dir), "--split", "test", "--no-progress", "--out", str(out / "metrics.json")]
 
+    def setting_stages(prefix: str, domain: Path, runs: Path, nopretrain: bool) -> list[Stage]:
+        """Every compared model on one setting of the held-out domain (warm, or its cold-item split)."""
+        def run(label: str, name: str, cmd: list[str]) -> Stage:
+            return Stage(prefix + label, cmd, runs / name / "metrics.json")
+
+        def fine_tune(name: str, *args: str) -> list[str]:
+            return [*ft(domain), *args, "--out", str(runs / name)]
+
+        return [
+            run("fine-tune Reo-LM", "reolm", fine_tune("reolm", "--model", "reolm", "--init", str(export_dir))),
+            run("zero-shot Reo-LM (pre-trained export)", "reolm-zeroshot", zero_shot(domain, runs / "reolm-zeroshot")),
+            *([run("fine-tune without pre-training", "reolm-nopretrain",
+                   fine_tune("reolm-nopretrain", "--model", "reolm", "--backbone", str(backbone)))] if nopretrain else []),
+            run("SASRec", "sasrec", fine_tune("sasrec", "--model", "sasrec")),
+            # The better of the two text + ID variants here (bench/results/demo_variants.json): SASRec
+            # whose item rows start from the fine-tuned Reo-LM's item vectors.
+            run("SASRec, item rows from Reo-LM's item vectors", "sasrec-textinit",
+                fine_tune("sasrec-textinit", "--model", "sasrec", "--item-init", str(runs / "reolm"))),
+            run("popularity", "pop", fine_tune("pop", "--model", "pop")),
+        ]
+
     runs, cold_runs = run_dir / "runs", run_dir / "runs-cold"
-    warm_models, cold_models = ("reolm", "reolm-zeroshot", "reolm-nopretrain", "sasrec", "pop"), \
-        ("reolm", "reolm-zeroshot", "sasrec", "pop")
-    report_runs = [str(runs / m) for m in warm_models] + [str(cold_runs / m) for m in cold_models]
+    warm = setting_stages("", downstream, runs, nopretrain=True)
+    cold_items = setting_stages("cold items: ", cold, cold_runs, nopretrain=False)
+    report_runs = [str(stage.done_marker.parent) for stage in warm + cold_items]  # each run's folder
     return [
         Stage("synthesise corpus", _reolm("synth", "--preset", DEMO_PRESET, "--out", str(data), "--seed", str(seed)),
               downstream / "domain.json"),
@@ -94,30 +115,11 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
               _reolm("split", "cold-items", str(downstream), "--fraction", str(COLD_FRACTION), "--seed", str(seed),
                      "--out", str(cold)),
               cold / "domain.json"),
-        Stage("fine-tune Reo-LM", [*ft(downstream), "--model", "reolm", "--init", str(export_dir),
-                                   "--out", str(runs / "reolm")],
-              runs / "reolm" / "metrics.json"),
-        Stage("zero-shot Reo-LM (pre-trained export)", zero_shot(downstream, runs / "reolm-zeroshot"),
-              runs / "reolm-zeroshot" / "metrics.json"),
-        Stage("fine-tune without pre-training",
-              [*ft(downstream), "--model", "reolm", "--backbone", str(backbone), "--out", str(runs / "reolm-nopretrain")],
-              runs / "reolm-nopretrain" / "metrics.json"),
-        Stage("SASRec", [*ft(downstream), "--model", "sasrec", "--out", str(runs / "sasrec")],
-              runs / "sasrec" / "metrics.json"),
-        Stage("popularity", [*ft(downstream), "--model", "pop", "--out", str(runs / "pop")],
-              runs / "pop" / "metrics.json"),
-        Stage("cold items: fine-tune Reo-LM", [*ft(cold), "--model", "reolm", "--init", str(export_dir),
-                                               "--out", str(cold_runs / "reolm")],
-              cold_runs / "reolm" / "metrics.json"),
-        Stage("cold items: zero-shot Reo-LM", zero_shot(cold, cold_runs / "reolm-zeroshot"),
-              cold_runs / "reolm-zeroshot" / "metrics.json"),
-        Stage("cold items: SASRec", [*ft(cold), "--model", "sasrec", "--out", str(cold_runs / "sasrec")],
-              cold_runs / "sasrec" / "metrics.json"),
-        Stage("cold items: popularity", [*ft(cold), "--model", "pop", "--out", str(cold_runs / "pop")],
-              cold_runs / "pop" / "metrics.json"),
+        *warm,
+        *cold_items,
         Stage("report", _reolm("report", *report_runs, "--out", str(run_dir / "results.md"),
                                "--plot", str(run_dir / "results.png"), "--json", str(run_dir / "results.json")),
-              run_dir / "results.md"),
+              run_dir / "results.md", inputs=[stage.done_marker for stage in warm + cold_items], refresh=True),
     ]
 
 

@@ -45,9 +45,19 @@ class Stage:
     outputs: list[Path] = field(default_factory=list)  # besides done_marker: what later stages may read
     note: str = ""  # one line shown by the dry run (e.g. an estimate of the stage's cost)
     before: Callable[[], None] | None = None  # run before the command; raises SystemExit to refuse it
+    # A cheap summary (a report, a table): done only while its marker is newer than every input
+    # file, so a model added to a finished run (a new row) shows up on the next invocation.
+    refresh: bool = False
 
     def made_paths(self) -> list[Path]:
         return [self.done_marker, *self.outputs]
+
+    def is_done(self) -> bool:
+        markers = glob.glob(str(self.done_marker))
+        if not markers or not self.refresh:
+            return bool(markers)
+        made = min(os.path.getmtime(m) for m in markers)
+        return all(os.path.getmtime(p) <= made for p in self.inputs if p.is_file())
 
 
 def reolm_command(*args: str) -> list[str]:
@@ -135,13 +145,14 @@ def plan_lines(stages: Sequence[Stage]) -> list[str]:
     lines: list[str] = []
     total = len(stages)
     for i, stage in enumerate(stages):
-        state = "done" if _exists(stage.done_marker) else "to do"
+        state = "done" if stage.is_done() else "to do"
         lines.append(f"[{i + 1}/{total}] {stage.name} ({state})")
         for path in stage.inputs:
             lines.append(f"    input  {_short(str(path))}  ({_input_status(path, stages, i)})")
         for path in stage.outputs:
             lines.append(f"    output {_short(str(path))}")
-        lines.append(f"    done when {_short(str(stage.done_marker))} exists")
+        refreshed = " and is newer than its input files" if stage.refresh else ""
+        lines.append(f"    done when {_short(str(stage.done_marker))} exists{refreshed}")
         if stage.note:
             lines.append(f"    note   {stage.note}")
         lines.append(f"    $ {display_command(stage)}")
@@ -188,7 +199,7 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
     timings: dict[str, dict[str, float]] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     total = len(stages)
     for i, stage in enumerate(stages, start=1):
-        if _exists(stage.done_marker):
+        if stage.is_done():
             print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
             continue
         print(f"[{i}/{total}] {stage.name}: {display_command(stage)}", flush=True)

@@ -303,7 +303,7 @@ def recipe_stages(cfg: RecipeConfig) -> list[Stage]:
     stages.append(Stage("report (Table 2 layout)",
                         reolm_command("report", *map(str, run_dirs), "--out", str(results / "table2.md"),
                                       "--plot", str(results / "table2.png"), "--json", str(results / "table2.json")),
-                        results / "table2.md", inputs=[d / "metrics.json" for d in run_dirs]))
+                        results / "table2.md", inputs=[d / "metrics.json" for d in run_dirs], refresh=True))
     return stages
 
 

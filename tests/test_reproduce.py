@@ -128,6 +128,37 @@ def test_stage_runner_skips_done_stages_and_records_time_and_memory(tmp_path):
         run_stages(tmp_path / "run", failing, resume_hint="rerun")
 
 
+def test_a_refreshed_summary_reruns_only_when_an_input_file_is_newer(tmp_path):
+    """A report stage (refresh=True) over run folders: a row added to a finished run makes the next
+    invocation rewrite the report; an ordinary stage with the same inputs stays done."""
+    import os
+    rows = [tmp_path / f"run{i}" / "metrics.json" for i in range(2)]
+    for row in rows[:1]:
+        row.parent.mkdir()
+        row.write_text("1")
+    report, plain = tmp_path / "report.txt", tmp_path / "plain.txt"
+    count = ("import sys, glob; open(sys.argv[1], 'w').write(str(len(glob.glob(sys.argv[2]))))")
+
+    def stages() -> list[Stage]:
+        existing = [r for r in rows if r.exists()]
+        return [Stage("report", [sys.executable, "-c", count, str(report), str(tmp_path / "run*" / "metrics.json")],
+                      report, inputs=existing, refresh=True),
+                Stage("plain", [sys.executable, "-c", count, str(plain), str(tmp_path / "run*" / "metrics.json")],
+                      plain, inputs=existing)]
+    run_stages(tmp_path / "run", stages(), resume_hint="rerun")
+    assert report.read_text() == plain.read_text() == "1"
+    run_stages(tmp_path / "run", stages(), resume_hint="rerun")  # nothing new: both stay done
+    assert all(s.is_done() for s in stages())
+    rows[1].parent.mkdir()
+    rows[1].write_text("1")
+    made = os.path.getmtime(report)
+    os.utime(rows[1], (made + 5, made + 5))  # written after the report (mtime resolution aside)
+    assert [s.is_done() for s in stages()] == [False, True]
+    assert any(line.endswith("exists and is newer than its input files") for line in plan_lines(stages()))
+    run_stages(tmp_path / "run", stages(), resume_hint="rerun")
+    assert report.read_text() == "2" and plain.read_text() == "1"
+
+
 def test_prepare_writes_image_urls_that_join_back(tmp_path):
     reviews = write_gz(tmp_path / "r.json.gz", REVIEWS)
     meta = write_gz(tmp_path / "m.json.gz", META)

@@ -32,7 +32,7 @@ SCRIPT = REPO / "launch" / "slurm" / "pretrain.sbatch"
 TINY = REPO / "launch" / "configs" / "pretrain" / "tiny.yaml"
 COMMON = {"log.every": 1, "val.every": 0, "ckpt.every": 0, "data.num_workers": 1}
 START_TIMEOUT = 400  # seconds for a job to start training on a busy 2-core machine
-LONG = 60  # steps of the jobs that are stopped after step 3 (long enough to be signalled mid-run)
+LONG = 40  # steps of the jobs that are stopped after step 3 (long enough to be signalled mid-run)
 
 
 @pytest.fixture(scope="module")

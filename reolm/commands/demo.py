@@ -8,7 +8,8 @@ from pathlib import Path
 
 DESCRIPTION = ("Run the whole Reo-LM pipeline on an embedded synthetic corpus: synthesise -> shard -> tokenizer "
                "and item tables -> DeepSpeed pre-training -> export -> fine-tune on the held-out domain, with and "
-               "without pre-training and zero-shot, against SASRec and popularity; the same on a cold-item split of "
+               "without pre-training and zero-shot, against SASRec, SASRec with item rows from the fine-tuned "
+               "Reo-LM's item vectors, and popularity; the same on a cold-item split of "
                "that domain (20% of its items never trained on) -> results table. Finished stages are skipped, so "
                "the same command resumes. (`make demo` and `python launch/demo.py` run it.)")
 
