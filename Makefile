@@ -47,9 +47,11 @@ $(I2D_STAMP):
 
 img2dataset-venv: $(I2D_STAMP)
 
+# DeepSpeed JIT-builds its CPU shared-memory op (about 30 s) into TORCH_EXTENSIONS_DIR, one build
+# per environment: a folder per virtual environment keeps two checkouts from rebuilding it in turn.
 test: $(STAMP)
 	-@$(MAKE) --no-print-directory $(I2D_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The paper's recipe at tiny scale, end to end on this machine (docs/reproduce.md).
 reproduce-tiny: $(STAMP) $(I2D_STAMP)
