@@ -16,6 +16,10 @@ PYTEST_ARGS ?=
 I2D_VENV ?= .venv-img2dataset
 I2D_SPEC ?= img2dataset==1.47.0
 I2D_STAMP := $(I2D_VENV)/.installed
+# DeepSpeed JIT-builds its CPU shared-memory op (about 30 s) into TORCH_EXTENSIONS_DIR, one build
+# per environment: a folder per virtual environment keeps two checkouts (two venvs) from
+# rebuilding it in turn. A value already set in the environment wins.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test venv clean-venv bench-cpu img2dataset-venv reproduce-tiny
 
@@ -47,11 +51,9 @@ $(I2D_STAMP):
 
 img2dataset-venv: $(I2D_STAMP)
 
-# DeepSpeed JIT-builds its CPU shared-memory op (about 30 s) into TORCH_EXTENSIONS_DIR, one build
-# per environment: a folder per virtual environment keeps two checkouts from rebuilding it in turn.
 test: $(STAMP)
 	-@$(MAKE) --no-print-directory $(I2D_STAMP)
-	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The paper's recipe at tiny scale, end to end on this machine (docs/reproduce.md).
 reproduce-tiny: $(STAMP) $(I2D_STAMP)

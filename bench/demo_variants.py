@@ -1,19 +1,20 @@
-"""Which text + ID variant the demo shows: both, fine-tuned on a finished `make demo` run.
+"""Which text + ID variant the demo shows: both, on a finished `make demo` run.
 
 The demo (reolm/demo.py) carries one of the two text + ID variants as a row, to keep its time
-down. This benchmark runs both on the demo's held-out domain, warm and on its cold-item split,
-with the demo's fine-tuning config, next to the demo's own SASRec and Reo-LM runs:
+down: ``sasrec-textinit``, SASRec whose item rows start from the fine-tuned Reo-LM's item vectors
+(``--model sasrec --item-init RUN``). This benchmark adds the other on the demo's held-out
+domain, warm and on its cold-item split, with the demo's fine-tuning config:
 
-* ``sasrec-textinit``: SASRec whose item rows start from the fine-tuned Reo-LM's item vectors
-  (``--model sasrec --item-init RUN``);
 * ``reolm-id``: transductive Reo-LM from the pre-trained export (``reolm.item_id_embedding=true``):
-  each item's vector is its content vector plus a learned, zero-initialised ID row.
+  each item's vector is its content vector plus a learned, zero-initialised ID row;
+
+and compares it with the demo's SASRec, Reo-LM and text-initialised SASRec runs.
 
     python bench/demo_variants.py --demo runs/demo      # after `make demo`
 
-Each run is an ordinary ``launch/finetune.py`` command (resumable: finished runs are skipped).
+Each run is an ordinary ``launch/finetune.py`` command (resumable: a finished run is skipped).
 Prints NDCG@10 on all test users and on the users whose target never occurs in training, and
-writes ``bench/results/demo_variants.json``.
+writes ``bench/results/demo_variants.json`` with each run's training time.
 """
 
 from __future__ import annotations
@@ -24,55 +25,53 @@ import sys
 from pathlib import Path
 
 from common import machine, write_result
+from reolm.demo import settings
 from reolm.pipeline import Stage, run_stages
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_RUNS = ("sasrec", "reolm", "sasrec-textinit")  # what `make demo` ran
+ADDED = "reolm-id"
 
-SETTINGS = {"warm": ("Scientific", "runs"), "cold items": ("Scientific-cold", "runs-cold")}
-COMPARED = ("sasrec", "reolm", "sasrec-textinit", "reolm-id")
 
-
-def variant_stages(demo: Path, out: Path) -> list[Stage]:
+def added_run(demo: Path, out: Path) -> list[Stage]:
+    """The transductive Reo-LM in both settings, its runs under ``out`` (as the demo lays out its own)."""
     config = REPO / "launch" / "configs" / "finetune" / "demo.yaml"
     stages = []
-    for setting, (domain, runs) in SETTINGS.items():
-        def fine_tune(name: str, *args: str) -> Stage:
-            folder = out / runs / name
-            return Stage(f"{setting}: {name}", [sys.executable, str(REPO / "launch" / "finetune.py"), "--domain",
-                                                str(demo / "data" / domain), "--config", str(config), *args,
-                                                "--out", str(folder)], folder / "metrics.json")
-        stages += [fine_tune("sasrec-textinit", "--model", "sasrec", "--item-init", str(demo / runs / "reolm")),
-                   fine_tune("reolm-id", "--model", "reolm", "--init", str(demo / "pretrained"),
-                             "reolm.item_id_embedding=true")]
+    for setting, (domain, runs) in settings(demo).items():
+        folder = out / runs.name / ADDED
+        stages.append(Stage(f"{setting}: {ADDED}", [
+            sys.executable, str(REPO / "launch" / "finetune.py"), "--domain", str(domain), "--config", str(config),
+            "--model", "reolm", "--init", str(demo / "pretrained"), "reolm.item_id_embedding=true",
+            "--out", str(folder)], folder / "metrics.json", inputs=[domain, demo / "pretrained"]))
     return stages
 
 
-def ndcg(folder: Path) -> dict[str, float | int]:
+def summary(folder: Path) -> dict[str, float | int | None]:
     doc = json.loads((folder / "metrics.json").read_text())
     never = next(b for b in doc["by_item_frequency"] if b["max"] == 0)
     return {"all": round(doc["metrics"]["NDCG@10"], 4), "never_trained_target": round(never["metrics"]["NDCG@10"], 4),
-            "never_trained_users": never["users"]}
+            "never_trained_users": never["users"], "train_time_s": doc.get("train_time_s")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=REPO / "runs" / "demo", help="a finished `make demo` run")
-    parser.add_argument("--out", type=Path, default=None, help="where the variants' runs go (default DEMO/variants)")
+    parser.add_argument("--out", type=Path, default=None, help="where the added runs go (default DEMO/variants)")
     parser.add_argument("--json", default="demo_variants.json", help="file name under bench/results/")
     args = parser.parse_args()
     out = args.out or args.demo / "variants"
-    timings = run_stages(out, variant_stages(args.demo, out), resume_hint="run this benchmark again to resume")
-    values = {setting: {name: ndcg((out if name in ("sasrec-textinit", "reolm-id") else args.demo) / runs / name)
-                        for name in COMPARED}
-              for setting, (_, runs) in SETTINGS.items()}
-    print(f"{'setting':<12}{'model':<18}{'NDCG@10 all':>12}{'never-trained':>15}")
+    run_stages(out, added_run(args.demo, out), resume_hint="run this benchmark again to resume")
+    values = {setting: {**{name: summary(runs / name) for name in DEMO_RUNS}, ADDED: summary(out / runs.name / ADDED)}
+              for setting, (_, runs) in settings(args.demo).items()}
+    print(f"{'setting':<12}{'model':<18}{'NDCG@10 all':>12}{'never-trained':>15}{'train s':>9}")
     for setting, row in values.items():
         for name, v in row.items():
-            print(f"{setting:<12}{name:<18}{v['all']:>12.4f}{v['never_trained_target']:>15.4f}")
+            seconds = "-" if v["train_time_s"] is None else f"{v['train_time_s']:.0f}"
+            print(f"{setting:<12}{name:<18}{v['all']:>12.4f}{v['never_trained_target']:>15.4f}{seconds:>9}")
     write_result(args.json, {"benchmark": "bench/demo_variants.py: the two text + ID variants on the demo's held-out "
                                           "domain (demo.yaml fine-tuning, seed 42), next to the demo's SASRec and "
                                           "Reo-LM", "machine": machine(), "demo": str(args.demo),
-                             "ndcg_at_10": values, "stage_seconds": {k: v["wall_s"] for k, v in timings.items()}})
+                             "ndcg_at_10": values})
 
 
 if __name__ == "__main__":

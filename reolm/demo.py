@@ -37,17 +37,26 @@ def _world_size() -> int:
 _pretrain_launcher = deepspeed_launcher
 
 
+def _domains(run_dir: Path, role: str) -> list[Path]:
+    from reolm.data.synth import PRESETS
+    return [run_dir / "data" / d.name for d in PRESETS[DEMO_PRESET].domains if d.role == role]
+
+
+def settings(run_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """The demo's two settings of its held-out domain: name -> (domain folder, folder of its runs).
+    The cold-item split has 20% of the domain's items never trained on."""
+    (downstream,) = _domains(run_dir, "downstream")
+    return {"warm": (downstream, run_dir / "runs"),
+            "cold items": (downstream.with_name(f"{downstream.name}-cold"), run_dir / "runs-cold")}
+
+
 def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_size: int = 8192) -> list[Stage]:
     data, shards = run_dir / "data", run_dir / "shards"
     tok, backbone, vision = run_dir / "tokenizer", run_dir / "backbone", run_dir / "vision"
     pretrain_dir, export_dir = run_dir / "pretrain", run_dir / "pretrained"
-    from reolm.data.synth import PRESETS
-
-    specs = PRESETS[DEMO_PRESET].domains
-    sources = [data / d.name for d in specs if d.role == "pretrain"]
-    (downstream,) = [data / d.name for d in specs if d.role == "downstream"]
+    sources = _domains(run_dir, "pretrain")
+    (downstream, runs), (cold, cold_runs) = settings(run_dir).values()
     nproc = nproc or _world_size()
-    cold = data / f"{downstream.name}-cold"  # the held-out domain with 20% of its items never trained on
 
     def ft(domain: Path) -> list[str]:
         return [sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), "--domain", str(domain),
@@ -59,8 +68,8 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
 
     def setting_stages(prefix: str, domain: Path, runs: Path, nopretrain: bool) -> list[Stage]:
         """Every compared model on one setting of the held-out domain (warm, or its cold-item split)."""
-        def run(label: str, name: str, cmd: list[str]) -> Stage:
-            return Stage(prefix + label, cmd, runs / name / "metrics.json")
+        def run(label: str, name: str, cmd: list[str], inputs: Sequence[Path] = ()) -> Stage:
+            return Stage(prefix + label, cmd, runs / name / "metrics.json", inputs=[domain, *inputs])
 
         def fine_tune(name: str, *args: str) -> list[str]:
             return [*ft(domain), *args, "--out", str(runs / name)]
@@ -74,11 +83,11 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
             # The better of the two text + ID variants here (bench/results/demo_variants.json): SASRec
             # whose item rows start from the fine-tuned Reo-LM's item vectors.
             run("SASRec, item rows from Reo-LM's item vectors", "sasrec-textinit",
-                fine_tune("sasrec-textinit", "--model", "sasrec", "--item-init", str(runs / "reolm"))),
+                fine_tune("sasrec-textinit", "--model", "sasrec", "--item-init", str(runs / "reolm")),
+                inputs=[runs / "reolm" / "metrics.json"]),
             run("popularity", "pop", fine_tune("pop", "--model", "pop")),
         ]
 
-    runs, cold_runs = run_dir / "runs", run_dir / "runs-cold"
     warm = setting_stages("", downstream, runs, nopretrain=True)
     cold_items = setting_stages("cold items: ", cold, cold_runs, nopretrain=False)
     report_runs = [str(stage.done_marker.parent) for stage in warm + cold_items]  # each run's folder

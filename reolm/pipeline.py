@@ -46,7 +46,9 @@ class Stage:
     note: str = ""  # one line shown by the dry run (e.g. an estimate of the stage's cost)
     before: Callable[[], None] | None = None  # run before the command; raises SystemExit to refuse it
     # A cheap summary (a report, a table): done only while its marker is newer than every input
-    # file, so a model added to a finished run (a new row) shows up on the next invocation.
+    # file, so a model added to a finished run (a new row) or re-run shows up on the next
+    # invocation. Modification times only: an input removed, one copied in with older times
+    # (cp -p) or a folder input goes unnoticed; delete the marker to force it.
     refresh: bool = False
 
     def made_paths(self) -> list[Path]:

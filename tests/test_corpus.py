@@ -143,7 +143,7 @@ def test_finetuning_refuses_image_features_of_another_vision_model(export_and_do
     paths = export_and_domains
     model = ReoLM.from_pretrained(paths["export"])
     section = ReoLMSection(init=str(paths["export"]))
-    rec = ReoLMRecommender(model, load_tokenizer(paths["export"]), section, progress=False)
+    rec = ReoLMRecommender(model, load_tokenizer(paths["export"]), section=section, progress=False)
     assert rec.vision == VisionIdentity("aaaaaaaaaaaa", "/models/vit", 8)
     rec.bind(read_domain(paths["vit"]))  # the same vision model: fine
     with pytest.raises(VisionMismatch, match=f"the Reo-LM at {paths['export']} was trained on image features of "
@@ -153,7 +153,7 @@ def test_finetuning_refuses_image_features_of_another_vision_model(export_and_do
 
     # An export from before identities were recorded still binds, with a warning naming it.
     old = ReoLMRecommender(ReoLM.from_pretrained(paths["old_export"]), load_tokenizer(paths["old_export"]),
-                           ReoLMSection(init=str(paths["old_export"])), progress=False)
+                           section=ReoLMSection(init=str(paths["old_export"])), progress=False)
     with caplog.at_level(logging.WARNING, logger="reolm.data.corpus"):
         old.bind(read_domain(paths["clip"]))
     assert old.num_items == 12

@@ -159,6 +159,25 @@ def test_a_refreshed_summary_reruns_only_when_an_input_file_is_newer(tmp_path):
     assert report.read_text() == "2" and plain.read_text() == "1"
 
 
+def test_demo_plan_reads_only_what_earlier_stages_make_and_reports_every_run(tmp_path):
+    from reolm.demo import demo_stages, settings
+
+    stages = demo_stages(tmp_path / "demo")
+    assert missing_inputs(stages) == {}  # e.g. the text-initialised SASRec after the Reo-LM it reads
+    names = [s.name for s in stages]
+    for (domain, runs), prefix in zip(settings(tmp_path / "demo").values(), ("", "cold items: ")):
+        text_init = stages[names.index(prefix + "SASRec, item rows from Reo-LM's item vectors")]
+        assert text_init.inputs == [domain, runs / "reolm" / "metrics.json"]
+        assert text_init.argv[text_init.argv.index("--item-init") + 1] == str(runs / "reolm")
+        assert names.index(prefix + "fine-tune Reo-LM") < names.index(text_init.name)
+    runs = [s for s in stages if s.done_marker.name == "metrics.json"]
+    assert len(runs) == 6 + 5  # the cold-item split has no run from the raw backbone
+    report = stages[-1]
+    assert report.refresh and report.inputs == [s.done_marker for s in runs]
+    reported = report.argv[report.argv.index("report") + 1:report.argv.index("--out")]
+    assert reported == [str(s.done_marker.parent) for s in runs]
+
+
 def test_prepare_writes_image_urls_that_join_back(tmp_path):
     reviews = write_gz(tmp_path / "r.json.gz", REVIEWS)
     meta = write_gz(tmp_path / "m.json.gz", META)

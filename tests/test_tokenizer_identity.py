@@ -85,16 +85,19 @@ def test_cli_table_is_found_by_a_fresh_tokenizer_and_a_rebuild_says_why(assets):
 
 
 def test_pretraining_uses_the_cli_table(assets):
-    """The pre-training setup (the tokenizer from the backbone, then its tables) finds the
-    table; the DeepSpeed run around it is covered by test_pretrain_runs."""
+    """The pre-training setup's item inputs (build_setup's tokenizer and tables) are the
+    backbone's tokenizer and the CLI's table; the DeepSpeed run around them is covered by
+    test_pretrain_runs."""
     from reolm.config import load_config
     from reolm.train.config import PretrainConfig
-    from reolm.train.setup import resolve_tables
+    from reolm.train.setup import item_inputs
 
     before = _tables(assets["corpus"])
     cfg = load_config(PretrainConfig, [str(TINY)], [f"data.corpus={assets['corpus']}",
                                                     f"model.backbone={assets['backbone']}"])
-    tables = resolve_tables(cfg, load_tokenizer(cfg.model.backbone))
+    tokenizer, _, tables = item_inputs(cfg)
+    assert Path(tokenizer.name_or_path) == Path(assets["backbone"])
+    assert tokenizer.get_vocab() == load_tokenizer(assets["backbone"]).get_vocab()
     tokens, images = tables.tokens, tables.images
     assert tokens.key == before[0].removeprefix("tokens-") and len(images) == len(tokens)
     assert _tables(assets["corpus"]) == before

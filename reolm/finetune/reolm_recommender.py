@@ -127,7 +127,7 @@ def load_plm(folder: str | os.PathLike, cfg: Any = None, domain: Domain | None =
         model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
     else:
         model = fresh_plm(folder, sized_for_domain(section.model, domain))
-    return ReoLMRecommender(model, load_tokenizer(folder), section)
+    return ReoLMRecommender(model, load_tokenizer(folder), section=section)
 
 
 # ----------------------------------------------------------------------------- recommender
@@ -137,7 +137,7 @@ class ReoLMRecommender(nn.Module):
 
     similarity = "cosine"
 
-    def __init__(self, model: ReoLM, tokenizer: Any, section: ReoLMSection | None = None, progress: bool = True):
+    def __init__(self, model: ReoLM, tokenizer: Any, *, section: ReoLMSection | None = None, progress: bool = True):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer  # renders the bound domain's items and gives the collator its special ids
@@ -358,11 +358,11 @@ def load_reolm(folder: str | os.PathLike, cfg: Any = None, domain: Domain | None
         # Its gate was never trained (pre-training routes by domain) and the new domain has no
         # adapter of its own: the mean of the adapters uses what pre-training learned, guessing nothing.
         model = ReoLM.from_pretrained(folder, overrides={"top_routing": "mean"})
-        return _with_vision_of(ReoLMRecommender(model, load_tokenizer(folder), ReoLMSection()), folder)
+        return _with_vision_of(ReoLMRecommender(model, load_tokenizer(folder), section=ReoLMSection()), folder)
     desc = read_descriptor(folder)
     model = ReoLM.from_pretrained(folder, overrides={"top_routing": "gate"})
     section = from_dict(ReoLMSection, desc.get("model_config") or {})
-    rec = _with_vision_of(ReoLMRecommender(model, load_tokenizer(folder), section), folder)
+    rec = _with_vision_of(ReoLMRecommender(model, load_tokenizer(folder), section=section), folder)
     rows, width = int(desc["num_items"]), int(model.backbone_config.hidden_size)
     rec.item_table = load_item_rows(folder, desc, "item_vectors", rows, width)
     item_ids = load_item_rows(folder, desc, "item_id_embedding", rows, width)

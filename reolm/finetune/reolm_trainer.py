@@ -408,7 +408,7 @@ def train_reolm(cfg: FinetuneConfig, domain: Domain, run_dir: Path, *, init: Any
     tokenizer = load_tokenizer(cfg.reolm.init or cfg.reolm.model.backbone)
     save_resolved(cfg, run_dir)  # again: now with the weights' source filled in
     model.gradient_checkpointing = checkpointing_for(cfg.reolm.model.gradient_checkpointing, device)
-    rec = ReoLMRecommender(model, tokenizer, cfg.reolm, progress=cfg.train.progress).to(device)
+    rec = ReoLMRecommender(model, tokenizer, section=cfg.reolm, progress=cfg.train.progress).to(device)
     rec.set_precision(cfg.train.precision)
     rec.bind(domain)
     seen = item_train_counts(domain) > 0

@@ -200,14 +200,14 @@ def _query_layout(layout: AttentionLayout, cls_only: bool) -> tuple[torch.Tensor
     return torch.arange(layout.num_sequences + 1, dtype=torch.int32, device=layout.cu_seqlens.device), 1
 
 
-def _packed_kernel(layout: AttentionLayout, name: str, kernel: _K | None, missing: str) -> _K:
+def _packed_kernel(layout: AttentionLayout, name: str, kernel: _K | None, missing_message: str) -> _K:
     """The kernel of a backend that runs packed batches only (varlen, flash): refused on a padded
-    batch, then ``missing`` raised when this install lacks it."""
+    batch, then ``missing_message`` raised when this install lacks it."""
     if layout.padded:
         raise ValueError(f"the {name} attention backend needs a packed batch (layout='packed'); "
                          f"use eager or sdpa for padded batches")
     if kernel is None:
-        raise RuntimeError(missing)
+        raise RuntimeError(missing_message)
     return kernel
 
 

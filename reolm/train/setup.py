@@ -136,6 +136,14 @@ def resolve_tables(cfg: PretrainConfig, tokenizer: Any, corpus: Corpus | None = 
 
 # ----------------------------------------------------------------------------- model and engine
 
+def item_inputs(cfg: PretrainConfig) -> tuple[Any, Corpus | None, ItemTables]:
+    """(tokenizer, corpus, tables) of a run: the backbone's tokenizer (its ids are the model's
+    vocabulary) and the corpus tables made with it."""
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    corpus = open_corpus(cfg.data.corpus) if cfg.data.corpus else None
+    return tokenizer, corpus, resolve_tables(cfg, tokenizer, corpus)
+
+
 def build_model(cfg: PretrainConfig) -> Any:
     """Reo-LM on the configured backbone; the same init on every rank (seeded)."""
     from reolm.model import ReoLM
@@ -225,9 +233,7 @@ def build_setup(cfg: PretrainConfig) -> TrainSetup:
     rank = _rank_context(cfg, info)
     _limit_threads(info.local_world_size)
     model = build_model(cfg)
-    tokenizer = load_tokenizer(cfg.model.backbone)  # the backbone's: its ids are the model's vocabulary
-    corpus = open_corpus(cfg.data.corpus) if cfg.data.corpus else None
-    tables = resolve_tables(cfg, tokenizer, corpus)
+    tokenizer, corpus, tables = item_inputs(cfg)
     seed_everything(cfg.seed, info.rank)  # dropout and masking differ between ranks; the init did not
     ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, rank.device.type, cfg.dist.zero_stage,
                             hidden_size=model.backbone_config.hidden_size)
