@@ -250,8 +250,11 @@ def _cold_item_stages(evaluated: Path, run_dir: Path, backbone: Path, budget: Tr
 def _metrics_summary(path: Path) -> dict:
     doc = json.loads(path.read_text())
     keep = ("model", "num_users", "num_items", "best_epoch", "best_stage", "train_time_s", "epochs_run")
+    buckets = {b["bucket"]: {"users": b["users"], "NDCG@10": round(b["metrics"]["NDCG@10"], 5)}
+               for b in doc.get("by_item_frequency", [])}  # how often the test target occurs in training
     return {**{k: doc[k] for k in keep if k in doc},
-            "metrics": {k: round(v, 5) for k, v in doc["metrics"].items() if k in ("NDCG@10", "Recall@10", "MRR")}}
+            "metrics": {k: round(v, 5) for k, v in doc["metrics"].items() if k in ("NDCG@10", "Recall@10", "MRR")},
+            **({"by_target_frequency": buckets} if buckets else {})}
 
 
 def _domain_counts(folder: Path) -> dict:
