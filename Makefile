@@ -20,6 +20,10 @@ I2D_STAMP := $(I2D_VENV)/.installed
 # per environment: a folder per virtual environment keeps two checkouts (two venvs) from
 # rebuilding it in turn. A value already set in the environment wins.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# Every process the targets start finds the venv's tools first, as in an activated venv. The
+# build above runs `ninja` from PATH: a system ninja of another version next to the venv's
+# (processes with and without the venv on PATH) made each switch rebuild the op from scratch.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test venv clean-venv bench-cpu img2dataset-venv reproduce-tiny
 
