@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from common import machine, write_result
 from reolm.demo import settings
-from reolm.pipeline import Stage, run_stages
+from reolm.pipeline import Stage, python_command, run_stages
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RUNS = ("sasrec", "reolm", "sasrec-textinit")  # what `make demo` ran
@@ -39,10 +38,10 @@ def added_run(demo: Path, out: Path) -> list[Stage]:
     stages = []
     for setting, (domain, runs) in settings(demo).items():
         folder = out / runs.name / ADDED
-        stages.append(Stage(f"{setting}: {ADDED}", [
-            sys.executable, str(REPO / "launch" / "finetune.py"), "--domain", str(domain), "--config", str(config),
-            "--model", "reolm", "--init", str(demo / "pretrained"), "reolm.item_id_embedding=true",
-            "--out", str(folder)], folder / "metrics.json", inputs=[domain, demo / "pretrained"]))
+        stages.append(Stage(f"{setting}: {ADDED}", python_command(
+            "launch/finetune.py", "--domain", str(domain), "--config", str(config), "--model", "reolm", "--init",
+            str(demo / "pretrained"), "reolm.item_id_embedding=true", "--out", str(folder)),
+            folder / "metrics.json", inputs=[domain, demo / "pretrained"]))
     return stages
 
 

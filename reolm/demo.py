@@ -10,13 +10,12 @@ last.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from reolm.pipeline import Stage, deepspeed_launcher, reolm_command, run_stages
+from reolm.pipeline import Stage, deepspeed_launcher, python_command, reolm_command, run_stages
 
 __all__ = ["Stage", "demo_stages", "run_demo"]
 
@@ -59,12 +58,12 @@ def demo_stages(run_dir: Path, seed: int = 0, nproc: int | None = None, vocab_si
     nproc = nproc or _world_size()
 
     def ft(domain: Path) -> list[str]:
-        return [sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), "--domain", str(domain),
-                "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml")]
+        return python_command("launch/finetune.py", "--domain", str(domain),
+                              "--config", str(REPO_ROOT / "launch" / "configs" / "finetune" / "demo.yaml"))
 
     def zero_shot(domain: Path, out: Path) -> list[str]:
-        return [sys.executable, str(REPO_ROOT / "launch" / "evaluate.py"), "--domain", str(domain),
-                "--model", str(export_dir), "--split", "test", "--no-progress", "--out", str(out / "metrics.json")]
+        return python_command("launch/evaluate.py", "--domain", str(domain), "--model", str(export_dir),
+                              "--split", "test", "--no-progress", "--out", str(out / "metrics.json"))
 
     def setting_stages(prefix: str, domain: Path, runs: Path, nopretrain: bool) -> list[Stage]:
         """Every compared model on one setting of the held-out domain (warm, or its cold-item split)."""
