@@ -470,3 +470,64 @@ def test_orphaned_deepspeed_shm_files_are_removed_and_mapped_ones_kept(tmp_path)
         removed = remove_orphaned_shm_buffers(max_age_s=600, shm_dir=tmp_path)
     assert removed == [orphan]
     assert not orphan.exists() and fresh.exists() and live.exists() and other_user.exists()
+
+
+# ----------------------------------------------------------------------------- CPU precision
+
+def test_pretraining_precision_auto_on_cpu_follows_the_fine_tuning_rule(monkeypatch):
+    """``optim.precision=auto`` on CPU is bf16 exactly where fine-tuning's rule says so (native bf16
+    matmuls and a model at least 256 wide), and the DeepSpeed engine stays fp32 either way: CPU bf16
+    is autocast over fp32 weights. fp16 is refused on CPU."""
+    import reolm.precision as numerics
+    from reolm.train.ds_config import engine_precision, resolve_precision
+
+    template = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
+    for fast, hidden, expected in ((True, 384, "bf16"), (False, 384, "fp32"), (True, 128, "fp32")):
+        monkeypatch.setattr(numerics, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert resolve_precision("auto", "cpu", hidden) == expected, (fast, hidden)
+        cfg = fill_ds_config(template, PretrainOptimConfig(), 1, "cpu", hidden_size=hidden)
+        assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+    assert resolve_precision("bf16", "cpu", 32) == "bf16" and engine_precision("bf16", "cpu") == "fp32"
+    assert engine_precision("bf16", "cuda") == "bf16"  # the GPU path is DeepSpeed's bf16 mode, as before
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_cpu_bf16_micro_step_runs_bf16_matmuls_with_fp32_weights_and_losses(tmp_path, world_of_one):
+    """A CPU bf16 micro-step: the encoder's matmuls produce bf16, the losses stay fp32 and close to
+    the fp32 step's, and the engine's weights stay fp32 and are updated."""
+    from types import SimpleNamespace
+
+    from reolm.data.collate import SequenceExample
+    from reolm.train.distributed import DistInfo
+    from reolm.train.metrics import DeviceAccumulator, Window
+    from reolm.train.setup import RankContext
+    from reolm.train.step import forward_losses, micro_step
+    from tiny_models import tiny_collator, tiny_tables, tiny_zero2_engine
+
+    engine, model = tiny_zero2_engine(tmp_path / "backbone")
+    tokens, images = tiny_tables(num_items=30)
+    batch = tiny_collator(tokens, images, seed=0)([SequenceExample([1, 2, 3], 9, 1), SequenceExample([4, 5], 10, 0),
+                                                   SequenceExample([6, 7, 8, 11], 12, 2)])
+    loss_fn = PretrainLoss(0.05, 0.1, "local")
+    readers = Readers(rank=0, world_size=1, workers=0, replicate=False)
+    ranks = {p: RankContext(info=DistInfo(), device=torch.device("cpu"), precision=p, readers=readers)
+             for p in ("fp32", "bf16")}
+    dtypes = []
+    hook = model.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output.dtype))
+    with torch.no_grad():
+        fp32 = forward_losses(engine, batch, loss_fn, ranks["fp32"].autocast())
+        bf16 = forward_losses(engine, batch, loss_fn, ranks["bf16"].autocast())
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2  # history + target forwards of each
+    assert bf16.total.dtype == torch.float32
+    assert bf16.total.item() == pytest.approx(fp32.total.item(), rel=0.03)
+
+    before = model.encoder.layer[0].attention.self.query.weight.detach().clone()
+    setup = SimpleNamespace(engine=engine, rank=ranks["bf16"])
+    acc = DeviceAccumulator()
+    micro_step(setup, iter([batch]), loss_fn, Window(), acc, None, step=0)
+    hook.remove()
+    assert dtypes[-2:] == [torch.bfloat16] * 2  # micro_step autocasts through the rank's context
+    weight = model.encoder.layer[0].attention.self.query.weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight.detach(), before)

@@ -60,8 +60,10 @@ class PretrainOptimConfig(OptimConfig):
                                       "world size x grad_accum. When set, grad_accum is derived from it.", ge=0)
     grad_accum: int = param(1, "Micro-steps accumulated per optimizer step (ignored when global_batch_size > 0).",
                             ge=1)
-    precision: str = param("auto", "Training precision: auto = bf16 on GPUs that support it, fp32 on CPU; "
-                                   "fp16 uses dynamic loss scaling.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = param("auto", "Training precision: auto = bf16 on GPUs that support it and, for models at "
+                                   "least 256 wide, on CPUs with native bf16 matmuls (AMX, AVX512-BF16), fp32 "
+                                   "elsewhere. bf16 on CPU autocasts the forwards over fp32 weights; fp16 (GPU "
+                                   "only) uses dynamic loss scaling.", choices=("auto", "bf16", "fp16", "fp32"))
     torch_adam: bool = param(True, "Use torch.optim.AdamW instead of DeepSpeed's JIT-compiled FusedAdam "
                                    "(ignored by the CPU-offload config, which needs DeepSpeedCPUAdam).")
     max_skipped_steps: int = param(20, "Abort after this many optimizer steps in a row were skipped for a "

@@ -9,6 +9,7 @@ run config (e.g. a literal micro-batch size that differs) is an error rather tha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -17,25 +18,46 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from reolm import precision as numerics
 from reolm.config import ConfigError
 from reolm.io import read_json, write_text
 from reolm.optim import lr_schedule
 from reolm.train.config import PretrainOptimConfig
 
-__all__ = ["resolve_precision", "batch_layout", "fill_ds_config", "lr_scheduler_factory", "load_ds_config", "write_ds_config"]
+__all__ = ["resolve_precision", "engine_precision", "forward_autocast", "batch_layout", "fill_ds_config", "lr_scheduler_factory", "load_ds_config", "write_ds_config"]
 
 AUTO = "auto"
 
 
-def resolve_precision(requested: str, device_type: str) -> str:
-    """``auto`` -> bf16 on a GPU that supports it, else fp32 (CPU)."""
-    if requested != "auto":
-        if device_type == "cpu" and requested in ("fp16",):
-            raise ConfigError("optim.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
-        return requested
-    if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+def resolve_precision(requested: str, device_type: str, hidden_size: int | None = None) -> str:
+    """``optim.precision`` resolved for this device: ``fp32``, ``bf16`` or ``fp16`` (GPU only).
+
+    ``auto`` is bf16 on a GPU that supports it; on CPU it follows :func:`reolm.precision.resolve_precision`
+    (bf16 where the CPU multiplies bf16 natively and the model is at least 256 wide, else fp32), the
+    same rule fine-tuning and evaluation use."""
+    if requested == "fp16" and device_type == "cpu":
+        raise ConfigError("optim.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if requested == AUTO and device_type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == AUTO:
+        return numerics.resolve_precision(AUTO, device_type, hidden_size=hidden_size)
+    return requested
+
+
+def engine_precision(precision: str, device_type: str) -> str:
+    """The dtype DeepSpeed's engine keeps the model in for a resolved ``precision``.
+
+    On a GPU that is the precision itself (DeepSpeed's bf16/fp16 modes).  On CPU a bf16 run keeps an
+    fp32 engine and autocasts its forwards (:func:`forward_autocast`): fp32 weights, optimiser state,
+    losses and scores, with bf16 matmuls where the CPU runs them natively."""
+    return precision if device_type == "cuda" else "fp32"
+
+
+def forward_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast around a rank's forwards: bf16 on a CPU bf16 run, nothing otherwise."""
+    if device.type == "cpu":
+        return numerics.autocast(device, precision)
+    return contextlib.nullcontext()
 
 
 def batch_layout(optim: PretrainOptimConfig, world_size: int) -> tuple[int, int, int]:
@@ -97,7 +119,7 @@ def fill_ds_config(template: Mapping[str, Any], optim: PretrainOptimConfig, worl
     if cfg.get("scheduler", {}).get("type", AUTO) == AUTO:
         cfg.pop("scheduler", None)
 
-    precision = resolve_precision(optim.precision, device_type)
+    precision = engine_precision(resolve_precision(optim.precision, device_type, hidden_size), device_type)
     cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
     cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"
     # fp32 gradient accumulation, stated explicitly (DeepSpeed's default follows the model dtype).

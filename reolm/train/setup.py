@@ -9,6 +9,7 @@ validation and checkpointing read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -30,7 +31,8 @@ from reolm.train.checkpoint import CheckpointManager
 from reolm.train.checkpoint_files import STATE_FILE, ResumePlan, read_json_file, run_layout
 from reolm.train.config import PretrainConfig
 from reolm.train.data import Readers, default_num_workers, open_corpus
-from reolm.train.ds_config import fill_ds_config, load_ds_config, lr_scheduler_factory, resolve_precision, write_ds_config
+from reolm.train.ds_config import (fill_ds_config, forward_autocast, load_ds_config, lr_scheduler_factory,
+                                   resolve_precision, write_ds_config)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -51,6 +53,10 @@ class RankContext:
     device: torch.device
     precision: str
     readers: Readers
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Around every forward of the run: bf16 autocast on a CPU bf16 run (the engine stays fp32)."""
+        return forward_autocast(self.precision, self.device)
 
 
 @dataclass(frozen=True)
@@ -215,13 +221,14 @@ def _check_resumed_vision(plan: ResumePlan | None, vision: VisionIdentity | None
                       f"checkpoint {plan.path}", "this run's image table")
 
 
-def _rank_context(cfg: PretrainConfig, info: D.DistInfo) -> RankContext:
-    """This rank's device (its local GPU, else the CPU), precision and data readers."""
+def _rank_context(cfg: PretrainConfig, info: D.DistInfo, hidden_size: int) -> RankContext:
+    """This rank's device (its local GPU, else the CPU), precision (for a model ``hidden_size`` wide)
+    and data readers."""
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(info.local_world_size)
     readers = Readers(rank=info.rank, world_size=info.world_size, workers=workers,
                       replicate=cfg.data.replicate_stream)
-    return RankContext(info=info, device=device, precision=resolve_precision(cfg.optim.precision, device.type),
+    return RankContext(info=info, device=device, precision=resolve_precision(cfg.optim.precision, device.type, hidden_size),
                        readers=readers)
 
 
@@ -230,9 +237,9 @@ def build_setup(cfg: PretrainConfig) -> TrainSetup:
     import deepspeed
 
     info = D.init(cfg.dist.timeout_minutes)
-    rank = _rank_context(cfg, info)
     _limit_threads(info.local_world_size)
     model = build_model(cfg)
+    rank = _rank_context(cfg, info, model.backbone_config.hidden_size)
     tokenizer, corpus, tables = item_inputs(cfg)
     seed_everything(cfg.seed, info.rank)  # dropout and masking differ between ranks; the init did not
     ds_cfg = fill_ds_config(_load_ds(cfg), cfg.optim, info.world_size, rank.device.type, cfg.dist.zero_stage,

@@ -10,6 +10,7 @@ come from :func:`reolm.train.data.build_train_data`.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -22,15 +23,19 @@ from reolm.train.setup import TrainSetup
 __all__ = ["forward_losses", "micro_step", "consumed_log"]
 
 
-def forward_losses(engine: Any, batch: TrainingBatch, loss_fn: PretrainLoss) -> Any:
+def forward_losses(engine: Any, batch: TrainingBatch, loss_fn: PretrainLoss,
+                   autocast: AbstractContextManager | None = None) -> Any:
     """Encode histories (with MLM) and targets, return the loss parts for one micro-batch.
 
     The losses read only the pooled vectors and the MLM hidden states (below the last layer), so
     both forwards are ``pooled_only``: with [CLS] pooling the last layer runs on the [CLS] rows
-    alone.  Image features arrive as stored (float16); the model casts them to its own dtype."""
-    history_out = engine(batch.history, pooled_only=True)
-    target_out = engine(batch.target, pooled_only=True)
-    mlm_logits, mlm_labels = mlm_predictions(engine.module, history_out, batch.history)
+    alone.  Image features arrive as stored (float16); the model casts them to its own dtype.
+    ``autocast`` (the rank's, :meth:`RankContext.autocast`) wraps the forwards only: the losses
+    score in fp32 either way."""
+    with autocast or nullcontext():
+        history_out = engine(batch.history, pooled_only=True)
+        target_out = engine(batch.target, pooled_only=True)
+        mlm_logits, mlm_labels = mlm_predictions(engine.module, history_out, batch.history)
     return loss_fn(history_out.pooled, target_out.pooled, mlm_logits, mlm_labels, target_ids=batch.target_items)
 
 
@@ -44,7 +49,7 @@ def micro_step(setup: TrainSetup, batches: Iterator[TrainingBatch], loss_fn: Pre
     window.count_batch(batch, engine.module)
     if consumed is not None:
         consumed.write("".join(f"{step}\t{k}\n" for k in batch.keys))
-    parts = forward_losses(engine, batch.to(setup.rank.device), loss_fn)
+    parts = forward_losses(engine, batch.to(setup.rank.device), loss_fn, setup.rank.autocast())
     engine.backward(parts.total)
     engine.step()
     acc.add(loss=parts.total.detach(), loss_contrastive=parts.contrastive, loss_mlm=parts.mlm,

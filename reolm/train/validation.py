@@ -158,10 +158,10 @@ def validate(setup: TrainSetup, examples: list[SequenceExample], pool: np.ndarra
     try:
         domains = sorted({e.domain for e in examples})
         pool_items = [(int(i), d) for d in domains for i in pool]
-        with _masking(collator, 0.0):
+        with _masking(collator, 0.0), setup.rank.autocast():
             item_vecs = _sharded_encode(pool_items, cfg.val.batch_size, encoder.items).view(len(domains), len(pool), -1)
             user_vecs = _sharded_encode(examples, cfg.val.batch_size, encoder.histories)
-        with _masking(collator, configured_masking, seed=[cfg.seed, MLM_SEED]):
+        with _masking(collator, configured_masking, seed=[cfg.seed, MLM_SEED]), setup.rank.autocast():
             _sharded_encode(examples, cfg.val.batch_size, encoder.count_mlm_hits)
         mlm_accuracy = encoder.mlm_accuracy()
     finally:
