@@ -39,6 +39,7 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -292,15 +293,33 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, metric: str = "NDCG@1
     for ax in (by_step, by_time):
         ax.set_ylabel(f"validation {metric}")
         ax.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
+    if any(curves.values()):
+        by_step.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _report(run_dir: Path, models: dict[str, Path]) -> Path | None:
+    """RUN/results (the report stage's, once every run has finished) or, while some have not,
+    RUN/results-partial: ``reolm report`` over the finished runs; None before any has finished.
+    Returned without suffix: ``.json``, ``.md`` and ``.png`` sit beside it."""
+    finished = [d for d in models.values() if (d / "metrics.json").is_file()]
+    if len(finished) == len(models) and (run_dir / "results.json").is_file():
+        return run_dir / "results"
+    if not finished:
+        return None
+    partial = run_dir / "results-partial"
+    subprocess.run(reolm_command("report", *map(str, finished), "--out", f"{partial}.md", "--plot",
+                                 f"{partial}.png", "--json", f"{partial}.json"), check=True, cwd=REPO)
+    return partial
+
+
 def record_run(budget: TransferBudget, run_dir: Path, models: dict[str, Path], timings: dict,
                inputs: dict[str, Path]) -> Path:
-    """bench/results/<record>.json (+ the markdown table and the PNG) from a finished run."""
+    """bench/results/<record>.json (+ the markdown table and the PNG) from what the run holds: a run
+    that has not finished is null in ``runs`` and named in ``unfinished``, and the table is then
+    that of the finished runs."""
     sys.path.insert(0, str(REPO / "bench"))
     from common import RESULTS, machine, write_result
     result = {
@@ -321,13 +340,16 @@ def record_run(budget: TransferBudget, run_dir: Path, models: dict[str, Path], t
             for pooling in budget.zero_shot_poolings for folder in [run_dir / "runs" / f"plm-zeroshot-{pooling}"]}
     curves = {name: learning_curve(d / "log.jsonl") for name, d in models.items() if (d / "log.jsonl").is_file()}
     result["learning_curves"] = curves
-    if (run_dir / "results.json").is_file():
-        result["table"] = json.loads((run_dir / "results.json").read_text())
-        result["table_markdown"] = (run_dir / "results.md").read_text()
+    report = _report(run_dir, models)
+    if report is not None:
+        result["table"] = json.loads(report.with_suffix(".json").read_text())
+        result["table_markdown"] = report.with_suffix(".md").read_text()
+        if report.name != "results":
+            result["unfinished"] = sorted(n for n, d in models.items() if not (d / "metrics.json").is_file())
     path = write_result(f"{record}.json", result)
     for suffix in ("md", "png"):
-        if (run_dir / f"results.{suffix}").is_file():
-            shutil.copyfile(run_dir / f"results.{suffix}", RESULTS / f"{record}.{suffix}")
+        if report is not None and report.with_suffix(f".{suffix}").is_file():
+            shutil.copyfile(report.with_suffix(f".{suffix}"), RESULTS / f"{record}.{suffix}")
     plot_curves({name: points for name, points in curves.items() if name.startswith("reolm")},
                 RESULTS / f"{record}_curves.png")
     return path

@@ -128,3 +128,31 @@ def test_dry_run_lists_missing_inputs_and_rejects_same_names(tmp_path):
     with pytest.raises(SystemExit):
         real_transfer.main(["--pretrain", str(tmp_path / "a" / "T"), "--target", str(tmp_path / "T"),
                             "--backbone", str(tmp_path / "bb"), "--dry-run"])
+
+
+def test_record_of_an_unfinished_run_has_the_finished_runs_table_and_names_the_rest(tmp_path, monkeypatch):
+    """--record-only before the end: finished runs are in ``runs`` and in the report table (a real
+    ``reolm report`` over them), unfinished ones are null and listed in ``unfinished``."""
+    import common
+    from reolm.eval.contract import metrics_document, write_metrics
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    run_dir = tmp_path / "run"
+    names = ("NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50", "Recall@5", "Recall@10", "Recall@20", "Recall@50", "MRR", "AUC")
+    for model, ndcg in (("sasrec", 0.05), ("reolm-nopretrain", 0.03)):
+        metrics = {n: ndcg for n in names}
+        write_metrics(run_dir / "runs" / model / "metrics.json", metrics_document(
+            model=model, domain="Office", split="test", num_users=10, num_items=20, metrics=metrics,
+            metrics_pessimistic=metrics, best_val=metrics))
+    for name in ("Office", "Src"):
+        (run_dir / "domains" / name).mkdir(parents=True)
+        (run_dir / "domains" / name / "domain.json").write_text(json.dumps({"counts": {"users": 10, "items": 20}}))
+    models = {m: run_dir / "runs" / m for m in ("sasrec", "reolm-nopretrain", "reolm")}
+    inputs = {"pretrain:Src": tmp_path / "Src", "target": tmp_path / "Office", "backbone": tmp_path / "bb"}
+    path = real_transfer.record_run(real_transfer.BUDGETS["cpu-real"], run_dir, models, {}, inputs)
+    doc = json.loads(path.read_text())
+    assert path == tmp_path / "results" / "real_quality_Office.json"
+    assert doc["runs"]["reolm"] is None and doc["unfinished"] == ["reolm"]
+    assert doc["runs"]["sasrec"]["metrics"]["NDCG@10"] == 0.05
+    assert doc["table"]["values"]["Office"]["NDCG@10"] == {"sasrec": 0.05, "reolm-nopretrain": 0.03}
+    assert "| Office | N@10 |" in (tmp_path / "results" / "real_quality_Office.md").read_text()
