@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     timings = run_stages(run_dir, stages, resume_hint="fix the cause and run the same command again to resume")
     wall = time.perf_counter() - start
     print(f"\nfinished in {wall / 60:.1f} min; results in {run_dir}\n")
-    print((run_dir / "results.md").read_text())
+    if (run_dir / "results.md").is_file():  # not with --only before the report stage has run
+        print((run_dir / "results.md").read_text())
     if args.record:
         print(f"recorded {record_run(budget, run_dir, models, timings, inputs)}")
     return 0

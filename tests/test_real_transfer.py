@@ -156,3 +156,14 @@ def test_record_of_an_unfinished_run_has_the_finished_runs_table_and_names_the_r
     assert doc["runs"]["sasrec"]["metrics"]["NDCG@10"] == 0.05
     assert doc["table"]["values"]["Office"]["NDCG@10"] == {"sasrec": 0.05, "reolm-nopretrain": 0.03}
     assert "| Office | N@10 |" in (tmp_path / "results" / "real_quality_Office.md").read_text()
+
+
+def test_only_a_lane_without_the_report_finishes_cleanly(tmp_path):
+    """--only runs a lane; the report stage has not run, so there is no table to print, and the
+    command still succeeds."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = real_transfer.main(["--pretrain", str(tmp_path / "a" / "X"), "--target", str(tmp_path / "T"),
+                                   "--backbone", str(tmp_path / "bb"), "--run-dir", str(tmp_path / "run"),
+                                   "--only", "no stage has this name"])
+    assert code == 0 and "finished in" in out.getvalue() and not (tmp_path / "run" / "results.md").exists()
