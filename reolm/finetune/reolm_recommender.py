@@ -55,6 +55,7 @@ from reolm.finetune.reolm_config import ReoLMSection
 from reolm.io import atomic_dir, read_json, write_json
 from reolm.model import ModelConfig, ReoLM
 from reolm import precision as numerics
+from reolm.runtime import FreedMemoryBound
 from reolm.saved.folder import (BACKBONE_ORIGIN, DESCRIPTOR, check_item_rows, descriptor, is_reolm_export,
                                 load_item_rows, read_descriptor, save_item_rows)
 
@@ -155,6 +156,7 @@ class ReoLMRecommender(nn.Module):
         self._bf16_copy: tuple[tuple, ReoLM] | None = None          # (weights key, CPU inference copy)
         self.requested_precision = "auto"
         self.last_encoding: dict[str, Any] = {}
+        self._host_memory = FreedMemoryBound()  # encoding batches of every shape fragments the CPU heap
         # Which vision model's features the image MLP was trained on (the export fine-tuning starts
         # from; loaders of saved folders set their own), and where that was recorded.
         self.vision_from = self.section.init
@@ -248,6 +250,7 @@ class ReoLMRecommender(nn.Module):
                 return encoder.encode(batch).float()
         finally:
             encoder.train(was_training)
+            self._host_memory.check()
 
     # -- transductive ID rows --------------------------------------------------------------------
     def add_item_ids(self, num_items: int) -> "ReoLMRecommender":

@@ -35,6 +35,7 @@ from reolm.eval.contract import metrics_document, write_metrics
 from reolm.eval.evaluate import EvalResult, Recommender, evaluate_recommender
 from reolm.finetune.config import EvalSection, FinetuneConfig, TrainSection
 from reolm.precision import resolve_device
+from reolm.runtime import FreedMemoryBound
 from reolm.saved import get_trainer
 
 __all__ = ["run_finetune", "RunLog", "BestState", "train_with_early_stopping", "evaluate_split",
@@ -114,6 +115,7 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
     best = BestState()
     best_state: dict[str, torch.Tensor] | None = None
     stale = 0
+    host_memory = FreedMemoryBound()
 
     def consider(epoch: int, extra: dict[str, Any]) -> bool:
         nonlocal best_state, stale
@@ -155,6 +157,7 @@ def train_with_early_stopping(model: nn.Module, optimizer: torch.optim.Optimizer
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            host_memory.check()
             loss_sum = add_loss(loss_sum, loss)
             steps += 1
         train_loss = float(loss_sum) / steps if loss_sum is not None else 0.0  # one host copy per round

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reolm.runtime import FreedMemoryBound
 from reolm.train import distributed as D
 from reolm.train.checkpoint_files import complete_checkpoints
 from reolm.train.config import PretrainConfig
@@ -120,6 +121,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
     consumed = consumed_log(cfg.run_dir, setup.rank.info.rank) if cfg.data.record_keys else None
     window = Window()
+    host_memory = FreedMemoryBound()
     last: dict[str, Any] = {}
     engine.train()
 
@@ -132,6 +134,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 micro_step(setup, batches, loss_fn, window, acc, consumed, state.step + 1)
             state.step += 1
             step = state.step
+            host_memory.check()
             if guard.update(engine.was_step_applied(), step):
                 state.skipped_steps += 1
             state.samples += setup.batch.micro * setup.batch.accum * setup.rank.info.world_size
