@@ -81,11 +81,12 @@ class FreedMemoryBound:
 
     :meth:`check` costs one read of ``/proc/self/statm`` (microseconds); it trims when the resident
     set exceeds ``growth`` x its size after the previous trim (or at construction) + ``slack_bytes``.
-    Inactive (always False) where the allocator setting did not take effect.
+    Inactive (always False) where the allocator setting was not applied (:func:`setup_process`) or
+    did not take effect; constructing one never changes the allocator itself.
     """
 
     def __init__(self, growth: float = 2.0, slack_bytes: int = 1 << 30) -> None:
-        self.active = keep_freed_memory()
+        self.active = keep_freed_memory.cache_info().currsize > 0 and keep_freed_memory()
         self.growth, self.slack = growth, slack_bytes
         self.baseline = resident_bytes() if self.active else 0
         self.trims = 0
