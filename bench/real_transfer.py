@@ -48,8 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reolm.pipeline import (Stage, deepspeed_launcher, print_plan, python_command, reolm_command,  # noqa: E402
-                            run_stages)
+from reolm.pipeline import (Stage, deepspeed_launcher, fingerprint, print_plan, python_command,  # noqa: E402
+                            reolm_command, run_stages)
 
 BASELINES = ("sasrec", "gru4rec", "bert4rec", "pop")
 
@@ -142,11 +142,23 @@ def _zero_shot_stage(label: str, domain: Path, backbone: Path, out: Path, overri
                  out / "metrics.json", inputs=[domain, backbone])
 
 
+def _config_sections(config: Path, model: str) -> dict:
+    """The sections of the shared fine-tune YAML that ``--model`` reads: a change to Reo-LM's
+    section leaves the baselines' runs valid, and the reverse."""
+    import yaml
+    doc = yaml.safe_load(config.read_text()) or {}
+    return {key: doc.get(key) for key in ("train", "eval", "reolm" if model == "reolm" else model)}
+
+
 def _finetune_stage(label: str, domain: Path, config: Path, model: str, out: Path, args: list[str],
                     overrides: list[str], inputs: list[Path]) -> Stage:
+    # Paths are left out of the fingerprint (inputs remade later are caught by the pipeline), so a
+    # run directory that moves keeps its finished stages.
+    settings = [a for a in args if a.startswith("--")]
     return Stage(label, python_command("launch/finetune.py", "--domain", str(domain), "--config", str(config),
                                        "--model", model, *args, "--out", str(out), *overrides),
-                 out / "metrics.json", inputs=[domain, *inputs])
+                 out / "metrics.json", inputs=[domain, *inputs],
+                 fingerprint=fingerprint(model, settings, overrides, _config_sections(config, model)))
 
 
 def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path, budget: TransferBudget,
@@ -386,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.finetune_override)
     if args.dry_run:
         print(f"budget {budget.name}: {'; '.join(budget.notes)}")
-        print_plan(stages)
+        print_plan(stages, run_dir=run_dir)
         return 0
     inputs = {**{f"pretrain:{p.name}": p for p in sources}, "target": target, "backbone": backbone}
     if args.record_only:

@@ -4,7 +4,10 @@ A :class:`Stage` is one command line (run as a subprocess with an argument list,
 shell), the files it reads and the path whose existence marks it done.  :func:`run_stages` runs
 the stages in order and skips finished ones, so an interrupted pipeline resumes where it stopped;
 it records each stage's wall time and peak memory (the largest process of the stage's process
-tree).  :func:`print_plan` is the ``--dry-run``: every command with its inputs, and for each
+tree). A finished stage is **stale** when its configuration changed since it ran (its
+``fingerprint``) or when an earlier stage remade one of its inputs after it ran: the pipeline
+then stops and names what to move aside, instead of mixing results of two settings (a summary
+stage with ``refresh`` is simply run again).  :func:`print_plan` is the ``--dry-run``: every command with its inputs, and for each
 input whether it exists already or which earlier stage makes it, so a wiring mistake in a
 pipeline shows before hours of compute are spent.
 """
@@ -12,6 +15,7 @@ pipeline shows before hours of compute are spent.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -25,7 +29,7 @@ from typing import Callable, Sequence, TextIO
 
 from reolm.io import write_text
 
-__all__ = ["Stage", "reolm_command", "console_script", "deepspeed_launcher", "python_command", "run_stages", "plan_lines",
+__all__ = ["Stage", "fingerprint", "stale_reason", "reolm_command", "console_script", "deepspeed_launcher", "python_command", "run_stages", "plan_lines",
            "print_plan", "display_command",
            "missing_inputs"]
 
@@ -50,6 +54,10 @@ class Stage:
     # invocation. Modification times only: an input removed, one copied in with older times
     # (cp -p) or a folder input goes unnoticed; delete the marker to force it.
     refresh: bool = False
+    # What decides the result besides the input paths, e.g. a hash of the config sections the
+    # command reads (:func:`fingerprint`); "" = not tracked. A finished stage whose recorded
+    # fingerprint differs is stale.
+    fingerprint: str = ""
 
     def made_paths(self) -> list[Path]:
         return [self.done_marker, *self.outputs]
@@ -60,6 +68,12 @@ class Stage:
             return bool(markers)
         made = min(os.path.getmtime(m) for m in markers)
         return all(os.path.getmtime(p) <= made for p in self.inputs if p.is_file())
+
+
+def fingerprint(*parts: object) -> str:
+    """A short stable hash of JSON-serialisable parts (a model name, overrides, config sections)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def reolm_command(*args: str) -> list[str]:
@@ -142,12 +156,55 @@ def missing_inputs(stages: Sequence[Stage]) -> dict[Path, str]:
     return missing
 
 
-def plan_lines(stages: Sequence[Stage]) -> list[str]:
-    """The dry run's text: numbered stages, each with its inputs (and where they come from) and command."""
+STATE_FILE = "stages.json"  # RUN_DIR/stages.json: {stage: {"finished": unix time, "fingerprint": str}}
+
+
+def _read_state(run_dir: Path | None) -> dict[str, dict]:
+    path = None if run_dir is None else run_dir / STATE_FILE
+    if path is None or not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: not a readable JSON stage record ({exc}); move it aside to run again "
+                         "(finished stages are then no longer checked for staleness)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        raise SystemExit(f"{path}: expected {{stage name: {{finished, fingerprint}}}}; move it aside to run again")
+    return state
+
+
+def stale_reason(stages: Sequence[Stage], index: int, state: dict[str, dict]) -> str:
+    """Why the finished stage ``stages[index]`` no longer matches the pipeline ("" = it does).
+
+    Only stages this module ran and recorded in ``state`` are checked: one finished before the
+    record was kept, or by hand, is taken as it is."""
+    stage = stages[index]
+    ran = state.get(stage.name)
+    if ran is None:
+        return ""
+    if stage.fingerprint and ran.get("fingerprint") and ran["fingerprint"] != stage.fingerprint:
+        return "its configuration changed since it ran"
+    for path in stage.inputs:
+        for j in range(index - 1, -1, -1):
+            if any(_produces(made, path) for made in stages[j].made_paths()):
+                upstream = state.get(stages[j].name)
+                if upstream and upstream.get("finished", 0) > ran.get("finished", 0):
+                    return f"its input {_short(str(path))} was remade by [{j + 1}] {stages[j].name} after it ran"
+                break
+    return ""
+
+
+def plan_lines(stages: Sequence[Stage], run_dir: Path | None = None) -> list[str]:
+    """The dry run's text: numbered stages, each with its inputs (and where they come from) and
+    command; with ``run_dir``, finished stages that are stale say why."""
     lines: list[str] = []
     total = len(stages)
+    record = _read_state(run_dir)
     for i, stage in enumerate(stages):
         state = "done" if stage.is_done() else "to do"
+        reason = stale_reason(stages, i, record) if state == "done" else ""
+        if reason:
+            state = f"done but STALE: {reason}"
         lines.append(f"[{i + 1}/{total}] {stage.name} ({state})")
         for path in stage.inputs:
             lines.append(f"    input  {_short(str(path))}  ({_input_status(path, stages, i)})")
@@ -161,10 +218,10 @@ def plan_lines(stages: Sequence[Stage]) -> list[str]:
     return lines
 
 
-def print_plan(stages: Sequence[Stage], out: TextIO | None = None) -> int:
+def print_plan(stages: Sequence[Stage], out: TextIO | None = None, run_dir: Path | None = None) -> int:
     """Print the plan; returns the number of inputs that are missing (neither present nor made earlier)."""
     out = out or sys.stdout
-    for line in plan_lines(stages):
+    for line in plan_lines(stages, run_dir):
         print(line, file=out)
     missing = missing_inputs(stages)
     if missing:
@@ -194,7 +251,8 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
     """Run the stages not done yet; returns {stage: {"wall_s", "cpu_s", "peak_rss_gib"}} (also in
     RUN_DIR/timings.json).
 
-    A failing stage stops the pipeline with ``resume_hint`` (how to continue after fixing it).
+    A failing stage stops the pipeline with ``resume_hint`` (how to continue after fixing it); so
+    does a finished stage that is stale (:func:`stale_reason`), naming the output to move aside.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     timings_path = run_dir / "timings.json"
@@ -202,8 +260,16 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
     total = len(stages)
     for i, stage in enumerate(stages, start=1):
         if stage.is_done():
-            print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
-            continue
+            reason = stale_reason(stages, i - 1, _read_state(run_dir))
+            if not reason:
+                print(f"[{i}/{total}] {stage.name}: already done, skipping", flush=True)
+                continue
+            if not stage.refresh:
+                raise SystemExit(
+                    f"stage {stage.name!r} finished but is stale: {reason}. Its result would mix two settings: "
+                    f"move its output aside (the folder or file of {_short(str(stage.done_marker))}) and run the "
+                    "same command again to redo it and what depends on it")
+            print(f"[{i}/{total}] {stage.name}: stale ({reason}), running again", flush=True)
         print(f"[{i}/{total}] {stage.name}: {display_command(stage)}", flush=True)
         if stage.before is not None:
             stage.before()
@@ -219,4 +285,13 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], resume_hint: str) -> dict
         timings[stage.name] = {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(cpu_s, 1),
                                "peak_rss_gib": round(peak_gib, 3)}
         write_text(timings_path, json.dumps(timings, indent=2))
+        _record_finished(run_dir, stage)
     return timings
+
+
+def _record_finished(run_dir: Path, stage: Stage) -> None:
+    """Note when the stage finished and with which fingerprint (re-read first, like the timings:
+    a second lane may share the run directory)."""
+    state = _read_state(run_dir)
+    state[stage.name] = {"finished": time.time(), "fingerprint": stage.fingerprint}
+    write_text(run_dir / STATE_FILE, json.dumps(state, indent=2))

@@ -16,7 +16,7 @@ from reolm.config import load_config
 from reolm.data.domain import read_domain
 from reolm.model.encoder import training_flops
 from reolm.model.hf_checkpoint import BackboneConfig
-from reolm.pipeline import Stage, missing_inputs, plan_lines, run_stages
+from reolm.pipeline import Stage, fingerprint, missing_inputs, plan_lines, run_stages, stale_reason
 from reolm.recipe import PAPER_DOWNSTREAM, RECFORMER_DEV, RECFORMER_PRETRAIN, RecipeConfig, pretraining_cost
 from reolm.train.config import PretrainConfig
 
@@ -157,6 +157,71 @@ def test_a_refreshed_summary_reruns_only_when_an_input_file_is_newer(tmp_path):
     assert any(line.endswith("exists and is newer than its input files") for line in plan_lines(stages()))
     run_stages(tmp_path / "run", stages(), resume_hint="rerun")
     assert report.read_text() == "2" and plain.read_text() == "1"
+
+
+def test_a_finished_stage_whose_config_or_input_changed_is_stale_and_stops_the_pipeline(tmp_path):
+    """A stage run with other settings (fingerprint) or after its input was remade is never taken
+    as done silently: the runner stops and names the output to move aside; nothing is deleted."""
+    run_dir = tmp_path / "run"
+    data, model, report = tmp_path / "data.txt", tmp_path / "model" / "metrics.json", tmp_path / "report.txt"
+    write = "import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); p.write_text(sys.argv[2])"
+
+    def stages(setting: str) -> list[Stage]:
+        return [Stage("data", [sys.executable, "-c", write, str(data), "d"], data),
+                Stage("train", [sys.executable, "-c", write, str(model), setting], model, inputs=[data],
+                      fingerprint=fingerprint("train", {"patience": setting})),
+                Stage("report", [sys.executable, "-c", write, str(report), setting], report, inputs=[model],
+                      refresh=True)]
+    run_stages(run_dir, stages("1"), resume_hint="rerun")
+    assert model.read_text() == "1"
+    run_stages(run_dir, stages("1"), resume_hint="rerun")  # same settings: all done, nothing stale
+    assert [stale_reason(stages("1"), i, json.loads((run_dir / "stages.json").read_text())) for i in range(3)] == [""] * 3
+
+    with pytest.raises(SystemExit, match=r"'train' finished but is stale: its configuration changed.*model/metrics.json"):
+        run_stages(run_dir, stages("5"), resume_hint="rerun")
+    assert model.read_text() == "1"  # the old result is kept for the user to move aside
+    assert "[2/3] train (done but STALE: its configuration changed since it ran)" in plan_lines(stages("5"), run_dir)
+    model.rename(model.with_suffix(".old"))
+    run_stages(run_dir, stages("5"), resume_hint="rerun")
+    assert model.read_text() == "5" and report.read_text() == "5"  # the report refreshed as well
+
+    data.unlink()  # the data remade: the model trained on the old data is stale
+    run_stages(run_dir, stages("5")[:1], resume_hint="rerun")
+    assert "was remade by [1] data after it ran" in stale_reason(
+        stages("5"), 1, json.loads((run_dir / "stages.json").read_text()))
+    with pytest.raises(SystemExit, match="'train' finished but is stale: its input .*data.txt was remade"):
+        run_stages(run_dir, stages("5"), resume_hint="rerun")
+
+    # A stage finished before the record was kept (no entry) is taken as it is.
+    state = json.loads((run_dir / "stages.json").read_text())
+    del state["train"]
+    (run_dir / "stages.json").write_text(json.dumps(state))
+    run_stages(run_dir, stages("9"), resume_hint="rerun")
+    assert model.read_text() == "5"
+    (run_dir / "stages.json").write_text("[1, 2")
+    with pytest.raises(SystemExit, match="stages.json: not a readable JSON stage record"):
+        run_stages(run_dir, stages("9"), resume_hint="rerun")
+
+
+def test_transfer_fingerprints_follow_only_the_config_sections_a_model_reads(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from real_transfer import _finetune_stage
+
+    config = tmp_path / "ft.yaml"
+
+    def prints(reolm_patience: int, sasrec_layers: int) -> tuple[str, str]:
+        config.write_text(f"train: {{epochs: 3}}\neval: {{metric: NDCG@10}}\nreolm: {{stage1: {{patience: {reolm_patience}}}}}\n"
+                          f"sasrec: {{num_layers: {sasrec_layers}}}\n")
+        return tuple(_finetune_stage("x", tmp_path, config, model, tmp_path / model, ["--backbone", str(tmp_path / m)],
+                                     ["eval.max_users=0"], []).fingerprint
+                     for model, m in (("reolm", "a"), ("sasrec", "b")))
+    reolm, sasrec = prints(1, 2)
+    assert prints(5, 2) == (prints(5, 2)[0], sasrec) and prints(5, 2)[0] != reolm
+    assert prints(1, 3)[0] == reolm and prints(1, 3)[1] != sasrec
+    # A path in the arguments does not enter it (a moved run directory keeps its finished stages).
+    moved = _finetune_stage("x", tmp_path, config, "reolm", tmp_path / "r", ["--backbone", "/elsewhere"],
+                            ["eval.max_users=0"], [])
+    assert moved.fingerprint == prints(1, 3)[0]
 
 
 def test_demo_plan_reads_only_what_earlier_stages_make_and_reports_every_run(tmp_path):

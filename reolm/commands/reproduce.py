@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tiny_inputs:
             server, stages = stack.enter_context(serve_tiny_inputs(cfg, stages))
         if args.dry_run:
-            print_plan(stages)
+            print_plan(stages, run_dir=Path(cfg.work_dir))
             return 0
         if args.tiny_inputs:
             print(f"serving the tiny inputs' images on 127.0.0.1:{server.port}", flush=True)
