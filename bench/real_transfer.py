@@ -23,7 +23,7 @@ bench/results/<record>.json (+ .md, .png) with the machine, stage timings and pe
 
 --budget cpu-real is the real-data quality benchmark (docs/transfer.md): the target is a real,
 time-ordered domain (e.g. ../shared/data/office/Office2014), every user is evaluated, Reo-LM
-fine-tunes to early stopping on validation, the backbone is evaluated zero-shot with [CLS] and
+fine-tunes a fixed number of validation rounds and keeps the best round, the backbone is evaluated zero-shot with [CLS] and
 mean pooling (both recorded), and the text + ID variants are added: transductive Reo-LM
 (reolm.item_id_embedding, from the backbone: reolm-nopretrain-id, and from the pre-trained export:
 reolm-id) and SASRec whose item rows start from the item vectors of the Reo-LM fine-tuned from the
@@ -96,8 +96,8 @@ BUDGETS = {
         "cpu-real", "launch/configs/pretrain/real-cpu.yaml", "launch/configs/finetune/real-cpu.yaml",
         eval_users=0, nproc=2, record="real_quality_{target}", zero_shot_poolings=("cls", "mean"),
         pooling="cls", variants=True, cold_items=0.2,
-        notes=["the real-data quality benchmark: a real ordered target, all users, Reo-LM to early stopping "
-               "on validation, the text + ID variants; about 4 hours of 2 CPU cores on Office2014 (each stage's "
+        notes=["the real-data quality benchmark: a real ordered target, all users, Reo-LM for a fixed number of "
+               "validation rounds (5 + 4 of 150 steps, the best on validation kept), the text + ID variants; about 4 hours of 2 CPU cores on Office2014 (each stage's "
                "time is recorded; --only splits the stages into lanes)"]),
 }
 
