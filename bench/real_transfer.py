@@ -97,8 +97,9 @@ BUDGETS = {
         eval_users=0, nproc=2, record="real_quality_{target}", zero_shot_poolings=("cls", "mean"),
         pooling="cls", variants=True, cold_items=0.2,
         notes=["the real-data quality benchmark: a real ordered target, all users, Reo-LM for a fixed number of "
-               "validation rounds (5 + 4 of 150 steps, the best on validation kept), the text + ID variants; about 4 hours of 2 CPU cores on Office2014 (each stage's "
-               "time is recorded; --only splits the stages into lanes)"]),
+               "validation rounds (5 + 4 of 150 steps, the best on validation kept), the text + ID variants; "
+               "about 4 hours of 2 CPU cores on Office2014 (each stage's time is recorded; --only splits the "
+               "stages into lanes)"]),
 }
 
 
