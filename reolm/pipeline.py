@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from reolm.io import write_text
+from reolm.io import read_json, write_text
 
 __all__ = ["Stage", "fingerprint", "stale_reason", "reolm_command", "console_script", "deepspeed_launcher", "python_command", "run_stages", "plan_lines",
            "print_plan", "display_command",
@@ -163,13 +163,13 @@ def _read_state(run_dir: Path | None) -> dict[str, dict]:
     path = None if run_dir is None else run_dir / STATE_FILE
     if path is None or not path.exists():
         return {}
+    hint = "; move it aside to run again (finished stages are then taken as they are)"
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"{path}: not a readable JSON stage record ({exc}); move it aside to run again "
-                         "(finished stages are then no longer checked for staleness)") from None
-    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
-        raise SystemExit(f"{path}: expected {{stage name: {{finished, fingerprint}}}}; move it aside to run again")
+        state = read_json(path, error=SystemExit)
+    except SystemExit as exc:
+        raise SystemExit(f"{exc}{hint}") from None
+    if not all(isinstance(v, dict) for v in state.values()):
+        raise SystemExit(f"{path}: expected {{stage name: {{finished, fingerprint}}}}{hint}")
     return state
 
 

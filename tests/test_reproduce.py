@@ -199,7 +199,7 @@ def test_a_finished_stage_whose_config_or_input_changed_is_stale_and_stops_the_p
     run_stages(run_dir, stages("9"), resume_hint="rerun")
     assert model.read_text() == "5"
     (run_dir / "stages.json").write_text("[1, 2")
-    with pytest.raises(SystemExit, match="stages.json: not a readable JSON stage record"):
+    with pytest.raises(SystemExit, match="stages.json: malformed JSON.*move it aside"):
         run_stages(run_dir, stages("9"), resume_hint="rerun")
 
 
