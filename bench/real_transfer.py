@@ -402,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(stages, run_dir=run_dir)
         return 0
     inputs = {**{f"pretrain:{p.name}": p for p in sources}, "target": target, "backbone": backbone}
+    every_stage = stages
     if args.record_only:
         timings = json.loads((run_dir / "timings.json").read_text())
-        print(f"recorded {record_run(budget, run_dir, models, timings, inputs)}")
+        print(f"recorded {record_run(budget, run_dir, models, _finished(timings, every_stage), inputs)}")
         return 0
     start = time.perf_counter()
     if args.only:
@@ -415,8 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     if (run_dir / "results.md").is_file():  # not with --only before the report stage has run
         print((run_dir / "results.md").read_text())
     if args.record:
-        print(f"recorded {record_run(budget, run_dir, models, timings, inputs)}")
+        print(f"recorded {record_run(budget, run_dir, models, _finished(timings, every_stage), inputs)}")
     return 0
+
+
+def _finished(timings: dict, stages: list[Stage]) -> dict:
+    """The timings of the stages whose output is there now (a run moved aside to be redone keeps
+    its old entry in timings.json until it runs again)."""
+    return {s.name: timings[s.name] for s in stages if s.name in timings and s.is_done()}
 
 
 if __name__ == "__main__":

@@ -167,3 +167,16 @@ def test_only_a_lane_without_the_report_finishes_cleanly(tmp_path):
                                    "--backbone", str(tmp_path / "bb"), "--run-dir", str(tmp_path / "run"),
                                    "--only", "no stage has this name"])
     assert code == 0 and "finished in" in out.getvalue() and not (tmp_path / "run" / "results.md").exists()
+
+
+def test_record_keeps_only_the_timings_of_stages_whose_output_is_there(tmp_path):
+    """A run moved aside to be redone (its budget changed) keeps an entry in timings.json until it
+    runs again; the record must not count its old cost."""
+    from reolm.pipeline import Stage
+
+    done, moved = tmp_path / "a" / "metrics.json", tmp_path / "b" / "metrics.json"
+    done.parent.mkdir()
+    done.write_text("{}")
+    stages = [Stage("kept", ["true"], done), Stage("moved aside", ["true"], moved)]
+    timings = {"kept": {"wall_s": 5.0}, "moved aside": {"wall_s": 900.0}, "no longer a stage": {"wall_s": 1.0}}
+    assert real_transfer._finished(timings, stages) == {"kept": {"wall_s": 5.0}}
