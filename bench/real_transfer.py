@@ -340,7 +340,9 @@ def record_run(budget: TransferBudget, run_dir: Path, models: dict[str, Path], t
         "inputs": {k: {"path": str(v), "counts": _domain_counts(run_dir / "domains" / v.name)} for k, v in inputs.items()
                    if k != "backbone"} | {"backbone": str(inputs["backbone"])},
         "wall_s": round(sum(t["wall_s"] for t in timings.values() if isinstance(t, dict)), 1),
-        "peak_rss_gib": max((t["peak_rss_gib"] for t in timings.values() if isinstance(t, dict)), default=None),
+        # A stage run by hand and moved in may lack a measured peak (null in timings.json).
+        "peak_rss_gib": max((t["peak_rss_gib"] for t in timings.values()
+                             if isinstance(t, dict) and t.get("peak_rss_gib") is not None), default=None),
         "stages": timings,
         # A run that has not finished (yet) is recorded as null rather than left out.
         "runs": {name: _metrics_summary(d / "metrics.json") if (d / "metrics.json").is_file() else None
