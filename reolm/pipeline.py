@@ -7,9 +7,9 @@ it records each stage's wall time and peak memory (the largest process of the st
 tree). A finished stage is **stale** when its configuration changed since it ran (its
 ``fingerprint``) or when an earlier stage remade one of its inputs after it ran: the pipeline
 then stops and names what to move aside, instead of mixing results of two settings (a summary
-stage with ``refresh`` is simply run again).  :func:`print_plan` is the ``--dry-run``: every command with its inputs, and for each
-input whether it exists already or which earlier stage makes it, so a wiring mistake in a
-pipeline shows before hours of compute are spent.
+stage with ``refresh`` is simply run again).  :func:`print_plan` is the ``--dry-run``: every
+command with its inputs, and for each input whether it exists already or which earlier stage
+makes it, so a wiring mistake in a pipeline shows before hours of compute are spent.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import Callable, Sequence, TextIO
 
 from reolm.io import read_json, write_text
 
-__all__ = ["Stage", "fingerprint", "stale_reason", "reolm_command", "console_script", "deepspeed_launcher", "python_command", "run_stages", "plan_lines",
-           "print_plan", "display_command",
-           "missing_inputs"]
+__all__ = ["Stage", "fingerprint", "stale_reason", "reolm_command", "console_script", "deepspeed_launcher",
+           "python_command", "run_stages", "plan_lines", "print_plan", "display_command", "missing_inputs"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
