@@ -143,23 +143,29 @@ def _zero_shot_stage(label: str, domain: Path, backbone: Path, out: Path, overri
                  out / "metrics.json", inputs=[domain, backbone])
 
 
-def _config_sections(config: Path, model: str) -> dict:
+def _sections_read(model: str) -> tuple[str, ...]:
     """The sections of the shared fine-tune YAML that ``--model`` reads: a change to Reo-LM's
     section leaves the baselines' runs valid, and the reverse."""
+    return ("train", "eval", model)
+
+
+def _settings_fingerprint(config: Path, model: str, args: list[str], overrides: list[str]) -> str:
+    """What decides a fine-tune's result besides its input paths: the config sections and the
+    overrides it reads, and its flags (paths left out, so a moved run directory keeps its stages)."""
     import yaml
+    sections = _sections_read(model)
     doc = yaml.safe_load(config.read_text()) or {}
-    return {key: doc.get(key) for key in ("train", "eval", "reolm" if model == "reolm" else model)}
+    return fingerprint(model, [a for a in args if a.startswith("--")],
+                       [o for o in overrides if o.split(".", 1)[0] in sections],
+                       {key: doc.get(key) for key in sections})
 
 
 def _finetune_stage(label: str, domain: Path, config: Path, model: str, out: Path, args: list[str],
                     overrides: list[str], inputs: list[Path]) -> Stage:
-    # Paths are left out of the fingerprint (inputs remade later are caught by the pipeline), so a
-    # run directory that moves keeps its finished stages.
-    settings = [a for a in args if a.startswith("--")]
     return Stage(label, python_command("launch/finetune.py", "--domain", str(domain), "--config", str(config),
                                        "--model", model, *args, "--out", str(out), *overrides),
                  out / "metrics.json", inputs=[domain, *inputs],
-                 fingerprint=fingerprint(model, settings, overrides, _config_sections(config, model)))
+                 fingerprint=_settings_fingerprint(config, model, args, overrides))
 
 
 def transfer_stages(run_dir: Path, sources: list[Path], target: Path, backbone: Path, budget: TransferBudget,

@@ -222,6 +222,12 @@ def test_transfer_fingerprints_follow_only_the_config_sections_a_model_reads(tmp
     moved = _finetune_stage("x", tmp_path, config, "reolm", tmp_path / "r", ["--backbone", "/elsewhere"],
                             ["eval.max_users=0"], [])
     assert moved.fingerprint == prints(1, 3)[0]
+    # An override counts only for the models whose section it sets (eval: every model).
+    def with_overrides(model: str, overrides: list[str]) -> str:
+        return _finetune_stage("x", tmp_path, config, model, tmp_path / "r", [], overrides, []).fingerprint
+    assert with_overrides("sasrec", ["reolm.stage1.epochs=3"]) == with_overrides("sasrec", [])
+    assert with_overrides("reolm", ["reolm.stage1.epochs=3"]) != with_overrides("reolm", [])
+    assert with_overrides("sasrec", ["eval.max_users=9"]) != with_overrides("sasrec", [])
 
 
 def test_demo_plan_reads_only_what_earlier_stages_make_and_reports_every_run(tmp_path):
