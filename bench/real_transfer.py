@@ -23,11 +23,11 @@ bench/results/<record>.json (+ .md, .png) with the machine, stage timings and pe
 
 --budget cpu-real is the real-data quality benchmark (docs/transfer.md): the target is a real,
 time-ordered domain (e.g. ../shared/data/office/Office2014), every user is evaluated, Reo-LM
-fine-tunes a fixed number of validation rounds and keeps the best round, the backbone is evaluated zero-shot with [CLS] and
-mean pooling (both recorded), and the text + ID variants are added: transductive Reo-LM
-(reolm.item_id_embedding, from the backbone: reolm-nopretrain-id, and from the pre-trained export:
-reolm-id) and SASRec whose item rows start from the item vectors of the Reo-LM fine-tuned from the
-backbone (sasrec-textinit). It records
+fine-tunes a fixed number of validation rounds and keeps the best round, the backbone is
+evaluated zero-shot with [CLS] and mean pooling (both recorded), and the text + ID variants are
+added: transductive Reo-LM (reolm.item_id_embedding, from the backbone: reolm-nopretrain-id, and
+from the pre-trained export: reolm-id) and SASRec whose item rows start from the item vectors of
+the Reo-LM fine-tuned from the backbone (sasrec-textinit). It records
 bench/results/real_quality_<target>.{json,md,png} plus the validation learning curves of every
 Reo-LM run (NDCG@10 against optimiser step and wall time) in the JSON and in
 real_quality_<target>_curves.png.
@@ -143,17 +143,13 @@ def _zero_shot_stage(label: str, domain: Path, backbone: Path, out: Path, overri
                  out / "metrics.json", inputs=[domain, backbone])
 
 
-def _sections_read(model: str) -> tuple[str, ...]:
-    """The sections of the shared fine-tune YAML that ``--model`` reads: a change to Reo-LM's
-    section leaves the baselines' runs valid, and the reverse."""
-    return ("train", "eval", model)
-
-
 def _settings_fingerprint(config: Path, model: str, args: list[str], overrides: list[str]) -> str:
-    """What decides a fine-tune's result besides its input paths: the config sections and the
-    overrides it reads, and its flags (paths left out, so a moved run directory keeps its stages)."""
+    """What decides a fine-tune's result besides its input paths: the sections of the shared YAML
+    that ``--model`` reads (so a change to Reo-LM's section leaves the baselines' runs valid) and
+    the overrides of those sections, and its flags (paths left out, so a moved run directory keeps
+    its stages)."""
     import yaml
-    sections = _sections_read(model)
+    sections = ("train", "eval", model)
     doc = yaml.safe_load(config.read_text()) or {}
     return fingerprint(model, [a for a in args if a.startswith("--")],
                        [o for o in overrides if o.split(".", 1)[0] in sections],
